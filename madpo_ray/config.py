@@ -1,0 +1,244 @@
+"""Typed pipeline configuration: pydantic models, YAML presets, dotted CLI overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["policy.loss.beta=0.2", "ray.num_workers=1"])
+
+Every model forbids unknown keys, so a typo fails before any Ray work starts, with a
+message that names the dotted key and the value it was given.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """`name_or_path` None builds the tiny from-scratch model; otherwise any HF name or folder."""
+
+    name_or_path: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(512, ge=32)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where preference pairs come from and how they are tokenised.
+
+    source: "generated" (the embedded corpus + testbed labels), "debian" (the local Debian
+    corpus cache + testbed labels), or a path / HF dataset name holding prompt/chosen/rejected.
+    """
+
+    source: str = "generated"
+    split: str = "train"
+    eval_split: Optional[str] = "test"
+    num_documents: int = Field(1500, ge=8)
+    num_eval_documents: int = Field(100, ge=4)
+    corpus_seed: int = 0
+    tier: Literal["high", "medium", "low"] = "medium"
+    samples_per_document: int = Field(2, ge=1, le=16)  # SFT samples drawn per prompt for the testbed
+    label_sharpness: float = Field(1.0, gt=0)  # Bradley-Terry: P(a > b) = sigmoid(sharpness * (gold_a - gold_b))
+    max_pairs: Optional[int] = Field(None, ge=1)
+    max_prompt_length: int = Field(192, ge=4)
+    max_length: int = Field(256, ge=8)
+    strict: bool = False  # fail on the first bad row instead of skipping and counting it
+    overlong: Literal["truncate", "skip"] = "truncate"  # see madpo_ray/data/collate.py
+    prompt_template: str = "{document}\nTL;DR:"
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if "{document}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{document}'")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; caps epochs
+    per_device_batch_size: int = Field(8, ge=1)
+    effective_batch_size: int = Field(32, ge=1)  # global; gradient accumulation fills the gap
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
+    report_every: int = Field(10, ge=1)  # ray.train.report costs ~1.5 s: not every step
+    seed: int = 0
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast where the device supports it
+
+
+class LossConfig(_Strict):
+    name: str = "madpo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    c_max: float = Field(4.0, gt=1)
+    lam: float = Field(1.0, gt=0)
+    tau: float = Field(math.log(999.0), gt=0)
+    alpha: float = 0.6  # beta-DPO
+    rho: float = Field(0.2, ge=0, lt=1)  # beta-DPO
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from madpo_ray.losses import POLICY_LOSSES
+
+        if name not in POLICY_LOSSES:
+            raise ValueError(f"unknown loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
+        return name
+
+    def kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name"})
+
+
+class StageConfig(_Strict):
+    optim: OptimConfig = OptimConfig()
+
+
+class PolicyStageConfig(StageConfig):
+    optim: OptimConfig = OptimConfig(lr=5e-5, epochs=1)
+    loss: LossConfig = LossConfig()
+
+
+class ScoreConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(2, ge=1)
+
+
+class EvalConfig(_Strict):
+    num_prompts: int = Field(32, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: start a local cluster with ray.init
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
+    num_cpus: Optional[int] = Field(None, ge=1)  # for the local cluster; None = all cores
+
+
+class PipelineConfig(_Strict):
+    name: str = "tiny"
+    runs_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: StageConfig = StageConfig(optim=OptimConfig(lr=1e-3, epochs=2))
+    reward: StageConfig = StageConfig(optim=OptimConfig(lr=3e-4, epochs=1))
+    score: ScoreConfig = ScoreConfig()
+    policy: PolicyStageConfig = PolicyStageConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}' (value {value!r})")
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {value!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw_value!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    raw = apply_overrides(raw or {}, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, raw)) from None
+
+
+def resolve_preset(path_or_name: str | Path) -> Path:
+    """A path, or a preset name from configs/ ("tiny" -> configs/tiny.yaml)."""
+    p = Path(path_or_name)
+    if p.exists():
+        return p
+    candidate = CONFIGS_DIR / f"{path_or_name}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"config {str(path_or_name)!r} not found (nor {candidate})")
+
+
+def load_config(path_or_name: str | Path | None = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    raw: dict = {}
+    if path_or_name is not None:
+        path = resolve_preset(path_or_name)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def save_config(cfg: PipelineConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.to_yaml())

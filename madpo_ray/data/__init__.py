@@ -1,0 +1,1 @@
+"""Preference data: corpora, testbed labels, loading/validation and collation."""

@@ -1,0 +1,143 @@
+"""Tokenisation, truncation, padding and response masks.
+
+Truncation policy (the same for SFT, reward, scoring and policy training):
+1. The prompt keeps its *last* `max_prompt_length` tokens (left truncation: the end of
+   the prompt, e.g. "TL;DR:", is what the response follows).
+2. Each response gets EOS appended and keeps its *first* `max_length - len(prompt)`
+   tokens (right truncation).
+3. With `overlong="skip"` a row needing either cut is skipped instead, and reported.
+4. A pair whose chosen and rejected token sequences are identical after truncation is
+   skipped and reported (it carries no preference signal).
+
+Sequences are right-padded; `response_mask` marks response tokens (EOS included), so
+log-probs and rewards never read the prompt or the padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from madpo_ray.data.preference import ValidationReport, _is_messages
+
+FLOAT_COLUMNS = ("margin", "ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected",
+                 "gold_chosen", "gold_rejected", "true_margin")
+
+
+def prompt_text(tokenizer, prompt: Any) -> str:
+    if _is_messages(prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def response_text(response: Any) -> str:
+    if _is_messages(response):
+        return "".join(m["content"] for m in response if m.get("role") == "assistant") or \
+            "".join(m["content"] for m in response)
+    return response
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def truncate(prompt_ids: list[int], responses: Sequence[list[int]], max_prompt_length: int,
+             max_length: int) -> tuple[list[int], list[list[int]], bool]:
+    """Apply steps 1-2 of the policy; also say whether anything was cut."""
+    cut = len(prompt_ids) > max_prompt_length
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    out = []
+    for r in responses:
+        cut = cut or len(r) > budget
+        out.append(r[:budget])
+    return prompt_ids, out, cut
+
+
+def tokenize_pairs(tokenizer, rows: Sequence[dict], max_prompt_length: int, max_length: int,
+                   overlong: str = "truncate", report: Optional[ValidationReport] = None,
+                   strict: bool = False) -> list[dict]:
+    """Token ids per pair, plus every float column present (margins, reference log-probs...)."""
+    report = report or ValidationReport(source="tokenize")
+    out = []
+    for i, row in enumerate(rows):
+        row_id = row.get("row_id", i)
+        p = encode_prompt(tokenizer, prompt_text(tokenizer, row["prompt"]))
+        c = encode_response(tokenizer, response_text(row["chosen"]))
+        r = encode_response(tokenizer, response_text(row["rejected"]))
+        p2, (c2, r2), cut = truncate(p, (c, r), max_prompt_length, max_length)
+        if cut and overlong == "skip":
+            report.add(row_id, "prompt" if len(p) > max_prompt_length else "chosen",
+                       f"over-long: prompt {len(p)} + responses {len(c)}/{len(r)} tokens exceed "
+                       f"max_prompt_length={max_prompt_length}/max_length={max_length}", strict)
+            continue
+        if c2 == r2:
+            report.add(row_id, "rejected", "over-long: identical to chosen after truncation", strict)
+            continue
+        ex = {"row_id": row_id, "prompt_ids": p2, "chosen_ids": c2, "rejected_ids": r2}
+        for col in FLOAT_COLUMNS:
+            if row.get(col) is not None:
+                ex[col] = float(row[col])
+        out.append(ex)
+    return out
+
+
+def tokenize_sft(tokenizer, rows: Sequence[dict], max_prompt_length: int, max_length: int) -> list[dict]:
+    """(prompt, response) rows for supervised fine-tuning, same truncation policy."""
+    out = []
+    for row in rows:
+        p = encode_prompt(tokenizer, prompt_text(tokenizer, row["prompt"]))
+        resp = encode_response(tokenizer, response_text(row["response"]))
+        p2, (r2,), _ = truncate(p, (resp,), max_prompt_length, max_length)
+        out.append({"prompt_ids": p2, "response_ids": r2})
+    return out
+
+
+def _pad(seqs: Sequence[list[int]], masks: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    resp = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        resp[i, :len(s)] = torch.tensor(m)
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+class PairCollator:
+    """Stacks chosen then rejected sequences of B pairs into one [2B, T] batch (one forward pass)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                seqs.append(ex["prompt_ids"] + ex[key])
+                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[key]))
+        batch = _pad(seqs, masks, self.pad_token_id)
+        for col in FLOAT_COLUMNS:
+            if all(col in ex for ex in examples):
+                batch[col] = torch.tensor([ex[col] for ex in examples], dtype=torch.float32)
+        batch["index"] = torch.tensor([ex.get("index", -1) for ex in examples], dtype=torch.long)
+        return batch
+
+
+class SFTCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        seqs = [ex["prompt_ids"] + ex["response_ids"] for ex in examples]
+        masks = [[0] * len(ex["prompt_ids"]) + [1] * len(ex["response_ids"]) for ex in examples]
+        return _pad(seqs, masks, self.pad_token_id)

@@ -1,0 +1,1 @@
+"""Document/summary corpora: the generated default and the Debian builder."""

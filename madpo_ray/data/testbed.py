@@ -1,0 +1,208 @@
+"""The controlled testbed: an offline stand-in for human preference data.
+
+A *gold reward* scores a summary given its document and reference. Preference labels are
+drawn Bradley-Terry style from gold scores, so every pair carries its true margin, and the
+data-quality tiers mix hard (small-gap) and easy (large-gap) pairs like the paper's.
+
+Gold reward (roughly in [-3, 3], like the paper's 6 * (p_pos - 0.5)):
+    1.5 * ROUGE-L F  + 1.0 * ROUGE-2 F            (against the reference; word order matters)
+  + 1.5 * key-fact coverage - 1.0 * hallucinated facts   (generated corpus only)
+  + 0.5 * faithfulness  (share of summary words found in the document or reference)
+  - 1.0 * length error  (|len - len_ref| / len_ref, capped at 2)
+  - 5.0 * repetition    (share of repeated word bigrams: degenerate loops are the classic failure)
+  - 1.5                 (centring)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from rouge_score import rouge_scorer
+
+from madpo_ray.data.corpus.generated import KINDS, LANGUAGES
+
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9+\-.']*")
+_SCORER = rouge_scorer.RougeScorer(["rouge2", "rougeL"], use_stemmer=False)
+_STOP = {"a", "an", "the", "for", "of", "in", "and", "to", "is", "it", "with", "written", "on"}
+
+
+def words(text: str) -> list[str]:
+    return [w.lower().strip(".'") for w in _WORD.findall(text)]
+
+
+def _contains_phrase(text_words: list[str], phrase: str) -> bool:
+    p = words(phrase)
+    return any(text_words[i:i + len(p)] == p for i in range(len(text_words) - len(p) + 1))
+
+
+def fact_scores(summary_words: list[str], facts: dict[str, str]) -> tuple[float, int]:
+    """(coverage in [0, 1], number of hallucinated kinds/languages)."""
+    covered = 0.0
+    for key, value in facts.items():
+        if key == "purpose":
+            content = [w for w in words(value) if w not in _STOP]
+            covered += sum(w in summary_words for w in content) / max(1, len(content))
+        else:
+            covered += float(_contains_phrase(summary_words, value))
+    wrong = [x for x in LANGUAGES if x != facts.get("language") and x.lower() in summary_words]
+    wrong += [x for x in KINDS if x != facts.get("kind") and _contains_phrase(summary_words, x)]
+    return covered / max(1, len(facts)), len(wrong)
+
+
+def repetition(summary_words: list[str]) -> float:
+    bigrams = list(zip(summary_words, summary_words[1:]))
+    if not bigrams:
+        return 0.0
+    return 1.0 - len(set(bigrams)) / len(bigrams)
+
+
+def gold_reward(summary: str, document: str, reference: str, facts: Optional[dict[str, str]] = None) -> float:
+    sw = words(summary)
+    if not sw:
+        return -3.0
+    rouge = _SCORER.score(reference, summary)
+    score = 1.5 * rouge["rougeL"].fmeasure + 1.0 * rouge["rouge2"].fmeasure
+    if facts:
+        coverage, hallucinated = fact_scores(sw, facts)
+        score += 1.5 * coverage - 1.0 * min(hallucinated, 2)
+    source = set(words(document)) | set(words(reference))
+    score += 0.5 * sum(w in source for w in sw) / len(sw)
+    n_ref = max(1, len(words(reference)))
+    score -= 1.0 * min(abs(len(sw) - n_ref) / n_ref, 2.0)
+    score -= 5.0 * repetition(sw)
+    return score - 1.5
+
+
+# --------------------------------------------------------------------------- candidates
+CANDIDATE_KINDS = ("reference", "word_dropped", "first_k", "too_long", "repeated", "other_doc", "shuffled")
+
+
+def make_candidate(kind: str, rng: random.Random, document: str, reference: str,
+                   other_reference: str) -> str:
+    ref = reference.split()
+    if kind == "reference":
+        return reference
+    if kind == "word_dropped":
+        drop = set(rng.sample(range(len(ref)), k=min(len(ref) - 1, max(1, len(ref) // 4))))
+        return " ".join(w for i, w in enumerate(ref) if i not in drop)
+    if kind == "first_k":
+        return " ".join(document.split()[:len(ref)]).rstrip(".")
+    if kind == "too_long":
+        return reference + " " + " ".join(document.split()[: 2 * len(ref)])
+    if kind == "repeated":
+        return " ".join(ref + ref[: max(2, len(ref) // 2)] + ref[:2])
+    if kind == "other_doc":
+        return other_reference
+    if kind == "shuffled":
+        shuffled = ref[:]
+        while len(set(ref)) > 1 and shuffled == ref:
+            rng.shuffle(shuffled)
+        return " ".join(shuffled)
+    raise ValueError(f"unknown candidate kind {kind!r}; choose from {CANDIDATE_KINDS}")
+
+
+# --------------------------------------------------------------------------- pairs + labels
+@dataclass
+class Candidate:
+    text: str
+    kind: str  # one of CANDIDATE_KINDS or "policy"
+    gold: float
+
+
+def bradley_terry_label(gold_a: float, gold_b: float, sharpness: float, rng: random.Random) -> bool:
+    """True when a is preferred; P(a > b) = sigmoid(sharpness * (gold_a - gold_b))."""
+    p = 1.0 / (1.0 + math.exp(-sharpness * (gold_a - gold_b)))
+    return rng.random() < p
+
+
+PERTURBED = ("word_dropped", "first_k", "too_long")
+GARBAGE = ("repeated", "other_doc", "shuffled")
+
+
+def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]]) -> tuple[Candidate, Candidate]:
+    """Two distinct-text candidates for one document, by data-quality tier.
+
+    high:   two policy samples (hard, small true gap)
+    medium: half high-style, half a policy sample against a perturbed reference
+    low:    mostly (80%) large-gap pairs: the reference against a garbage candidate
+    Without policy samples, perturbed references stand in for them.
+    """
+    policy = cands.get("policy") or [c for k in PERTURBED for c in cands.get(k, [])]
+    perturbed = [c for k in PERTURBED for c in cands.get(k, [])]
+    garbage = [c for k in GARBAGE for c in cands.get(k, [])]
+    roll = rng.random()
+    if tier == "low" and roll < 0.8:
+        pool_a, pool_b = cands["reference"], garbage
+    elif tier == "medium" and roll < 0.5:
+        pool_a, pool_b = policy, perturbed
+    else:
+        pool_a, pool_b = policy, policy
+    for _ in range(20):
+        a, b = rng.choice(pool_a), rng.choice(pool_b)
+        if a.text.strip() != b.text.strip():
+            return a, b
+    # Fall back to reference vs. a distinct candidate so no document is dropped silently.
+    a = cands["reference"][0]
+    b = next(c for c in perturbed + garbage if c.text.strip() != a.text.strip())
+    return a, b
+
+
+def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
+                policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = "{document}\nTL;DR:",
+                pairs_per_document: int = 1) -> list[dict]:
+    """Preference pairs with gold scores and the true margin (labelled chosen minus rejected).
+
+    `documents` are dicts with doc_id, document, reference and optionally facts.
+    """
+    if tier not in ("high", "medium", "low"):
+        raise ValueError(f"tier must be high, medium or low, got {tier!r}")
+    rng = random.Random(f"pairs:{seed}:{tier}")
+    pairs = []
+    for i, doc in enumerate(documents):
+        other = documents[(i + 1 + rng.randrange(max(1, len(documents) - 1))) % len(documents)]
+        facts = doc.get("facts")
+
+        def cand(text: str, kind: str) -> Candidate:
+            return Candidate(text, kind, gold_reward(text, doc["document"], doc["reference"], facts))
+
+        cands: dict[str, list[Candidate]] = {
+            k: [cand(make_candidate(k, rng, doc["document"], doc["reference"], other["reference"]), k)]
+            for k in CANDIDATE_KINDS
+        }
+        samples = [s for s in (policy_samples or {}).get(doc["doc_id"], []) if s.strip()]
+        if samples:
+            cands["policy"] = [cand(s, "policy") for s in samples]
+        for j in range(pairs_per_document):
+            a, b = _pick_pair(tier, rng, cands)
+            if not bradley_terry_label(a.gold, b.gold, sharpness, rng):
+                a, b = b, a
+            pairs.append({
+                "pair_id": f"{doc['doc_id']}#{j}",
+                "doc_id": doc["doc_id"],
+                "prompt": prompt_template.format(document=doc["document"]),
+                "chosen": " " + a.text.strip(),
+                "rejected": " " + b.text.strip(),
+                "chosen_kind": a.kind,
+                "rejected_kind": b.kind,
+                "gold_chosen": a.gold,
+                "gold_rejected": b.gold,
+                "true_margin": sharpness * (a.gold - b.gold),
+            })
+    return pairs
+
+
+def mean_gold_by_kind(documents: Iterable[dict], seed: int = 0) -> dict[str, float]:
+    """Average gold reward of each candidate kind (the ordering check in the tests)."""
+    documents = list(documents)
+    rng = random.Random(f"kinds:{seed}")
+    totals = {k: 0.0 for k in CANDIDATE_KINDS}
+    for i, doc in enumerate(documents):
+        other = documents[(i + 1) % len(documents)]
+        for k in CANDIDATE_KINDS:
+            text = make_candidate(k, rng, doc["document"], doc["reference"], other["reference"])
+            totals[k] += gold_reward(text, doc["document"], doc["reference"], doc.get("facts"))
+    return {k: v / len(documents) for k, v in totals.items()}

@@ -1,0 +1,257 @@
+"""Preference losses as pure tensor functions, registered by name.
+
+Every loss returns *per-example* values; the training loop reduces (see `reduce_loss`).
+Nothing here knows about Ray, models or data loaders, so each formula is unit-testable
+against hand-computed values. Formulas follow ../shared/docs/madpo-spec.md exactly.
+
+Notation: for pair i, ``h_i = [logp(y_w) - ref_logp(y_w)] - [logp(y_l) - ref_logp(y_l)]``
+(token-summed response log-probs), ``m_i`` the frozen reward model's margin
+``r(x, y_w) - r(x, y_l)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TAU = math.log(999.0)  # margin at which the reward model is 99.9% sure
+
+
+# --------------------------------------------------------------------------- inputs / outputs
+@dataclass
+class PolicyLossInputs:
+    """Sequence log-probs of one batch of pairs, each a 1-D tensor of shape [B]."""
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: Optional[torch.Tensor] = None  # response token counts, needed by IPO
+    rejected_lengths: Optional[torch.Tensor] = None
+    margins: Optional[torch.Tensor] = None  # reward-model margins, needed by MADPO
+
+    def __post_init__(self) -> None:
+        shape = self.policy_chosen_logps.shape
+        for name in ("policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                     "chosen_lengths", "rejected_lengths", "margins"):
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                # A [B] vs [B, 1] mix would silently broadcast to [B, B]: refuse it here.
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        if len(shape) != 1:
+            raise ValueError(f"log-probs must be 1-D [B], got shape {tuple(shape)}")
+
+    def implicit_margin(self) -> torch.Tensor:
+        """h = chosen log-ratio minus rejected log-ratio (the DPO implicit reward margin)."""
+        return (self.policy_chosen_logps - self.ref_chosen_logps) - (
+            self.policy_rejected_logps - self.ref_rejected_logps
+        )
+
+
+@dataclass
+class LossOutput:
+    """Per-example losses plus a 0/1 mask of which examples count in the mean."""
+
+    losses: torch.Tensor  # [B]
+    keep: torch.Tensor  # [B] float, 1 for examples in the reduction (beta-DPO filters some)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def reduce_loss(out: LossOutput) -> torch.Tensor:
+    """Plain mean over kept examples (MADPO's weights are inside `losses`, not here)."""
+    return (out.losses * out.keep).sum() / out.keep.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- registry
+PolicyLossFn = Callable[..., LossOutput]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} registered twice")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; registered: {sorted(POLICY_LOSSES)}") from None
+
+
+# --------------------------------------------------------------------------- reward model
+def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(x, y_w) - r(x, y_l)), per pair."""
+    if reward_chosen.shape != reward_rejected.shape:
+        raise ValueError(f"reward shapes differ: {tuple(reward_chosen.shape)} vs {tuple(reward_rejected.shape)}")
+    return -F.logsigmoid(reward_chosen - reward_rejected)
+
+
+# --------------------------------------------------------------------------- DPO / IPO
+def dpo_per_example(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
+    logits = beta * h
+    loss = -F.logsigmoid(logits)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-logits)
+    return loss
+
+
+@register_policy_loss("dpo")
+def dpo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
+    h = inputs.implicit_margin()
+    losses = dpo_per_example(h, beta, label_smoothing)
+    return LossOutput(losses, torch.ones_like(losses))
+
+
+@register_policy_loss("ipo")
+def ipo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, **_) -> LossOutput:
+    """Length-normalised IPO: (h_ipo - 1/(2 beta))^2 with per-token average log-ratios."""
+    if inputs.chosen_lengths is None or inputs.rejected_lengths is None:
+        raise ValueError("ipo needs chosen_lengths and rejected_lengths (response token counts)")
+    chosen = (inputs.policy_chosen_logps - inputs.ref_chosen_logps) / inputs.chosen_lengths.clamp_min(1)
+    rejected = (inputs.policy_rejected_logps - inputs.ref_rejected_logps) / inputs.rejected_lengths.clamp_min(1)
+    losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
+    return LossOutput(losses, torch.ones_like(losses))
+
+
+# --------------------------------------------------------------------------- MADPO
+def madpo_scale(abs_margin: torch.Tensor, c_max: float = 4.0, lam: float = 1.0,
+                tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """c(a) = c_min + (c_max - c_min) / (1 + K exp(lam (a - tau))); c(tau) = 1 exactly."""
+    if not c_max > 1.0:
+        raise ValueError(f"c_max must be > 1 (c_min = 1/c_max), got {c_max}")
+    c_min = 1.0 / c_max
+    k = (c_max - 1.0) / (1.0 - c_min)
+    # exp overflows to inf for huge margins, which correctly drives c to c_min.
+    return c_min + (c_max - c_min) / (1.0 + k * torch.exp(lam * (abs_margin - tau)))
+
+
+def madpo_weights(margin: torch.Tensor, c_max: float = 4.0, lam: float = 1.0, tau: float = DEFAULT_TAU,
+                  mode: str = "both") -> torch.Tensor:
+    """w(m) = sigmoid(c(|m|) m) / sigmoid(m) for m > -tau, else 1. Detached; 0 < w < 2.
+
+    mode: "both" (MADPO), "amplify" (c' = max(c, 1)) or "regularize" (c' = min(c, 1)).
+    """
+    margin = margin.detach()
+    if not margin.is_floating_point():
+        margin = margin.float()
+    c = madpo_scale(margin.abs(), c_max, lam, tau)
+    if mode == "amplify":
+        c = c.clamp_min(1.0)
+    elif mode == "regularize":
+        c = c.clamp_max(1.0)
+    elif mode != "both":
+        raise ValueError(f"mode must be 'both', 'amplify' or 'regularize', got {mode!r}")
+    # The ratio of sigmoids in log space stays finite for any finite margin.
+    w = torch.exp(F.logsigmoid(c * margin) - F.logsigmoid(margin))
+    return torch.where(margin <= -tau, torch.ones_like(w), w)
+
+
+def _madpo(inputs: PolicyLossInputs, mode: str, beta: float, c_max: float, lam: float, tau: float) -> LossOutput:
+    if inputs.margins is None:
+        raise ValueError("madpo needs reward-model margins (the scored 'margin' column)")
+    w = madpo_weights(inputs.margins, c_max, lam, tau, mode).to(inputs.policy_chosen_logps.dtype)
+    losses = w * dpo_per_example(inputs.implicit_margin(), beta)
+    return LossOutput(losses, torch.ones_like(losses), {"weight_mean": float(w.mean()),
+                                                        "weight_min": float(w.min()),
+                                                        "weight_max": float(w.max())})
+
+
+@register_policy_loss("madpo")
+def madpo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
+               tau: float = DEFAULT_TAU, **_) -> LossOutput:
+    return _madpo(inputs, "both", beta, c_max, lam, tau)
+
+
+@register_policy_loss("madpo_amplify")
+def madpo_amplify_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
+                       tau: float = DEFAULT_TAU, **_) -> LossOutput:
+    """Ablation: only amplify hard pairs, c' = max(c, 1)."""
+    return _madpo(inputs, "amplify", beta, c_max, lam, tau)
+
+
+@register_policy_loss("madpo_regularize")
+def madpo_regularize_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
+                          tau: float = DEFAULT_TAU, **_) -> LossOutput:
+    """Ablation: only damp easy pairs, c' = min(c, 1)."""
+    return _madpo(inputs, "regularize", beta, c_max, lam, tau)
+
+
+# --------------------------------------------------------------------------- beta-DPO
+@dataclass
+class BetaDPOState:
+    """Moving averages of the implicit margin; must survive checkpoints and agree across workers."""
+
+    mu: float = 0.0
+    sigma: float = 0.0
+    steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"mu": self.mu, "sigma": self.sigma, "steps": self.steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mu, self.sigma, self.steps = float(d["mu"]), float(d["sigma"]), int(d["steps"])
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+@register_policy_loss("beta_dpo")
+def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = None, beta: float = 0.1,
+                  alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9,
+                  generator: Optional[torch.Generator] = None, gather: Optional[Gather] = None,
+                  rank: int = 0, **_) -> LossOutput:
+    """beta-DPO (Wu et al. 2024): per-batch beta from the implicit margin, Gaussian data filtering.
+
+    With data parallelism, `gather` all-gathers A over workers (each worker's batch the same
+    size) and every worker draws the same multinomial sample (same `generator` seed), then
+    keeps its own slice: the statistics and the filter are those of the global batch.
+    `state` is updated in place.
+    """
+    if state is None:
+        raise ValueError("beta_dpo needs a BetaDPOState (its moving averages are training state)")
+    h = inputs.implicit_margin()
+    local_a = h.detach().float()
+    global_a = gather(local_a) if gather is not None else local_a
+    n = global_a.numel()
+    # Moving averages are updated first, then used (as in the official preference_loss).
+    state.mu = momentum * state.mu + (1 - momentum) * float(global_a.mean())
+    state.sigma = momentum * state.sigma + (1 - momentum) * (float(global_a.std()) if n > 1 else 0.0)
+    state.steps += 1
+    sigma = max(state.sigma, 1e-8)
+    p = torch.exp(-0.5 * ((global_a - state.mu) / sigma) ** 2).cpu()
+    k = max(1, int(n * (1 - rho)))
+    if float(p.sum()) <= 0 or not torch.isfinite(p).all():
+        p = torch.ones_like(p)  # every margin is far out: fall back to a uniform draw
+    kept_idx = torch.multinomial(p, k, replacement=False, generator=generator)
+    keep_global = torch.zeros(n)
+    keep_global[kept_idx] = 1.0
+    kept_mean = float(global_a[kept_idx.to(global_a.device)].mean())
+    beta_batch = max(beta * (1 + alpha * (kept_mean - state.mu)), 1e-3)
+    b = local_a.numel()
+    keep = keep_global[rank * b:(rank + 1) * b].to(h.device, h.dtype)
+    losses = dpo_per_example(h, beta_batch)
+    return LossOutput(losses, keep, {"beta_batch": beta_batch, "beta_mu": state.mu, "beta_sigma": state.sigma})
+
+
+def weights_table(margins=(-8, -6.907, -4, -2, -1, 0, 1, 2, 4, 6.907, 8, 12),
+                  c_maxes=(2.0, 4.0), lam: float = 1.0, tau: float = DEFAULT_TAU) -> list[dict]:
+    """Rows of (margin, c(|m|), w(m)) for each c_max: the table `madpo weights` prints."""
+    m = torch.tensor(margins, dtype=torch.float64)
+    rows = []
+    for c_max in c_maxes:
+        c = madpo_scale(m.abs(), c_max, lam, tau)
+        w = madpo_weights(m, c_max, lam, tau)
+        rows += [{"c_max": c_max, "margin": float(mi), "c": float(ci), "weight": float(wi)}
+                 for mi, ci, wi in zip(m, c, w)]
+    return rows
