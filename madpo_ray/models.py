@@ -122,3 +122,15 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask))
     return out.logits.squeeze(-1).float()
+
+
+def build_tiny_base(texts: Iterable[str], cfg: ModelConfig, out_dir: Path, seed: int = 0) -> Path:
+    """Train the tokenizer and build the from-scratch base LM into one HF folder."""
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    model = build_tiny_causal_lm(tokenizer, cfg, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    log.info("built tiny base model: %d parameters, vocab %d -> %s", count_parameters(model), len(tokenizer), out_dir)
+    return out_dir

@@ -83,10 +83,13 @@ def tokenize_pairs(tokenizer, rows: Sequence[dict], max_prompt_length: int, max_
             report.add(row_id, "rejected", "over-long: identical to chosen after truncation", strict)
             continue
         ex = {"row_id": row_id, "prompt_ids": p2, "chosen_ids": c2, "rejected_ids": r2}
+        report.truncated += int(cut)
         for col in FLOAT_COLUMNS:
             if row.get(col) is not None:
                 ex[col] = float(row[col])
         out.append(ex)
+    report.total += len(rows)
+    report.kept += len(out)
     return out
 
 

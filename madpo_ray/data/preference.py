@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from madpo_ray.io import write_jsonl  # noqa: F401  (re-exported: data users write pairs with it)
+
 REQUIRED = ("prompt", "chosen", "rejected")
 
 
@@ -38,6 +40,7 @@ class ValidationReport:
     source: str = ""
     total: int = 0
     kept: int = 0
+    truncated: int = 0  # rows kept but cut by the truncation policy
     issues: list[Issue] = field(default_factory=list)
 
     @property
@@ -55,6 +58,7 @@ class ValidationReport:
 
     def to_metrics(self) -> dict:
         return {"rows_total": self.total, "rows_kept": self.kept, "rows_skipped": self.skipped,
+                "rows_truncated": self.truncated,
                 "skipped_by_reason": self.counts(), "first_issues": [str(i) for i in self.issues[:20]]}
 
     def summary(self) -> str:
@@ -65,7 +69,7 @@ class ValidationReport:
 
 
 # --------------------------------------------------------------------------- reading
-def _read_jsonl(path: Path, report: ValidationReport, strict: bool) -> list[tuple[int, Any]]:
+def _read_jsonl_rows(path: Path, report: ValidationReport, strict: bool) -> list[tuple[int, Any]]:
     rows = []
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh):
@@ -91,7 +95,7 @@ def read_raw_rows(source: str, split: str = "train", strict: bool = False,
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _read_jsonl(path, report, strict), report
+            return _read_jsonl_rows(path, report, strict), report
         if suffix == ".json":
             try:
                 data = json.loads(path.read_bytes().decode("utf-8"))
@@ -194,7 +198,7 @@ def validate_rows(rows: Iterable[tuple[int, Any]], report: ValidationReport, str
         out = dict(row)
         out.setdefault("row_id", idx)
         kept.append(out)
-    report.kept = len(kept)
+    report.kept += len(kept)
     return kept
 
 
@@ -205,13 +209,3 @@ def load_pairs(source: str, split: str = "train", strict: bool = False) -> tuple
     if not pairs:
         raise DataValidationError(f"{source}: no usable rows ({report.summary()})")
     return pairs, report
-
-
-def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees a half-written file
-    return path

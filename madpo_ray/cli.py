@@ -1,0 +1,198 @@
+"""`madpo`: the command-line entry point.
+
+    madpo run                                  # whole pipeline, embedded default (configs/tiny.yaml)
+    madpo run policy.loss.beta=0.2 ray.num_workers=1
+    madpo train --loss dpo                     # another loss from the same scored pairs
+    madpo weights                              # the MADPO weight table
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Margin-Adaptive DPO on Ray: SFT -> reward model -> scoring -> policy training.")
+data_app = typer.Typer(no_args_is_help=True, help="Build corpora: the generated default or Debian descriptions.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs/ or a YAML path.")
+OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
+ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
+NAME_OPT = typer.Option(None, "--name", help="Run name (folder under runs_dir).")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    from madpo_ray.stages._worker import quiet_libraries
+
+    quiet_libraries()
+
+
+def _load(config: str, overrides: Optional[List[str]], address: Optional[str], name: Optional[str],
+          extra: Optional[List[str]] = None):
+    from madpo_ray.config import ConfigError, load_config
+
+    sets = list(overrides or []) + list(extra or [])
+    if address:
+        sets.append(f"ray.address={address}")
+    if name:
+        sets.append(f"name={name}")
+    try:
+        return load_config(config, sets)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+def _run(cfg, stages, force: bool = False) -> dict:
+    from madpo_ray.data.preference import DataValidationError
+    from madpo_ray.models import ModelLoadError
+    from madpo_ray.pipeline import Pipeline
+
+    _setup_logging()
+    try:
+        return Pipeline(cfg).run(tuple(stages), force=force)
+    except (DataValidationError, ModelLoadError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1)
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"madpo run summary (loss: {summary.get('loss')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.3f}")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            table.add_row(k, str(v))
+    console.print(table)
+    if "stage_seconds" in summary:
+        t = Table(title="wall time per stage")
+        t.add_column("stage")
+        t.add_column("seconds", justify="right")
+        for k, v in summary["stage_seconds"].items():
+            if v is not None:
+                t.add_row(k, f"{v:.1f}")
+        console.print(t)
+    for label, texts in summary.get("examples", {}).items():
+        for i, text in enumerate(texts):
+            ref = summary.get("example_references", [""] * 3)[i]
+            console.print(f"[bold]{label}[/bold] #{i}: {text!r}   [dim](reference: {ref!r})[/dim]")
+
+
+@app.command()
+def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT, address: Optional[str] = ADDRESS_OPT,
+        name: Optional[str] = NAME_OPT, force: bool = typer.Option(False, help="Redo stages already complete.")):
+    """Run every stage in order (data, sft, pairs, reward, score, policy, eval), skipping complete ones."""
+    from madpo_ray.pipeline import STAGES
+
+    cfg = _load(config, overrides, address, name)
+    results = _run(cfg, STAGES, force)
+    print_summary(results["eval"])
+    console.print(f"artifacts: {cfg.run_dir.resolve()}")
+
+
+def _stage_command(stages: tuple[str, ...], doc: str):
+    def command(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
+                address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
+                force: bool = typer.Option(False, help="Redo this stage even if complete.")):
+        cfg = _load(config, overrides, address, name)
+        from madpo_ray.pipeline import Pipeline
+
+        p = Pipeline(cfg)
+        needed = [s for s in stages[:-1] if not p.is_done(s)]
+        _run(cfg, tuple(needed) + stages[-1:], force)
+        console.print_json(json.dumps(json.loads((p.stage_dir(stages[-1]) / "metrics.json").read_text()), default=str))
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("sft")(_stage_command(("data", "sft"), "Supervised fine-tuning (the reference policy)."))
+app.command("reward")(_stage_command(("data", "sft", "pairs", "reward"), "Train the Bradley-Terry reward model."))
+app.command("score")(_stage_command(("data", "sft", "pairs", "reward", "score"),
+                                    "Score pairs with Ray Data: reference log-probs and reward margins."))
+
+
+@app.command()
+def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
+          loss: Optional[str] = typer.Option(None, help="Registered loss: madpo, dpo, ipo, beta_dpo, madpo_amplify, madpo_regularize."),
+          address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
+          force: bool = typer.Option(False, help="Retrain even if this loss's policy is complete.")):
+    """Train a policy with any registered loss from the scored pairs, then evaluate it."""
+    from madpo_ray.pipeline import Pipeline
+
+    cfg = _load(config, overrides, address, name, [f"policy.loss.name={loss}"] if loss else None)
+    p = Pipeline(cfg)
+    needed = [s for s in ("data", "sft", "pairs", "reward", "score") if not p.is_done(s)]
+    if force:
+        import shutil
+
+        shutil.rmtree(p.stage_dir("policy"), ignore_errors=True)
+    _run(cfg, tuple(needed) + ("policy",))
+    from madpo_ray.eval.summary import evaluate_run
+
+    print_summary(evaluate_run(p))
+
+
+@app.command()
+def weights(c_max: List[float] = typer.Option([2.0, 4.0], help="c_max values (repeatable)."),
+            lam: float = typer.Option(1.0), tau: float = typer.Option(6.906754778648554, help="Default ln(999).")):
+    """Print the MADPO scale c(|m|) and weight w(m) over a range of reward margins."""
+    from madpo_ray.losses import weights_table
+
+    rows = weights_table(c_maxes=tuple(c_max), lam=lam, tau=tau)
+    table = Table(title=f"MADPO weights (lam={lam}, tau={tau:.3f})")
+    table.add_column("margin m", justify="right")
+    for cm in c_max:
+        table.add_column(f"c (c_max={cm:g})", justify="right")
+        table.add_column(f"w (c_max={cm:g})", justify="right")
+    margins = sorted({r["margin"] for r in rows})
+    for m in margins:
+        cells = [f"{m:g}"]
+        for cm in c_max:
+            r = next(r for r in rows if r["margin"] == m and r["c_max"] == cm)
+            cells += [f"{r['c']:.2f}", f"{r['weight']:.2f}"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@data_app.command("generate")
+def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output JSONL."),
+                  num_documents: int = typer.Option(1000), seed: int = typer.Option(0)):
+    """Write the embedded generated corpus (documents, reference synopses, key facts) to JSONL."""
+    from pathlib import Path
+
+    from madpo_ray.data.corpus.generated import generate_corpus
+    from madpo_ray.data.preference import write_jsonl
+
+    write_jsonl([d.to_dict() for d in generate_corpus(num_documents, seed)], Path(out))
+    console.print(f"wrote {num_documents} documents to {out}")
+
+
+@data_app.command("debian")
+def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.cache/madpo-ray/debian."),
+                fetch: bool = typer.Option(True, help="Run apt-get update into a private lists dir first.")):
+    """Build the Debian package-description corpus (local cache, never committed)."""
+    from pathlib import Path
+
+    from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
+
+    _setup_logging()
+    counts = build_debian_corpus(Path(cache_dir) if cache_dir else DEFAULT_CACHE, fetch=fetch)
+    console.print(counts)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,116 @@
+"""The end-of-run summary: reward-model accuracy, policy preference accuracy and implicit
+margins on held-out pairs, and the gold reward of greedy summaries (SFT vs trained policy)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from madpo_ray.data.collate import PairCollator
+from madpo_ray.logprobs import sequence_logprobs
+
+if TYPE_CHECKING:
+    from madpo_ray.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    chosen, rejected = [], []
+    collate = PairCollator(pad_token_id)
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i:i + batch_size])
+        lp = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"]).summed
+        c, r = lp.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
+    ref_c = torch.tensor([r["ref_logp_chosen"] for r in rows])
+    ref_r = torch.tensor([r["ref_logp_rejected"] for r in rows])
+    h = (pol_c - ref_c) - (pol_r - ref_r)
+    out = {
+        # Does the model's likelihood rank the labelled-chosen response higher? (comparable for SFT and policy)
+        "sft_preference_accuracy": float((ref_c > ref_r).float().mean()),
+        "policy_preference_accuracy": float((pol_c > pol_r).float().mean()),
+        # DPO's implicit reward: beta * h; accuracy = share of pairs with h > 0.
+        "policy_implicit_reward_accuracy": float((h > 0).float().mean()),
+        "policy_implicit_margin_mean": float(h.mean()),
+    }
+    if rows and "true_margin" in rows[0]:
+        gold = torch.tensor([r["true_margin"] > 0 for r in rows])
+        out["sft_gold_preference_accuracy"] = float(((ref_c > ref_r) == gold).float().mean())
+        out["policy_gold_preference_accuracy"] = float(((pol_c > pol_r) == gold).float().mean())
+    return out
+
+
+def evaluate_run(p: "Pipeline") -> dict:
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.stages.policy import read_scored
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sft_dir = p.stage_dir("sft") / "model"
+    pol_dir = p.stage_dir("policy") / "model"
+    tok = load_tokenizer(str(sft_dir))
+    policy_model = load_causal_lm(str(pol_dir))
+    rows = read_scored(p.scored_path("eval"))
+    pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id)
+    score_m = json.loads((p.stage_dir("score") / "metrics.json").read_text())["eval"]
+    summary = {"loss": p.cfg.policy.loss.name, "eval_pairs": len(rows),
+               "rm_accuracy_vs_labels": score_m["rm_accuracy_vs_labels"],
+               **({"rm_accuracy_vs_true_margin": score_m["rm_accuracy_vs_true_margin"]}
+                  if "rm_accuracy_vs_true_margin" in score_m else {}),
+               **preference_metrics(rows, pol_c, pol_r)}
+    if p.is_testbed:
+        from madpo_ray.data.testbed import gold_reward
+        from madpo_ray.eval.generate import generate_transformers
+        from madpo_ray.io import read_jsonl
+
+        docs = read_jsonl(p.stage_dir("data") / "test_docs.jsonl")[:p.cfg.eval.num_prompts]
+        prompts = [p.cfg.data.prompt_template.format(document=d["document"]) for d in docs]
+        examples = []
+        for label, model in (("sft", load_causal_lm(str(sft_dir))), ("policy", policy_model)):
+            texts = generate_transformers(model, tok, prompts, temperature=0.0,
+                                          max_new_tokens=p.cfg.eval.max_new_tokens,
+                                          max_prompt_length=p.cfg.data.max_prompt_length)
+            golds = [gold_reward(t, d["document"], d["reference"], d.get("facts")) for t, d in zip(texts, docs)]
+            summary[f"{label}_greedy_gold_reward"] = sum(golds) / len(golds)
+            examples.append((label, texts[:3]))
+        summary["reference_gold_reward"] = sum(gold_reward(d["reference"], d["document"], d["reference"], d.get("facts"))
+                                               for d in docs) / len(docs)
+        summary["examples"] = {label: texts for label, texts in examples}
+        summary["example_references"] = [d["reference"] for d in docs[:3]]
+    write_summary(p, summary)
+    return summary
+
+
+def write_summary(p: "Pipeline", summary: dict) -> None:
+    timings = {}
+    for stage in ("data", "sft", "pairs", "reward", "score", "policy"):
+        f = p.stage_dir(stage) / "metrics.json"
+        if f.exists():
+            m = json.loads(f.read_text())
+            timings[stage] = m.get("wall_seconds")
+            if "tokens_per_s" in m:
+                summary[f"{stage}_tokens_per_s"] = m["tokens_per_s"]
+    summary["stage_seconds"] = timings
+    (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| metric | value |", "| --- | --- |"]
+    for k, v in summary.items():
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.4f} |")
+        elif isinstance(v, (int, str)):
+            lines.append(f"| {k} | {v} |")
+    lines.append("")
+    lines.append("| stage | seconds |")
+    lines.append("| --- | --- |")
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
+    (p.run_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,103 @@
+"""Scoring pass: Ray Data `map_batches` over an actor pool holding the frozen reference (SFT)
+model and the reward model. Writes, per pair, reference log-probs (summed and per-token mean,
+with lengths) and reward margins, so policy training needs neither model in memory.
+
+`score_examples` is the plain function the actors call; tests and the single-process
+benchmark baseline call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from madpo_ray.data.collate import PairCollator
+from madpo_ray.logprobs import sequence_logprobs
+from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
+
+log = logging.getLogger(__name__)
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@torch.no_grad()
+def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: int) -> list[dict]:
+    batch = PairCollator(pad_token_id)(examples)
+    lp = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    rewards = reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+    b = len(examples)
+    out = []
+    for i, ex in enumerate(examples):
+        row = dict(ex)
+        row.update(
+            ref_logp_chosen=float(lp.summed[i]), ref_logp_rejected=float(lp.summed[b + i]),
+            ref_logp_mean_chosen=float(lp.mean[i]), ref_logp_mean_rejected=float(lp.mean[b + i]),
+            len_chosen=float(lp.n_tokens[i]), len_rejected=float(lp.n_tokens[b + i]),
+            reward_chosen=float(rewards[i]), reward_rejected=float(rewards[b + i]),
+            margin=float(rewards[i] - rewards[b + i]),
+        )
+        out.append(row)
+    return out
+
+
+class PairScorer:
+    """Ray Data actor: loads both frozen models once, scores batches of tokenised pairs."""
+
+    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.tokenizer = load_tokenizer(ref_dir)
+        self.ref = load_causal_lm(ref_dir).eval()
+        self.rm = load_reward_model(reward_dir, pad_token_id=self.tokenizer.pad_token_id).eval()
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        rows = batch.to_dict("records")
+        for r in rows:
+            for c in ID_COLUMNS:
+                r[c] = [int(t) for t in r[c]]
+        scored = score_examples(self.ref, self.rm, rows, self.tokenizer.pad_token_id)
+        return pd.DataFrame(scored)
+
+
+def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *,
+                   batch_size: int = 32, num_actors: int = 2, cpus_per_actor: float = 1.0,
+                   partition_col: str = "split") -> Path:
+    """Score `examples` (tokenised pairs plus metadata) into parquet under out_dir.
+
+    One Dataset for every split (the actors load their models once), written partitioned by
+    `partition_col`: out_dir/split=train/, out_dir/split=eval/.
+    """
+    import shutil
+
+    import ray.data
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    for d in (out_dir, tmp):
+        if d.exists():
+            shutil.rmtree(d)
+    # ~4 batches per block: enough blocks to keep every actor busy, few enough to avoid overhead.
+    blocks = max(num_actors, len(examples) // (4 * batch_size))
+    ds = ray.data.from_items(examples, override_num_blocks=blocks)
+    ds = ds.map_batches(PairScorer, fn_constructor_kwargs={"ref_dir": str(ref_dir), "reward_dir": str(reward_dir),
+                                                           "threads": max(1, int(cpus_per_actor))},
+                        batch_size=batch_size, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor)
+    ds.write_parquet(str(tmp), partition_cols=[partition_col])
+    tmp.replace(out_dir)  # readers never see a half-written folder
+    return out_dir
+
+
+def read_partition(out_dir: Path, value: str, partition_col: str = "split") -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(Path(out_dir) / f"{partition_col}={value}")).to_pylist()
+
+
+def assert_no_nan(rows: list[dict], source: str) -> None:
+    bad = [r.get("row_id") for r in rows
+           if any(isinstance(v, float) and not math.isfinite(v) for v in r.values())]
+    if bad:
+        raise ValueError(f"{source}: non-finite scores in rows {bad[:10]} ({len(bad)} total)")
