@@ -136,11 +136,8 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
     cfg = _load(config, overrides, address, name, [f"policy.loss.name={loss}"] if loss else None)
     p = Pipeline(cfg)
     needed = [s for s in ("data", "sft", "pairs", "reward", "score") if not p.is_done(s)]
-    if force:
-        import shutil
-
-        shutil.rmtree(p.stage_dir("policy"), ignore_errors=True)
-    _run(cfg, tuple(needed) + ("policy",))
+    _run(cfg, tuple(needed), force=False)
+    _run(cfg, ("policy",), force=force)
     from madpo_ray.eval.summary import evaluate_run
 
     print_summary(evaluate_run(p))

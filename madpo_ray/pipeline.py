@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -80,11 +81,17 @@ class Pipeline:
         examples_path = d / "examples.pt"
         torch.save(examples, examples_path)
         init_ray(self.cfg.ray)
-        name = f"{stage}-{self.cfg.policy.loss.name}" if stage == "policy" else stage
+        storage = self.run_dir / "ray"
+        name = self.trainer_name(stage)
         run_trainer(train_loop, self._loop_config(stage, model_dir=model_dir, examples_path=examples_path,
-                                                  out_dir=d / "model", metrics_path=d / "train_metrics.json"),
-                    self.cfg.ray, name=name, storage_path=self.run_dir / "ray")
+                                                  out_dir=d / "model", metrics_path=d / "train_metrics.json",
+                                                  checkpoint_root=storage / name),
+                    self.cfg.ray, name=name, storage_path=storage)
         return json.loads((d / "train_metrics.json").read_text())
+
+    def trainer_name(self, stage: str) -> str:
+        """Ray Train run name; its checkpoints live in run_dir/ray/<name>/."""
+        return f"{stage}-{self.cfg.policy.loss.name}" if stage == "policy" else stage
 
     def _tokenizer(self):
         from madpo_ray.models import load_tokenizer
@@ -280,6 +287,8 @@ class Pipeline:
                 log.info("== %s: complete, skipping (delete %s to redo)", stage, self.stage_dir(stage) / "DONE")
                 results[stage] = json.loads((self.stage_dir(stage) / "metrics.json").read_text())
                 continue
+            if force:  # a forced redo must not resume from the old run's checkpoints
+                shutil.rmtree(self.run_dir / "ray" / self.trainer_name(stage), ignore_errors=True)
             log.info("== %s: starting", stage)
             t0 = time.time()
             metrics = getattr(self, f"stage_{stage}")()

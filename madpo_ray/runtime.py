@@ -40,15 +40,13 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 def latest_checkpoint(storage_path: Path, name: str):
-    """The newest checkpoint a previous attempt of this run left, for cross-process resume."""
+    """The newest complete checkpoint a previous attempt of this run left, for cross-process resume."""
     import ray.train
 
-    run = Path(storage_path) / name
-    if not run.exists():
-        return None
-    ckpts = sorted((p for p in run.glob("checkpoint_*") if (p / "state.pt").exists()),
-                   key=lambda p: p.stat().st_mtime)
-    return ray.train.Checkpoint.from_directory(str(ckpts[-1])) if ckpts else None
+    from madpo_ray.stages.common import find_checkpoints, newest_checkpoint
+
+    best = newest_checkpoint(find_checkpoints(str(Path(storage_path) / name)))
+    return ray.train.Checkpoint.from_directory(str(best)) if best else None
 
 
 def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, *, name: str,

@@ -153,3 +153,4 @@ def test_bad_config_fails_before_any_ray_work(tmp_path):
     assert proc.returncode == 2
     assert "policy.loss.betta" in proc.stdout + proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written, no cluster started
+

@@ -88,6 +88,40 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+CHECKPOINT_META = "meta.json"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a complete checkpoint folder, or None if it is partial or foreign.
+
+    meta.json records the byte size of state.pt; a copy interrupted midway fails the check,
+    so resume never loads a half-written checkpoint.
+    """
+    import json
+
+    try:
+        meta = json.loads((Path(path) / CHECKPOINT_META).read_text())
+        if (Path(path) / "state.pt").stat().st_size != meta["bytes"]:
+            return None
+        return int(meta["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def newest_checkpoint(candidates: list) -> Optional[Path]:
+    """The complete checkpoint with the highest step among folders (Ray's and any on storage)."""
+    best, best_step = None, -1
+    for c in candidates:
+        step = checkpoint_step(c) if c is not None else None
+        if step is not None and step > best_step:
+            best, best_step = Path(c), step
+    return best
+
+
+def find_checkpoints(root: Optional[str]) -> list[Path]:
+    return sorted(Path(root).glob("checkpoint_*")) if root and Path(root).exists() else []
+
+
 @dataclass
 class FitResult:
     model: torch.nn.Module
@@ -109,8 +143,15 @@ def global_mean(value: float, device: torch.device) -> float:
 
 def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: StepFn, optim: OptimConfig, *,
         stage: str, extra_state: Optional[dict[str, Any]] = None, fail_at_step: Optional[int] = None,
-        marker_dir: Optional[str] = None, batch_log_path: Optional[str] = None) -> FitResult:
-    """Train `model` on `examples` inside a Ray Train worker; returns the unwrapped model."""
+        marker_dir: Optional[str] = None, batch_log_path: Optional[str] = None,
+        checkpoint_root: Optional[str] = None) -> FitResult:
+    """Train `model` on `examples` inside a Ray Train worker; returns the unwrapped model.
+
+    Resume source: the newest complete checkpoint among Ray's `get_checkpoint()` and those
+    under `checkpoint_root` (the run's storage folder). The Train controller learns of a
+    reported checkpoint only when it next polls the workers (every 2 s), so a worker killed
+    right after reporting would otherwise restart from an older one.
+    """
     import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader
@@ -143,20 +184,21 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
 
     step = 0
     history: list[float] = []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for k, obj in extra_state.items():
-            obj.load_state_dict(state["extra"][k])
-        _set_rng_state(state["rng"])
-        step = state["step"]
-        history = list(state.get("history", []))
-        if info.rank == 0:
-            log.info("[%s] resumed from checkpoint at step %d/%d", stage, step, total_steps)
+    ray_ckpt = ray.train.get_checkpoint()
+    with (ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None)) as ray_dir:
+        resume_dir = newest_checkpoint([ray_dir] + find_checkpoints(checkpoint_root))
+        if resume_dir is not None:
+            state = torch.load(resume_dir / "state.pt", weights_only=False)
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for k, obj in extra_state.items():
+                obj.load_state_dict(state["extra"][k])
+            _set_rng_state(state["rng"])
+            step = state["step"]
+            history = list(state.get("history", []))
+            if info.rank == 0:
+                log.info("[%s] resumed from checkpoint at step %d/%d (%s)", stage, step, total_steps, resume_dir.name)
 
     def save_checkpoint(metrics: dict) -> None:
         """Every rank calls report (it is collective); rank 0 attaches the checkpoint."""
@@ -167,9 +209,13 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(), "history": history,
                      "extra": {k: obj.state_dict() for k, obj in extra_state.items()}}
-            # Written to a temp name then renamed: a killed write never leaves a loadable half file.
+            # Written to a temp name then renamed; meta.json (written last) vouches for its size.
             torch.save(state, Path(tmp) / "state.pt.partial")
             os.replace(Path(tmp) / "state.pt.partial", Path(tmp) / "state.pt")
+            import json
+
+            (Path(tmp) / CHECKPOINT_META).write_text(json.dumps(
+                {"step": step, "bytes": (Path(tmp) / "state.pt").stat().st_size, "stage": stage}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     model.train()

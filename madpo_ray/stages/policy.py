@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     result = fit(model, load_examples(config["examples_path"]), PairCollator(tokenizer.pad_token_id), step,
                  cfg.policy.optim, stage=f"policy/{cfg.policy.loss.name}",
                  extra_state={"beta_dpo": step.beta_state}, fail_at_step=config.get("fail_at_step"),
-                 marker_dir=config.get("marker_dir"), batch_log_path=config.get("batch_log_path"))
+                 marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"), batch_log_path=config.get("batch_log_path"))
     if ctx.get_world_rank() == 0:
         save_model_atomically(result.model, tokenizer, Path(config["out_dir"]))
         write_json(Path(config["metrics_path"]), {"steps": result.steps, "loss_history": result.loss_history, "loss_name": cfg.policy.loss.name,

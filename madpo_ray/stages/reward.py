@@ -28,7 +28,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = load_reward_model(config["model_dir"], cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
     result = fit(model, load_examples(config["examples_path"]), PairCollator(tokenizer.pad_token_id), reward_step,
                  cfg.reward.optim, stage="reward", fail_at_step=config.get("fail_at_step"),
-                 marker_dir=config.get("marker_dir"))
+                 marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"))
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:

@@ -30,7 +30,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = load_causal_lm(config["model_dir"], cfg.model.dtype)
     result = fit(model, load_examples(config["examples_path"]), SFTCollator(tokenizer.pad_token_id), sft_step,
                  cfg.sft.optim, stage="sft", fail_at_step=config.get("fail_at_step"),
-                 marker_dir=config.get("marker_dir"))
+                 marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"))
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
