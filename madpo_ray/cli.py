@@ -191,5 +191,105 @@ def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.c
     console.print(counts)
 
 
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs sent with `madpo submit`.")
+app.add_typer(jobs_app, name="jobs")
+JOB_ADDRESS_OPT = typer.Option(None, "--address", help="Ray dashboard / job server URL (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265).")
+TOKEN_OPT = typer.Option(None, "--token", help="Ray auth token (default $RAY_AUTH_TOKEN or ~/.ray/auth_token). Never printed.")
+
+
+def _jobs_call(fn, *args, **kwargs):
+    from madpo_ray.submit import SubmitError
+
+    try:
+        return fn(*args, **kwargs)
+    except SubmitError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT,
+           pip: List[str] = typer.Option([], "--pip", help="Extra pip requirement for the job's runtime_env (repeatable)."),
+           env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)."),
+           job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: generated)."),
+           follow: bool = typer.Option(False, "--follow/--no-follow", help="Stream logs until the job ends.")):
+    """Submit a madpo command to a Ray cluster: `madpo submit --address URL -- run data.num_documents=500`."""
+    from madpo_ray import submit as sub
+
+    env_vars = {}
+    for item in env:
+        if "=" not in item:
+            console.print(f"[red]--env {item!r} must be KEY=VALUE[/red]")
+            raise typer.Exit(2)
+        k, v = item.split("=", 1)
+        env_vars[k] = v
+    jid = _jobs_call(sub.submit, ctx.args, address=address, token=token, pip=pip or None, env_vars=env_vars,
+                     job_id=job_id)
+    console.print(f"submitted job [bold]{jid}[/bold]")
+    console.print(f"follow it:  madpo jobs logs {jid} --follow   |   stop it:  madpo jobs stop {jid}")
+    if follow:
+        final = _jobs_call(sub.follow, jid, address, token)
+        console.print(f"job {jid}: {final}")
+        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from madpo_ray import submit as sub
+
+    console.print(_jobs_call(sub.status, job_id, address, token))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT,
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
+    """Print (or stream) the job's logs."""
+    from madpo_ray import submit as sub
+
+    if follow:
+        final = _jobs_call(sub.follow, job_id, address, token)
+        console.print(f"job {job_id}: {final}")
+    else:
+        print(_jobs_call(sub.logs, job_id, address, token), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
+    """Ask the cluster to stop the job."""
+    from madpo_ray import submit as sub
+
+    console.print("stop requested" if _jobs_call(sub.stop, job_id, address, token) else "job already finished")
+
+
+@app.command("serve")
+def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g. runs/tiny/policy/madpo/model."),
+              host: str = typer.Option("127.0.0.1", help="Bind address (0.0.0.0 to accept remote clients)."),
+              port: int = typer.Option(8000),
+              replicas: int = typer.Option(1, help="Serve replicas."),
+              num_cpus: float = typer.Option(1.0, help="CPUs per replica (fractional is fine)."),
+              batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching of concurrent requests."),
+              max_batch_size: int = typer.Option(16),
+              address: Optional[str] = ADDRESS_OPT):
+    """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
+    from pathlib import Path
+
+    from madpo_ray.models import ModelLoadError, _check_folder
+
+    try:
+        _check_folder(model)
+    except ModelLoadError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1)
+    if not Path(model).is_dir():
+        console.print(f"[red]{model}: not a folder[/red]")
+        raise typer.Exit(1)
+    _setup_logging()
+    from madpo_ray.serving.launch import run_server
+
+    run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
+               batching=batching, max_batch_size=max_batch_size, address=address, blocking=True)
+
+
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])

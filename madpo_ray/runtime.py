@@ -31,9 +31,11 @@ def init_ray(cfg: RayConfig) -> None:
         return
     kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=True,
                   logging_level=logging.INFO)
-    if cfg.address:
-        log.info("connecting to Ray cluster at %s", cfg.address)
-        ray.init(address=cfg.address, **kwargs)
+    # Inside a Ray job (madpo submit) RAY_ADDRESS points at the cluster the job runs on.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray cluster (%s CPUs)", cfg.num_cpus or os.cpu_count())
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)

@@ -12,17 +12,10 @@ import pytest
 from madpo_ray.config import load_config
 from madpo_ray.pipeline import Pipeline
 
+from helpers import TINY_SETS
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TINY_SETS = [
-    "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-    "model.intermediate_size=64", "data.num_documents=64", "data.num_eval_documents=16",
-    "data.max_prompt_length=96", "data.max_length=128", "eval.num_prompts=4", "eval.max_new_tokens=8",
-    "sft.optim.per_device_batch_size=8", "sft.optim.effective_batch_size=16", "sft.optim.report_every=2",
-    "reward.optim.per_device_batch_size=8", "reward.optim.effective_batch_size=16", "reward.optim.report_every=2",
-    "policy.optim.per_device_batch_size=4", "policy.optim.effective_batch_size=8", "policy.optim.report_every=1",
-    "policy.optim.checkpoint_every=2", "ray.num_workers=2", "score.num_actors=1", "score.batch_size=16",
-]
 CONTRACT = ["prompt", "chosen", "rejected", "ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected",
             "reward_chosen", "reward_rejected", "margin", "gold_chosen", "gold_rejected"]
 

@@ -281,8 +281,11 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
     return FitResult(unwrap(model), step, last_metrics, history)
 
 
-def save_model_atomically(model, tokenizer, out_dir: Path) -> None:
-    """save_pretrained into a temp sibling, then rename: a crash never leaves a half model folder."""
+def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] = None) -> None:
+    """save_pretrained into a temp sibling, then rename: a crash never leaves a half model folder.
+
+    `meta` goes to madpo.json (e.g. the prompt template, so a server formats prompts as in training).
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -292,6 +295,10 @@ def save_model_atomically(model, tokenizer, out_dir: Path) -> None:
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if meta:
+        import json
+
+        (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
     if out_dir.exists():
         import shutil
 

@@ -84,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
                  extra_state={"beta_dpo": step.beta_state}, fail_at_step=config.get("fail_at_step"),
                  marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"), batch_log_path=config.get("batch_log_path"))
     if ctx.get_world_rank() == 0:
-        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]))
+        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]),
+                              meta={"stage": "policy", "prompt_template": cfg.data.prompt_template})
         write_json(Path(config["metrics_path"]), {"steps": result.steps, "loss_history": result.loss_history, "loss_name": cfg.policy.loss.name,
                                                   **result.metrics})
 

@@ -34,5 +34,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0:
-        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]))
+        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]),
+                              meta={"stage": "sft", "prompt_template": cfg.data.prompt_template})
         write_json(Path(config["metrics_path"]), {"steps": result.steps, "loss_history": result.loss_history, **result.metrics})

@@ -1,0 +1,222 @@
+"""FastAPI routes: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /healthz,
+/v1/summarize. Every bad request gets a 4xx with an OpenAI-style error body; nothing a client
+sends can produce a stack trace or stop the server.
+
+The routes call a *backend* (set with `set_backend`): the Ray Serve deployment in
+serve/app.py, which batches concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from madpo_ray.serving.engine import GenParams, GenResult
+from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
+                                       chat_response, completion_response, error_body)
+
+log = logging.getLogger("madpo_ray.serve")
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "madpo-policy"
+    api_key_env: str = "MADPO_API_KEY"  # when this variable is set, requests need `Authorization: Bearer <it>`
+    max_body_bytes: int = 64 * 1024
+    request_timeout_s: float = 60.0
+    prompt_template: str = "{document}\nTL;DR:"
+
+    @property
+    def api_key(self) -> Optional[str]:
+        return os.environ.get(self.api_key_env) or None
+
+
+class Backend(Protocol):
+    async def generate(self, prompt: str, params: GenParams) -> GenResult: ...
+
+    def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]: ...
+
+    def chat_prompt(self, messages: list[dict]) -> str: ...
+
+
+_BACKEND: dict[str, Any] = {}
+
+
+def set_backend(backend: Backend, settings: ServeSettings) -> None:
+    """One backend per process (each Serve replica is its own process)."""
+    _BACKEND["backend"], _BACKEND["settings"] = backend, settings
+
+
+def _backend() -> Backend:
+    return _BACKEND["backend"]
+
+
+def _settings() -> ServeSettings:
+    return _BACKEND.get("settings") or ServeSettings()
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, kind, param))
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over the limit with 413 before the app parses them (Content-Length or streamed)."""
+
+    def __init__(self, app, limit_getter):
+        self.app, self.limit_getter = app, limit_getter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.limit_getter()
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        chunks, size = [], 0
+        if not too_big:
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                size += len(msg.get("body", b""))
+                if size > limit:
+                    too_big = True
+                    break
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    break
+        if too_big:
+            resp = _error(413, f"request body exceeds {limit} bytes", "request_too_large")
+            return await resp(scope, receive, send)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return "malformed JSON body", None
+    parts, param = [], None
+    for e in errs[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        param = param or field
+        parts.append(f"{field}: {e.get('msg')}")
+    return "; ".join(parts), param
+
+
+def create_app(settings_getter=_settings) -> FastAPI:
+    app = FastAPI(title="madpo-ray policy server", version="0.1.0",
+                  description="OpenAI-compatible completions from a MADPO-trained policy.")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(400, message, param=param)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):  # a server bug: say so, without internals
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal error while generating; the server keeps running", "server_error")
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        key = settings_getter().api_key
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        relative = path[len(root):] if root and path.startswith(root) else path
+        if key and relative != "/healthz":
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {key}":
+                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        return await call_next(request)
+
+    app.add_middleware(BodyLimitMiddleware, limit_getter=lambda: settings_getter().max_body_bytes)
+
+    async def _run(prompts: list[str], params: GenParams, n: int) -> list[GenResult]:
+        calls = [_backend().generate(p, params) for p in prompts for _ in range(n)]
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_getter().request_timeout_s)
+
+    def _params(req) -> GenParams:
+        return GenParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                         stop=req.stop, seed=req.seed)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": settings_getter().model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings_getter().model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "madpo-ray"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.stream:
+            return _error(400, "stream is supported on /v1/chat/completions only", param="stream")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        try:
+            results = await _run(prompts, _params(req), req.n)
+        except asyncio.TimeoutError:
+            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        return completion_response(settings_getter().model_name, [r.text for r in results],
+                                   [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
+                                   sum(r.completion_tokens for r in results))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        prompt = _backend().chat_prompt([m.model_dump() for m in req.messages])
+        params = _params(req)
+        name = settings_getter().model_name
+        if req.stream:
+            if req.n != 1:
+                return _error(400, "stream supports n=1 only", param="n")
+            chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+            async def events():
+                yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'role': 'assistant', 'content': ''}))}\n\n"
+                try:
+                    async for delta in _backend().stream(prompt, params):
+                        yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'content': delta}))}\n\n"
+                    yield f"data: {json.dumps(chat_chunk(name, chunk_id, {}, 'stop'))}\n\n"
+                except Exception:  # the stream has started: report in-band, keep serving
+                    log.exception("stream failed")
+                    yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            results = await _run([prompt], params, req.n)
+        except asyncio.TimeoutError:
+            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
+                             results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+
+    @app.post("/v1/summarize")
+    async def summarize(req: SummarizeRequest):
+        prompt = settings_getter().prompt_template.format(document=req.document)
+        try:
+            [result] = await _run([prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
+        except asyncio.TimeoutError:
+            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        return {"summary": result.text.strip(), "finish_reason": result.finish_reason,
+                "model": settings_getter().model_name}
+
+    return app

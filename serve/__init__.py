@@ -1,0 +1,1 @@
+"""The Ray Serve application (import path: serve.app:build_app)."""

@@ -1,0 +1,150 @@
+"""The policy server on a real Ray Serve application over loopback HTTP: every route, streaming,
+auth, bad input answered with 4xx (never 500), and a concurrent burst with zero failures."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PORT = 8391
+BASE = f"http://127.0.0.1:{PORT}"
+KEY = "test-secret-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base_dir):
+    import ray
+    from ray import serve
+
+    from madpo_ray.serving.launch import run_server, serve_runtime_env
+
+    ray.init(num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": KEY}), include_dashboard=True,
+             dashboard_host="127.0.0.1")
+    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=8)
+    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
+               api_key_env="MADPO_TEST_KEY")
+    yield BASE
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(path, body=None, **kw):
+    return httpx.post(f"{BASE}{path}", json=body, timeout=60, **kw)
+
+
+def test_health_and_models(server):
+    assert httpx.get(f"{BASE}/healthz").json()["status"] == "ok"
+    models = httpx.get(f"{BASE}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+
+
+def test_completions_batch_of_prompts_and_n(server):
+    r = post("/v1/completions", {"prompt": ["Rust library for", "A Go daemon"], "max_tokens": 6, "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 4 and body["usage"]["completion_tokens"] > 0
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    # Greedy decoding is deterministic: the two samples of one prompt agree.
+    assert body["choices"][0]["text"] == body["choices"][1]["text"]
+
+
+def test_openai_client_works_unchanged(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused")
+    out = client.completions.create(model="any", prompt="Zorblex is a Rust library.\nTL;DR:", max_tokens=5)
+    assert isinstance(out.choices[0].text, str)
+    chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Summarise: a Go tool"}],
+                                          max_tokens=5, temperature=0.7, seed=3)
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    full = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    assert streamed == full.choices[0].message.content  # greedy stream == greedy non-stream
+
+
+def test_sse_wire_format(server):
+    with httpx.stream("POST", f"{BASE}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_summarize_uses_the_training_prompt(server):
+    r = post("/v1/summarize", {"document": "Zorblex is a Rust library for parsing TOML files.", "max_tokens": 8})
+    assert r.status_code == 200 and isinstance(r.json()["summary"], str)
+
+
+BAD = [
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, "malformed JSON"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e9}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1000000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "n"),
+    ("/v1/completions", {"prompt": "   "}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x" * 9000}, 400, "prompt"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", [1, 2, 3], 400, ""),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True, "n": 2}, 400, "n"),
+    ("/v1/summarize", {"document": ""}, 400, "document"),
+    ("/v1/summarize", {"document": "x", "surprise": 1}, 400, "surprise"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needle", BAD)
+def test_bad_requests_get_4xx_with_a_message(server, path, body, status, needle):
+    if isinstance(body, bytes):
+        r = httpx.post(f"{BASE}{path}", content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = post(path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and "Traceback" not in r.text
+    assert httpx.get(f"{BASE}/healthz").status_code == 200  # still serving
+
+
+def test_body_size_limit_and_unknown_route(server):
+    r = httpx.post(f"{BASE}/v1/completions", content=b'{"prompt": "' + b"a" * 100_000 + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    assert httpx.get(f"{BASE}/v1/nothing").status_code == 404
+
+
+def test_api_key_when_configured(server):
+    body = {"prompt": "x", "max_tokens": 2}
+    assert httpx.post(f"{BASE}/secured/v1/completions", json=body, timeout=30).status_code == 401
+    wrong = httpx.post(f"{BASE}/secured/v1/completions", json=body, timeout=30, headers={"Authorization": "Bearer no"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    ok = httpx.post(f"{BASE}/secured/v1/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{BASE}/secured/healthz").status_code == 200  # probes need no key
+
+
+def test_concurrent_burst_has_zero_failures(server):
+    async def burst():
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i):
+                async with sem:
+                    r = await client.post(f"{BASE}/v1/completions",
+                                          json={"prompt": f"Package {i} is a Rust library.\nTL;DR:", "max_tokens": 8,
+                                                "temperature": 0.0 if i % 2 else 0.8})
+                    return r.status_code
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    codes = asyncio.run(burst())
+    assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}

@@ -1,0 +1,89 @@
+"""`madpo submit` / `madpo jobs` against a real cluster started with `ray start --head` on
+loopback, with Ray 2.60's default token authentication on."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY_SETS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8275"
+
+
+def _madpo(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "madpo_ray", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("RAY_AUTH_MODE", None)  # Ray 2.60's default: token authentication
+    env["RAY_AUTH_MODE"] = "token"
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--port=6390", "--dashboard-host=127.0.0.1",
+                    "--dashboard-port=8275", "--disable-usage-stats", "--include-dashboard=true"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    deadline = time.time() + 120
+    while True:  # the job server answers a little after `ray start` returns
+        try:
+            req = urllib.request.Request(f"{DASHBOARD}/api/version", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=5)
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+    yield {"token": token, "env": dict(os.environ, RAY_AUTH_TOKEN=token)}
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def _submit(head, *madpo_args):
+    out = _madpo("submit", "--address", DASHBOARD, "--env", "HF_HUB_OFFLINE=1", "--", *madpo_args, env=head["env"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert head["token"] not in out.stdout + out.stderr
+    return re.search(r"submitted job (\S+)", out.stdout).group(1)
+
+
+def test_wrong_token_is_refused_clearly(head):
+    env = dict(os.environ, RAY_AUTH_TOKEN="not-the-token")
+    out = _madpo("jobs", "status", "raysubmit_x", "--address", DASHBOARD, env=env)
+    assert out.returncode == 1
+    assert "cannot reach the Ray job server" in out.stdout and "not-the-token" not in out.stdout
+
+
+def test_submitted_run_succeeds_with_logs_and_artifacts(head, tmp_path):
+    from madpo_ray import submit as sub
+
+    job = _submit(head, "run", "--name", "job1", f"runs_dir={tmp_path}", *TINY_SETS)
+    final = sub.wait_for(job, sub.TERMINAL, DASHBOARD, head["token"], timeout_s=900)
+    logs = _madpo("jobs", "logs", job, "--address", DASHBOARD, env=head["env"]).stdout
+    assert final == "SUCCEEDED", logs[-3000:]
+    assert "== policy: done" in logs and "madpo run summary" in logs
+    assert (tmp_path / "job1" / "summary.json").exists()
+    assert any((tmp_path / "job1" / "policy" / "madpo" / "model").glob("*.safetensors"))
+    status = _madpo("jobs", "status", job, "--address", DASHBOARD, env=head["env"])
+    assert "SUCCEEDED" in status.stdout
+
+
+def test_stop_a_running_job(head, tmp_path):
+    from madpo_ray import submit as sub
+
+    job = _submit(head, "run", "--name", "job2", f"runs_dir={tmp_path}", *TINY_SETS, "sft.optim.epochs=50")
+    deadline = time.time() + 300
+    while "== sft: starting" not in sub.logs(job, DASHBOARD, head["token"]):
+        assert time.time() < deadline and sub.status(job, DASHBOARD, head["token"]) in ("PENDING", "RUNNING")
+        time.sleep(2)
+    out = _madpo("jobs", "stop", job, "--address", DASHBOARD, env=head["env"])
+    assert "stop requested" in out.stdout
+    assert sub.wait_for(job, {"STOPPED"}, DASHBOARD, head["token"], timeout_s=120) == "STOPPED"
+    assert not (tmp_path / "job2" / "sft" / "DONE").exists()
