@@ -12,15 +12,19 @@ from madpo_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray worker gets: offline hubs, quiet tokenizers, one OpenMP pool per worker.
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-    "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
-    "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+# Defaults every Ray worker gets: quiet tokenizers, one OpenMP pool per worker, Train V2.
+WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
+
+
+def worker_env() -> dict[str, str]:
+    """Our defaults minus variables the driver already has. Those reach the workers anyway (a local
+    cluster inherits them; a submitted job carries them in its runtime_env), and Ray refuses a
+    runtime_env that sets a key the job's runtime_env also sets."""
+    return {k: v for k, v in WORKER_ENV_DEFAULTS.items() if k not in os.environ}
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -29,7 +33,7 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, configure_logging=True,
+    kwargs = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=True,
                   logging_level=logging.INFO)
     # Inside a Ray job (madpo submit) RAY_ADDRESS points at the cluster the job runs on.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -73,7 +77,7 @@ def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayC
             name=name, storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": WORKER_ENV},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
         resume_from_checkpoint=resume_from,
     )

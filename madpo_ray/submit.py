@@ -52,8 +52,7 @@ def client(address: Optional[str] = None, token: Optional[str] = None):
 
 def build_runtime_env(working_dir: Path = PROJECT_ROOT, pip: Optional[list[str]] = None,
                       env_vars: Optional[dict[str, str]] = None) -> dict:
-    env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES,
-           "env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), **(env_vars or {})}}
+    env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": dict(env_vars or {})}
     if pip:
         env["pip"] = pip
     return env
