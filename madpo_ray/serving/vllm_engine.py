@@ -3,7 +3,9 @@
 Same interface as TransformersEngine. Prompts go in as token ids encoded by our own
 `encode_prompt`, so vLLM sees exactly the tokens the policy was trained on (BOS included).
 On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so
-the seed is the engine's, set once at start-up; per-request seeds are ignored.
+the seed is the engine's, set once at start-up; per-request seeds are ignored. The CPU engine's
+attention has no kernel for head_dim 16 ("Unsupported CPU attention configuration"); the
+default tiny model (width 128, 4 heads) has head_dim 32 and works.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ def vllm_available() -> bool:
 
 class VLLMEngine:
     def __init__(self, model_dir: str, seed: int = 0, max_prompt_tokens: int = 448, kv_cache_gib: int = 1,
-                 max_model_len: int = 512):
+                 max_model_len: int = 2048):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; the default takes a lot
         from vllm import LLM
 
         from madpo_ray.models import load_tokenizer
 
+        import json
+        from pathlib import Path
+
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_prompt_tokens = max_prompt_tokens
+        positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+        max_model_len = min(max_model_len, positions or max_model_len)  # vLLM refuses a longer window
+        self.max_prompt_tokens = min(max_prompt_tokens, max_model_len // 2)
         self.llm = LLM(model=model_dir, seed=seed, dtype="float32", max_model_len=max_model_len,
                        enforce_eager=True)
 
