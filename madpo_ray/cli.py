@@ -191,6 +191,38 @@ def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.c
     console.print(counts)
 
 
+@app.command()
+def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
+         config: str = typer.Option("madpo_default", "--config", help="Search space: a tune_configs/ name or YAML path."),
+         pipeline: str = typer.Option("tiny", "--pipeline", "-p", help="Pipeline preset (configs/) the trials start from."),
+         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search (finished trials are kept)."),
+         num_samples: Optional[int] = typer.Option(None, help="Override the search space's num_samples."),
+         cpus_per_trial: float = typer.Option(1.0, help="CPUs per trial; concurrent trials = cluster CPUs / this."),
+         address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT):
+    """Ray Tune search over MADPO's weighting hyperparameters (c_max, tau, lam, beta, lr) from the scored pairs."""
+    from madpo_ray.config import ConfigError
+    from madpo_ray.pipeline import Pipeline
+    from madpo_ray.tune import load_search_space, run_search
+
+    try:
+        space = load_search_space(config)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    fixed = [f"{k}={v}" for k, v in space.fixed.items()]
+    cfg = _load(pipeline, list(overrides or []) + fixed, address, name)
+    p = Pipeline(cfg)
+    needed = [s for s in ("data", "sft", "pairs", "reward", "score") if not p.is_done(s)]
+    if needed:
+        _run(cfg, tuple(needed))
+    _setup_logging()
+    summary = run_search(p, space, resume=resume, num_samples=num_samples, cpus_per_trial=cpus_per_trial)
+    out = p.run_dir / "tune" / space.name
+    console.print((out / "trials.md").read_text())
+    console.print_json(json.dumps(summary, default=str))
+    console.print(f"results: {out}/trials.csv, trials.md, best_config.yaml, search.png")
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs sent with `madpo submit`.")
 app.add_typer(jobs_app, name="jobs")
 JOB_ADDRESS_OPT = typer.Option(None, "--address", help="Ray dashboard / job server URL (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265).")

@@ -42,12 +42,52 @@ class WorkerInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def worker_info() -> WorkerInfo:
-    import ray.train
-    import ray.train.torch
+class RayTrainSession:
+    """fit() inside a Ray Train worker: DDP preparation, collective reports, Train checkpoints."""
 
-    ctx = ray.train.get_context()
-    return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.info = WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) / NCCL (GPU) when world_size > 1
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class RayTuneSession:
+    """fit() as one Ray Tune trial on one worker: reports feed the scheduler (ASHA)."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.info = WorkerInfo(0, 1, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.info.device)
+
+    def checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import ray.tune
+
+        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
 
 
 def set_threads(cpus: float) -> None:
@@ -144,24 +184,27 @@ def global_mean(value: float, device: torch.device) -> float:
 def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: StepFn, optim: OptimConfig, *,
         stage: str, extra_state: Optional[dict[str, Any]] = None, fail_at_step: Optional[int] = None,
         marker_dir: Optional[str] = None, batch_log_path: Optional[str] = None,
-        checkpoint_root: Optional[str] = None) -> FitResult:
+        checkpoint_root: Optional[str] = None, session=None,
+        eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None) -> FitResult:
     """Train `model` on `examples` inside a Ray Train worker; returns the unwrapped model.
 
     Resume source: the newest complete checkpoint among Ray's `get_checkpoint()` and those
     under `checkpoint_root` (the run's storage folder). The Train controller learns of a
     reported checkpoint only when it next polls the workers (every 2 s), so a worker killed
     right after reporting would otherwise restart from an older one.
+
+    `session` defaults to Ray Train's; Tune trials pass a RayTuneSession. `eval_fn(model)` adds
+    held-out metrics to every report (what ASHA prunes on).
     """
-    import ray.train
-    import ray.train.torch
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
     from transformers import get_cosine_schedule_with_warmup
 
-    info = worker_info()
+    session = session or RayTrainSession()
+    info = session.info
     torch.manual_seed(optim.seed)
     random.seed(optim.seed)
-    model = ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) / NCCL (GPU) when world_size > 1
+    model = session.prepare(model)
     for i, ex in enumerate(examples):
         ex["index"] = i
     sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -184,7 +227,7 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
 
     step = 0
     history: list[float] = []
-    ray_ckpt = ray.train.get_checkpoint()
+    ray_ckpt = session.checkpoint()
     with (ray_ckpt.as_directory() if ray_ckpt is not None else contextlib.nullcontext(None)) as ray_dir:
         resume_dir = newest_checkpoint([ray_dir] + find_checkpoints(checkpoint_root))
         if resume_dir is not None:
@@ -203,7 +246,7 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
     def save_checkpoint(metrics: dict) -> None:
         """Every rank calls report (it is collective); rank 0 attaches the checkpoint."""
         if info.rank != 0:
-            ray.train.report(metrics)
+            session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -216,7 +259,7 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
 
             (Path(tmp) / CHECKPOINT_META).write_text(json.dumps(
                 {"step": step, "bytes": (Path(tmp) / "state.pt").stat().st_size, "stage": stage}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, checkpoint_dir=tmp)
 
     model.train()
     t0, tokens, last_metrics = time.time(), 0, {}
@@ -267,6 +310,10 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
                                 "tokens_per_s": tokens * info.world_size / max(elapsed, 1e-9),
                                 **{k: float(v) for k, v in metrics.items()}}
                 window_loss, window_n = 0.0, 0
+                if eval_fn is not None:
+                    model.eval()
+                    last_metrics.update(eval_fn(unwrap(model)))
+                    model.train()
                 if info.rank == 0:
                     eta = elapsed / max(done, 1) * (total_steps - step)
                     log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", stage, step, total_steps,
@@ -274,7 +321,7 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
                 if step % optim.checkpoint_every == 0 or step == total_steps:
                     save_checkpoint(last_metrics)
                 else:
-                    ray.train.report(last_metrics)
+                    session.report(last_metrics)
     if batch_log:
         batch_log.close()
     last_metrics["train_seconds"] = time.time() - t0

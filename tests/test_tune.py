@@ -1,0 +1,83 @@
+"""Ray Tune search: bad search spaces name the key; a 2-trial search on a local cluster writes its
+table and best config; resuming an interrupted search reruns only the unfinished trial."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from madpo_ray.config import ConfigError, load_config
+from madpo_ray.tune import load_search_space
+
+from helpers import TINY_SETS
+
+
+def _space(tmp_path, text):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "name: t\nparams:\n"
+
+
+@pytest.mark.parametrize("params,needle", [
+    ("  c_maxx: {type: uniform, low: 1, high: 2}\n", "unknown parameter(s) ['c_maxx']"),
+    ("  tau: {type: uniform, low: 3, high: 3}\n", "params.tau"),
+    ("  tau: {type: uniform, low: 3, high: 3}\n", "empty range"),
+    ("  c_max: {type: uniform, low: 6, high: 1.5}\n", "params.c_max"),
+    ("  c_max: {type: uniform, low: 6, high: 1.5}\n", "low (6.0) > high (1.5)"),
+    ("  beta: {type: loguniform, low: 0, high: 1}\n", "loguniform needs low > 0"),
+    ("  c_max: {type: grid, values: []}\n", "non-empty values"),
+    ("  c_max: {type: normal, low: 1, high: 2}\n", "params.c_max.type"),
+])
+def test_bad_search_space_names_the_key(tmp_path, params, needle):
+    with pytest.raises(ConfigError) as err:
+        load_search_space(_space(tmp_path, BASE + params))
+    assert needle in str(err.value)
+
+
+def test_presets_load():
+    for name in ("madpo_default", "madpo_grid", "baselines"):
+        space = load_search_space(name)
+        assert space.params
+    grid = load_search_space("madpo_grid")
+    assert grid.params["c_max"].values == [2, 3, 4] and grid.params["tau"].values == [2, 4, 7, 10]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_trial_search_then_resume(tmp_path):
+    import ray
+
+    from madpo_ray.pipeline import Pipeline
+    from madpo_ray.tune import run_search
+
+    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=4"])
+    p = Pipeline(cfg)
+    try:
+        p.run(("data", "sft", "pairs", "reward", "score"))
+        space = load_search_space(_space(tmp_path, "name: two\nsearch: random\nnum_samples: 1\neval_every: 2\n"
+                                                   "scheduler: {type: none}\n"
+                                                   "params:\n  c_max: {type: choice, values: [3.0]}\n"))
+        # fail_once adds a second trial that fails on its first attempt: an interrupted search.
+        first = run_search(p, space, fail_once=True)
+        out = p.run_dir / "tune" / "two"
+        assert first["trials"] == 2 and first["errored"] == 1
+        rows = (out / "trials.csv").read_text().splitlines()
+        assert len(rows) == 3 and sum("ERROR" in r for r in rows) == 1
+        best = yaml.safe_load((out / "best_config.yaml").read_text())
+        assert best["policy"]["loss"]["c_max"] == 3.0
+        assert load_config(out / "best_config.yaml").policy.loss.name == "madpo"  # ready to run
+        assert (out / "search.png").exists()
+
+        finished = [d for d in out.glob("trial_*")
+                    if json.loads((d / "params.json").read_text()).get("_fail_once") is False]
+        assert len(finished) == 1
+        lines_before = (finished[0] / "result.json").read_text().count("\n")
+        second = run_search(p, space, resume=True, fail_once=True)
+        assert second["trials"] == 2 and second["errored"] == 0
+        assert (finished[0] / "result.json").read_text().count("\n") == lines_before  # not rerun
+    finally:
+        ray.shutdown()
