@@ -17,8 +17,7 @@ from madpo_ray.data.collate import PairCollator
 from madpo_ray.losses import BetaDPOState, PolicyLossInputs, get_policy_loss
 from madpo_ray.logprobs import sequence_logprobs
 from madpo_ray.models import load_causal_lm, load_tokenizer
-from madpo_ray.stages._worker import load_examples, setup_worker, write_json
-from madpo_ray.stages.common import fit, save_model_atomically
+from madpo_ray.stages._worker import setup_worker, train_and_save
 
 SCORED_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected", "margin")
 
@@ -79,15 +78,9 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(config["model_dir"])
     model = load_causal_lm(config["model_dir"], cfg.model.dtype)
     step = PolicyStep(cfg.policy.loss, cfg.policy.optim.seed, ctx.get_world_rank(), ctx.get_world_size())
-    result = fit(model, load_examples(config["examples_path"]), PairCollator(tokenizer.pad_token_id), step,
-                 cfg.policy.optim, stage=f"policy/{cfg.policy.loss.name}",
-                 extra_state={"beta_dpo": step.beta_state}, fail_at_step=config.get("fail_at_step"),
-                 marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"), batch_log_path=config.get("batch_log_path"))
-    if ctx.get_world_rank() == 0:
-        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]),
-                              meta={"stage": "policy", "prompt_template": cfg.data.prompt_template})
-        write_json(Path(config["metrics_path"]), {"steps": result.steps, "loss_history": result.loss_history, "loss_name": cfg.policy.loss.name,
-                                                  **result.metrics})
+    train_and_save(config, cfg, f"policy/{cfg.policy.loss.name}", model, tokenizer, PairCollator(tokenizer.pad_token_id),
+                   step, cfg.policy.optim, extra_state={"beta_dpo": step.beta_state},
+                   extra_metrics={"loss_name": cfg.policy.loss.name})
 
 
 def check_scored_rows(rows: list[dict], source: str, need_margin: bool) -> None:

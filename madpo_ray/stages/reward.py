@@ -3,15 +3,12 @@ scored from the last real token through a linear head (AutoModelForSequenceClass
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from madpo_ray.data.collate import PairCollator
 from madpo_ray.losses import bradley_terry_loss
 from madpo_ray.models import load_reward_model, load_tokenizer, reward_scores
-from madpo_ray.stages._worker import load_examples, setup_worker, write_json
-from madpo_ray.stages.common import fit, save_model_atomically
+from madpo_ray.stages._worker import setup_worker, train_and_save
 
 
 def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -26,12 +23,5 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = setup_worker(config)
     tokenizer = load_tokenizer(config["model_dir"])
     model = load_reward_model(config["model_dir"], cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
-    result = fit(model, load_examples(config["examples_path"]), PairCollator(tokenizer.pad_token_id), reward_step,
-                 cfg.reward.optim, stage="reward", fail_at_step=config.get("fail_at_step"),
-                 marker_dir=config.get("marker_dir"), checkpoint_root=config.get("checkpoint_root"))
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() == 0:
-        save_model_atomically(result.model, tokenizer, Path(config["out_dir"]),
-                              meta={"stage": "reward", "prompt_template": cfg.data.prompt_template})
-        write_json(Path(config["metrics_path"]), {"steps": result.steps, "loss_history": result.loss_history, **result.metrics})
+    train_and_save(config, cfg, "reward", model, tokenizer, PairCollator(tokenizer.pad_token_id), reward_step,
+                   cfg.reward.optim)
