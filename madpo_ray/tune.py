@@ -25,7 +25,8 @@ TUNE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 LOSS_PARAMS = {"c_max", "tau", "lam", "beta", "label_smoothing", "alpha", "rho", "name"}
 OPTIM_PARAMS = {"lr", "epochs", "weight_decay", "warmup_ratio"}
 TUNABLE = LOSS_PARAMS | OPTIM_PARAMS
-OBJECTIVES = ("heldout_preference_accuracy", "gold_preference_accuracy", "implicit_reward_accuracy", "gold_reward")
+OBJECTIVES = ("heldout_preference_accuracy", "gold_preference_accuracy", "implicit_reward_accuracy", "gold_reward",
+              "rm_reward")
 
 
 class ParamSpec(BaseModel):
@@ -74,6 +75,10 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     loss: str = "madpo"
+    # heldout_preference_accuracy: policy likelihood ranks the labelled-chosen response first (eval pairs)
+    # gold_preference_accuracy: the same against the testbed's true margins
+    # gold_reward: testbed gold reward of greedy summaries of test documents
+    # rm_reward: the frozen reward model's score of greedy completions of held-out prompts (any dataset)
     objective: Literal[OBJECTIVES] = "heldout_preference_accuracy"  # type: ignore[valid-type]
     search: Literal["random", "grid", "optuna"] = "random"
     num_samples: int = Field(8, ge=1)
@@ -140,7 +145,8 @@ def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> Pipeline
 
 # --------------------------------------------------------------------------- the trial
 def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: str, test_docs: Optional[str],
-          model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None) -> None:
+          model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
+          reward_dir: Optional[str] = None) -> None:
     """One Tune trial: policy training from the shared scored parquet, held-out metrics every eval_every steps."""
     import torch
 
@@ -169,6 +175,12 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
         from madpo_ray.io import read_jsonl
 
         docs = read_jsonl(Path(test_docs))[:cfg.eval.num_prompts]
+    rm, rm_prompts = None, []
+    if objective == "rm_reward":
+        from madpo_ray.models import load_reward_model
+
+        rm = load_reward_model(reward_dir, pad_token_id=tok.pad_token_id).eval()
+        rm_prompts = list(dict.fromkeys(r["prompt"] for r in eval_rows))[:cfg.eval.num_prompts]
 
     def evaluate(model) -> dict:
         pc, pr = pair_logprobs(model, eval_rows, tok.pad_token_id)
@@ -185,6 +197,13 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
             texts = generate_transformers(model, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens)
             out["gold_reward"] = sum(gold_reward(t, d["document"], d["reference"], d.get("facts"))
                                      for t, d in zip(texts, docs)) / len(docs)
+        if rm is not None:
+            from madpo_ray.eval.generate import generate_transformers
+            from madpo_ray.eval.summary import reward_model_scores
+
+            texts = generate_transformers(model, tok, rm_prompts, max_new_tokens=cfg.eval.max_new_tokens)
+            scores = reward_model_scores(rm, tok, rm_prompts, texts)
+            out["rm_reward"] = sum(scores) / len(scores)
         return out
 
     optim = cfg.policy.optim.model_copy(update={"report_every": eval_every, "checkpoint_every": eval_every})
@@ -218,7 +237,8 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
         scored_train=str(pipeline.scored_path("train")), scored_eval=str(pipeline.scored_path("eval")),
         test_docs=str(pipeline.stage_dir("data") / "test_docs.jsonl") if pipeline.is_testbed else None,
         model_dir=str(pipeline.stage_dir("sft") / "model"), loss=space.loss, objective=space.objective,
-        eval_every=space.eval_every, fail_marker=fail_marker)
+        eval_every=space.eval_every, fail_marker=fail_marker,
+        reward_dir=str(pipeline.stage_dir("reward") / "model"))
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     path = storage / space.name
     if resume and tune.Tuner.can_restore(str(path)):

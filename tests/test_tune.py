@@ -59,12 +59,14 @@ def test_two_trial_search_then_resume(tmp_path):
     try:
         p.run(("data", "sft", "pairs", "reward", "score"))
         space = load_search_space(_space(tmp_path, "name: two\nsearch: random\nnum_samples: 1\neval_every: 2\n"
+                                                   "objective: rm_reward\n"
                                                    "scheduler: {type: none}\n"
                                                    "params:\n  c_max: {type: choice, values: [3.0]}\n"))
         # fail_once adds a second trial that fails on its first attempt: an interrupted search.
         first = run_search(p, space, fail_once=True)
         out = p.run_dir / "tune" / "two"
         assert first["trials"] == 2 and first["errored"] == 1
+        assert isinstance(first["best_value"], float)  # the reward model judged the trial's summaries
         rows = (out / "trials.csv").read_text().splitlines()
         assert len(rows) == 3 and sum("ERROR" in r for r in rows) == 1
         best = yaml.safe_load((out / "best_config.yaml").read_text())

@@ -33,6 +33,23 @@ def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 
     return torch.cat(chosen), torch.cat(rejected)
 
 
+@torch.no_grad()
+def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: list[str],
+                        batch_size: int = 32) -> list[float]:
+    """The frozen reward model's score of each (prompt, response), tokenised as in training."""
+    from madpo_ray.data.collate import SFTCollator, encode_prompt, encode_response
+    from madpo_ray.models import reward_scores
+
+    collate = SFTCollator(tokenizer.pad_token_id)
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        exs = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": encode_response(tokenizer, " " + r.strip())}
+               for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        b = collate(exs)
+        out += reward_scores(reward_model, b["input_ids"], b["attention_mask"]).tolist()
+    return out
+
+
 def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
     ref_c = torch.tensor([r["ref_logp_chosen"] for r in rows])
     ref_r = torch.tensor([r["ref_logp_rejected"] for r in rows])
