@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import List, Optional
 
 import typer
@@ -322,7 +321,3 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
 
     run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
                batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend)
-
-
-def main() -> None:  # pragma: no cover
-    app(sys.argv[1:])

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional
 from ray import serve
 
 from madpo_ray.serving.api import ServeSettings, create_app, set_backend
-from madpo_ray.serving.engine import GenParams, GenResult, TransformersEngine
+from madpo_ray.serving.engine import GenParams, GenResult, TransformersEngine, apply_stop
 
 log = logging.getLogger("madpo_ray.serve")
 fastapi_app = create_app()
@@ -76,8 +76,6 @@ class PolicyServer:
             for i, r in zip(idx, results):
                 stop = items[i][1].stop  # stop strings may differ inside a group
                 if stop != params.stop:
-                    from madpo_ray.serving.engine import apply_stop
-
                     r.text, _ = apply_stop(r.text, stop)
                 out[i] = r
         return out

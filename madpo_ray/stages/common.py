@@ -90,11 +90,6 @@ class RayTuneSession:
         ray.tune.report(metrics, checkpoint=ckpt)
 
 
-def set_threads(cpus: float) -> None:
-    """Two threads on a core another process holds made a step 10x slower: match the allocation."""
-    torch.set_num_threads(max(1, int(cpus)))
-
-
 def autocast_context(device: torch.device, bf16: str):
     use = bf16 == "on" or (bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use:
