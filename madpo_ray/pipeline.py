@@ -212,8 +212,7 @@ class Pipeline:
         report = ValidationReport(source=f"tokenize/{split}")
         exs = tokenize_pairs(self._tokenizer(), rows, c.max_prompt_length, c.max_length, c.overlong, report, c.strict)
         by_id = {r.get("row_id", i): r for i, r in enumerate(rows)}
-        keep = ("pair_id", "prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "true_margin",
-                "chosen_kind", "rejected_kind")
+        keep = ("pair_id", "gold_chosen", "gold_rejected", "true_margin", "chosen_kind", "rejected_kind")
         for ex in exs:
             src = by_id[ex["row_id"]]
             ex.update({k: src[k] for k in keep if k in src and k not in ex})
@@ -264,11 +263,7 @@ class Pipeline:
     def stage_policy(self) -> dict:
         from madpo_ray.stages import policy
 
-        rows = policy.read_scored(self.scored_path("train"))
-        policy.check_scored_rows(rows, str(self.scored_path("train")),
-                                 need_margin=self.cfg.policy.loss.name.startswith("madpo"))
-        cols = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + policy.SCORED_COLUMNS
-        exs = [{k: r[k] for k in cols} for r in rows]
+        exs = policy.load_policy_examples(self.scored_path("train"), self.cfg.policy.loss.name)
         return {"examples": len(exs), **self._train("policy", policy.train_loop_per_worker, exs,
                                                      str(self.stage_dir("sft") / "model"))}
 

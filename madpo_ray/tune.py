@@ -156,7 +156,7 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
     from madpo_ray.models import load_causal_lm, load_tokenizer
     from madpo_ray.stages._worker import quiet_libraries
     from madpo_ray.stages.common import RayTuneSession, fit
-    from madpo_ray.stages.policy import SCORED_COLUMNS, PolicyStep, check_scored_rows, read_scored
+    from madpo_ray.stages.policy import PolicyStep, load_policy_examples, read_scored
 
     quiet_libraries()
     torch.set_num_threads(1)
@@ -164,10 +164,7 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
     if fail_marker and not Path(fail_marker).exists() and params.get("_fail_once"):
         Path(fail_marker).write_text("failed once")
         raise RuntimeError("fault injection: this trial fails on its first attempt")
-    rows = read_scored(scored_train)
-    check_scored_rows(rows, scored_train, need_margin=cfg.policy.loss.name.startswith("madpo"))
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + SCORED_COLUMNS
-    examples = [{k: r[k] for k in cols} for r in rows]
+    examples = load_policy_examples(scored_train, cfg.policy.loss.name)
     eval_rows = read_scored(scored_eval)
     tok = load_tokenizer(model_dir)
     docs = None
@@ -190,13 +187,9 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
         if "policy_gold_preference_accuracy" in m:
             out["gold_preference_accuracy"] = m["policy_gold_preference_accuracy"]
         if docs is not None:
-            from madpo_ray.data.testbed import gold_reward
-            from madpo_ray.eval.generate import generate_transformers
+            from madpo_ray.eval.summary import greedy_gold_reward
 
-            prompts = [cfg.data.prompt_template.format(document=d["document"]) for d in docs]
-            texts = generate_transformers(model, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens)
-            out["gold_reward"] = sum(gold_reward(t, d["document"], d["reference"], d.get("facts"))
-                                     for t, d in zip(texts, docs)) / len(docs)
+            out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)
         if rm is not None:
             from madpo_ray.eval.generate import generate_transformers
             from madpo_ray.eval.summary import reward_model_scores

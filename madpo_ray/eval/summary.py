@@ -50,6 +50,20 @@ def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: 
     return out
 
 
+def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, list[str]]:
+    """Mean testbed gold reward of greedy summaries of `docs`, and the summaries.
+
+    One definition for the run summary and the Tune objective, so both prompt and truncate alike."""
+    from madpo_ray.data.testbed import gold_reward
+    from madpo_ray.eval.generate import generate_transformers
+
+    prompts = [cfg.data.prompt_template.format(document=d["document"]) for d in docs]
+    texts = generate_transformers(model, tokenizer, prompts, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
+                                  max_prompt_length=cfg.data.max_prompt_length)
+    golds = [gold_reward(t, d["document"], d["reference"], d.get("facts")) for t, d in zip(texts, docs)]
+    return sum(golds) / len(golds), texts
+
+
 def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
     ref_c = torch.tensor([r["ref_logp_chosen"] for r in rows])
     ref_r = torch.tensor([r["ref_logp_rejected"] for r in rows])
@@ -88,18 +102,12 @@ def evaluate_run(p: "Pipeline") -> dict:
                **preference_metrics(rows, pol_c, pol_r)}
     if p.is_testbed:
         from madpo_ray.data.testbed import gold_reward
-        from madpo_ray.eval.generate import generate_transformers
         from madpo_ray.io import read_jsonl
 
         docs = read_jsonl(p.stage_dir("data") / "test_docs.jsonl")[:p.cfg.eval.num_prompts]
-        prompts = [p.cfg.data.prompt_template.format(document=d["document"]) for d in docs]
         examples = []
         for label, model in (("sft", load_causal_lm(str(sft_dir))), ("policy", policy_model)):
-            texts = generate_transformers(model, tok, prompts, temperature=0.0,
-                                          max_new_tokens=p.cfg.eval.max_new_tokens,
-                                          max_prompt_length=p.cfg.data.max_prompt_length)
-            golds = [gold_reward(t, d["document"], d["reference"], d.get("facts")) for t, d in zip(texts, docs)]
-            summary[f"{label}_greedy_gold_reward"] = sum(golds) / len(golds)
+            summary[f"{label}_greedy_gold_reward"], texts = greedy_gold_reward(model, tok, docs, p.cfg)
             examples.append((label, texts[:3]))
         summary["reference_gold_reward"] = sum(gold_reward(d["reference"], d["document"], d["reference"], d.get("facts"))
                                                for d in docs) / len(docs)

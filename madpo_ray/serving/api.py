@@ -132,6 +132,10 @@ def create_app(settings_getter=_settings) -> FastAPI:
         message, param = _validation_message(exc)
         return _error(400, message, param=param)
 
+    @app.exception_handler(asyncio.TimeoutError)
+    async def on_timeout(request: Request, exc: asyncio.TimeoutError):
+        return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):  # a server bug: say so, without internals
         log.exception("unhandled error on %s", request.url.path)
@@ -172,10 +176,7 @@ def create_app(settings_getter=_settings) -> FastAPI:
         if req.stream:
             return _error(400, "stream is supported on /v1/chat/completions only", param="stream")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        try:
-            results = await _run(prompts, _params(req), req.n)
-        except asyncio.TimeoutError:
-            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        results = await _run(prompts, _params(req), req.n)
         return completion_response(settings_getter().model_name, [r.text for r in results],
                                    [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
                                    sum(r.completion_tokens for r in results))
@@ -202,20 +203,14 @@ def create_app(settings_getter=_settings) -> FastAPI:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        try:
-            results = await _run([prompt], params, req.n)
-        except asyncio.TimeoutError:
-            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        results = await _run([prompt], params, req.n)
         return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
                              results[0].prompt_tokens, sum(r.completion_tokens for r in results))
 
     @app.post("/v1/summarize")
     async def summarize(req: SummarizeRequest):
         prompt = settings_getter().prompt_template.format(document=req.document)
-        try:
-            [result] = await _run([prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
-        except asyncio.TimeoutError:
-            return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        [result] = await _run([prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
         return {"summary": result.text.strip(), "finish_reason": result.finish_reason,
                 "model": settings_getter().model_name}
 

@@ -106,6 +106,14 @@ def check_scored_rows(rows: list[dict], source: str, need_margin: bool) -> None:
         raise DataValidationError(f"{source}: non-finite or missing values: {detail}")
 
 
+def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
+    """Checked scored rows projected to what policy training reads (token ids + scored columns)."""
+    rows = read_scored(path)
+    check_scored_rows(rows, str(path), need_margin=loss_name.startswith("madpo"))
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + SCORED_COLUMNS
+    return [{k: r[k] for k in cols} for r in rows]
+
+
 def read_scored(path: str | Path, limit: Optional[int] = None) -> list[dict]:
     import pyarrow.parquet as pq
 
