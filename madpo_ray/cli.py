@@ -142,6 +142,92 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
     print_summary(evaluate_run(p))
 
 
+def print_comparison(results: dict, title: str) -> None:
+    col = results["column"]
+    temps = results["temperatures"]
+    table = Table(title=title + (f" (tier {results['tier']})" if results.get("tier") else ""))
+    table.add_column("method")
+    for t in temps:
+        table.add_column(f"T={t:g}", justify="right")
+    methods = list(dict.fromkeys(r["method"] for r in results["table"]))
+    by = {(r["method"], r["temperature"]): r[col] for r in results["table"]}
+    for m in methods:
+        table.add_row(m, *[f"{by[(m, t)]['mean']:.3f} ±{(by[(m, t)]['ci_high'] - by[(m, t)]['ci_low']) / 2:.2f}"
+                           for t in temps])
+    console.print(table)
+
+
+@app.command()
+def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
+            address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT):
+    """DPO vs IPO vs beta-DPO vs MADPO over seeds, judged at every decoding temperature.
+
+    Trains each method from the same SFT model and scored pairs (parallel Ray tasks), samples
+    every model at each temperature (vLLM or transformers), and judges with gold reward,
+    reward model and win rates, with 95% bootstrap CIs. Writes compare/table.md, results.json and a plot into the run folder. Methods, seeds and
+    temperatures are config keys: compare.seeds=[0,1,2,3,4] eval.temperatures=[0,0.5,1].
+    """
+    from madpo_ray.compare import Comparison
+    from madpo_ray.pipeline import Pipeline
+
+    cfg = _load(config, overrides, address, name)
+    _setup_logging()
+    try:
+        results = Comparison(Pipeline(cfg)).run()
+    except _user_errors() as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1)
+    print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
+    out = cfg.run_dir.resolve() / "compare"
+    console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
+
+
+@app.command("eval")
+def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to judge (ours or any HF causal LM), "
+                                                "optionally LABEL=FOLDER."),
+             overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Dotted override (repeatable)."),
+             config: str = CONFIG_OPT, name: Optional[str] = NAME_OPT, address: Optional[str] = ADDRESS_OPT,
+             out: Optional[str] = typer.Option(None, help="Output folder; default <run>/eval/<labels>.")):
+    """Judge saved policy folders at every decoding temperature, as `madpo compare` does.
+
+    Against the run's SFT policy, held-out prompts, reward model and (testbed) gold reward;
+    the run's stages up to score are reused, or run first."""
+    from pathlib import Path
+
+    from madpo_ray.compare import evaluate_models
+    from madpo_ray.pipeline import Pipeline
+
+    cfg = _load(config, overrides, address, name)
+    _setup_logging()
+    pairs = []
+    for text in models:
+        label, _, folder = text.rpartition("=") if "=" in text else ("", "", text)
+        folder_path = Path(folder)
+        if not (folder_path / "config.json").exists():
+            console.print(f"[red]error:[/red] {folder}: not a model folder (no config.json)")
+            raise typer.Exit(2)
+        if not label:  # runs/x/policy/madpo/model -> "madpo"
+            label = folder_path.parent.name if folder_path.name == "model" else folder_path.name
+        pairs.append((label, folder_path))
+    p = Pipeline(cfg)
+    try:
+        p.run(("data", "sft", "pairs", "reward", "score"))
+        target = Path(out) if out else p.run_dir / "eval" / "__".join(lbl for lbl, _ in pairs)
+        results = evaluate_models(p, pairs, target)
+    except _user_errors() as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1)
+    print_comparison(results, f"mean {results['column']} reward by temperature")
+    console.print(f"table: {target / 'table.md'}")
+
+
+def _user_errors() -> tuple:
+    from madpo_ray.data.preference import DataValidationError
+    from madpo_ray.models import ModelLoadError
+
+    return (DataValidationError, ModelLoadError, FileNotFoundError)
+
+
 @app.command()
 def weights(c_max: List[float] = typer.Option([2.0, 4.0], help="c_max values (repeatable)."),
             lam: float = typer.Option(1.0), tau: float = typer.Option(6.906754778648554, help="Default ln(999).")):

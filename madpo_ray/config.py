@@ -95,6 +95,14 @@ class OptimConfig(_Strict):
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast where the device supports it
 
 
+def check_loss_name(name: str) -> str:
+    from madpo_ray.losses import POLICY_LOSSES
+
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
+    return name
+
+
 class LossConfig(_Strict):
     name: str = "madpo"
     beta: float = Field(0.1, gt=0)
@@ -108,11 +116,7 @@ class LossConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from madpo_ray.losses import POLICY_LOSSES
-
-        if name not in POLICY_LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
-        return name
+        return check_loss_name(name)
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"name"})
@@ -133,8 +137,67 @@ class ScoreConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Held-out evaluation: the run summary uses greedy decoding of num_prompts prompts;
+    `madpo eval` and `madpo compare` sample at every temperature (see madpo_ray/eval/)."""
+
     num_prompts: int = Field(32, ge=1)
     max_new_tokens: int = Field(24, ge=1)
+    temperatures: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    samples_per_prompt: int = Field(4, ge=1)  # at temperature > 0; greedy decoding is drawn once
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed (bench/generate_throughput.py)
+    seed: int = 0
+    bootstrap_samples: int = Field(2000, ge=100)
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, ts: list[float]) -> list[float]:
+        if not ts:
+            raise ValueError("temperatures is empty")
+        bad = [t for t in ts if not (0.0 <= t <= 5.0) or t != t]
+        if bad:
+            raise ValueError(f"temperatures must lie in [0, 5]; got {bad}")
+        return sorted(set(float(t) for t in ts))
+
+
+class MethodConfig(_Strict):
+    """One line of a comparison: a registered loss and the loss/optimiser settings it differs by."""
+
+    loss: str
+    label: Optional[str] = None  # defaults to the loss name; set it to compare two settings of one loss
+    overrides: dict[str, Any] = {}  # e.g. {beta: 0.5} or {optim.lr: 1e-4}
+
+    @field_validator("loss")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return check_loss_name(name)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.loss
+
+
+class CompareConfig(_Strict):
+    methods: list[MethodConfig] = [MethodConfig(loss=x) for x in ("dpo", "ipo", "beta_dpo", "madpo")]
+    seeds: list[int] = [0, 1, 2]
+    cpus_per_training: float = Field(1.0, gt=0)  # each (method, seed) training is one Ray task
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats; got {seeds}")
+        return seeds
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, methods: list[MethodConfig]) -> list[MethodConfig]:
+        names = [m.name for m in methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"method labels must be unique; repeated: {dup} (set label:)")
+        if not methods:
+            raise ValueError("methods is empty")
+        return methods
 
 
 class RayConfig(_Strict):
@@ -156,6 +219,7 @@ class PipelineConfig(_Strict):
     score: ScoreConfig = ScoreConfig()
     policy: PolicyStageConfig = PolicyStageConfig()
     eval: EvalConfig = EvalConfig()
+    compare: CompareConfig = CompareConfig()
     ray: RayConfig = RayConfig()
 
     @property

@@ -90,6 +90,39 @@ class RayTuneSession:
         ray.tune.report(metrics, checkpoint=ckpt)
 
 
+class LocalSession:
+    """fit() in one plain process (a Ray task, a benchmark, a test): checkpoints go to
+    `checkpoint_root/checkpoint_<step>`, which fit() already scans when it resumes."""
+
+    def __init__(self, checkpoint_root: Optional[str] = None, device: Optional[torch.device] = None, keep: int = 1):
+        self.info = WorkerInfo(0, 1, device or torch.device("cpu"))
+        self.root = Path(checkpoint_root) if checkpoint_root else None
+        self.keep = keep
+        self.reports: list[dict] = []
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.info.device)
+
+    def checkpoint(self):
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import shutil
+
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is None or self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        dest = self.root / f"checkpoint_{int(metrics['step']):06d}"
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        for old in find_checkpoints(str(self.root))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def autocast_context(device: torch.device, bf16: str):
     use = bf16 == "on" or (bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use:

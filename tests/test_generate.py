@@ -1,0 +1,116 @@
+"""Generation backends: the rows they write, seeding, the fallback without vLLM, and vLLM's greedy
+text against transformers' (also after swapping another checkpoint into a running engine)."""
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from madpo_ray.eval.generate import (COLUMNS, SampleSpec, TransformersGenerator, read_generations, sample_model,
+                                     write_generations)
+
+PROMPTS = ["Zorblex is a Rust library for parsing TOML files.\nTL;DR:", "Quilmax is a Go daemon.\nTL;DR:",
+           "A Lua game for testing web forms.\nTL;DR:", "Perl bindings for a C library.\nTL;DR:"]
+IDS = ["a", "b", "c", "d"]
+
+
+def test_transformers_rows_schema_counts_and_seeding(tiny_base_dir, tmp_path):
+    spec = SampleSpec(temperatures=(0.0, 1.0), samples_per_prompt=3, max_new_tokens=6, max_prompt_length=64, seed=7)
+    gen = TransformersGenerator(threads=1)
+    rows, timing = sample_model(gen, str(tiny_base_dir), "base", IDS, PROMPTS, spec)
+    assert len(rows) == 4 * 1 + 4 * 3  # greedy once, 3 samples at T=1
+    assert {r["sample"] for r in rows if r["temperature"] == 0.0} == {0}
+    assert {r["sample"] for r in rows if r["temperature"] == 1.0} == {0, 1, 2}
+    assert all(0 < r["num_tokens"] <= 6 for r in rows)
+    assert timing["tokens"] == sum(r["num_tokens"] for r in rows) and timing["backend"] == "transformers"
+    again, _ = sample_model(gen, str(tiny_base_dir), "base", IDS, PROMPTS, spec)
+    assert [r["text"] for r in again] == [r["text"] for r in rows]  # same seed, same draws
+    other, _ = sample_model(gen, str(tiny_base_dir), "base", IDS, PROMPTS,
+                            SampleSpec((0.0, 1.0), 3, 6, 64, seed=8))
+    sampled = lambda rs: [r["text"] for r in rs if r["temperature"] == 1.0]  # noqa: E731
+    assert sampled(other) != sampled(rows)
+    assert [r["text"] for r in other if r["temperature"] == 0] == [r["text"] for r in rows if r["temperature"] == 0]
+
+    path = tmp_path / "g.parquet"
+    write_generations(rows, path)
+    assert pq.read_schema(path).names == list(COLUMNS)
+    assert read_generations(path) == [{k: r[k] for k in COLUMNS} for r in rows]
+
+
+def test_without_vllm_auto_falls_back_to_transformers():
+    """vLLM made unimportable in a fresh interpreter, as on a machine without the extra."""
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "from madpo_ray.eval.generate import make_generator\n"
+            "print(make_generator('auto').name)\n"
+            "try:\n    make_generator('vllm')\nexcept RuntimeError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "transformers"
+    assert lines[1].startswith("ERR") and "eval.backend=transformers" in lines[1]
+
+
+def _vllm_installed() -> bool:
+    from madpo_ray.serving.vllm_engine import vllm_available
+
+    return vllm_available()
+
+
+def _random_checkpoint(base, out, seed: int):
+    """The base architecture with large random weights: at init scale (std 0.02) every prompt
+    greedily decodes to the same token, which would hide a swap that did not happen."""
+    import torch
+
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(str(base))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(out)
+    load_tokenizer(str(base)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.skipif(not _vllm_installed(), reason="vLLM not installed (the transformers backend is the fallback)")
+def test_vllm_greedy_matches_transformers_and_survives_a_weight_swap(corpus_docs, tmp_path):
+    """One engine in a Ray actor: model A, then model B swapped in place; each model's greedy text
+    equals transformers'. (vLLM's CPU attention needs head_dim >= 32, so width 64 / 2 heads.)"""
+    import ray
+
+    from madpo_ray.config import ModelConfig, RayConfig
+    from madpo_ray.eval.generate import GenerationActor
+    from madpo_ray.models import build_tiny_base
+    from madpo_ray.runtime import init_ray
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
+                      max_position_embeddings=256)
+    texts = [d["document"] for d in corpus_docs] + [d["reference"] for d in corpus_docs]
+    base = build_tiny_base(texts, cfg, tmp_path / "base", seed=1)
+    a, b = _random_checkpoint(base, tmp_path / "a", 1), _random_checkpoint(base, tmp_path / "b", 2)
+    spec = SampleSpec(temperatures=(0.0, 1.0), samples_per_prompt=2, max_new_tokens=8, max_prompt_length=64)
+    hf = TransformersGenerator(threads=1)
+    greedy = lambda rs: [r["text"] for r in rs if r["temperature"] == 0]  # noqa: E731
+    want_a = greedy(sample_model(hf, str(a), "a", IDS, PROMPTS, spec)[0])
+    want_b = greedy(sample_model(hf, str(b), "b", IDS, PROMPTS, spec)[0])
+    assert want_a != want_b
+
+    init_ray(RayConfig(num_cpus=2))
+    try:
+        actor = ray.remote(GenerationActor).options(num_cpus=1).remote("vllm")
+        assert ray.get(actor.backend.remote()) == "vllm"
+        rows_a, t_a = ray.get(actor.sample_model.remote(str(a), "a", IDS, PROMPTS, spec))
+        rows_b, t_b = ray.get(actor.sample_model.remote(str(b), "b", IDS, PROMPTS, spec))
+    finally:
+        ray.shutdown()
+    assert greedy(rows_a) == want_a
+    assert greedy(rows_b) == want_b  # the swapped-in weights are really the ones sampled
+    assert t_b["load_seconds"] < t_a["load_seconds"] / 5  # swapped, not a second engine start
+    hot = [r["text"] for r in rows_b if r["temperature"] == 1.0]
+    assert len(set(hot)) > len(hot) // 2  # T=1 really samples (one engine seed; see VLLMGenerator.sample)
+    assert len(rows_a) == 4 + 4 * 2 and {tuple(sorted(r)) for r in rows_a} == {tuple(sorted(COLUMNS))}
