@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import List, Optional
@@ -27,6 +28,9 @@ CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
 NAME_OPT = typer.Option(None, "--name", help="Run name (folder under runs_dir).")
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _setup_logging() -> None:
@@ -64,6 +68,13 @@ def _run(cfg, stages, force: bool = False) -> dict:
     except (DataValidationError, ModelLoadError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1)
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            console.print(f"[red]error:[/red] cannot write {e.filename or 'the run folder'}: {e.strerror}. "
+                          f"Free space under {cfg.run_dir.resolve()} and rerun the same command: "
+                          "finished stages are kept, the failed one starts again.")
+            raise typer.Exit(1)
+        raise
 
 
 def print_summary(summary: dict) -> None:

@@ -16,10 +16,14 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")
-    with open(tmp, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    except BaseException:  # a full disk or an interrupt: leave neither the target nor the temp half-written
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -27,6 +31,10 @@ def write_json(path: Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

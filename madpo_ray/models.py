@@ -69,6 +69,14 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def check_model_folder(path: str) -> None:
+    """Fail in the driver, with the folder named, before a Ray job would fail in a worker."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: model folder does not exist")
+    _check_folder(path)
+
+
 def _check_folder(path: str) -> None:
     p = Path(path)
     if p.is_dir():

@@ -229,9 +229,12 @@ class Pipeline:
                 **self._train("reward", reward.train_loop_per_worker, strip, str(self.stage_dir("sft") / "model"))}
 
     def stage_score(self) -> dict:
+        from madpo_ray.models import check_model_folder
         from madpo_ray.runtime import init_ray
         from madpo_ray.stages.score import assert_no_nan, read_partition, score_with_ray
 
+        for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
+            check_model_folder(str(self.stage_dir(stage) / "model"))
         init_ray(self.cfg.ray)
         examples, metrics = [], {}
         for split in ("train", "eval"):
@@ -261,8 +264,10 @@ class Pipeline:
         return self.stage_dir("score") / "scored" / f"split={split}"
 
     def stage_policy(self) -> dict:
+        from madpo_ray.models import check_model_folder
         from madpo_ray.stages import policy
 
+        check_model_folder(str(self.stage_dir("sft") / "model"))
         exs = policy.load_policy_examples(self.scored_path("train"), self.cfg.policy.loss.name)
         return {"examples": len(exs), **self._train("policy", policy.train_loop_per_worker, exs,
                                                      str(self.stage_dir("sft") / "model"))}

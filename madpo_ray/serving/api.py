@@ -124,6 +124,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
 
 
 def create_app(settings_getter=_settings) -> FastAPI:
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     app = FastAPI(title="madpo-ray policy server", version="0.1.0",
                   description="OpenAI-compatible completions from a MADPO-trained policy.")
 
@@ -131,6 +133,12 @@ def create_app(settings_getter=_settings) -> FastAPI:
     async def on_validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         return _error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # e.g. a body that is not decodable at all (found by tests/test_fuzz.py): same error shape
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(asyncio.TimeoutError)
     async def on_timeout(request: Request, exc: asyncio.TimeoutError):

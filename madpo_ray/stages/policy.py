@@ -97,8 +97,11 @@ def check_scored_rows(rows: list[dict], source: str, need_margin: bool) -> None:
     bad: dict[str, list] = {}
     for i, r in enumerate(rows):
         for c in needed:
-            v = r.get(c)
-            if v is None or not math.isfinite(float(v)):
+            try:
+                ok = math.isfinite(float(r.get(c)))
+            except (TypeError, ValueError):  # None, or not a number at all
+                ok = False
+            if not ok:
                 bad.setdefault(c, []).append(r.get("row_id", i))
     if bad:
         detail = "; ".join(f"{c}: rows {ids[:10]}{'...' if len(ids) > 10 else ''} ({len(ids)} total)"
@@ -111,7 +114,7 @@ def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
     rows = read_scored(path)
     check_scored_rows(rows, str(path), need_margin=loss_name.startswith("madpo"))
     cols = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + SCORED_COLUMNS
-    return [{k: r[k] for k in cols} for r in rows]
+    return [{k: r[k] for k in cols if k in r} for r in rows]  # margin is optional for the non-MADPO losses
 
 
 def read_scored(path: str | Path, limit: Optional[int] = None) -> list[dict]:

@@ -1,0 +1,33 @@
+"""The default run's scored pairs, which the Ray benchmarks start from (made if missing)."""
+
+from __future__ import annotations
+
+import shutil
+
+from _common import ROOT
+
+
+def default_pipeline():
+    """runs/tiny up to the score stage (about 4.5 minutes on 2 cores when it is not there yet)."""
+    import os
+
+    os.chdir(ROOT)
+    from madpo_ray.config import load_config
+    from madpo_ray.pipeline import Pipeline
+
+    p = Pipeline(load_config("tiny"))
+    p.run(("data", "sft", "pairs", "reward", "score"))
+    return p
+
+
+def clone_until_policy(src, name: str, overrides: list[str]):
+    """A run sharing src's scored pairs, so only the policy stage runs."""
+    from madpo_ray.config import config_from_dict
+    from madpo_ray.pipeline import Pipeline
+
+    cfg = config_from_dict(src.cfg.model_dump(mode="json"), [f"name={name}"] + overrides)
+    p = Pipeline(cfg)
+    shutil.rmtree(p.run_dir, ignore_errors=True)
+    for stage in ("data", "sft", "pairs", "reward", "score"):
+        shutil.copytree(src.stage_dir(stage), p.stage_dir(stage))
+    return p

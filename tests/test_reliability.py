@@ -1,0 +1,138 @@
+"""Faults and bad input: each fails once, clearly, before any training, and loses nothing.
+
+(The SIGKILLed training worker and the interrupted checkpoint write are in
+test_pipeline_ray.py and test_checkpoints.py.)"""
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from madpo_ray.data.preference import DataValidationError, load_pairs
+from madpo_ray.models import ModelLoadError
+
+ROWS = [{"prompt": f"Document {i} about a Rust library.\nTL;DR:", "chosen": f" A Rust library {i}.",
+         "rejected": f" A Go daemon {i}."} for i in range(12)]
+
+
+def _madpo(*args, preexec=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "madpo_ray", *args], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=preexec)
+
+
+def test_truncated_jsonl_keeps_every_whole_row_and_names_the_cut_one(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in ROWS)
+    f.write_text(text[:-25])  # the copy stopped inside the last row
+    pairs, report = load_pairs(str(f))
+    assert len(pairs) == 11 and report.skipped == 1
+    assert "row 11" in str(report.issues[0]) and "JSON" in str(report.issues[0])
+    with pytest.raises(DataValidationError, match="row 11"):
+        load_pairs(str(f), strict=True)
+
+
+def test_truncated_parquet_fails_before_any_training(tmp_path):
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = _madpo("run", f"data.source={cut}", f"runs_dir={tmp_path / 'runs'}", "name=cut")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "cannot read parquet" in out and "cut.parquet" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "runs" / "cut" / "sft").exists()  # stopped at the data stage
+
+
+def test_input_parquet_missing_a_column_names_it(tmp_path):
+    f = tmp_path / "norejected.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "rejected"} for r in ROWS]), f)
+    with pytest.raises(DataValidationError) as e:
+        load_pairs(str(f))
+    assert "rejected" in str(e.value) and "no usable rows" in str(e.value)
+
+
+def _scored(tmp_path, **replace):
+    rows = []
+    for i in range(6):
+        r = {"row_id": 100 + i, "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2],
+             "ref_logp_chosen": -3.0, "ref_logp_rejected": -4.0, "len_chosen": 2.0, "len_rejected": 2.0, "margin": 0.5}
+        r.update({k: v(i) for k, v in replace.items()})
+        rows.append(r)
+    path = tmp_path / "scored.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_scored_parquet_missing_margin_column(tmp_path):
+    from madpo_ray.stages.policy import load_policy_examples
+
+    path = _scored(tmp_path)
+    t = pq.read_table(path).drop(["margin"])
+    pq.write_table(t, path)
+    with pytest.raises(DataValidationError, match=r"missing column\(s\) \['margin'\]"):
+        load_policy_examples(path, "madpo")
+    assert len(load_policy_examples(path, "dpo")) == 6  # DPO does not need margins
+
+
+def test_nan_and_infinite_margins_are_rejected_with_row_ids(tmp_path):
+    from madpo_ray.stages.policy import load_policy_examples
+
+    bad = {1: float("nan"), 4: float("inf")}
+    path = _scored(tmp_path, margin=lambda i: bad.get(i, 0.5))
+    with pytest.raises(DataValidationError) as e:
+        load_policy_examples(path, "madpo")
+    assert "margin: rows [101, 104]" in str(e.value) and "(2 total)" in str(e.value)
+
+
+def test_reward_model_without_weights_fails_before_ray_starts(tiny_base_dir, tmp_path):
+    """The score stage checks both model folders in the driver before it starts Ray Data."""
+    import ray
+
+    from madpo_ray.config import load_config
+    from madpo_ray.pipeline import Pipeline
+
+    p = Pipeline(load_config("tiny", [f"runs_dir={tmp_path}", "name=norm"]))
+    shutil.copytree(tiny_base_dir, p.stage_dir("sft") / "model")
+    shutil.copytree(tiny_base_dir, p.stage_dir("reward") / "model")
+    for f in (p.stage_dir("reward") / "model").glob("*.safetensors"):
+        f.unlink()
+    assert not ray.is_initialized()
+    with pytest.raises(ModelLoadError, match=r"reward/model: no weights"):
+        p.stage_score()
+    assert not ray.is_initialized()
+
+
+def test_full_disk_fails_the_stage_cleanly_and_a_rerun_completes(tmp_path):
+    """A 16 KiB file-size limit (writes past it fail with EFBIG, as ENOSPC would on a full disk)
+    stops the data stage: one clear message, no DONE marker, no half-written file. The same
+    command without the limit then completes the stage."""
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    runs = tmp_path / "runs"
+    args = ["sft", f"runs_dir={runs}", "name=full", "data.num_documents=64", "data.num_eval_documents=8",
+            "sft.optim.max_steps=1", "model.hidden_size=32", "model.num_heads=2", "model.num_layers=1",
+            "model.intermediate_size=64", "model.vocab_size=512", "ray.num_workers=1"]
+    proc = _madpo(*args, preexec=small_disk)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "File too large" in out and "rerun the same command" in out and "Traceback" not in out
+    data = runs / "full" / "data"
+    assert not (data / "DONE").exists()
+    assert not list(data.glob("*.partial"))  # the failed write cleaned up after itself
+
+    from madpo_ray.config import load_config
+    from madpo_ray.pipeline import Pipeline
+
+    p = Pipeline(load_config("tiny", args[1:]))
+    p.run(("data",))
+    assert (data / "DONE").exists() and len((data / "train_docs.jsonl").read_text().splitlines()) == 64
