@@ -107,7 +107,9 @@ def step_speed(model, b: dict, loss: str, bf16: bool, iters: int = 10) -> float:
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device here (figures from an H200 are in bench/README.md)")
+        return
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     out["agreement"] = agreement()
     out["gemm_bf16_tflops"] = gemm_tflops()

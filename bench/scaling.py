@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--report-every", type=int, default=20, help="Steps between ray.train.report calls.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     src = default_pipeline()
@@ -34,7 +35,7 @@ def main() -> None:
             p = clone_until_policy(src, f"bench-scaling-{workers}", [
                 f"ray.num_workers={workers}", f"policy.optim.per_device_batch_size={args.global_batch // workers}",
                 f"policy.optim.effective_batch_size={args.global_batch}", f"policy.optim.max_steps={args.steps}",
-                "policy.optim.report_every=20", "policy.optim.checkpoint_every=1000", "policy.loss.name=madpo"])
+                f"policy.optim.report_every={args.report_every}", "policy.optim.checkpoint_every=1000", "policy.loss.name=madpo"])
             m = p.run(("policy",))["policy"]
             startup = m["wall_seconds"] - m["train_seconds"]
             rows[workers].append({"tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
@@ -43,7 +44,8 @@ def main() -> None:
                   f"startup {startup:.1f}s, wall {m['wall_seconds']:.1f}s", flush=True)
     med = {w: {k: statistics.median(x[k] for x in rows[w]) for k in rows[w][0]} for w in rows}
     eff = med[2]["tokens_per_s"] / (2 * med[1]["tokens_per_s"])
-    print(f"\nglobal batch {args.global_batch}, {args.steps} steps, MADPO loss, default tiny model")
+    print(f"\nglobal batch {args.global_batch}, {args.steps} steps, report every {args.report_every}, MADPO loss, "
+          "default tiny model")
     print("| workers | steady tokens/s | TorchTrainer startup s | wall s |")
     print("| --- | --- | --- | --- |")
     for w in (1, 2):

@@ -3,9 +3,12 @@
 Both run the same frozen models (reference policy and reward model of the default run) over
 the same tokenised pairs with the same batch size: the plain loop with every core as torch
 threads in one process, Ray Data with one actor per core (1 thread each). Ray Data's time
-includes its actors loading the models and the parquet write; the cluster is already up.
+includes its actors starting and loading the models and the parquet write; the cluster is
+already up. Each path runs at two sizes, which separates its fixed cost per pass (start-up)
+from its marginal rate (pairs/s once running): the first dominates small jobs, the second
+large ones.
 
-    .venv/bin/python bench/score_throughput.py [--pairs 1024]
+    .venv/bin/python bench/score_throughput.py [--sizes 512 2048]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from _pipeline import default_pipeline
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", type=int, default=1024)
+    ap.add_argument("--sizes", type=int, nargs=2, default=[512, 2048])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
@@ -37,8 +40,8 @@ def main() -> None:
     from madpo_ray.stages.score import score_examples, score_with_ray
 
     p = default_pipeline()
-    examples, _ = p._tokenized_pairs("train")
-    examples = (examples * (args.pairs // len(examples) + 1))[:args.pairs]
+    pool, _ = p._tokenized_pairs("train")
+    examples = (pool * (max(args.sizes) // len(pool) + 1))[:max(args.sizes)]
     for ex in examples:
         ex.pop("margin", None)
         ex["split"] = "train"
@@ -46,7 +49,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     init_ray(p.cfg.ray)
 
-    def plain() -> float:
+    def plain(examples) -> float:
         torch.set_num_threads(cores)
         t0 = time.perf_counter()
         tok = load_tokenizer(str(ref_dir))
@@ -57,7 +60,7 @@ def main() -> None:
                 score_examples(ref, rm, examples[i:i + args.batch_size], tok.pad_token_id)
         return time.perf_counter() - t0
 
-    def with_ray() -> float:
+    def with_ray(examples) -> float:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -65,23 +68,34 @@ def main() -> None:
                            num_actors=cores)
             return time.perf_counter() - t0
 
-    times = {"plain loop": [], "ray data": []}
+    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in args.sizes} for k in ("plain loop", "ray data")}
     for _ in range(args.repeats):
-        times["plain loop"].append(plain())
-        times["ray data"].append(with_ray())
-    print(f"\n{len(examples)} pairs, batch {args.batch_size}, {cores} cores")
-    print("| path | pairs/s median (min-max) |")
-    print("| --- | --- |")
-    rate = {}
-    for k, ts in times.items():
-        ps = [len(examples) / t for t in ts]
-        rate[k] = statistics.median(ps)
-        print(f"| {k} | {rate[k]:,.0f} ({min(ps):,.0f}-{max(ps):,.0f}) |")
-    print(f"\nray data / plain loop: {rate['ray data'] / rate['plain loop']:.2f}x")
+        for n in args.sizes:
+            times["plain loop"][n].append(plain(examples[:n]))
+            times["ray data"][n].append(with_ray(examples[:n]))
+    small, large = args.sizes
+    print(f"\nbatch {args.batch_size}, {cores} cores; median of {args.repeats} repeats")
+    print(f"| path | pairs/s at {small} | pairs/s at {large} | fixed cost per pass s | marginal pairs/s |")
+    print("| --- | --- | --- | --- | --- |")
+    summary = {}
+    for k, by_n in times.items():
+        t1, t2 = (statistics.median(by_n[n]) for n in args.sizes)
+        marginal = (large - small) / max(t2 - t1, 1e-9)
+        fixed = t1 - small / marginal
+        summary[k] = {"pairs_per_s": {small: small / t1, large: large / t2}, "marginal_pairs_per_s": marginal,
+                      "fixed_seconds": fixed}
+        print(f"| {k} | {small / t1:,.0f} | {large / t2:,.0f} | {fixed:.1f} | {marginal:,.0f} |")
+    r = summary["ray data"]
+    q = summary["plain loop"]
+    print(f"\nray data / plain loop: {r['pairs_per_s'][small] / q['pairs_per_s'][small]:.2f}x at {small} pairs, "
+          f"{r['pairs_per_s'][large] / q['pairs_per_s'][large]:.2f}x at {large}, "
+          f"{r['marginal_pairs_per_s'] / q['marginal_pairs_per_s']:.2f}x marginal; break-even at about "
+          f"{max(0.0, (r['fixed_seconds'] - q['fixed_seconds'])) / max(1e-9, 1 / q['marginal_pairs_per_s'] - 1 / r['marginal_pairs_per_s']):,.0f} pairs"
+          if r["marginal_pairs_per_s"] > q["marginal_pairs_per_s"] else "")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "score_throughput.json").write_text(json.dumps({"pairs": len(examples), "seconds": times,
-                                                            "pairs_per_s": rate}, indent=2))
+    (out / "score_throughput.json").write_text(json.dumps({"sizes": args.sizes, "seconds": times,
+                                                            "summary": summary}, indent=2, default=str))
 
 
 if __name__ == "__main__":
