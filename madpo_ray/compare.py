@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -190,8 +191,11 @@ def generate_all(p, models: list[tuple[str, int, Path]], out_dir: Path) -> tuple
     todo = [(m, s, d) for m, s, d in models if not path[(m, s)].exists()]
     timings = []
     if todo:
-        cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(GenerationActor).options(num_cpus=cpus, runtime_env={"env_vars": worker_env()}).remote(
+        # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
+        # eval.generation_cpus), or one GPU on a GPU cluster.
+        cpus = p.cfg.eval.generation_cpus or min(float(ray.cluster_resources().get("CPU", 1)), float(os.cpu_count() or 1))
+        actor = ray.remote(GenerationActor).options(num_cpus=max(1.0, cpus), num_gpus=1 if p.cfg.ray.use_gpu else 0,
+                                                    runtime_env={"env_vars": worker_env()}).remote(
             p.cfg.eval.backend, seed=p.cfg.eval.seed)
         backend = ray.get(actor.backend.remote())
         log.info("generating %d models x %d prompts at temperatures %s (%d samples each above 0) with %s",
