@@ -16,6 +16,7 @@ engine for every model (vLLM swaps weights in place).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -66,7 +67,8 @@ def train_policy(base_config: dict, method: dict, seed: int, scored_train: str, 
     save_model_atomically(result.model, tok, out / "model",
                           meta={"stage": "policy", "method": m.name, "seed": seed,
                                 "prompt_template": cfg.data.prompt_template})
-    metrics = {"method": m.name, "seed": seed, "loss": cfg.policy.loss.model_dump(), "steps": result.steps,
+    metrics = {"method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
+               "loss": cfg.policy.loss.model_dump(), "steps": result.steps,
                "seconds": time.time() - t0, "loss_history": result.loss_history, **result.metrics}
     write_json(out / "metrics.json", metrics)
     (out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -107,8 +109,15 @@ class Comparison:
             for seed in c.seeds:
                 d = self.training_dir(m.name, seed)
                 if (d / "DONE").exists():
-                    done[(m.name, seed)] = json.loads((d / "metrics.json").read_text())
-                    continue
+                    previous = json.loads((d / "metrics.json").read_text())
+                    wanted = method_config(self.cfg, m, seed).policy.model_dump(mode="json")
+                    if previous.get("policy") == wanted:
+                        done[(m.name, seed)] = previous
+                        continue
+                    log.warning("compare: %s seed %d was trained with other settings; training it again", m.name, seed)
+                    import shutil
+
+                    shutil.rmtree(d)
                 ref = task.remote(self.cfg.model_dump(mode="json"), m.model_dump(), seed,
                                   str(self.p.scored_path("train")), str(self.p.stage_dir("sft") / "model"), str(d),
                                   threads=max(1, int(c.cpus_per_training)))
@@ -188,7 +197,19 @@ def generate_all(p, models: list[tuple[str, int, Path]], out_dir: Path) -> tuple
     spec = SampleSpec.from_config(p.cfg)
     ids, prompts, _ = eval_prompts(p)
     path = {(m, s): Path(out_dir) / f"{m}__seed{s}.parquet" for m, s, _ in models}
-    todo = [(m, s, d) for m, s, d in models if not path[(m, s)].exists()]
+
+    def cache_key(model_dir: Path) -> dict:
+        """What a cached parquet must match: the sampling settings, the prompts, the weights' mtime."""
+        weights = sorted(Path(model_dir).glob("*.safetensors"))
+        return {"spec": dataclasses.asdict(spec), "prompt_ids": ids, "backend": p.cfg.eval.backend,
+                "weights_mtime": [w.stat().st_mtime for w in weights]}
+
+    def cached(m, s, d) -> bool:
+        key_file = path[(m, s)].with_suffix(".key.json")
+        return path[(m, s)].exists() and key_file.exists() and json.loads(key_file.read_text()) == json.loads(
+            json.dumps(cache_key(d)))
+
+    todo = [(m, s, d) for m, s, d in models if not cached(m, s, d)]
     timings = []
     if todo:
         # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
@@ -203,6 +224,7 @@ def generate_all(p, models: list[tuple[str, int, Path]], out_dir: Path) -> tuple
         for m, s, d in todo:
             rows, t = ray.get(actor.sample_model.remote(str(d), m, ids, prompts, spec))
             write_generations(rows, path[(m, s)])
+            path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(d)))
             timings.append(t)
             log.info("  %s%s: %d completions, %.0f tok/s, load %.1fs (%s)", m, "" if s < 0 else f" seed {s}",
                      len(rows), t["tokens_per_s"], t["load_seconds"], backend)

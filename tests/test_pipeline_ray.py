@@ -190,3 +190,10 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     again = Comparison(q).run()  # everything cached: no training, no generation
     assert again["generation"] == []
     assert again["table"] == results["table"]
+
+    # Other sampling settings must not reuse the cached samples (the trainings still are reused).
+    q.cfg = q.cfg.model_copy(update={"eval": q.cfg.eval.model_copy(update={"temperatures": [0.5]})})
+    resampled = Comparison(q).run()
+    assert len(resampled["generation"]) == 5  # sft + 2 methods x 2 seeds, sampled again
+    assert {r["temperature"] for r in resampled["table"]} == {0.5}
+    assert resampled["trainings"] == again["trainings"]
