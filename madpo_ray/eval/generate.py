@@ -192,7 +192,7 @@ class VLLMGenerator:
 
         # `seed` is unused: a per-request seed crashes the CPU engine ("CPU Generator does not use
         # offset"), and reseeding the worker's torch generator did not make draws repeat either. The
-        # engine is seeded once, so a whole run is reproducible, one call on its own is not.
+        # engine gets one seed (eval.seed) at start; sampled draws are not reproducible call by call.
         ids = [encode_prompt(self.tokenizer, p)[-spec.max_prompt_length:] for p in prompts]
         params = SamplingParams(n=n, temperature=temperature, top_p=1.0,
                                 max_tokens=spec.max_new_tokens, detokenize=False)
