@@ -67,9 +67,9 @@ def train_policy(base_config: dict, method: dict, seed: int, scored_train: str, 
     save_model_atomically(result.model, tok, out / "model",
                           meta={"stage": "policy", "method": m.name, "seed": seed,
                                 "prompt_template": cfg.data.prompt_template})
-    metrics = {"method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
-               "loss": cfg.policy.loss.model_dump(), "steps": result.steps,
-               "seconds": time.time() - t0, "loss_history": result.loss_history, **result.metrics}
+    # result.metrics carries the final training "loss"; the settings live under "policy".
+    metrics = {**result.metrics, "method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
+               "steps": result.steps, "seconds": time.time() - t0, "loss_history": result.loss_history}
     write_json(out / "metrics.json", metrics)
     (out / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     import shutil
