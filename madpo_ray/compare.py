@@ -147,19 +147,11 @@ class Comparison:
         rows, self.generation_timings = generate_all(self.p, self.models(), self.dir / "generations")
         t_judge = time.time()
         judged = judge_rows(self.p, rows, [m.name for m in self.cfg.compare.methods])
-        c = self.cfg
-        results = {"tier": c.data.tier if self.p.is_testbed else None, "source": c.data.source,
-                   "methods": [m.model_dump() for m in c.compare.methods], "seeds": c.compare.seeds,
-                   "temperatures": c.eval.temperatures, "prompts": len(eval_prompts(self.p)[0]),
-                   "samples_per_prompt": c.eval.samples_per_prompt, "backend": c.eval.backend,
-                   "trainings": trainings, "generation": self.generation_timings,
-                   **judged,
-                   "seconds": {"pipeline": t_train - t0, "train": t_gen - t_train, "generate": t_judge - t_gen,
-                               "judge": time.time() - t_judge, "total": time.time() - t0}}
-        (self.dir / "results.json").write_text(json.dumps(results, indent=2))
-        (self.dir / "table.md").write_text(render_markdown(results))
-        plot_comparison(results, self.dir / f"{judged['column']}_vs_temperature.png")
-        return results
+        return write_report(self.p, self.dir, judged, seeds=self.cfg.compare.seeds,
+                            methods=[m.model_dump() for m in self.cfg.compare.methods], trainings=trainings,
+                            generation=self.generation_timings,
+                            seconds={"pipeline": t_train - t0, "train": t_gen - t_train, "generate": t_judge - t_gen,
+                                     "judge": time.time() - t_judge, "total": time.time() - t0})
 
 
 # --------------------------------------------------------------------------- generation and judging
@@ -268,15 +260,20 @@ def evaluate_models(p, models: list[tuple[str, Path]], out_dir: Path) -> dict:
     entries = [(SFT, -1, p.stage_dir("sft") / "model")] + [(label, -1, Path(d)) for label, d in models]
     rows, timings = generate_all(p, entries, Path(out_dir) / "generations")
     judged = judge_rows(p, rows, [label for label, _ in models])
+    return write_report(p, Path(out_dir), judged, seeds=[-1], models={label: str(d) for label, d in models},
+                        generation=timings)
+
+
+def write_report(p, out_dir: Path, judged: dict, **extra) -> dict:
+    """results.json, table.md and the plot, for `madpo compare` and `madpo eval` alike."""
     c = p.cfg
-    results = {"tier": c.data.tier if p.is_testbed else None, "source": c.data.source, "seeds": [-1],
+    results = {"tier": c.data.tier if p.is_testbed else None, "source": c.data.source,
                "temperatures": c.eval.temperatures, "prompts": len(eval_prompts(p)[0]),
-               "samples_per_prompt": c.eval.samples_per_prompt, "backend": c.eval.backend,
-               "models": {label: str(d) for label, d in models}, "generation": timings, **judged}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=2))
-    (Path(out_dir) / "table.md").write_text(render_markdown(results))
-    plot_comparison(results, Path(out_dir) / f"{judged['column']}_vs_temperature.png")
+               "samples_per_prompt": c.eval.samples_per_prompt, "backend": c.eval.backend, **extra, **judged}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "table.md").write_text(render_markdown(results))
+    plot_comparison(results, out_dir / f"{judged['column']}_vs_temperature.png")
     return results
 
 

@@ -131,12 +131,12 @@ def judge(rows: list[dict], prompt_ids: Sequence[str], *, baseline: Optional[str
                     entry[f"win_vs_reference_{col}"] = bootstrap_mean(np.stack(
                         [reference_win(groups[(m, t, s)], reference[col], col, prompt_ids) for s in seeds]),
                         n_boot, seed).to_dict()
-                if baseline and m != baseline:
-                    base = [groups[(baseline, t, s)] for s in sorted({s for (mm, _, s) in groups if mm == baseline})]
-                    if base:
-                        entry[f"win_vs_{baseline}_{col}"] = bootstrap_mean(np.stack(
-                            [paired_win(groups[(m, t, s)], base[0], col, prompt_ids) for s in seeds]),
-                            n_boot, seed).to_dict()
+                base_seeds = sorted({s for (mm, _, s) in groups if mm == baseline})
+                if baseline and m != baseline and base_seeds:  # the baseline is one model: its first seed
+                    base = groups[(baseline, t, base_seeds[0])]
+                    entry[f"win_vs_{baseline}_{col}"] = bootstrap_mean(np.stack(
+                        [paired_win(groups[(m, t, s)], base, col, prompt_ids) for s in seeds]),
+                        n_boot, seed).to_dict()
             out.append(entry)
     return out
 
