@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# How a document becomes a prompt, unless data.prompt_template says otherwise. Saved with every
+# model (madpo.json) so a server formats prompts as the policy was trained.
+DEFAULT_PROMPT_TEMPLATE = "{document}\nTL;DR:"
 
 
 class ConfigError(ValueError):
@@ -68,7 +71,7 @@ class DataConfig(_Strict):
     max_length: int = Field(256, ge=8)
     strict: bool = False  # fail on the first bad row instead of skipping and counting it
     overlong: Literal["truncate", "skip"] = "truncate"  # see madpo_ray/data/collate.py
-    prompt_template: str = "{document}\nTL;DR:"
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
     @model_validator(mode="after")
     def _lengths(self):

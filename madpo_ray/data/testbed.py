@@ -24,6 +24,7 @@ from typing import Iterable, Optional, Sequence
 from rouge_score import rouge_scorer
 
 from madpo_ray.data.corpus.generated import KINDS, LANGUAGES
+from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9+\-.']*")
 _SCORER = rouge_scorer.RougeScorer(["rouge2", "rougeL"], use_stemmer=False)
@@ -152,7 +153,7 @@ def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]])
 
 
 def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
-                policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = "{document}\nTL;DR:",
+                policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
                 pairs_per_document: int = 1) -> list[dict]:
     """Preference pairs with gold scores and the true margin (labelled chosen minus rejected).
 
