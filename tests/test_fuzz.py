@@ -74,11 +74,11 @@ class EngineBackend:
 def client(tiny_base_dir):
     from fastapi.testclient import TestClient
 
-    from madpo_ray.serving.api import ServeSettings, create_app, set_backend
+    from madpo_ray.serving.api import ServeSettings, create_app
     from madpo_ray.serving.engine import TransformersEngine
 
-    set_backend(EngineBackend(TransformersEngine(str(tiny_base_dir))), ServeSettings())
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
+    app = create_app(EngineBackend(TransformersEngine(str(tiny_base_dir))), ServeSettings())
+    with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
 

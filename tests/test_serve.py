@@ -2,7 +2,9 @@
 auth, bad input answered with 4xx (never 500), and a concurrent burst with zero failures."""
 
 import asyncio
+import importlib.util
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +30,18 @@ def server(tiny_base_dir):
     yield BASE
     serve.shutdown()
     ray.shutdown()
+
+
+def test_serve_app_is_the_packaged_deployment():
+    """serve/config.yaml and the KubeRay RayService name `serve.app:build_app`: that path must
+    give the deployment from the installed package, not a second copy."""
+    from madpo_ray.serving import deployment
+
+    path = Path(__file__).resolve().parent.parent / "serve" / "app.py"
+    spec = importlib.util.spec_from_file_location("serve_app_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build_app is deployment.build_app and module.PolicyServer is deployment.PolicyServer
 
 
 def post(path, body=None, **kw):

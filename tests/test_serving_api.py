@@ -5,7 +5,7 @@ import asyncio
 
 from fastapi.testclient import TestClient
 
-from madpo_ray.serving.api import ServeSettings, create_app, set_backend
+from madpo_ray.serving.api import ServeSettings, create_app
 from madpo_ray.serving.engine import GenResult
 
 
@@ -19,8 +19,7 @@ class SlowBackend:
 
 
 def test_timeouts_are_504_on_every_route():
-    set_backend(SlowBackend(), ServeSettings(request_timeout_s=0.05))
-    client = TestClient(create_app())
+    client = TestClient(create_app(SlowBackend(), ServeSettings(request_timeout_s=0.05)))
     for path, body in (("/v1/completions", {"prompt": "x"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
                        ("/v1/summarize", {"document": "x"})):
@@ -28,3 +27,31 @@ def test_timeouts_are_504_on_every_route():
         assert r.status_code == 504, (path, r.text)
         assert r.json()["error"]["type"] == "timeout" and "0.05s" in r.json()["error"]["message"]
     assert client.get("/healthz").status_code == 200
+
+
+class EchoBackend:
+    def __init__(self, word):
+        self.word = word
+
+    async def generate(self, prompt, params):
+        return GenResult(f"{self.word}:{prompt}", "stop", 1, 1)
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+
+def test_each_app_keeps_its_own_backend_and_settings():
+    """Backend and settings live on the app, not in the module: two apps in one process stay apart."""
+    a = TestClient(create_app(EchoBackend("a"), ServeSettings(model_name="model-a", prompt_template="A {document}")))
+    b = TestClient(create_app(EchoBackend("b"), ServeSettings(model_name="model-b")))
+    assert a.get("/healthz").json()["model"] == "model-a" and b.get("/healthz").json()["model"] == "model-b"
+    assert a.post("/v1/summarize", json={"document": "x"}).json()["summary"] == "a:A x"
+    assert b.post("/v1/summarize", json={"document": "x"}).json()["summary"] == "b:x\nTL;DR:"
+    assert b.post("/v1/completions", json={"prompt": "y"}).json()["choices"][0]["text"] == "b:y"
+
+
+def test_an_app_without_a_backend_answers_500_with_an_error_body():
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    assert client.get("/healthz").json()["model"] == ServeSettings().model_name
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"

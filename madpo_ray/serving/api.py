@@ -2,8 +2,9 @@
 /v1/summarize. Every bad request gets a 4xx with an OpenAI-style error body; nothing a client
 sends can produce a stack trace or stop the server.
 
-The routes call a *backend* (set with `set_backend`): the Ray Serve deployment in
-serve/app.py, which batches concurrent requests.
+The routes call a *backend* handed to `create_app` and kept on the app (`app.state`), so two
+apps in one process never share one: in production the backend is the Ray Serve replica
+(madpo_ray/serving/deployment.py), which batches concurrent requests.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import AsyncIterator, Optional, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.engine import GenParams, GenResult
 from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
                                        chat_response, completion_response, error_body)
@@ -34,7 +37,7 @@ class ServeSettings:
     api_key_env: str = "MADPO_API_KEY"  # when this variable is set, requests need `Authorization: Bearer <it>`
     max_body_bytes: int = 64 * 1024
     request_timeout_s: float = 60.0
-    prompt_template: str = "{document}\nTL;DR:"
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # the trained policy's own comes from its madpo.json
 
     @property
     def api_key(self) -> Optional[str]:
@@ -49,20 +52,17 @@ class Backend(Protocol):
     def chat_prompt(self, messages: list[dict]) -> str: ...
 
 
-_BACKEND: dict[str, Any] = {}
+def backend_of(request: Request) -> Backend:
+    """The backend of the app serving this request (given to `create_app`)."""
+    backend = request.app.state.backend
+    if backend is None:
+        raise RuntimeError("this app was created without a backend: create_app(backend, settings)")
+    return backend
 
 
-def set_backend(backend: Backend, settings: ServeSettings) -> None:
-    """One backend per process (each Serve replica is its own process)."""
-    _BACKEND["backend"], _BACKEND["settings"] = backend, settings
-
-
-def _backend() -> Backend:
-    return _BACKEND["backend"]
-
-
-def _settings() -> ServeSettings:
-    return _BACKEND.get("settings") or ServeSettings()
+def settings_of(request: Request) -> ServeSettings:
+    """The settings of the app serving this request (given to `create_app`)."""
+    return request.app.state.settings
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None) -> JSONResponse:
@@ -123,11 +123,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return "; ".join(parts), param
 
 
-def create_app(settings_getter=_settings) -> FastAPI:
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
+def create_app(backend: Optional[Backend] = None, settings: Optional[ServeSettings] = None) -> FastAPI:
+    """The HTTP app around one backend. Backend and settings live on `app.state`, where the
+    routes, the error handlers and the middleware read them per request."""
     app = FastAPI(title="madpo-ray policy server", version="0.1.0",
                   description="OpenAI-compatible completions from a MADPO-trained policy.")
+    app.state.backend, app.state.settings = backend, settings or ServeSettings()
+    _add_error_handlers(app)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        key = settings_of(request).api_key
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        relative = path[len(root):] if root and path.startswith(root) else path
+        if key and relative != "/healthz":
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {key}":
+                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        return await call_next(request)
+
+    app.add_middleware(BodyLimitMiddleware, limit_getter=lambda: app.state.settings.max_body_bytes)
+    app.include_router(router)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure leaves as an OpenAI-style error body; internals never reach the client."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -142,84 +163,85 @@ def create_app(settings_getter=_settings) -> FastAPI:
 
     @app.exception_handler(asyncio.TimeoutError)
     async def on_timeout(request: Request, exc: asyncio.TimeoutError):
-        return _error(504, f"generation took longer than {settings_getter().request_timeout_s}s", "timeout")
+        return _error(504, f"generation took longer than {settings_of(request).request_timeout_s}s", "timeout")
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):  # a server bug: say so, without internals
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal error while generating; the server keeps running", "server_error")
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = settings_getter().api_key
-        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-        relative = path[len(root):] if root and path.startswith(root) else path
-        if key and relative != "/healthz":
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {key}":
-                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
-        return await call_next(request)
 
-    app.add_middleware(BodyLimitMiddleware, limit_getter=lambda: settings_getter().max_body_bytes)
+# The routes are the same for every app; what differs (backend, settings) comes from request.app.state.
+router = APIRouter()
 
-    async def _run(prompts: list[str], params: GenParams, n: int) -> list[GenResult]:
-        calls = [_backend().generate(p, params) for p in prompts for _ in range(n)]
-        return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_getter().request_timeout_s)
 
-    def _params(req) -> GenParams:
-        return GenParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                         stop=req.stop, seed=req.seed)
+async def _run(request: Request, prompts: list[str], params: GenParams, n: int) -> list[GenResult]:
+    """n samples of each prompt, concurrently (the backend batches them), under the request timeout."""
+    backend = backend_of(request)
+    calls = [backend.generate(p, params) for p in prompts for _ in range(n)]
+    return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_of(request).request_timeout_s)
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "model": settings_getter().model_name}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": settings_getter().model_name, "object": "model",
-                                            "created": int(time.time()), "owned_by": "madpo-ray"}]}
+def _params(req) -> GenParams:
+    return GenParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                     stop=req.stop, seed=req.seed)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if req.stream:
-            return _error(400, "stream is supported on /v1/chat/completions only", param="stream")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        results = await _run(prompts, _params(req), req.n)
-        return completion_response(settings_getter().model_name, [r.text for r in results],
-                                   [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
-                                   sum(r.completion_tokens for r in results))
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
-        prompt = _backend().chat_prompt([m.model_dump() for m in req.messages])
-        params = _params(req)
-        name = settings_getter().model_name
-        if req.stream:
-            if req.n != 1:
-                return _error(400, "stream supports n=1 only", param="n")
-            chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+@router.get("/healthz")
+async def healthz(request: Request):
+    return {"status": "ok", "model": settings_of(request).model_name}
 
-            async def events():
-                yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'role': 'assistant', 'content': ''}))}\n\n"
-                try:
-                    async for delta in _backend().stream(prompt, params):
-                        yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'content': delta}))}\n\n"
-                    yield f"data: {json.dumps(chat_chunk(name, chunk_id, {}, 'stop'))}\n\n"
-                except Exception:  # the stream has started: report in-band, keep serving
-                    log.exception("stream failed")
-                    yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
-                yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        results = await _run([prompt], params, req.n)
-        return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
-                             results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": [{"id": settings_of(request).model_name, "object": "model",
+                                        "created": int(time.time()), "owned_by": "madpo-ray"}]}
 
-    @app.post("/v1/summarize")
-    async def summarize(req: SummarizeRequest):
-        prompt = settings_getter().prompt_template.format(document=req.document)
-        [result] = await _run([prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
-        return {"summary": result.text.strip(), "finish_reason": result.finish_reason,
-                "model": settings_getter().model_name}
 
-    return app
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    if req.stream:
+        return _error(400, "stream is supported on /v1/chat/completions only", param="stream")
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    results = await _run(request, prompts, _params(req), req.n)
+    return completion_response(settings_of(request).model_name, [r.text for r in results],
+                               [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
+                               sum(r.completion_tokens for r in results))
+
+
+@router.post("/v1/chat/completions")
+async def chat(req: ChatCompletionRequest, request: Request):
+    backend = backend_of(request)
+    prompt = backend.chat_prompt([m.model_dump() for m in req.messages])
+    params = _params(req)
+    name = settings_of(request).model_name
+    if req.stream:
+        if req.n != 1:
+            return _error(400, "stream supports n=1 only", param="n")
+        return StreamingResponse(_chat_events(backend, name, prompt, params), media_type="text/event-stream")
+    results = await _run(request, [prompt], params, req.n)
+    return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
+                         results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+
+
+async def _chat_events(backend: Backend, name: str, prompt: str, params: GenParams) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; once the stream has started, a failure can
+    only be reported in-band, and the server keeps serving."""
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'role': 'assistant', 'content': ''}))}\n\n"
+    try:
+        async for delta in backend.stream(prompt, params):
+            yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'content': delta}))}\n\n"
+        yield f"data: {json.dumps(chat_chunk(name, chunk_id, {}, 'stop'))}\n\n"
+    except Exception:
+        log.exception("stream failed")
+        yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/summarize")
+async def summarize(req: SummarizeRequest, request: Request):
+    prompt = settings_of(request).prompt_template.format(document=req.document)
+    [result] = await _run(request, [prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
+    return {"summary": result.text.strip(), "finish_reason": result.finish_reason,
+            "model": settings_of(request).model_name}

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 log = logging.getLogger(__name__)
 
 
 def serve_runtime_env(extra_env: Optional[dict] = None) -> dict:
-    """Replicas import serve.app from the project folder and read their API key from the env."""
-    env = {"PYTHONPATH": f"{PROJECT_ROOT}:{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    """Replicas import the deployment from the installed package; they read the API key and the
+    offline flags from their environment, which Ray only passes on through the runtime_env."""
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("MADPO_API_KEY"):
         env["MADPO_API_KEY"] = os.environ["MADPO_API_KEY"]
     return {"env_vars": {**env, **(extra_env or {})}}
@@ -24,9 +22,11 @@ def serve_runtime_env(extra_env: Optional[dict] = None) -> dict:
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
                batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
                blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", **app_args):
-    """Deploy serve.app on a local (or given) Ray cluster; returns once the app is ready."""
+    """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready."""
     import ray
     from ray import serve
+
+    from madpo_ray.serving.deployment import build_app
 
     if not ray.is_initialized():
         env = serve_runtime_env()
@@ -34,11 +34,6 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
             ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
         else:
             ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
-    import sys
-
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    from serve.app import build_app
 
     serve.start(http_options={"host": host, "port": port})
     application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
