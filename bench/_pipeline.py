@@ -29,5 +29,5 @@ def clone_until_policy(src, name: str, overrides: list[str]):
     p = Pipeline(cfg)
     shutil.rmtree(p.run_dir, ignore_errors=True)
     for stage in ("data", "sft", "pairs", "reward", "score"):
-        shutil.copytree(src.stage_dir(stage), p.stage_dir(stage))
+        shutil.copytree(src.layout.stage_dir(stage), p.layout.stage_dir(stage))
     return p

@@ -28,13 +28,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from _pipeline import default_pipeline
 
-    from madpo_ray.compare import eval_prompts
+    from madpo_ray.eval.heldout import eval_prompts
     from madpo_ray.eval.generate import SampleSpec, TransformersGenerator, VLLMGenerator, sample_model
     from madpo_ray.serving.vllm_engine import vllm_available
 
     p = default_pipeline()
-    model = p.stage_dir("sft") / "model"
-    ids, prompts, _ = eval_prompts(p)
+    model = p.layout.stage_dir("sft") / "model"
+    ids, prompts, _ = eval_prompts(p.cfg, p.layout)
     spec = SampleSpec.from_config(p.cfg)
     gens = {"transformers": TransformersGenerator()}
     if vllm_available():

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from madpo_ray.losses import PolicyLossInputs, get_policy_loss, reduce_loss  # noqa: E402
+from madpo_ray.losses import DataParallel, PolicyLossInputs, get_policy_loss  # noqa: E402
 from madpo_ray.logprobs import sequence_logprobs  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def loss_of(model, b: dict, loss: str):
     c, r = lp.chunk(2)
     x = PolicyLossInputs(c, r, b["ref_c"], b["ref_r"], chosen_lengths=b["len"], rejected_lengths=b["len"],
                          margins=b["margin"])
-    return reduce_loss(get_policy_loss(loss)(x, beta=0.1))
+    fn = get_policy_loss(loss)
+    return fn.reduce(fn(x, beta=0.1), DataParallel())
 
 
 def agreement() -> dict:

@@ -45,7 +45,7 @@ def main() -> None:
     for ex in examples:
         ex.pop("margin", None)
         ex["split"] = "train"
-    ref_dir, rm_dir = p.stage_dir("sft") / "model", p.stage_dir("reward") / "model"
+    ref_dir, rm_dir = p.layout.stage_dir("sft") / "model", p.layout.stage_dir("reward") / "model"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     init_ray(p.cfg.ray)
 

@@ -3,7 +3,7 @@
 Same model (the default tiny Llama), same pairs, same batch (8 pairs, no accumulation), same
 sequence limits (prompt 192, total 256), one torch thread each. Variants:
 
-  ours          our training loop (`stages.common.fit`), reference log-probs precomputed by the
+  ours          our training loop (`engine.loop.fit`), reference log-probs precomputed by the
                 scoring pass (our design); the scoring pass's own cost is reported separately
   ours+ref      the same loop recomputing the reference forward every step, as TRL does
   trl           TRL DPOTrainer, reference model recomputed every step (its default)
@@ -94,7 +94,8 @@ def run_ours(model_dir: Path, examples: list[dict], loss: str, steps: int, recom
     from madpo_ray.config import LossConfig, OptimConfig
     from madpo_ray.data.collate import PairCollator
     from madpo_ray.models import load_causal_lm, load_tokenizer
-    from madpo_ray.stages.common import LocalSession, fit
+    from madpo_ray.engine.loop import fit
+    from madpo_ray.engine.sessions import LocalSession
     from madpo_ray.stages.policy import PolicyStep
 
     tok = load_tokenizer(str(model_dir))
@@ -132,7 +133,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from madpo_ray.stages._worker import quiet_libraries
+    from madpo_ray.stages.worker import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)

@@ -24,6 +24,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Build corpora: the generated 
 app.add_typer(data_app, name="data")
 console = Console()
 
+
+def fail(message: str, code: int = 1) -> None:
+    """Print an error and exit. soft_wrap: the message is never wrapped at the console width,
+    so a log, a pipe or a test sees it whole whatever the terminal (or path) length."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
 CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs/ or a YAML path.")
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
@@ -36,7 +45,7 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    from madpo_ray.stages._worker import quiet_libraries
+    from madpo_ray.stages.worker import quiet_libraries
 
     quiet_libraries()
 
@@ -53,27 +62,23 @@ def _load(config: str, overrides: Optional[List[str]], address: Optional[str], n
     try:
         return load_config(config, sets)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
+        fail(str(e), 2)
 
 
-def _run(cfg, stages, force: bool = False) -> dict:
-    from madpo_ray.data.preference import DataValidationError
-    from madpo_ray.models import ModelLoadError
+def _run(cfg, stages, force: tuple = ()) -> dict:
+    from madpo_ray.layout import RunLayout
     from madpo_ray.pipeline import Pipeline
 
     _setup_logging()
     try:
-        return Pipeline(cfg).run(tuple(stages), force=force)
-    except (DataValidationError, ModelLoadError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+        return Pipeline(cfg).run(tuple(stages), force=tuple(force))
+    except _user_errors() as e:
+        fail(str(e))
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
-            console.print(f"[red]error:[/red] cannot write {e.filename or 'the run folder'}: {e.strerror}. "
-                          f"Free space under {cfg.run_dir.resolve()} and rerun the same command: "
-                          "finished stages are kept, the failed one starts again.")
-            raise typer.Exit(1)
+            fail(f"cannot write {e.filename or 'the run folder'}: {e.strerror}. "
+                 f"Free space under {RunLayout.of(cfg).run_dir} and rerun the same command: "
+                 "finished stages are kept, the failed one starts again.")
         raise
 
 
@@ -103,27 +108,33 @@ def print_summary(summary: dict) -> None:
 
 @app.command()
 def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT, address: Optional[str] = ADDRESS_OPT,
-        name: Optional[str] = NAME_OPT, force: bool = typer.Option(False, help="Redo stages already complete.")):
-    """Run every stage in order (data, sft, pairs, reward, score, policy, eval), skipping complete ones."""
-    from madpo_ray.pipeline import STAGES
+        name: Optional[str] = NAME_OPT,
+        force: List[str] = typer.Option([], "--force", metavar="STAGE",
+                                        help="Redo this stage (and so everything after it) even if up to date; repeatable.")):
+    """Run every stage in order (data, sft, pairs, reward, score, policy, eval).
 
+    A stage whose recorded settings and inputs still match is skipped; one whose settings
+    changed is redone, with everything after it, and the log says which setting changed."""
+    from madpo_ray.layout import STAGES, RunLayout
+
+    unknown = [s for s in force if s not in STAGES]
+    if unknown:
+        fail(f"--force {unknown[0]!r}: not a stage; stages: {', '.join(STAGES)}", 2)
     cfg = _load(config, overrides, address, name)
-    results = _run(cfg, STAGES, force)
+    results = _run(cfg, STAGES, tuple(force))
     print_summary(results["eval"])
-    console.print(f"artifacts: {cfg.run_dir.resolve()}")
+    console.print(f"artifacts: {RunLayout.of(cfg).run_dir}")
 
 
 def _stage_command(stages: tuple[str, ...], doc: str):
     def command(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
                 address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
                 force: bool = typer.Option(False, help="Redo this stage even if complete.")):
-        cfg = _load(config, overrides, address, name)
-        from madpo_ray.pipeline import Pipeline
+        from madpo_ray.layout import RunLayout
 
-        p = Pipeline(cfg)
-        needed = [s for s in stages[:-1] if not p.is_done(s)]
-        _run(cfg, tuple(needed) + stages[-1:], force)
-        console.print_json(json.dumps(json.loads((p.stage_dir(stages[-1]) / "metrics.json").read_text()), default=str))
+        cfg = _load(config, overrides, address, name)
+        _run(cfg, stages, stages[-1:] if force else ())
+        console.print_json(json.dumps(RunLayout.of(cfg).read_metrics(stages[-1]), default=str))
 
     command.__doc__ = doc
     return command
@@ -140,17 +151,19 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
           loss: Optional[str] = typer.Option(None, help="Registered loss: madpo, dpo, ipo, beta_dpo, madpo_amplify, madpo_regularize."),
           address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
           force: bool = typer.Option(False, help="Retrain even if this loss's policy is complete.")):
-    """Train a policy with any registered loss from the scored pairs, then evaluate it."""
-    from madpo_ray.pipeline import Pipeline
+    """Train a policy with any registered loss from the scored pairs, then evaluate it.
 
-    cfg = _load(config, overrides, address, name, [f"policy.loss.name={loss}"] if loss else None)
-    p = Pipeline(cfg)
-    needed = [s for s in ("data", "sft", "pairs", "reward", "score") if not p.is_done(s)]
-    _run(cfg, tuple(needed), force=False)
-    _run(cfg, ("policy",), force=force)
-    from madpo_ray.eval.summary import evaluate_run
+    --loss keeps the config's loss parameters the new loss also takes (beta) and drops the others."""
+    from madpo_ray.layout import STAGES
 
-    print_summary(evaluate_run(p))
+    cfg = _load(config, overrides, address, name)
+    if loss:
+        try:
+            cfg.policy.loss = cfg.policy.loss.switched_to(loss)
+        except (KeyError, ValueError) as e:
+            fail(str(e), 2)
+    results = _run(cfg, STAGES, ("policy",) if force else ())
+    print_summary(results["eval"])
 
 
 def print_comparison(results: dict, title: str) -> None:
@@ -186,10 +199,9 @@ def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG
     try:
         results = Comparison(Pipeline(cfg)).run()
     except _user_errors() as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+        fail(str(e))
     print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
-    out = cfg.run_dir.resolve() / "compare"
+    out = Pipeline(cfg).layout.compare_dir
     console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
 
 
@@ -205,7 +217,8 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
     the run's stages up to score are reused, or run first."""
     from pathlib import Path
 
-    from madpo_ray.compare import evaluate_models
+    from madpo_ray.eval.heldout import evaluate_models
+    from madpo_ray.layout import BEFORE_POLICY
     from madpo_ray.pipeline import Pipeline
 
     cfg = _load(config, overrides, address, name)
@@ -215,35 +228,36 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
         label, _, folder = text.rpartition("=") if "=" in text else ("", "", text)
         folder_path = Path(folder)
         if not (folder_path / "config.json").exists():
-            console.print(f"[red]error:[/red] {folder}: not a model folder (no config.json)")
-            raise typer.Exit(2)
+            fail(f"{folder}: not a model folder (no config.json)", 2)
         if not label:  # runs/x/policy/madpo/model -> "madpo"
             label = folder_path.parent.name if folder_path.name == "model" else folder_path.name
         pairs.append((label, folder_path))
     p = Pipeline(cfg)
     try:
-        p.run(("data", "sft", "pairs", "reward", "score"))
-        target = Path(out) if out else p.run_dir / "eval" / "__".join(lbl for lbl, _ in pairs)
-        results = evaluate_models(p, pairs, target)
+        p.run(BEFORE_POLICY)
+        target = Path(out) if out else p.layout.stage_dir("eval") / "__".join(lbl for lbl, _ in pairs)
+        results = evaluate_models(cfg, p.layout, pairs, target)
     except _user_errors() as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+        fail(str(e))
     print_comparison(results, f"mean {results['column']} reward by temperature")
     console.print(f"table: {target / 'table.md'}")
 
 
 def _user_errors() -> tuple:
     from madpo_ray.data.preference import DataValidationError
+    from madpo_ray.losses import LossParameterError
     from madpo_ray.models import ModelLoadError
 
-    return (DataValidationError, ModelLoadError, FileNotFoundError)
+    return (DataValidationError, ModelLoadError, FileNotFoundError, LossParameterError)
 
 
 @app.command()
 def weights(c_max: List[float] = typer.Option([2.0, 4.0], help="c_max values (repeatable)."),
-            lam: float = typer.Option(1.0), tau: float = typer.Option(6.906754778648554, help="Default ln(999).")):
+            lam: float = typer.Option(1.0), tau: Optional[float] = typer.Option(None, help="Default ln(999).")):
     """Print the MADPO scale c(|m|) and weight w(m) over a range of reward margins."""
-    from madpo_ray.losses import weights_table
+    from madpo_ray.losses import DEFAULT_TAU, weights_table
+
+    tau = DEFAULT_TAU if tau is None else tau
 
     rows = weights_table(c_maxes=tuple(c_max), lam=lam, tau=tau)
     table = Table(title=f"MADPO weights (lam={lam}, tau={tau:.3f})")
@@ -297,23 +311,21 @@ def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
          address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT):
     """Ray Tune search over MADPO's weighting hyperparameters (c_max, tau, lam, beta, lr) from the scored pairs."""
     from madpo_ray.config import ConfigError
+    from madpo_ray.layout import BEFORE_POLICY
     from madpo_ray.pipeline import Pipeline
-    from madpo_ray.tune import load_search_space, run_search
+    from madpo_ray.tune import run_search
+    from madpo_ray.tune_space import load_search_space
 
     try:
         space = load_search_space(config)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2)
+        fail(str(e), 2)
     fixed = [f"{k}={v}" for k, v in space.fixed.items()]
     cfg = _load(pipeline, list(overrides or []) + fixed, address, name)
+    _run(cfg, BEFORE_POLICY)
     p = Pipeline(cfg)
-    needed = [s for s in ("data", "sft", "pairs", "reward", "score") if not p.is_done(s)]
-    if needed:
-        _run(cfg, tuple(needed))
-    _setup_logging()
     summary = run_search(p, space, resume=resume, num_samples=num_samples, cpus_per_trial=cpus_per_trial)
-    out = p.run_dir / "tune" / space.name
+    out = p.layout.tune_dir / space.name
     console.print((out / "trials.md").read_text())
     console.print_json(json.dumps(summary, default=str))
     console.print(f"results: {out}/trials.csv, trials.md, best_config.yaml, search.png")
@@ -331,8 +343,7 @@ def _jobs_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SubmitError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1)
+        fail(str(e))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -347,8 +358,7 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
     env_vars = {}
     for item in env:
         if "=" not in item:
-            console.print(f"[red]--env {item!r} must be KEY=VALUE[/red]")
-            raise typer.Exit(2)
+            fail(f"--env {item!r} must be KEY=VALUE", 2)
         k, v = item.split("=", 1)
         env_vars[k] = v
     jid = _jobs_call(sub.submit, ctx.args, address=address, token=token, pip=pip or None, env_vars=env_vars,
@@ -403,16 +413,14 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from pathlib import Path
 
-    from madpo_ray.models import ModelLoadError, _check_folder
+    from madpo_ray.models import ModelLoadError, check_model_files
 
     try:
-        _check_folder(model)
+        check_model_files(model)
     except ModelLoadError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1)
+        fail(str(e))
     if not Path(model).is_dir():
-        console.print(f"[red]{model}: not a folder[/red]")
-        raise typer.Exit(1)
+        fail(f"{model}: not a folder")
     _setup_logging()
     from madpo_ray.serving.launch import run_server
 

@@ -107,22 +107,44 @@ def check_loss_name(name: str) -> str:
 
 
 class LossConfig(_Strict):
+    """A registered loss and the parameters set for it. A parameter left unset (None) takes the
+    loss's own default (declared with the loss in madpo_ray/losses.py: beta 0.1, c_max 4, lam 1,
+    tau ln 999, ...); a parameter the loss does not take is an error that names it. The fields
+    are every parameter some loss takes (a test keeps them in step with the registry)."""
+
     name: str = "madpo"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    c_max: float = Field(4.0, gt=1)
-    lam: float = Field(1.0, gt=0)
-    tau: float = Field(math.log(999.0), gt=0)
-    alpha: float = 0.6  # beta-DPO
-    rho: float = Field(0.2, ge=0, lt=1)  # beta-DPO
+    beta: Optional[float] = Field(None, gt=0)
+    label_smoothing: Optional[float] = Field(None, ge=0, lt=0.5)  # dpo
+    c_max: Optional[float] = Field(None, gt=1)  # madpo*
+    lam: Optional[float] = Field(None, gt=0)  # madpo*
+    tau: Optional[float] = Field(None, gt=0)  # madpo*
+    alpha: Optional[float] = None  # beta_dpo
+    rho: Optional[float] = Field(None, ge=0, lt=1)  # beta_dpo
+    momentum: Optional[float] = Field(None, ge=0, lt=1)  # beta_dpo
 
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
         return check_loss_name(name)
 
+    @model_validator(mode="after")
+    def _params_belong_to_the_loss(self):
+        from madpo_ray.losses import get_policy_loss
+
+        get_policy_loss(self.name).check_params(self.kwargs())
+        return self
+
     def kwargs(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"name"})
+        """The parameters set for this loss (unset ones are left to the loss's defaults)."""
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+    def switched_to(self, name: str, **params: Any) -> "LossConfig":
+        """This config for another loss: keeps the parameters that loss also takes, sets `params`."""
+        from madpo_ray.losses import get_policy_loss
+
+        accepted = get_policy_loss(check_loss_name(name)).params
+        kept = {k: v for k, v in self.kwargs().items() if k in accepted}
+        return LossConfig(name=name, **{**kept, **params})
 
 
 class StageConfig(_Strict):

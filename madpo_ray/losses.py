@@ -1,8 +1,13 @@
 """Preference losses as pure tensor functions, registered by name.
 
-Every loss returns *per-example* values; the training loop reduces (see `reduce_loss`).
-Nothing here knows about Ray, models or data loaders, so each formula is unit-testable
-against hand-computed values. Formulas follow ../shared/docs/madpo-spec.md exactly.
+Every loss returns *per-example* values and owns its contract: the registry entry
+(`PolicyLoss`) knows the parameters the loss takes (its keyword arguments and their
+defaults, so a misspelt or irrelevant parameter is an error that names it), whether it needs
+reward-model margins, what training state it keeps, and how its per-example values reduce to
+the scalar the optimiser sees, across data-parallel workers included. The training step is
+then the same for every loss. Nothing here knows about Ray, models or data loaders, so each
+formula is unit-testable against hand-computed values. Formulas follow
+../shared/docs/madpo-spec.md exactly.
 
 Notation: for pair i, ``h_i = [logp(y_w) - ref_logp(y_w)] - [logp(y_l) - ref_logp(y_l)]``
 (token-summed response log-probs), ``m_i`` the frozen reward model's margin
@@ -11,9 +16,10 @@ Notation: for pair i, ``h_i = [logp(y_w) - ref_logp(y_w)] - [logp(y_l) - ref_log
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,31 +67,114 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def reduce_loss(out: LossOutput) -> torch.Tensor:
-    """Plain mean over kept examples (MADPO's weights are inside `losses`, not here)."""
-    return (out.losses * out.keep).sum() / out.keep.sum().clamp_min(1.0)
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_gather(local: torch.Tensor) -> torch.Tensor:
+    return local
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How a loss sees the other data-parallel workers: its rank, their number, and an
+    all-gather of equal-sized 1-D tensors (identity on one worker)."""
+
+    rank: int = 0
+    world_size: int = 1
+    gather: Gather = no_gather
+
+
+# --------------------------------------------------------------------------- reductions
+def mean_reduction(out: LossOutput, dp: DataParallel) -> torch.Tensor:
+    """Plain mean over the local batch; DDP's gradient average makes it the global mean
+    (MADPO's weights are inside `losses`, not here)."""
+    return out.losses.mean()
+
+
+def kept_global_mean_reduction(out: LossOutput, dp: DataParallel) -> torch.Tensor:
+    """Mean over the examples kept on *every* worker: each worker divides its kept sum by the
+    global kept count (times world size, which DDP's gradient average divides out again)."""
+    kept_global = float(dp.gather(out.keep).sum())
+    return (out.losses * out.keep).sum() * dp.world_size / max(kept_global, 1.0)
+
+
+Reduction = Callable[[LossOutput, DataParallel], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- registry
-PolicyLossFn = Callable[..., LossOutput]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+class LossParameterError(ValueError):
+    """A parameter the loss does not take (misspelt, or belonging to another loss)."""
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
+RUNTIME_ARGS = frozenset({"state", "generator", "dp"})  # supplied by the training step, not the config
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered loss and its contract. Call it like the function: `loss(inputs, beta=0.1)`."""
+
+    name: str
+    fn: Callable[..., LossOutput]
+    params: Mapping[str, Any]  # config parameters and their defaults, read from fn's signature
+    runtime: frozenset  # which of RUNTIME_ARGS fn takes
+    needs_margins: bool = False
+    reduce: Reduction = mean_reduction
+    make_state: Optional[Callable[[], Any]] = None  # training state that checkpoints must keep
+
+    def check_params(self, given: Mapping[str, Any]) -> None:
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            raise LossParameterError(f"loss {self.name!r} takes no parameter(s) {unknown}; "
+                                     f"its parameters are {sorted(self.params)}")
+
+    def __call__(self, inputs: PolicyLossInputs, **kwargs) -> LossOutput:
+        runtime = {k: kwargs.pop(k) for k in list(kwargs) if k in self.runtime}
+        self.check_params(kwargs)
+        if self.needs_margins and inputs.margins is None:
+            raise ValueError(f"{self.name} needs reward-model margins (the scored 'margin' column)")
+        return self.fn(inputs, **kwargs, **runtime)
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def declared_params(fn: Callable) -> tuple[dict[str, Any], frozenset]:
+    """A loss's keyword-only arguments: config parameters (with defaults) and runtime inputs."""
+    params, runtime = {}, set()
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.name in RUNTIME_ARGS:
+            runtime.add(p.name)
+        elif p.default is inspect.Parameter.empty:
+            raise TypeError(f"loss parameter {p.name!r} of {fn.__name__} needs a default")
+        else:
+            params[p.name] = p.default
+    return params, frozenset(runtime)
+
+
+def register_policy_loss(name: str, *, needs_margins: bool = False, reduce: Reduction = mean_reduction,
+                         make_state: Optional[Callable[[], Any]] = None):
+    def wrap(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} registered twice")
-        POLICY_LOSSES[name] = fn
+        params, runtime = declared_params(fn)
+        POLICY_LOSSES[name] = PolicyLoss(name, fn, params, runtime, needs_margins, reduce, make_state)
         return fn
 
     return wrap
 
 
-def get_policy_loss(name: str) -> PolicyLossFn:
+def get_policy_loss(name: str) -> PolicyLoss:
     try:
         return POLICY_LOSSES[name]
     except KeyError:
         raise KeyError(f"unknown loss {name!r}; registered: {sorted(POLICY_LOSSES)}") from None
+
+
+def all_loss_params() -> set[str]:
+    """Every parameter some registered loss takes (what LossConfig must offer)."""
+    return {k for loss in POLICY_LOSSES.values() for k in loss.params}
 
 
 # --------------------------------------------------------------------------- reward model
@@ -107,14 +196,14 @@ def dpo_per_example(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) 
 
 
 @register_policy_loss("dpo")
-def dpo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
+def dpo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     h = inputs.implicit_margin()
     losses = dpo_per_example(h, beta, label_smoothing)
     return LossOutput(losses, torch.ones_like(losses))
 
 
 @register_policy_loss("ipo")
-def ipo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, **_) -> LossOutput:
+def ipo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1) -> LossOutput:
     """Length-normalised IPO: (h_ipo - 1/(2 beta))^2 with per-token average log-ratios."""
     if inputs.chosen_lengths is None or inputs.rejected_lengths is None:
         raise ValueError("ipo needs chosen_lengths and rejected_lengths (response token counts)")
@@ -157,9 +246,9 @@ def madpo_weights(margin: torch.Tensor, c_max: float = 4.0, lam: float = 1.0, ta
     return torch.where(margin <= -tau, torch.ones_like(w), w)
 
 
-def _madpo(inputs: PolicyLossInputs, mode: str, beta: float, c_max: float, lam: float, tau: float) -> LossOutput:
-    if inputs.margins is None:
-        raise ValueError("madpo needs reward-model margins (the scored 'margin' column)")
+def weighted_dpo(inputs: PolicyLossInputs, mode: str, beta: float, c_max: float, lam: float,
+                 tau: float) -> LossOutput:
+    """MADPO and its ablations: w(m) (detached) times the DPO loss of each pair."""
     w = madpo_weights(inputs.margins, c_max, lam, tau, mode).to(inputs.policy_chosen_logps.dtype)
     losses = w * dpo_per_example(inputs.implicit_margin(), beta)
     return LossOutput(losses, torch.ones_like(losses), {"weight_mean": float(w.mean()),
@@ -167,24 +256,24 @@ def _madpo(inputs: PolicyLossInputs, mode: str, beta: float, c_max: float, lam: 
                                                         "weight_max": float(w.max())})
 
 
-@register_policy_loss("madpo")
+@register_policy_loss("madpo", needs_margins=True)
 def madpo_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
-               tau: float = DEFAULT_TAU, **_) -> LossOutput:
-    return _madpo(inputs, "both", beta, c_max, lam, tau)
+               tau: float = DEFAULT_TAU) -> LossOutput:
+    return weighted_dpo(inputs, "both", beta, c_max, lam, tau)
 
 
-@register_policy_loss("madpo_amplify")
+@register_policy_loss("madpo_amplify", needs_margins=True)
 def madpo_amplify_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
-                       tau: float = DEFAULT_TAU, **_) -> LossOutput:
+                       tau: float = DEFAULT_TAU) -> LossOutput:
     """Ablation: only amplify hard pairs, c' = max(c, 1)."""
-    return _madpo(inputs, "amplify", beta, c_max, lam, tau)
+    return weighted_dpo(inputs, "amplify", beta, c_max, lam, tau)
 
 
-@register_policy_loss("madpo_regularize")
+@register_policy_loss("madpo_regularize", needs_margins=True)
 def madpo_regularize_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
-                          tau: float = DEFAULT_TAU, **_) -> LossOutput:
+                          tau: float = DEFAULT_TAU) -> LossOutput:
     """Ablation: only damp easy pairs, c' = min(c, 1)."""
-    return _madpo(inputs, "regularize", beta, c_max, lam, tau)
+    return weighted_dpo(inputs, "regularize", beta, c_max, lam, tau)
 
 
 # --------------------------------------------------------------------------- beta-DPO
@@ -203,17 +292,13 @@ class BetaDPOState:
         self.mu, self.sigma, self.steps = float(d["mu"]), float(d["sigma"]), int(d["steps"])
 
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
-
-
-@register_policy_loss("beta_dpo")
+@register_policy_loss("beta_dpo", reduce=kept_global_mean_reduction, make_state=BetaDPOState)
 def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = None, beta: float = 0.1,
                   alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9,
-                  generator: Optional[torch.Generator] = None, gather: Optional[Gather] = None,
-                  rank: int = 0, **_) -> LossOutput:
+                  generator: Optional[torch.Generator] = None, dp: DataParallel = DataParallel()) -> LossOutput:
     """beta-DPO (Wu et al. 2024): per-batch beta from the implicit margin, Gaussian data filtering.
 
-    With data parallelism, `gather` all-gathers A over workers (each worker's batch the same
+    With data parallelism, `dp.gather` all-gathers A over workers (each worker's batch the same
     size) and every worker draws the same multinomial sample (same `generator` seed), then
     keeps its own slice: the statistics and the filter are those of the global batch.
     `state` is updated in place.
@@ -222,7 +307,7 @@ def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = N
         raise ValueError("beta_dpo needs a BetaDPOState (its moving averages are training state)")
     h = inputs.implicit_margin()
     local_a = h.detach().float()
-    global_a = gather(local_a) if gather is not None else local_a
+    global_a = dp.gather(local_a)
     n = global_a.numel()
     # Moving averages are updated first, then used (as in the official preference_loss).
     state.mu = momentum * state.mu + (1 - momentum) * float(global_a.mean())
@@ -239,7 +324,7 @@ def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = N
     kept_mean = float(global_a[kept_idx.to(global_a.device)].mean())
     beta_batch = max(beta * (1 + alpha * (kept_mean - state.mu)), 1e-3)
     b = local_a.numel()
-    keep = keep_global[rank * b:(rank + 1) * b].to(h.device, h.dtype)
+    keep = keep_global[dp.rank * b:(dp.rank + 1) * b].to(h.device, h.dtype)
     losses = dpo_per_example(h, beta_batch)
     return LossOutput(losses, keep, {"beta_batch": beta_batch, "beta_mu": state.mu, "beta_sigma": state.sigma})
 

@@ -74,10 +74,11 @@ def check_model_folder(path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: model folder does not exist")
-    _check_folder(path)
+    check_model_files(path)
 
 
-def _check_folder(path: str) -> None:
+def check_model_files(path: str) -> None:
+    """A local folder (hub names pass) must hold config.json and weights."""
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -98,7 +99,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     """Any HF causal LM by hub name (needs a network) or local folder."""
     from transformers import AutoModelForCausalLM
 
-    _check_folder(name_or_path)
+    check_model_files(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype))
     except (OSError, ValueError) as e:
@@ -109,7 +110,7 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", pad_token_id: O
     """A one-label AutoModelForSequenceClassification. From an LM folder the score head is new."""
     from transformers import AutoModelForSequenceClassification
 
-    _check_folder(name_or_path)
+    check_model_files(name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=_dtype(dtype))
     except (OSError, ValueError) as e:
@@ -142,3 +143,26 @@ def build_tiny_base(texts: Iterable[str], cfg: ModelConfig, out_dir: Path, seed:
     model.save_pretrained(out_dir)
     log.info("built tiny base model: %d parameters, vocab %d -> %s", count_parameters(model), len(tokenizer), out_dir)
     return out_dir
+
+
+def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] = None) -> None:
+    """save_pretrained into a temp sibling, then rename: a crash never leaves a half model folder.
+
+    `meta` goes to madpo.json (e.g. the prompt template, so a server formats prompts as in training).
+    """
+    import json
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if meta:
+        (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

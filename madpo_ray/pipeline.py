@@ -1,27 +1,18 @@
-"""Runs the stages in order into a run directory, skipping the ones whose artifacts are complete.
+"""Runs the stages in order into a run folder (paths: `layout.RunLayout`), skipping those that
+are up to date and redoing those whose settings or upstream changed (provenance: layout.py).
 
-    runs/<name>/
-      config.yaml             the exact config of this run
-      data/                   documents and/or validated pairs (+ validation report)
-      base/                   tokenizer + from-scratch base model (tiny default only)
-      sft/model/              reference policy pi_ref (HF folder)
-      pairs/                  preference pairs with testbed gold scores
-      reward/model/           reward model (AutoModelForSequenceClassification, 1 label)
-      score/scored/split=train|eval/   scored parquet (reference log-probs, rewards, margins)
-      policy/<loss>/model/    trained policy
-      summary.json, summary.md
-    Each stage folder holds metrics.json and a DONE marker written last.
+Each stage method returns its metrics; the driver writes them with the stage's DONE record.
+Training stages run on Ray Train (`runtime.run_trainer`): the driver tokenises, hands the
+examples to the trainer as a Ray Dataset, and the workers read them with get_dataset_shard.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import shutil
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,32 +21,21 @@ from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
 from madpo_ray.data.preference import ValidationReport, load_pairs, validate_rows
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
+from madpo_ray.layout import STAGE_SETTINGS, STAGES, TESTBED_SOURCES, RunLayout, StageRecord, settings_of, upstream_of
 
 log = logging.getLogger("madpo_ray.pipeline")
-STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
-TESTBED_SOURCES = ("generated", "debian")
 
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, fault: Optional[dict] = None):
         self.cfg = cfg
-        self.run_dir = cfg.run_dir.resolve()
-        self.fault = fault or {}  # {"stage": "policy", "step": 3}: SIGKILL a worker once (tests)
+        self.layout = RunLayout.of(cfg)
+        self.fault = fault or {}  # tests: {"stage": "policy", "step": 3, "batch_log": True} kills a worker once
         self.timings: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def stage_dir(self, stage: str) -> Path:
-        if stage == "policy":
-            return self.run_dir / "policy" / self.cfg.policy.loss.name
-        return self.run_dir / stage
-
-    def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / "DONE").exists()
-
-    def mark_done(self, stage: str, metrics: dict) -> None:
-        d = self.stage_dir(stage)
-        write_json(d / "metrics.json", metrics)
-        (d / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    @property
+    def run_dir(self):
+        return self.layout.run_dir
 
     @property
     def is_testbed(self) -> bool:
@@ -63,154 +43,214 @@ class Pipeline:
 
     @property
     def base_model(self) -> str:
-        return self.cfg.model.name_or_path or str(self.run_dir / "base")
+        return self.cfg.model.name_or_path or str(self.layout.base_dir)
 
-    def _loop_config(self, stage: str, **paths) -> dict:
-        cfg = {"pipeline": self.cfg.model_dump(mode="json"), **{k: str(v) for k, v in paths.items()}}
-        if self.fault.get("stage") == stage:
-            cfg.update(fail_at_step=int(self.fault["step"]), marker_dir=str(self.run_dir / ".faults"))
-            if self.fault.get("batch_log"):
-                cfg["batch_log_path"] = str(self.stage_dir(stage) / "batches.log")
-        return cfg
-
-    def _train(self, stage: str, train_loop, examples: list, model_dir: str) -> dict:
-        from madpo_ray.runtime import init_ray, run_trainer
-
-        d = self.stage_dir(stage)
-        d.mkdir(parents=True, exist_ok=True)
-        examples_path = d / "examples.pt"
-        torch.save(examples, examples_path)
-        init_ray(self.cfg.ray)
-        storage = self.run_dir / "ray"
-        name = self.trainer_name(stage)
-        run_trainer(train_loop, self._loop_config(stage, model_dir=model_dir, examples_path=examples_path,
-                                                  out_dir=d / "model", metrics_path=d / "train_metrics.json",
-                                                  checkpoint_root=storage / name),
-                    self.cfg.ray, name=name, storage_path=storage)
-        return json.loads((d / "train_metrics.json").read_text())
-
-    def trainer_name(self, stage: str) -> str:
-        """Ray Train run name; its checkpoints live in run_dir/ray/<name>/."""
-        return f"{stage}-{self.cfg.policy.loss.name}" if stage == "policy" else stage
-
-    def _tokenizer(self):
+    def tokenizer(self):
         from madpo_ray.models import load_tokenizer
 
         return load_tokenizer(self.base_model if self.cfg.model.tokenizer is None else self.cfg.model.tokenizer)
 
+    # ------------------------------------------------------------------ provenance
+    def stage_settings(self, stage: str) -> dict:
+        return settings_of(self.cfg.model_dump(mode="json"), STAGE_SETTINGS[stage])
+
+    def upstream_id(self, stage: str) -> Optional[str]:
+        up = upstream_of(stage)
+        rec = self.layout.record(up) if up else None
+        return rec.record_id if rec else None
+
+    def why_stale(self, stage: str) -> Optional[str]:
+        """None if the stage is up to date, else why it must run."""
+        rec = self.layout.record(stage)
+        if rec is None:
+            return "not run yet" if not self.layout.is_done(stage) else "made by an older version (no provenance)"
+        return rec.why_stale(self.stage_settings(stage), self.upstream_id(stage), upstream_of(stage) or "")
+
+    def begin_stage(self, stage: str) -> None:
+        """Keep an interrupted training's checkpoints only if they were made with the same settings."""
+        started = StageRecord.read(self.layout.stage_dir(stage), "STARTED")
+        settings, upstream = self.stage_settings(stage), self.upstream_id(stage)
+        if started is None or started.why_stale(settings, upstream) is not None or self.layout.is_done(stage):
+            shutil.rmtree(self.layout.checkpoint_root(stage), ignore_errors=True)
+        (self.layout.stage_dir(stage) / "DONE").unlink(missing_ok=True)
+        StageRecord.write(self.layout.stage_dir(stage), settings, upstream, "STARTED")
+
+    def finish_stage(self, stage: str, metrics: dict) -> None:
+        write_json(self.layout.metrics_path(stage), metrics)
+        StageRecord.write(self.layout.stage_dir(stage), self.stage_settings(stage), self.upstream_id(stage))
+
+    # ------------------------------------------------------------------ driver
+    def run(self, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
+        """Run `stages` in order; a stage in `force` is redone even if up to date."""
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.layout.config_path)
+        results = {}
+        for stage in stages:
+            reason = "forced" if stage in force else self.why_stale(stage)
+            if reason is None:
+                log.info("== %s: up to date, skipping", stage)
+                results[stage] = self.layout.read_metrics(stage)
+                continue
+            log.info("== %s: running (%s)", stage, reason)
+            self.begin_stage(stage)
+            t0 = time.time()
+            metrics = getattr(self, f"stage_{stage}")()
+            metrics["wall_seconds"] = self.timings[stage] = time.time() - t0
+            self.finish_stage(stage, metrics)
+            log.info("== %s: done in %.1fs", stage, metrics["wall_seconds"])
+            results[stage] = metrics
+        return results
+
+    def train(self, stage: str, train_loop, dataset, model_dir: str, order_by: str = "index") -> dict:
+        """One Ray Train run of a stage's `train_loop_per_worker`; returns its training metrics."""
+        from madpo_ray.runtime import run_trainer
+
+        lay = self.layout
+        config = {"pipeline": self.cfg.model_dump(mode="json"), "model_dir": str(model_dir),
+                  "out_dir": str(lay.model_dir(stage)), "metrics_path": str(lay.train_metrics_path(stage)),
+                  "checkpoint_root": str(lay.checkpoint_root(stage)), "order_by": order_by}
+        if self.fault.get("stage") == stage:
+            config["fault"] = {"fail_at_step": int(self.fault["step"]), "marker_dir": str(lay.faults_dir),
+                               "batch_log_path": str(lay.stage_dir(stage) / "batches.log")
+                               if self.fault.get("batch_log") else None}
+        run_trainer(train_loop, config, self.cfg.ray, name=lay.trainer_name(stage), storage_path=lay.ray_storage,
+                    datasets={"train": dataset})
+        import json
+
+        return json.loads(lay.train_metrics_path(stage).read_text())
+
+    def dataset_of(self, examples: list[dict]):
+        """A Ray Dataset of tokenised examples, each with its position as "index"."""
+        import ray.data
+
+        from madpo_ray.runtime import init_ray
+
+        init_ray(self.cfg.ray)
+        return ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]).materialize()
+
     # ------------------------------------------------------------------ stages
     def stage_data(self) -> dict:
-        d = self.stage_dir("data")
-        c = self.cfg.data
+        c, lay = self.cfg.data, self.layout
         metrics: dict = {"source": c.source}
         if c.source == "generated":
             from madpo_ray.data.corpus.generated import generate_splits
 
             splits = generate_splits(c.num_documents, c.num_eval_documents, c.corpus_seed)
-            write_jsonl([x.to_dict() for x in splits["train"]], d / "train_docs.jsonl")
-            write_jsonl([x.to_dict() for x in splits["test"]], d / "test_docs.jsonl")
+            write_jsonl([x.to_dict() for x in splits["train"]], lay.docs_path("train"))
+            write_jsonl([x.to_dict() for x in splits["test"]], lay.docs_path("test"))
         elif c.source == "debian":
             from madpo_ray.data.corpus.debian import load_debian_split
 
             rng = random.Random(c.corpus_seed)
-            train = load_debian_split("train")
-            test = load_debian_split("test")
-            write_jsonl(rng.sample(train, min(c.num_documents, len(train))), d / "train_docs.jsonl")
-            write_jsonl(rng.sample(test, min(c.num_eval_documents, len(test))), d / "test_docs.jsonl")
+            train, test = load_debian_split("train"), load_debian_split("test")
+            write_jsonl(rng.sample(train, min(c.num_documents, len(train))), lay.docs_path("train"))
+            write_jsonl(rng.sample(test, min(c.num_eval_documents, len(test))), lay.docs_path("test"))
         else:
-            pairs, report = load_pairs(c.source, c.split, c.strict)
-            log.info(report.summary())
-            metrics["train_validation"] = report.to_metrics()
-            if c.eval_split:
-                try:
-                    eval_pairs, eval_report = load_pairs(c.source, c.eval_split, c.strict)
-                    metrics["eval_validation"] = eval_report.to_metrics()
-                except Exception as e:  # no such split: hold out 5% instead
-                    log.warning("no eval split %r (%s); holding out 5%% of train", c.eval_split, e)
-                    eval_pairs = []
-            else:
-                eval_pairs = []
-            if not eval_pairs:
-                rng = random.Random(c.corpus_seed)
-                rng.shuffle(pairs)
-                n_eval = max(1, len(pairs) // 20)
-                eval_pairs, pairs = pairs[:n_eval], pairs[n_eval:]
-            if c.max_pairs:
-                pairs = pairs[:c.max_pairs]
-            write_jsonl(pairs, d / "pairs_train.jsonl")
-            write_jsonl(eval_pairs, d / "pairs_eval.jsonl")
-            metrics.update(train_pairs=len(pairs), eval_pairs=len(eval_pairs))
+            metrics.update(self.load_input_pairs())
         if self.cfg.model.name_or_path is None:
-            from madpo_ray.models import build_tiny_base
-
-            if self.is_testbed:
-                docs = read_jsonl(d / "train_docs.jsonl")
-                texts = [x["document"] for x in docs] + [x["reference"] for x in docs]
-            else:
-                texts = [str(p[k]) for p in read_jsonl(d / "pairs_train.jsonl") for k in ("prompt", "chosen", "rejected")]
-            build_tiny_base(texts, self.cfg.model, self.run_dir / "base", seed=self.cfg.sft.optim.seed)
+            self.build_base()
         return metrics
+
+    def load_input_pairs(self) -> dict:
+        """A user's preference dataset: validated train pairs and held-out pairs (its eval split,
+        or 5% of train when it has none)."""
+        c = self.cfg.data
+        pairs, report = load_pairs(c.source, c.split, c.strict)
+        log.info(report.summary())
+        metrics = {"train_validation": report.to_metrics()}
+        eval_pairs = []
+        if c.eval_split:
+            try:
+                eval_pairs, eval_report = load_pairs(c.source, c.eval_split, c.strict)
+                metrics["eval_validation"] = eval_report.to_metrics()
+            except Exception as e:  # no such split: hold out 5% instead
+                log.warning("no eval split %r (%s); holding out 5%% of train", c.eval_split, e)
+        if not eval_pairs:
+            rng = random.Random(c.corpus_seed)
+            rng.shuffle(pairs)
+            n_eval = max(1, len(pairs) // 20)
+            eval_pairs, pairs = pairs[:n_eval], pairs[n_eval:]
+        if c.max_pairs:
+            pairs = pairs[:c.max_pairs]
+        write_jsonl(pairs, self.layout.input_pairs_path("train"))
+        write_jsonl(eval_pairs, self.layout.input_pairs_path("eval"))
+        return {**metrics, "train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+
+    def build_base(self) -> None:
+        """The tiny from-scratch default: a BPE tokenizer and a Llama trained on nothing yet."""
+        from madpo_ray.models import build_tiny_base
+
+        lay = self.layout
+        if self.is_testbed:
+            docs = read_jsonl(lay.docs_path("train"))
+            texts = [x["document"] for x in docs] + [x["reference"] for x in docs]
+        else:
+            texts = [str(p[k]) for p in read_jsonl(lay.input_pairs_path("train")) for k in ("prompt", "chosen", "rejected")]
+        build_tiny_base(texts, self.cfg.model, lay.base_dir, seed=self.cfg.sft.optim.seed)
 
     def stage_sft(self) -> dict:
         from madpo_ray.stages import sft
 
-        data = self.stage_dir("data")
         c = self.cfg.data
         if self.is_testbed:
             rows = [{"prompt": c.prompt_template.format(document=x["document"]), "response": " " + x["reference"]}
-                    for x in read_jsonl(data / "train_docs.jsonl")]
+                    for x in read_jsonl(self.layout.docs_path("train"))]
         else:
-            rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in read_jsonl(data / "pairs_train.jsonl")]
-        examples = tokenize_sft(self._tokenizer(), rows, c.max_prompt_length, c.max_length)
-        return {"examples": len(examples), **self._train("sft", sft.train_loop_per_worker, examples, self.base_model)}
+            rows = [{"prompt": p["prompt"], "response": p["chosen"]}
+                    for p in read_jsonl(self.layout.input_pairs_path("train"))]
+        examples = tokenize_sft(self.tokenizer(), rows, c.max_prompt_length, c.max_length)
+        return {"examples": len(examples),
+                **self.train("sft", sft.train_loop_per_worker, self.dataset_of(examples), self.base_model)}
 
     def stage_pairs(self) -> dict:
         """Testbed: sample summaries from the SFT policy, pair them, label Bradley-Terry by gold reward."""
-        d = self.stage_dir("pairs")
-        data = self.stage_dir("data")
-        c = self.cfg.data
+        lay = self.layout
         if not self.is_testbed:
             for split in ("train", "eval"):
-                write_jsonl(read_jsonl(data / f"pairs_{split}.jsonl"), d / f"{split}.jsonl")
-            return {"source": c.source}
-        from madpo_ray.data.testbed import build_pairs
-        from madpo_ray.eval.generate import generate_transformers
+                write_jsonl(read_jsonl(lay.input_pairs_path(split)), lay.pairs_path(split))
+            return {"source": self.cfg.data.source}
         from madpo_ray.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        sft_dir = str(self.stage_dir("sft") / "model")
+        sft_dir = str(lay.model_dir("sft"))
         model, tok = load_causal_lm(sft_dir), load_tokenizer(sft_dir)
-        metrics = {}
-        for split, docs_file in (("train", "train_docs.jsonl"), ("eval", "test_docs.jsonl")):
-            docs = read_jsonl(data / docs_file)
-            prompts = [c.prompt_template.format(document=x["document"]) for x in docs]
-            t0 = time.time()
-            samples: dict[str, list[str]] = {x["doc_id"]: [] for x in docs}
-            for k in range(c.samples_per_document):
-                texts = generate_transformers(model, tok, prompts, temperature=1.0, seed=c.corpus_seed * 100 + k,
-                                              max_new_tokens=self.cfg.eval.max_new_tokens, batch_size=64,
-                                              max_prompt_length=c.max_prompt_length)
-                for x, t in zip(docs, texts):
-                    samples[x["doc_id"]].append(t)
-            log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
-                     time.time() - t0)
-            pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
-                                policy_samples=samples, prompt_template=c.prompt_template)
-            report = ValidationReport(source=f"testbed/{split}")
-            pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
-            if split == "train" and c.max_pairs:
-                pairs = pairs[:c.max_pairs]
-            write_jsonl(pairs, d / f"{split}.jsonl")
-            metrics[split] = {"pairs": len(pairs), "validation": report.to_metrics(),
-                              "label_agrees_with_gold": sum(p["true_margin"] > 0 for p in pairs) / max(1, len(pairs)),
-                              "mean_abs_true_margin": sum(abs(p["true_margin"]) for p in pairs) / max(1, len(pairs))}
-        return metrics
+        return {split: self.testbed_pairs(model, tok, split, docs_split)
+                for split, docs_split in (("train", "train"), ("eval", "test"))}
 
-    def _tokenized_pairs(self, split: str) -> tuple[list[dict], dict]:
+    def testbed_pairs(self, model, tok, split: str, docs_split: str) -> dict:
+        from madpo_ray.data.testbed import build_pairs
+        from madpo_ray.eval.generate import generate_transformers
+
         c = self.cfg.data
-        rows = read_jsonl(self.stage_dir("pairs") / f"{split}.jsonl")
+        docs = read_jsonl(self.layout.docs_path(docs_split))
+        prompts = [c.prompt_template.format(document=x["document"]) for x in docs]
+        t0 = time.time()
+        samples: dict[str, list[str]] = {x["doc_id"]: [] for x in docs}
+        for k in range(c.samples_per_document):
+            texts = generate_transformers(model, tok, prompts, temperature=1.0, seed=c.corpus_seed * 100 + k,
+                                          max_new_tokens=self.cfg.eval.max_new_tokens, batch_size=64,
+                                          max_prompt_length=c.max_prompt_length)
+            for x, t in zip(docs, texts):
+                samples[x["doc_id"]].append(t)
+        log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
+                 time.time() - t0)
+        pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
+                            policy_samples=samples, prompt_template=c.prompt_template)
+        report = ValidationReport(source=f"testbed/{split}")
+        pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
+        if split == "train" and c.max_pairs:
+            pairs = pairs[:c.max_pairs]
+        write_jsonl(pairs, self.layout.pairs_path(split))
+        n = max(1, len(pairs))
+        return {"pairs": len(pairs), "validation": report.to_metrics(),
+                "label_agrees_with_gold": sum(p["true_margin"] > 0 for p in pairs) / n,
+                "mean_abs_true_margin": sum(abs(p["true_margin"]) for p in pairs) / n}
+
+    def tokenized_pairs(self, split: str) -> tuple[list[dict], dict]:
+        c = self.cfg.data
+        rows = read_jsonl(self.layout.pairs_path(split))
         report = ValidationReport(source=f"tokenize/{split}")
-        exs = tokenize_pairs(self._tokenizer(), rows, c.max_prompt_length, c.max_length, c.overlong, report, c.strict)
+        exs = tokenize_pairs(self.tokenizer(), rows, c.max_prompt_length, c.max_length, c.overlong, report, c.strict)
         by_id = {r.get("row_id", i): r for i, r in enumerate(rows)}
         keep = ("pair_id", "gold_chosen", "gold_rejected", "true_margin", "chosen_kind", "rejected_kind")
         for ex in exs:
@@ -223,78 +263,40 @@ class Pipeline:
     def stage_reward(self) -> dict:
         from madpo_ray.stages import reward
 
-        exs, report = self._tokenized_pairs("train")
+        exs, report = self.tokenized_pairs("train")
         strip = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in exs]
         return {"examples": len(strip), "tokenize": report,
-                **self._train("reward", reward.train_loop_per_worker, strip, str(self.stage_dir("sft") / "model"))}
+                **self.train("reward", reward.train_loop_per_worker, self.dataset_of(strip),
+                             str(self.layout.model_dir("sft")))}
 
     def stage_score(self) -> dict:
         from madpo_ray.models import check_model_folder
         from madpo_ray.runtime import init_ray
-        from madpo_ray.stages.score import assert_no_nan, read_partition, score_with_ray
+        from madpo_ray.stages.score import score_splits
 
         for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
-            check_model_folder(str(self.stage_dir(stage) / "model"))
+            check_model_folder(str(self.layout.model_dir(stage)))
         init_ray(self.cfg.ray)
-        examples, metrics = [], {}
-        for split in ("train", "eval"):
-            exs, report = self._tokenized_pairs(split)
-            for ex in exs:
-                ex.pop("margin", None)  # the reward model's margin replaces any given one
-                ex["split"] = split
-            examples += exs
-            metrics[split] = {"tokenize": report}
-        t0 = time.time()
-        out = score_with_ray(examples, self.stage_dir("sft") / "model", self.stage_dir("reward") / "model",
-                             self.stage_dir("score") / "scored", batch_size=self.cfg.score.batch_size,
-                             num_actors=self.cfg.score.num_actors)
-        secs = time.time() - t0
-        metrics.update(pairs=len(examples), seconds=secs, pairs_per_s=len(examples) / max(secs, 1e-9))
-        for split in ("train", "eval"):
-            rows = read_partition(out, split)
-            assert_no_nan(rows, f"{out}/split={split}")
-            m = metrics[split]
-            m.update(pairs=len(rows), rm_accuracy_vs_labels=sum(r["margin"] > 0 for r in rows) / max(1, len(rows)))
-            if rows and "true_margin" in rows[0]:
-                m["rm_accuracy_vs_true_margin"] = sum((r["margin"] > 0) == (r["true_margin"] > 0)
-                                                      for r in rows) / len(rows)
-        return metrics
-
-    def scored_path(self, split: str) -> Path:
-        return self.stage_dir("score") / "scored" / f"split={split}"
+        return score_splits(self.layout, {split: self.tokenized_pairs(split) for split in ("train", "eval")},
+                            self.cfg.score)
 
     def stage_policy(self) -> dict:
+        import ray.data
+
+        from madpo_ray.data.scored import POLICY_COLUMNS, load_policy_examples
         from madpo_ray.models import check_model_folder
         from madpo_ray.stages import policy
 
-        check_model_folder(str(self.stage_dir("sft") / "model"))
-        exs = policy.load_policy_examples(self.scored_path("train"), self.cfg.policy.loss.name)
-        return {"examples": len(exs), **self._train("policy", policy.train_loop_per_worker, exs,
-                                                     str(self.stage_dir("sft") / "model"))}
+        check_model_folder(str(self.layout.model_dir("sft")))
+        path = self.layout.scored_path("train")
+        examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before Ray Train starts
+        columns = [c for c in POLICY_COLUMNS if c in examples[0]] if examples else list(POLICY_COLUMNS)
+        self.dataset_of([])  # starts Ray if needed
+        dataset = ray.data.read_parquet(str(path), columns=columns).materialize()
+        return {"examples": len(examples), **self.train("policy", policy.train_loop_per_worker, dataset,
+                                                        str(self.layout.model_dir("sft")), order_by="row_id")}
 
     def stage_eval(self) -> dict:
         from madpo_ray.eval.summary import evaluate_run
 
-        return evaluate_run(self)
-
-    # ------------------------------------------------------------------ driver
-    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
-        results = {}
-        for stage in stages:
-            if not force and self.is_done(stage):
-                log.info("== %s: complete, skipping (delete %s to redo)", stage, self.stage_dir(stage) / "DONE")
-                results[stage] = json.loads((self.stage_dir(stage) / "metrics.json").read_text())
-                continue
-            if force:  # a forced redo must not resume from the old run's checkpoints
-                shutil.rmtree(self.run_dir / "ray" / self.trainer_name(stage), ignore_errors=True)
-            log.info("== %s: starting", stage)
-            t0 = time.time()
-            metrics = getattr(self, f"stage_{stage}")()
-            metrics["wall_seconds"] = time.time() - t0
-            self.timings[stage] = metrics["wall_seconds"]
-            self.mark_done(stage, metrics)
-            log.info("== %s: done in %.1fs", stage, metrics["wall_seconds"])
-            results[stage] = metrics
-        return results
+        return evaluate_run(self.cfg, self.layout)

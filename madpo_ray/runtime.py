@@ -49,15 +49,19 @@ def latest_checkpoint(storage_path: Path, name: str):
     """The newest complete checkpoint a previous attempt of this run left, for cross-process resume."""
     import ray.train
 
-    from madpo_ray.stages.common import find_checkpoints, newest_checkpoint
+    from madpo_ray.engine.checkpoints import find_checkpoints, newest_checkpoint
 
     best = newest_checkpoint(find_checkpoints(str(Path(storage_path) / name)))
     return ray.train.Checkpoint.from_directory(str(best)) if best else None
 
 
 def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, *, name: str,
-                storage_path: Path, resume: bool = True, num_workers: Optional[int] = None):
-    """One TorchTrainer run; resumes from the last checkpoint under storage_path/name if any."""
+                storage_path: Path, datasets: Optional[dict] = None, resume: bool = True,
+                num_workers: Optional[int] = None):
+    """One TorchTrainer run; resumes from the last checkpoint under storage_path/name if any.
+
+    `datasets` reach every worker whole (`get_dataset_shard`); the training loop's seeded
+    sampler shards them, so the batch order is exact on resume and the same for any worker count."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -80,5 +84,7 @@ def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayC
             worker_runtime_env={"env_vars": worker_env()},
         ),
         resume_from_checkpoint=resume_from,
+        datasets=datasets or {},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     return trainer.fit()

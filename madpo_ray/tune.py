@@ -1,10 +1,11 @@
 """Ray Tune over the policy stage: MADPO's weighting hyperparameters (c_max, tau, lam), beta, lr.
 
-Each trial is a *function trainable on one worker* running the same training engine as the
-policy stage (`stages/common.fit` with a Tune session), not a TorchTrainer per trial: on small
-clusters a TorchTrainer inside a trial adds ~20 s of start-up and a second placement group per
-trial (the starvation of ray-project/ray#54305); one worker per trial lets `max_concurrent_trials`
-equal the free CPUs. Every trial reads the same scored parquet: nothing is re-scored.
+Each trial is a *function trainable on one worker* calling the same `train_policy` as the
+pipeline's policy stage and `madpo compare` (with a Tune session), not a TorchTrainer per trial:
+on small clusters a TorchTrainer inside a trial adds ~20 s of start-up and a second placement
+group per trial (the starvation of ray-project/ray#54305); one worker per trial lets
+`max_concurrent_trials` equal the free CPUs. Every trial reads the same scored parquet: nothing
+is re-scored. The search-space schema is in `tune_space.py`.
 """
 
 from __future__ import annotations
@@ -13,166 +14,37 @@ import csv
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from madpo_ray.config import ConfigError, PipelineConfig
+from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
+from madpo_ray.tune_space import LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
 log = logging.getLogger("madpo_ray.tune")
-TUNE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
-LOSS_PARAMS = {"c_max", "tau", "lam", "beta", "label_smoothing", "alpha", "rho", "name"}
-OPTIM_PARAMS = {"lr", "epochs", "weight_decay", "warmup_ratio"}
-TUNABLE = LOSS_PARAMS | OPTIM_PARAMS
-OBJECTIVES = ("heldout_preference_accuracy", "gold_preference_accuracy", "implicit_reward_accuracy", "gold_reward",
-              "rm_reward")
-
-
-class ParamSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["uniform", "loguniform", "choice", "grid"]
-    low: Optional[float] = None
-    high: Optional[float] = None
-    values: Optional[list[Union[float, int, str]]] = None
-
-    @model_validator(mode="after")
-    def _bounds(self):
-        if self.type in ("uniform", "loguniform"):
-            if self.low is None or self.high is None:
-                raise ValueError(f"{self.type} needs low and high")
-            if self.low > self.high:
-                raise ValueError(f"low ({self.low}) > high ({self.high})")
-            if self.low == self.high:
-                raise ValueError(f"empty range: low == high == {self.low}")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError(f"loguniform needs low > 0, got {self.low}")
-        else:
-            if not self.values:
-                raise ValueError(f"{self.type} needs a non-empty values list")
-        return self
-
-    def to_tune(self):
-        from ray import tune
-
-        if self.type == "uniform":
-            return tune.uniform(self.low, self.high)
-        if self.type == "loguniform":
-            return tune.loguniform(self.low, self.high)
-        if self.type == "choice":
-            return tune.choice(self.values)
-        return tune.grid_search(self.values)
-
-
-class SchedulerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["none", "asha"] = "asha"
-    grace_period: int = Field(2, ge=1)  # reports before a trial can be stopped
-    reduction_factor: float = Field(3, gt=1)
-
-
-class SearchSpace(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    loss: str = "madpo"
-    # heldout_preference_accuracy: policy likelihood ranks the labelled-chosen response first (eval pairs)
-    # gold_preference_accuracy: the same against the testbed's true margins
-    # gold_reward: testbed gold reward of greedy summaries of test documents
-    # rm_reward: the frozen reward model's score of greedy completions of held-out prompts (any dataset)
-    objective: Literal[OBJECTIVES] = "heldout_preference_accuracy"  # type: ignore[valid-type]
-    search: Literal["random", "grid", "optuna"] = "random"
-    num_samples: int = Field(8, ge=1)
-    scheduler: SchedulerSpec = SchedulerSpec()
-    eval_every: int = Field(10, ge=1)  # optimiser steps between held-out evaluations (ASHA's time unit)
-    params: dict[str, ParamSpec]
-    fixed: dict[str, Any] = {}  # pipeline overrides applied to every trial, e.g. policy.optim.epochs: 1
-
-    @field_validator("params")
-    @classmethod
-    def _known(cls, params: dict) -> dict:
-        unknown = sorted(set(params) - TUNABLE)
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown}; tunable: {sorted(TUNABLE)}")
-        if not params:
-            raise ValueError("params is empty")
-        return params
-
-    @model_validator(mode="after")
-    def _grid_consistency(self):
-        grids = [k for k, p in self.params.items() if p.type == "grid"]
-        if self.search == "grid" and len(grids) != len(self.params):
-            raise ValueError(f"search: grid needs every param of type grid; not grid: "
-                             f"{sorted(set(self.params) - set(grids))}")
-        if self.search == "optuna" and grids:
-            raise ValueError(f"optuna cannot sample grid params {grids}; use uniform/loguniform/choice")
-        return self
-
-
-def load_search_space(path: Union[str, Path]) -> SearchSpace:
-    p = Path(path)
-    if not p.exists():
-        candidate = TUNE_CONFIGS_DIR / f"{path}.yaml"
-        if not candidate.exists():
-            raise ConfigError(f"search space {str(path)!r} not found (nor {candidate})")
-        p = candidate
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    try:
-        return SearchSpace.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"])
-            lines.append(f"{key}: {err['msg']}")
-        raise ConfigError(f"{p}: invalid search space:\n  " + "\n  ".join(lines)) from None
 
 
 def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> PipelineConfig:
-    """The pipeline config a trial trains with."""
-    from madpo_ray.config import config_from_dict
-
+    """The pipeline config a trial trains with: the searched loss parameters on `loss` (or on the
+    searched loss `name`), keeping the base config's parameters that loss also takes."""
     raw = cfg.model_dump(mode="json")
-    raw["policy"]["loss"]["name"] = params.get("name", loss)
-    for k, v in params.items():
-        if k in LOSS_PARAMS and k != "name":
-            raw["policy"]["loss"][k] = v
-        elif k in OPTIM_PARAMS:
-            raw["policy"]["optim"][k] = v
+    loss_params = {k: v for k, v in params.items() if k in LOSS_PARAMS and k != "name"}
+    raw["policy"]["loss"] = cfg.policy.loss.switched_to(params.get("name", loss), **loss_params).model_dump()
+    raw["policy"]["optim"].update({k: v for k, v in params.items() if k in OPTIM_PARAMS})
     return config_from_dict(raw)
 
 
 # --------------------------------------------------------------------------- the trial
-def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: str, test_docs: Optional[str],
-          model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
-          reward_dir: Optional[str] = None) -> None:
-    """One Tune trial: policy training from the shared scored parquet, held-out metrics every eval_every steps."""
-    import torch
+def trial_evaluator(cfg: PipelineConfig, objective: str, scored_eval: str, test_docs: Optional[str],
+                    reward_dir: Optional[str], tok):
+    """The held-out metrics a trial reports (what ASHA prunes on), on the validation data only."""
+    from madpo_ray.data.scored import read_scored
+    from madpo_ray.eval.summary import greedy_gold_reward, pair_logprobs, preference_metrics
 
-    from madpo_ray.config import PipelineConfig
-    from madpo_ray.data.collate import PairCollator
-    from madpo_ray.eval.summary import pair_logprobs, preference_metrics
-    from madpo_ray.models import load_causal_lm, load_tokenizer
-    from madpo_ray.stages._worker import quiet_libraries
-    from madpo_ray.stages.common import RayTuneSession, fit
-    from madpo_ray.stages.policy import PolicyStep, load_policy_examples, read_scored
-
-    quiet_libraries()
-    torch.set_num_threads(1)
-    cfg = apply_trial_params(PipelineConfig.model_validate(base_config), params, loss)
-    if fail_marker and not Path(fail_marker).exists() and params.get("_fail_once"):
-        Path(fail_marker).write_text("failed once")
-        raise RuntimeError("fault injection: this trial fails on its first attempt")
-    examples = load_policy_examples(scored_train, cfg.policy.loss.name)
     eval_rows = read_scored(scored_eval)
-    tok = load_tokenizer(model_dir)
-    docs = None
+    docs, rm, rm_prompts = None, None, []
     if objective == "gold_reward" and test_docs:
         from madpo_ray.io import read_jsonl
 
         docs = read_jsonl(Path(test_docs))[:cfg.eval.num_prompts]
-    rm, rm_prompts = None, []
     if objective == "rm_reward":
         from madpo_ray.models import load_reward_model
 
@@ -187,8 +59,6 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
         if "policy_gold_preference_accuracy" in m:
             out["gold_preference_accuracy"] = m["policy_gold_preference_accuracy"]
         if docs is not None:
-            from madpo_ray.eval.summary import greedy_gold_reward
-
             out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)
         if rm is not None:
             from madpo_ray.eval.generate import generate_transformers
@@ -199,11 +69,33 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
             out["rm_reward"] = sum(scores) / len(scores)
         return out
 
-    optim = cfg.policy.optim.model_copy(update={"report_every": eval_every, "checkpoint_every": eval_every})
-    step = PolicyStep(cfg.policy.loss, optim.seed)
-    fit(load_causal_lm(model_dir), examples, PairCollator(tok.pad_token_id), step, optim,
-        stage=f"tune/{cfg.policy.loss.name}", extra_state={"beta_dpo": step.beta_state},
-        session=RayTuneSession(torch.device("cpu")), eval_fn=evaluate)
+    return evaluate
+
+
+def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: str, test_docs: Optional[str],
+          model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
+          reward_dir: Optional[str] = None) -> None:
+    """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps."""
+    import torch
+
+    from madpo_ray.data.scored import load_policy_examples
+    from madpo_ray.engine.sessions import RayTuneSession
+    from madpo_ray.models import load_tokenizer
+    from madpo_ray.stages.policy import train_policy
+    from madpo_ray.stages.worker import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    cfg = apply_trial_params(PipelineConfig.model_validate(base_config), params, loss)
+    if fail_marker and not Path(fail_marker).exists() and params.get("_fail_once"):
+        Path(fail_marker).write_text("failed once")
+        raise RuntimeError("fault injection: this trial fails on its first attempt")
+    cfg = config_from_dict(cfg.model_dump(mode="json"), [f"policy.optim.report_every={eval_every}",
+                                                         f"policy.optim.checkpoint_every={eval_every}"])
+    evaluate = trial_evaluator(cfg, objective, scored_eval, test_docs, reward_dir, load_tokenizer(model_dir))
+    session = RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
+                             torch.device("cpu"))
+    train_policy(cfg, session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
 
 
 # --------------------------------------------------------------------------- the search
@@ -211,6 +103,40 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def new_tuner(trainable, space: SearchSpace, storage: Path, num_samples: Optional[int], cpus_per_trial: float,
+              fail_once: bool):
+    """A fresh Tuner: the param space, the search algorithm, ASHA, and as many trials at once as CPUs allow."""
+    from ray import tune
+
+    param_space = {k: p.to_tune() for k, p in space.params.items()}
+    if fail_once:  # tests: one extra trial that fails on its first attempt (an interrupted search)
+        param_space["_fail_once"] = tune.grid_search([False, True])
+    search_alg = None
+    if space.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ConfigError("search: optuna needs `pip install optuna` (the `tune` extra)") from e
+        search_alg = OptunaSearch()
+    scheduler = None
+    if space.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor, max_t=10_000)
+    concurrent = max(1, int(cluster_cpus() // cpus_per_trial))
+    samples = 1 if space.search == "grid" else (num_samples or space.num_samples)
+    log.info("search %s: %s, %s trials, %d at a time, objective %s", space.name, space.search,
+             "grid" if space.search == "grid" else samples, concurrent, space.objective)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=space.objective, mode="max", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=space.name, storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_samples: Optional[int] = None,
@@ -221,17 +147,17 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
     from madpo_ray.runtime import init_ray
 
     init_ray(pipeline.cfg.ray)
-    out_dir = pipeline.run_dir / "tune" / space.name
+    lay = pipeline.layout
+    out_dir = lay.tune_dir / space.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = (pipeline.run_dir / "tune").resolve()
-    fail_marker = str(out_dir / ".fail_once") if fail_once else None
+    storage = lay.tune_dir.resolve()
     trainable = tune.with_parameters(
         trial, base_config=pipeline.cfg.model_dump(mode="json"),
-        scored_train=str(pipeline.scored_path("train")), scored_eval=str(pipeline.scored_path("eval")),
-        test_docs=str(pipeline.stage_dir("data") / "test_docs.jsonl") if pipeline.is_testbed else None,
-        model_dir=str(pipeline.stage_dir("sft") / "model"), loss=space.loss, objective=space.objective,
-        eval_every=space.eval_every, fail_marker=fail_marker,
-        reward_dir=str(pipeline.stage_dir("reward") / "model"))
+        scored_train=str(lay.scored_path("train")), scored_eval=str(lay.scored_path("eval")),
+        test_docs=str(lay.docs_path("test")) if pipeline.is_testbed else None,
+        model_dir=str(lay.model_dir("sft")), loss=space.loss, objective=space.objective,
+        eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
+        reward_dir=str(lay.model_dir("reward")))
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     path = storage / space.name
     if resume and tune.Tuner.can_restore(str(path)):
@@ -240,37 +166,8 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
     else:
         if resume:
             log.warning("nothing to resume at %s; starting a new search", path)
-        param_space = {k: p.to_tune() for k, p in space.params.items()}
-        if fail_once:  # tests: one extra trial that fails on its first attempt (an interrupted search)
-            param_space["_fail_once"] = tune.grid_search([False, True])
-        search_alg = None
-        if space.search == "optuna":
-            try:
-                from ray.tune.search.optuna import OptunaSearch
-            except ImportError as e:
-                raise ConfigError("search: optuna needs `pip install optuna` (the `tune` extra)") from e
-            search_alg = OptunaSearch()
-        scheduler = None
-        if space.scheduler.type == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(grace_period=space.scheduler.grace_period,
-                                      reduction_factor=space.scheduler.reduction_factor,
-                                      max_t=10_000)
-        concurrent = max(1, int(cluster_cpus() // cpus_per_trial))
-        samples = 1 if space.search == "grid" else (num_samples or space.num_samples)
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=space.objective, mode="max", search_alg=search_alg,
-                                        scheduler=scheduler, num_samples=samples,
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=space.name, storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=0),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        log.info("search %s: %s, %s trials, %d at a time, objective %s", space.name, space.search,
-                 "grid" if space.search == "grid" else samples, concurrent, space.objective)
-    results = tuner.fit()
-    return write_results(pipeline, space, results, out_dir)
+        tuner = new_tuner(trainable, space, storage, num_samples, cpus_per_trial, fail_once)
+    return write_results(pipeline, space, tuner.fit(), out_dir)
 
 
 def write_results(pipeline, space: SearchSpace, results, out_dir: Path) -> dict:

@@ -5,7 +5,7 @@ def test_partial_checkpoint_is_never_chosen(tmp_path):
     """A copy interrupted midway (state.pt shorter than meta.json says) is skipped on resume."""
     import json as _json
 
-    from madpo_ray.stages.common import checkpoint_step, find_checkpoints, newest_checkpoint
+    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints, newest_checkpoint
 
     for name, step, truncate in (("checkpoint_a", 2, False), ("checkpoint_b", 4, True), ("checkpoint_c", 3, False)):
         d = tmp_path / name

@@ -75,7 +75,8 @@ def test_madpo_loss_is_weight_times_dpo():
     out = L.get_policy_loss("madpo")(x, beta=0.1, c_max=4.0, tau=TAU)
     dpo = L.get_policy_loss("dpo")(x, beta=0.1).losses
     assert torch.allclose(out.losses, torch.tensor([1.1349, 0.0696], dtype=torch.float64) * dpo, atol=1e-4)
-    assert L.reduce_loss(out).item() == pytest.approx(out.losses.mean().item())  # plain mean
+    reduced = L.get_policy_loss("madpo").reduce(out, L.DataParallel())
+    assert reduced.item() == pytest.approx(out.losses.mean().item())  # plain mean
 
 
 def test_ablations_clamp_the_scale():
@@ -128,7 +129,8 @@ def test_weights_are_detached():
     pc = torch.tensor([-3.0, -4.0], requires_grad=True)
     x = L.PolicyLossInputs(pc, torch.tensor([-5.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-4.0, -4.0]),
                            margins=m)
-    L.reduce_loss(L.get_policy_loss("madpo")(x)).backward()
+    madpo = L.get_policy_loss("madpo")
+    madpo.reduce(madpo(x), L.DataParallel()).backward()
     assert m.grad is None and pc.grad is not None
 
 
@@ -230,7 +232,7 @@ def test_beta_dpo_sharded_equals_global():
         z = zeros[sl]
         out = L.get_policy_loss("beta_dpo")(L.PolicyLossInputs(h[sl], z, z, z), state=st_, rho=0.5,
                                             generator=torch.Generator().manual_seed(7),
-                                            gather=lambda local: h.detach().float(), rank=rank)
+                                            dp=L.DataParallel(rank, 2, lambda local: h.detach().float()))
         keeps.append(out.keep)
         betas.append(out.metrics["beta_batch"])
         assert st_ == full_state
@@ -242,3 +244,51 @@ def test_beta_dpo_requires_state():
     b = torch.zeros(2)
     with pytest.raises(ValueError, match="BetaDPOState"):
         L.get_policy_loss("beta_dpo")(L.PolicyLossInputs(b, b, b, b))
+
+
+# ----------------------------------------------------------------------------- the loss contract
+@pytest.mark.parametrize("loss,bad", [("madpo", "label_smoothing"), ("dpo", "c_max"), ("ipo", "tau"),
+                                      ("madpo", "betta"), ("beta_dpo", "c_max")])
+def test_a_parameter_the_loss_does_not_take_is_an_error_naming_it(loss, bad):
+    b = torch.zeros(2)
+    x = L.PolicyLossInputs(b, b, b, b, margins=b)
+    with pytest.raises(L.LossParameterError, match=rf"{loss}.*\['{bad}'\]"):
+        L.get_policy_loss(loss)(x, **{bad: 0.1})
+
+
+def test_declared_parameters_are_the_signature_defaults():
+    assert dict(L.get_policy_loss("dpo").params) == {"beta": 0.1, "label_smoothing": 0.0}
+    assert dict(L.get_policy_loss("ipo").params) == {"beta": 0.1}
+    assert dict(L.get_policy_loss("madpo").params) == {"beta": 0.1, "c_max": 4.0, "lam": 1.0, "tau": math.log(999)}
+    assert dict(L.get_policy_loss("beta_dpo").params) == {"beta": 0.1, "alpha": 0.6, "rho": 0.2, "momentum": 0.9}
+    assert L.get_policy_loss("beta_dpo").runtime == {"state", "generator", "dp"}
+    assert [n for n, loss in L.POLICY_LOSSES.items() if loss.needs_margins] == [
+        "madpo", "madpo_amplify", "madpo_regularize"]
+
+
+def test_loss_config_offers_exactly_the_registered_parameters():
+    from madpo_ray.config import LossConfig
+
+    assert set(LossConfig.model_fields) - {"name"} == L.all_loss_params()
+
+
+def test_loss_config_refuses_a_parameter_of_another_loss_and_switches_cleanly():
+    from madpo_ray.config import ConfigError, LossConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"policy.loss.*'madpo' takes no parameter\(s\) \['label_smoothing'\]"):
+        load_config("tiny", ["policy.loss.label_smoothing=0.1"])
+    cfg = LossConfig(name="madpo", beta=0.3, c_max=3.0)
+    assert cfg.kwargs() == {"beta": 0.3, "c_max": 3.0}  # unset parameters are left to the loss
+    dpo = cfg.switched_to("dpo", label_smoothing=0.1)
+    assert dpo.kwargs() == {"beta": 0.3, "label_smoothing": 0.1}
+
+
+def test_beta_dpo_reduction_divides_by_the_global_kept_count():
+    """Worker 0 keeps 2 of its 4 pairs, worker 1 (seen through the gather) keeps 4: the kept mean
+    over both is sum_0 * world / 6, so DDP's gradient average gives sum(kept losses) / 6."""
+    out = L.LossOutput(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    other_keep = torch.ones(4)
+    dp = L.DataParallel(0, 2, lambda local: torch.cat([local, other_keep]))
+    reduced = L.get_policy_loss("beta_dpo").reduce(out, dp)
+    assert reduced.item() == pytest.approx((1.0 + 3.0) * 2 / 6)
+    assert L.get_policy_loss("beta_dpo").reduce(out, L.DataParallel()).item() == pytest.approx(4.0 / 2)

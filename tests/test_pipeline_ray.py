@@ -48,7 +48,7 @@ def _clone_until_policy(src: Pipeline, tmp, name, *extra) -> Pipeline:
     """A new run sharing src's scored pairs, so only the policy stage runs."""
     p = Pipeline(_cfg(tmp, name, *extra))
     for stage in ("data", "sft", "pairs", "reward", "score"):
-        shutil.copytree(src.stage_dir(stage), p.stage_dir(stage))
+        shutil.copytree(src.layout.stage_dir(stage), p.layout.stage_dir(stage))
     if (src.run_dir / "base").exists():
         shutil.copytree(src.run_dir / "base", p.run_dir / "base")
     return p
@@ -59,11 +59,11 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
     assert list(results) == ["data", "sft", "pairs", "reward", "score", "policy", "eval"]
     assert (p.run_dir / "config.yaml").exists() and (p.run_dir / "summary.json").exists()
     for stage in results:
-        assert (p.stage_dir(stage) / "metrics.json").exists() and (p.stage_dir(stage) / "DONE").exists()
+        assert (p.layout.stage_dir(stage) / "metrics.json").exists() and (p.layout.stage_dir(stage) / "DONE").exists()
     for stage in ("sft", "reward"):
-        assert any((p.stage_dir(stage) / "model").glob("*.safetensors"))
-    assert any((p.stage_dir("policy") / "model").glob("*.safetensors"))
-    sft_hist = json.loads((p.stage_dir("sft") / "metrics.json").read_text())["loss_history"]
+        assert any((p.layout.stage_dir(stage) / "model").glob("*.safetensors"))
+    assert any((p.layout.stage_dir("policy") / "model").glob("*.safetensors"))
+    sft_hist = json.loads((p.layout.stage_dir("sft") / "metrics.json").read_text())["loss_history"]
     assert sft_hist[-1] < sft_hist[0]  # SFT learns
     summary = json.loads((p.run_dir / "summary.json").read_text())
     for key in ("rm_accuracy_vs_labels", "sft_preference_accuracy", "policy_preference_accuracy",
@@ -74,7 +74,7 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
 def test_scored_parquet_contract(full_run):
     p, _ = full_run
     for split in ("train", "eval"):
-        table = pq.read_table(str(p.scored_path(split)))
+        table = pq.read_table(str(p.layout.scored_path(split)))
         assert set(CONTRACT) <= set(table.column_names)
         rows = table.to_pylist()
         assert rows and all(r["len_chosen"] >= 1 and r["len_rejected"] >= 1 for r in rows)
@@ -113,7 +113,7 @@ def test_other_losses_train_from_the_same_scored_pairs(full_run, tmp_path, loss)
     q = _clone_until_policy(p, tmp_path, loss, f"policy.loss.name={loss}", "policy.optim.max_steps=3")
     m = q.run(("policy",))["policy"]
     assert m["steps"] == 3 and m["loss_name"] == loss
-    assert q.stage_dir("policy").name == loss
+    assert q.layout.stage_dir("policy").name == loss
     if loss == "beta_dpo":
         assert "beta_batch" in m
 
@@ -130,7 +130,7 @@ def test_killed_worker_resumes_from_last_checkpoint(full_run, tmp_path):
     # resuming from the step-2 checkpoint); every other step's batch exactly once.
     from collections import Counter
 
-    lines = [line.split() for line in (q.stage_dir("policy") / "batches.log").read_text().splitlines()]
+    lines = [line.split() for line in (q.layout.stage_dir("policy") / "batches.log").read_text().splitlines()]
     rank0 = [(tuple(parts[:-2]), int(parts[-2][5:])) for parts in lines if parts[-1] == "rank=0"]
     counts = Counter(step for _, step in rank0)
     assert counts == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}

@@ -99,9 +99,9 @@ def test_reward_model_without_weights_fails_before_ray_starts(tiny_base_dir, tmp
     from madpo_ray.pipeline import Pipeline
 
     p = Pipeline(load_config("tiny", [f"runs_dir={tmp_path}", "name=norm"]))
-    shutil.copytree(tiny_base_dir, p.stage_dir("sft") / "model")
-    shutil.copytree(tiny_base_dir, p.stage_dir("reward") / "model")
-    for f in (p.stage_dir("reward") / "model").glob("*.safetensors"):
+    shutil.copytree(tiny_base_dir, p.layout.stage_dir("sft") / "model")
+    shutil.copytree(tiny_base_dir, p.layout.stage_dir("reward") / "model")
+    for f in (p.layout.stage_dir("reward") / "model").glob("*.safetensors"):
         f.unlink()
     assert not ray.is_initialized()
     with pytest.raises(ModelLoadError, match=r"reward/model: no weights"):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from madpo_ray.config import ConfigError, load_config
-from madpo_ray.tune import load_search_space
+from madpo_ray.tune_space import load_search_space
 
 from helpers import TINY_SETS
 
@@ -31,6 +31,7 @@ BASE = "name: t\nparams:\n"
     ("  beta: {type: loguniform, low: 0, high: 1}\n", "loguniform needs low > 0"),
     ("  c_max: {type: grid, values: []}\n", "non-empty values"),
     ("  c_max: {type: normal, low: 1, high: 2}\n", "params.c_max.type"),
+    ("  label_smoothing: {type: uniform, low: 0, high: 0.2}\n", "'madpo' takes no parameter(s) ['label_smoothing']"),
 ])
 def test_bad_search_space_names_the_key(tmp_path, params, needle):
     with pytest.raises(ConfigError) as err:
@@ -62,6 +63,9 @@ def test_two_trial_search_then_resume(tmp_path):
                                                    "objective: rm_reward\n"
                                                    "scheduler: {type: none}\n"
                                                    "params:\n  c_max: {type: choice, values: [3.0]}\n"))
+        # The trials train in the configured dtype (one policy-training path for every caller).
+        p.cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=4",
+                                                 "model.dtype=bfloat16"])
         # fail_once adds a second trial that fails on its first attempt: an interrupted search.
         first = run_search(p, space, fail_once=True)
         out = p.run_dir / "tune" / "two"
@@ -77,6 +81,8 @@ def test_two_trial_search_then_resume(tmp_path):
         finished = [d for d in out.glob("trial_*")
                     if json.loads((d / "params.json").read_text()).get("_fail_once") is False]
         assert len(finished) == 1
+        last = json.loads((finished[0] / "result.json").read_text().splitlines()[-1])
+        assert last["param_dtype"] == "torch.bfloat16"
         lines_before = (finished[0] / "result.json").read_text().count("\n")
         second = run_search(p, space, resume=True, fail_once=True)
         assert second["trials"] == 2 and second["errored"] == 0

@@ -19,20 +19,20 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from madpo_ray.data.preference import ValidationReport, _is_messages
+from madpo_ray.data.preference import ValidationReport, is_messages
 
 FLOAT_COLUMNS = ("margin", "ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected",
                  "gold_chosen", "gold_rejected", "true_margin")
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:
-    if _is_messages(prompt):
+    if is_messages(prompt):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return prompt
 
 
 def response_text(response: Any) -> str:
-    if _is_messages(response):
+    if is_messages(response):
         return "".join(m["content"] for m in response if m.get("role") == "assistant") or \
             "".join(m["content"] for m in response)
     return response

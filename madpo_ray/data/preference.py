@@ -135,7 +135,7 @@ def load_hf_dataset(name_or_path: str, split: str = "train"):
 
 
 # --------------------------------------------------------------------------- validation
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
@@ -143,7 +143,7 @@ def _check_text(value: Any, fld: str) -> Optional[str]:
     """None if the field is a usable string or message list, else the reason."""
     if value is None:
         return "missing"
-    if _is_messages(value):
+    if is_messages(value):
         if not value:
             return "empty message list"
         for j, m in enumerate(value):
@@ -165,7 +165,7 @@ def _check_text(value: Any, fld: str) -> Optional[str]:
 
 
 def _content(value: Any) -> str:
-    return "\n".join(m["content"] for m in value) if _is_messages(value) else value
+    return "\n".join(m["content"] for m in value) if is_messages(value) else value
 
 
 def validate_rows(rows: Iterable[tuple[int, Any]], report: ValidationReport, strict: bool = False) -> list[dict]:

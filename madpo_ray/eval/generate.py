@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -264,7 +264,7 @@ class GenerationActor:
     cluster place it on a GPU node (`num_gpus=1`) while the driver stays on the head."""
 
     def __init__(self, backend: str = "auto", **kwargs):
-        from madpo_ray.stages._worker import quiet_libraries
+        from madpo_ray.stages.worker import quiet_libraries
 
         quiet_libraries()
         self.generator = make_generator(backend, **kwargs)
@@ -274,3 +274,54 @@ class GenerationActor:
 
     def sample_model(self, model_dir: str, label: str, prompt_ids: list, prompts: list, spec: SampleSpec):
         return sample_model(self.generator, model_dir, label, prompt_ids, prompts, spec)
+
+
+def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str], prompts: list[str],
+                        out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Samples of every (label, seed, folder) at every temperature in one generation actor;
+    each model's cached in its own parquet, reused while the settings and weights match."""
+    import ray
+
+    from madpo_ray.runtime import init_ray, worker_env
+
+    init_ray(cfg.ray)
+    spec = SampleSpec.from_config(cfg)
+    path = {(m, s): Path(out_dir) / f"{m}__seed{s}.parquet" for m, s, _ in models}
+
+    def cache_key(model_dir: Path) -> dict:
+        """What a cached parquet must match: the sampling settings, the prompts, the weights' mtime."""
+        weights = sorted(Path(model_dir).glob("*.safetensors"))
+        return {"spec": asdict(spec), "prompt_ids": ids, "backend": cfg.eval.backend,
+                "weights_mtime": [w.stat().st_mtime for w in weights]}
+
+    def cached(m, s, d) -> bool:
+        key_file = path[(m, s)].with_suffix(".key.json")
+        return path[(m, s)].exists() and key_file.exists() and json.loads(key_file.read_text()) == json.loads(
+            json.dumps(cache_key(d)))
+
+    todo = [(m, s, d) for m, s, d in models if not cached(m, s, d)]
+    timings = []
+    if todo:
+        # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
+        # eval.generation_cpus), or one GPU on a GPU cluster.
+        cpus = cfg.eval.generation_cpus or min(float(ray.cluster_resources().get("CPU", 1)), float(os.cpu_count() or 1))
+        actor = ray.remote(GenerationActor).options(num_cpus=max(1.0, cpus), num_gpus=1 if cfg.ray.use_gpu else 0,
+                                                    runtime_env={"env_vars": worker_env()}).remote(
+            cfg.eval.backend, seed=cfg.eval.seed)
+        backend = ray.get(actor.backend.remote())
+        log.info("generating %d models x %d prompts at temperatures %s (%d samples each above 0) with %s",
+                 len(todo), len(ids), list(spec.temperatures), spec.samples_per_prompt, backend)
+        for m, s, d in todo:
+            rows, t = ray.get(actor.sample_model.remote(str(d), m, ids, prompts, spec))
+            write_generations(rows, path[(m, s)])
+            path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(d)))
+            timings.append(t)
+            log.info("  %s%s: %d completions, %.0f tok/s, load %.1fs (%s)", m, "" if s < 0 else f" seed {s}",
+                     len(rows), t["tokens_per_s"], t["load_seconds"], backend)
+        ray.kill(actor)
+    rows = []
+    for m, s, _ in models:
+        for r in read_generations(path[(m, s)]):
+            r.update(method=m, seed=s)
+            rows.append(r)
+    return rows, timings

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
+from madpo_ray.config import PipelineConfig
 from madpo_ray.data.collate import PairCollator
+from madpo_ray.layout import BEFORE_POLICY, TESTBED_SOURCES, RunLayout
 from madpo_ray.logprobs import sequence_logprobs
-
-if TYPE_CHECKING:
-    from madpo_ray.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -83,59 +81,61 @@ def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tenso
     return out
 
 
-def evaluate_run(p: "Pipeline") -> dict:
+def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    """The run summary: held-out preference metrics of the policy, the reward model's accuracy,
+    and (testbed) the gold reward of greedy summaries of the SFT policy and the policy."""
+    from madpo_ray.data.scored import read_scored
     from madpo_ray.models import load_causal_lm, load_tokenizer
-    from madpo_ray.stages.policy import read_scored
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sft_dir = p.stage_dir("sft") / "model"
-    pol_dir = p.stage_dir("policy") / "model"
-    tok = load_tokenizer(str(sft_dir))
-    policy_model = load_causal_lm(str(pol_dir))
-    rows = read_scored(p.scored_path("eval"))
+    tok = load_tokenizer(str(layout.model_dir("sft")))
+    policy_model = load_causal_lm(str(layout.model_dir("policy")))
+    rows = read_scored(layout.scored_path("eval"))
     pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id)
-    score_m = json.loads((p.stage_dir("score") / "metrics.json").read_text())["eval"]
-    summary = {"loss": p.cfg.policy.loss.name, "eval_pairs": len(rows),
-               "rm_accuracy_vs_labels": score_m["rm_accuracy_vs_labels"],
-               **({"rm_accuracy_vs_true_margin": score_m["rm_accuracy_vs_true_margin"]}
-                  if "rm_accuracy_vs_true_margin" in score_m else {}),
+    score_m = layout.read_metrics("score")["eval"]
+    summary = {"loss": cfg.policy.loss.name, "eval_pairs": len(rows),
+               **{k: score_m[k] for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin") if k in score_m},
                **preference_metrics(rows, pol_c, pol_r)}
-    if p.is_testbed:
-        from madpo_ray.data.testbed import gold_reward
-        from madpo_ray.io import read_jsonl
-
-        docs = read_jsonl(p.stage_dir("data") / "test_docs.jsonl")[:p.cfg.eval.num_prompts]
-        examples = []
-        for label, model in (("sft", load_causal_lm(str(sft_dir))), ("policy", policy_model)):
-            summary[f"{label}_greedy_gold_reward"], texts = greedy_gold_reward(model, tok, docs, p.cfg)
-            examples.append((label, texts[:3]))
-        summary["reference_gold_reward"] = sum(gold_reward(d["reference"], d["document"], d["reference"], d.get("facts"))
-                                               for d in docs) / len(docs)
-        summary["examples"] = {label: texts for label, texts in examples}
-        summary["example_references"] = [d["reference"] for d in docs[:3]]
-    write_summary(p, summary)
+    if cfg.data.source in TESTBED_SOURCES:
+        summary.update(greedy_examples(cfg, layout, tok, policy_model))
+    write_summary(layout, summary)
     return summary
 
 
-def write_summary(p: "Pipeline", summary: dict) -> None:
+def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -> dict:
+    """Mean gold reward of greedy summaries (SFT, policy, the references) and three examples."""
+    from madpo_ray.data.testbed import gold_reward
+    from madpo_ray.io import read_jsonl
+    from madpo_ray.models import load_causal_lm
+
+    docs = read_jsonl(layout.docs_path("test"))[:cfg.eval.num_prompts]
+    out: dict = {"examples": {}}
+    for label, model in (("sft", load_causal_lm(str(layout.model_dir("sft")))), ("policy", policy_model)):
+        out[f"{label}_greedy_gold_reward"], texts = greedy_gold_reward(model, tok, docs, cfg)
+        out["examples"][label] = texts[:3]
+    out["reference_gold_reward"] = sum(gold_reward(d["reference"], d["document"], d["reference"], d.get("facts"))
+                                       for d in docs) / len(docs)
+    out["example_references"] = [d["reference"] for d in docs[:3]]
+    return out
+
+
+def write_summary(layout: RunLayout, summary: dict) -> None:
     timings = {}
-    for stage in ("data", "sft", "pairs", "reward", "score", "policy"):
-        f = p.stage_dir(stage) / "metrics.json"
+    for stage in BEFORE_POLICY + ("policy",):
+        f = layout.metrics_path(stage)
         if f.exists():
             m = json.loads(f.read_text())
             timings[stage] = m.get("wall_seconds")
             if "tokens_per_s" in m:
                 summary[f"{stage}_tokens_per_s"] = m["tokens_per_s"]
     summary["stage_seconds"] = timings
-    (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    layout.summary_json.write_text(json.dumps(summary, indent=2))
     lines = ["| metric | value |", "| --- | --- |"]
     for k, v in summary.items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4f} |")
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
-    lines.append("")
-    lines.append("| stage | seconds |")
-    lines.append("| --- | --- |")
+    lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
-    (p.run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    layout.summary_md.write_text("\n".join(lines) + "\n")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from madpo_ray.data.collate import PairCollator
+from madpo_ray.engine.loop import fit
 from madpo_ray.losses import bradley_terry_loss
 from madpo_ray.models import load_reward_model, load_tokenizer, reward_scores
-from madpo_ray.stages._worker import setup_worker, train_and_save
+from madpo_ray.stages.worker import save_stage_outputs, setup_worker, stage_output
 
 
 def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -20,8 +21,9 @@ def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = setup_worker(config)
+    cfg, session = setup_worker(config)
     tokenizer = load_tokenizer(config["model_dir"])
     model = load_reward_model(config["model_dir"], cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
-    train_and_save(config, cfg, "reward", model, tokenizer, PairCollator(tokenizer.pad_token_id), reward_step,
-                   cfg.reward.optim)
+    result = fit(model, session.examples("train"), PairCollator(tokenizer.pad_token_id), reward_step,
+                 cfg.reward.optim, stage="reward", session=session)
+    save_stage_outputs(result, tokenizer, stage_output(config), cfg, "reward", session.info.rank)

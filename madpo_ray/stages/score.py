@@ -90,6 +90,33 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
     return out_dir
 
 
+def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], score_cfg) -> dict:
+    """The score stage: every split's tokenised pairs through one Ray Data pass, then checks and
+    the reward model's agreement with the labels (and, on the testbed, with the true margins)."""
+    import time
+
+    examples, metrics = [], {}
+    for split, (exs, report) in tokenized.items():
+        for ex in exs:
+            ex.pop("margin", None)  # the reward model's margin replaces any given one
+            ex["split"] = split
+        examples += exs
+        metrics[split] = {"tokenize": report}
+    t0 = time.time()
+    out = score_with_ray(examples, layout.model_dir("sft"), layout.model_dir("reward"), layout.scored_dir,
+                         batch_size=score_cfg.batch_size, num_actors=score_cfg.num_actors)
+    secs = time.time() - t0
+    metrics.update(pairs=len(examples), seconds=secs, pairs_per_s=len(examples) / max(secs, 1e-9))
+    for split in tokenized:
+        rows = read_partition(out, split)
+        assert_no_nan(rows, f"{out}/split={split}")
+        m = metrics[split]
+        m.update(pairs=len(rows), rm_accuracy_vs_labels=sum(r["margin"] > 0 for r in rows) / max(1, len(rows)))
+        if rows and "true_margin" in rows[0]:
+            m["rm_accuracy_vs_true_margin"] = sum((r["margin"] > 0) == (r["true_margin"] > 0) for r in rows) / len(rows)
+    return metrics
+
+
 def read_partition(out_dir: Path, value: str, partition_col: str = "split") -> list[dict]:
     import pyarrow.parquet as pq
 

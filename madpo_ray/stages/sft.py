@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from madpo_ray.data.collate import SFTCollator
+from madpo_ray.engine.loop import fit
 from madpo_ray.logprobs import position_ids_from_mask, token_logprobs
 from madpo_ray.models import load_causal_lm, load_tokenizer
-from madpo_ray.stages._worker import setup_worker, train_and_save
+from madpo_ray.stages.worker import save_stage_outputs, setup_worker, stage_output
 
 
 def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -22,7 +23,9 @@ def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = setup_worker(config)
+    cfg, session = setup_worker(config)
     tokenizer = load_tokenizer(config["model_dir"])
     model = load_causal_lm(config["model_dir"], cfg.model.dtype)
-    train_and_save(config, cfg, "sft", model, tokenizer, SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim)
+    result = fit(model, session.examples("train"), SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim,
+                 stage="sft", session=session)
+    save_stage_outputs(result, tokenizer, stage_output(config), cfg, "sft", session.info.rank)

@@ -1,0 +1,63 @@
+"""The scored-pairs contract: what the scoring pass adds to each tokenised pair, what policy
+training reads of it, and the checks a scored file must pass before any training starts.
+
+Scored parquet: the pair's columns (prompt, chosen, rejected, token ids, row_id, testbed gold
+scores) plus SCORED_COLUMNS. MADPO's weights are computed from `margin` inside the loss, so
+Tune can change c_max/tau/lam without re-scoring.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from madpo_ray.data.preference import DataValidationError
+
+SCORED_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "ref_logp_mean_chosen", "ref_logp_mean_rejected",
+                  "len_chosen", "len_rejected", "reward_chosen", "reward_rejected", "margin")
+# What policy training reads: token ids, the row's id, reference log-probs, lengths and margin.
+POLICY_VALUE_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected", "margin")
+POLICY_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + POLICY_VALUE_COLUMNS
+
+
+def read_scored(path: str | Path, limit: Optional[int] = None) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(str(path)).to_pylist()
+    except Exception as e:
+        raise DataValidationError(f"{path}: cannot read scored parquet: {e}") from None
+    rows.sort(key=lambda r: r.get("row_id", 0))
+    return rows[:limit] if limit else rows
+
+
+def check_scored_rows(rows: list[dict], source: str, need_margin: bool) -> None:
+    """Refuse a scored file with missing columns or non-finite values, naming the rows."""
+    needed = [c for c in POLICY_VALUE_COLUMNS if c != "margin" or need_margin]
+    if rows:
+        missing = [c for c in needed if c not in rows[0]]
+        if missing:
+            raise DataValidationError(f"{source}: missing column(s) {missing}; run `madpo score` first")
+    bad: dict[str, list] = {}
+    for i, r in enumerate(rows):
+        for c in needed:
+            try:
+                ok = math.isfinite(float(r.get(c)))
+            except (TypeError, ValueError):  # None, or not a number at all
+                ok = False
+            if not ok:
+                bad.setdefault(c, []).append(r.get("row_id", i))
+    if bad:
+        detail = "; ".join(f"{c}: rows {ids[:10]}{'...' if len(ids) > 10 else ''} ({len(ids)} total)"
+                           for c, ids in bad.items())
+        raise DataValidationError(f"{source}: non-finite or missing values: {detail}")
+
+
+def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
+    """Checked scored rows projected to what policy training reads, in row_id order."""
+    from madpo_ray.losses import get_policy_loss
+
+    rows = read_scored(path)
+    check_scored_rows(rows, str(path), need_margin=get_policy_loss(loss_name).needs_margins)
+    return [{k: r[k] for k in POLICY_COLUMNS if k in r} for r in rows]  # margin is optional for non-MADPO losses

@@ -1,0 +1,270 @@
+"""The training loop shared by the SFT, reward and policy stages.
+
+A stage supplies a model, examples, a collator and a `step_fn(model, batch) -> (loss,
+metrics)`; `fit` does the rest: a seeded DistributedSampler, AdamW with cosine warm-up,
+gradient accumulation up to the effective batch (DDP gradient sync only on the last
+micro-batch), clipping, bf16 autocast where asked, periodic reports, checkpoints (model,
+optimiser, scheduler, data position, RNG, the step's own state) and resume.
+
+Data position: checkpoints are taken at optimiser-step boundaries; on resume the sampler is
+re-seeded for the same epoch and the micro-batches already consumed are skipped, so no batch
+is repeated or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from madpo_ray.config import OptimConfig
+from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, rng_state,
+                                          set_rng_state, write_checkpoint)
+from madpo_ray.engine.sessions import WorkerInfo
+
+log = logging.getLogger("madpo_ray.train")
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module
+    steps: int
+    metrics: dict
+    loss_history: list[float] = field(default_factory=list)  # global mean loss per optimiser step
+
+
+def autocast_context(device: torch.device, bf16: str):
+    use = bf16 == "on" or (bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    """Average a scalar over data-parallel workers (identity on one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+# --------------------------------------------------------------------------- setup pieces
+@dataclass
+class BatchPlan:
+    sampler: Any
+    loader: Any
+    accum: int  # micro-batches per optimiser step
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_batches(examples: list, collate_fn: Callable, optim: OptimConfig, info: WorkerInfo, stage: str) -> BatchPlan:
+    """This worker's share of every epoch, and how many optimiser steps the run takes."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    for i, ex in enumerate(examples):
+        ex["index"] = i
+    sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=optim.seed, drop_last=True)
+    loader = DataLoader(examples, batch_size=optim.per_device_batch_size, sampler=sampler,
+                        collate_fn=collate_fn, drop_last=True)
+    accum = max(1, optim.effective_batch_size // (optim.per_device_batch_size * info.world_size))
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{stage}: {len(examples)} examples is less than one effective batch "
+                         f"({optim.per_device_batch_size} x {info.world_size} workers x {accum} accumulation)")
+    total_steps = optim.epochs * steps_per_epoch
+    if optim.max_steps:
+        total_steps = min(total_steps, optim.max_steps)
+    return BatchPlan(sampler, loader, accum, steps_per_epoch, total_steps)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, and the step it was taken at."""
+
+    model: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    extra_state: dict[str, Any]  # objects with state_dict()/load_state_dict(), e.g. a loss's moving averages
+    step: int = 0
+    history: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
+                "history": self.history, "extra": {k: obj.state_dict() for k, obj in self.extra_state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for k, obj in self.extra_state.items():
+            obj.load_state_dict(state["extra"][k])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.history = list(state.get("history", []))
+
+
+def build_state(model: torch.nn.Module, optim: OptimConfig, total_steps: int, extra_state: dict) -> TrainState:
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.adam_betas, weight_decay=optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total_steps), total_steps)
+    return TrainState(model, params, optimizer, scheduler, extra_state)
+
+
+def resume(state: TrainState, session, stage: str, total_steps: int) -> None:
+    """Continue from the newest complete checkpoint among the framework's and those on storage.
+
+    Ray's controller learns of a reported checkpoint only when it next polls the workers
+    (every 2 s), so a worker killed right after reporting would otherwise restart from an
+    older one; the session's `checkpoint_root` holds the newer one."""
+    with session.checkpoint_dir() as framework_dir:
+        folder = newest_checkpoint([framework_dir] + find_checkpoints(session.checkpoint_root))
+        if folder is None:
+            return
+        state.load_state_dict(read_checkpoint(folder))
+    if session.info.rank == 0:
+        log.info("[%s] resumed from checkpoint at step %d/%d (%s)", stage, state.step, total_steps, folder.name)
+
+
+def save_checkpoint(state: TrainState, session, metrics: dict, stage: str) -> None:
+    """Every rank calls report (it is collective); rank 0 attaches the checkpoint."""
+    if session.info.rank != 0:
+        session.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), state.state_dict(), state.step, stage)
+        session.report(metrics, checkpoint_dir=tmp)
+
+
+# --------------------------------------------------------------------------- the loop
+class Meter:
+    """Running sums between reports: loss window, tokens, the current step's mean loss."""
+
+    def __init__(self, start_step: int, world_size: int):
+        self.t0, self.start_step, self.world_size = time.time(), start_step, world_size
+        self.tokens, self.window_loss, self.window_n, self.step_loss = 0, 0.0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, accum: int) -> None:
+        self.tokens += tokens
+        self.window_loss += loss
+        self.window_n += 1
+        self.step_loss += loss / accum
+
+    def take_step_loss(self) -> float:
+        value, self.step_loss = self.step_loss, 0.0
+        return value
+
+    def report(self, step: int, epoch: int, grad_norm: float, lr: float, metrics: dict) -> dict:
+        elapsed = time.time() - self.t0
+        out = {"step": step, "epoch": epoch, "loss": self.window_loss / max(1, self.window_n),
+               "grad_norm": grad_norm, "lr": lr, "tokens_per_s": self.tokens * self.world_size / max(elapsed, 1e-9),
+               **{k: float(v) for k, v in metrics.items()}}
+        self.window_loss, self.window_n = 0.0, 0
+        return out
+
+    def eta(self, step: int, total_steps: int) -> float:
+        return (time.time() - self.t0) / max(step - self.start_step, 1) * (total_steps - step)
+
+
+def micro_batches(plan: BatchPlan, state: TrainState):
+    """(epoch, batch) from the current data position on; reads `state.step` as it advances."""
+    while state.step < plan.total_steps:
+        epoch = state.step // plan.steps_per_epoch
+        skip = (state.step - epoch * plan.steps_per_epoch) * plan.accum
+        plan.sampler.set_epoch(epoch)
+        for i, batch in enumerate(plan.loader):
+            if i < skip:
+                continue
+            if i >= plan.steps_per_epoch * plan.accum or state.step >= plan.total_steps:
+                break
+            yield epoch, batch
+
+
+def optimizer_step(state: TrainState, optim: OptimConfig) -> float:
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, optim.max_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return float(grad_norm)
+
+
+def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: StepFn, optim: OptimConfig, *,
+        stage: str, session, extra_state: Optional[dict[str, Any]] = None,
+        eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None) -> FitResult:
+    """Train `model` on `examples` in `session`; returns the unwrapped model and the metrics.
+
+    `eval_fn(model)` adds held-out metrics to every report (what Tune's ASHA prunes on)."""
+    info = session.info
+    torch.manual_seed(optim.seed)
+    random.seed(optim.seed)
+    model = session.prepare(model)
+    plan = plan_batches(examples, collate_fn, optim, info, stage)
+    state = build_state(model, optim, plan.total_steps, extra_state or {})
+    resume(state, session, stage, plan.total_steps)
+    model.train()
+    meter, micro, last = Meter(state.step, info.world_size), 0, {}
+    dtype = str(next(unwrap(model).parameters()).dtype)  # reported: what the weights really train in
+    for epoch, batch in micro_batches(plan, state):
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        session.log_batch(batch["index"].tolist() if "index" in batch else [], state.step)
+        micro += 1
+        sync = micro == plan.accum
+        no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
+        with no_sync(), autocast_context(info.device, optim.bf16):
+            loss, metrics = step_fn(model, batch)
+            (loss / plan.accum).backward()
+        meter.add(float(loss.detach()), int(batch["attention_mask"].sum()), plan.accum)
+        if not sync:
+            continue
+        micro = 0
+        grad_norm = optimizer_step(state, optim)
+        state.history.append(global_mean(meter.take_step_loss(), info.device))
+        session.after_step(state.step)
+        step = state.step
+        if step % optim.report_every == 0 or step % optim.checkpoint_every == 0 or step == plan.total_steps:
+            last = meter.report(step, epoch, grad_norm, state.scheduler.get_last_lr()[0], metrics)
+            last["param_dtype"] = dtype
+            report(state, session, last, stage, eval_fn, checkpoint=step % optim.checkpoint_every == 0
+                   or step == plan.total_steps, eta=meter.eta(step, plan.total_steps), total_steps=plan.total_steps)
+    last["train_seconds"] = time.time() - meter.t0
+    return FitResult(unwrap(model), state.step, last, state.history)
+
+
+def report(state: TrainState, session, metrics: dict, stage: str, eval_fn, *, checkpoint: bool, eta: float,
+           total_steps: int) -> None:
+    """Held-out metrics (if any), one log line on rank 0, then a report with or without a checkpoint."""
+    if eval_fn is not None:
+        state.model.eval()
+        metrics.update(eval_fn(unwrap(state.model)))
+        state.model.train()
+    if session.info.rank == 0:
+        log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", stage, state.step, total_steps,
+                 metrics["loss"], metrics["tokens_per_s"], eta)
+    if checkpoint:
+        save_checkpoint(state, session, metrics, stage)
+    else:
+        session.report(metrics)

@@ -1,0 +1,175 @@
+"""Where the training loop runs: a Ray Train worker, a Ray Tune trial, or one plain process.
+
+A session tells the loop its rank and device, prepares the model (DDP under Ray Train),
+hands it the examples of a named dataset, offers a checkpoint to resume from, and takes its
+reports. Test-only behaviour (killing a worker, logging batches) wraps a session
+(`FaultInjectingSession`) instead of adding parameters to production functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from madpo_ray.engine.checkpoints import find_checkpoints
+
+log = logging.getLogger("madpo_ray.train")
+
+
+@dataclass
+class WorkerInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def arrow_rows(batches, order_by: str) -> list[dict]:
+    """Rows of pyarrow batches as plain Python values, in a fixed order.
+
+    Plain lists and floats (not numpy) so collated tensors get the same dtypes as rows read
+    with pyarrow directly; sorted because Ray Data does not promise block order."""
+    rows = [r for b in batches for r in b.to_pylist()]
+    rows.sort(key=lambda r: r[order_by])
+    return rows
+
+
+class LocalSession:
+    """One plain process (a Ray task, a benchmark, a test), and the base of the others: examples given up front; checkpoints (if a root is given) go to
+    `checkpoint_root/checkpoint_<step>`, which the loop scans when it resumes."""
+
+    def __init__(self, datasets: Optional[dict[str, list[dict]]] = None, checkpoint_root: Optional[str] = None,
+                 device: Optional[torch.device] = None, keep: int = 1):
+        self.info = WorkerInfo(0, 1, device or torch.device("cpu"))
+        self.datasets = datasets or {}
+        self.checkpoint_root = str(checkpoint_root) if checkpoint_root else None
+        self.keep = keep
+        self.reports: list[dict] = []
+
+    def examples(self, name: str = "train") -> list[dict]:
+        return [dict(ex) for ex in self.datasets[name]]
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.info.device)
+
+    def checkpoint_dir(self):
+        """A context giving the folder of the checkpoint the framework offers (None here)."""
+        return contextlib.nullcontext(None)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is None or self.checkpoint_root is None:
+            return
+        root = Path(self.checkpoint_root)
+        root.mkdir(parents=True, exist_ok=True)
+        dest = root / f"checkpoint_{int(metrics['step']):06d}"
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        for old in find_checkpoints(str(root))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step (a hook for fault injection)."""
+
+    def log_batch(self, indices: list[int], step: int) -> None:
+        """Called with every micro-batch's example indices (a hook for the resume tests)."""
+
+
+
+class RayTrainSession(LocalSession):
+    """Inside a Ray Train worker: DDP preparation, Ray Data shards, collective reports,
+    Train checkpoints. `checkpoint_root` is the run's storage folder for this trainer."""
+
+    def __init__(self, checkpoint_root: Optional[str] = None, order_by: str = "index"):
+        import ray.train
+        import ray.train.torch
+
+        super().__init__(checkpoint_root=checkpoint_root)
+        self.order_by = order_by  # a column that fixes the example order (Ray Data does not)
+        ctx = ray.train.get_context()
+        self.info = WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+    def examples(self, name: str = "train") -> list[dict]:
+        """This worker's copy of the dataset passed to the trainer. The dataset is not split
+        by Ray: the loop's seeded DistributedSampler shards it, which keeps the order exact
+        on resume and equal to a one-process run."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) / NCCL (GPU) when world_size > 1
+
+    def checkpoint_dir(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class RayTuneSession(LocalSession):
+    """One Ray Tune trial on one worker: reports feed the scheduler (ASHA)."""
+
+    def __init__(self, datasets: dict[str, list[dict]], device: Optional[torch.device] = None):
+        super().__init__(datasets, device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def checkpoint_dir(self):
+        import ray.tune
+
+        ckpt = ray.tune.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import ray.tune
+
+        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
+
+
+class FaultInjectingSession:
+    """Wraps a session for the resume tests: SIGKILLs rank 0 once at `fail_at_step` (a marker
+    file in `marker_dir` makes it once per run) and appends every micro-batch's example
+    indices to `batch_log_path`."""
+
+    def __init__(self, inner: LocalSession, fail_at_step: Optional[int] = None, marker_dir: Optional[str] = None,
+                 batch_log_path: Optional[str] = None):
+        self.inner, self.fail_at_step, self.marker_dir = inner, fail_at_step, marker_dir
+        self.batch_log_path = batch_log_path
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def after_step(self, step: int) -> None:
+        if self.fail_at_step is None or step != self.fail_at_step or self.info.rank != 0 or not self.marker_dir:
+            return
+        marker = Path(self.marker_dir) / f"killed_at_{step}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        log.warning("fault injection: SIGKILL worker pid %d at step %d", os.getpid(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def log_batch(self, indices: list[int], step: int) -> None:
+        if self.batch_log_path:
+            with open(self.batch_log_path, "a") as fh:
+                fh.write(" ".join(map(str, indices)) + f" step={step} rank={self.info.rank}\n")

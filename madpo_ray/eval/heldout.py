@@ -1,0 +1,88 @@
+"""Held-out evaluation shared by `madpo compare` and `madpo eval`: which prompts are judged,
+and the judging of generated rows (testbed gold reward, reward-model score, win rates, CIs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from madpo_ray.config import PipelineConfig
+from madpo_ray.layout import TESTBED_SOURCES, RunLayout
+
+SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
+
+
+def is_testbed(cfg: PipelineConfig) -> bool:
+    return cfg.data.source in TESTBED_SOURCES
+
+
+def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], list[str], list[Optional[dict]]]:
+    """Held-out prompt ids, prompt texts, and (testbed) their documents, eval.num_prompts of them.
+
+    Testbed runs use the test documents; any other dataset the distinct prompts of its
+    held-out pairs (from the scored eval split)."""
+    from madpo_ray.data.scored import read_scored
+    from madpo_ray.io import read_jsonl
+
+    n = cfg.eval.num_prompts
+    if is_testbed(cfg):
+        docs = read_jsonl(layout.docs_path("test"))[:n]
+        return ([str(d["doc_id"]) for d in docs], [cfg.data.prompt_template.format(document=d["document"])
+                                                     for d in docs], docs)
+    rows = read_scored(layout.scored_path("eval"))
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:n]
+    refs = {}
+    for r in rows:
+        refs.setdefault(r["prompt"], r["chosen"])  # the labelled-chosen response stands in for a reference
+    return ([f"p{i}" for i in range(len(prompts))], prompts,
+            [{"reference": refs[x]} for x in prompts])
+
+
+def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], methods: list[str]) -> dict:
+    """Gold reward (testbed) and reward-model score of every row, then the per-temperature table."""
+    from madpo_ray.eval import judge as J
+
+    ids, prompts, docs = eval_prompts(cfg, layout)
+    ref_rows = [{"prompt_id": i, "text": d["reference"], "sample": 0} for i, d in zip(ids, docs)]
+    reference: dict = {}
+    if is_testbed(cfg):
+        J.add_gold(rows, dict(zip(ids, docs)))
+        J.add_gold(ref_rows, dict(zip(ids, docs)))
+        reference["gold"] = {r["prompt_id"]: r["gold"] for r in ref_rows}
+    rm_dir = layout.model_dir("reward")
+    if rm_dir.exists():
+        score = reward_model_scorer(str(rm_dir), str(layout.model_dir("sft")))
+        J.add_reward_model(rows, dict(zip(ids, prompts)), score)
+        J.add_reward_model(ref_rows, dict(zip(ids, prompts)), score)
+        reference["rm"] = {r["prompt_id"]: r["rm"] for r in ref_rows}
+    n_boot = cfg.eval.bootstrap_samples
+    table = J.judge(rows, ids, baseline=SFT_LABEL, reference=reference, n_boot=n_boot)
+    column = "gold" if is_testbed(cfg) else "rm"
+    diffs = {m: J.difference(rows, "madpo", m, column, ids, n_boot) for m in methods if m not in ("madpo", SFT_LABEL)} \
+        if "madpo" in methods else {}
+    return {"table": table, "madpo_minus": diffs, "column": column,
+            "reference": {k: float(sum(v.values()) / len(v)) for k, v in reference.items()}}
+
+
+def reward_model_scorer(rm_dir: str, tokenizer_dir: str):
+    from madpo_ray.eval.summary import reward_model_scores
+    from madpo_ray.models import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    rm = load_reward_model(rm_dir, pad_token_id=tok.pad_token_id).eval()
+    return lambda prompts, texts: reward_model_scores(rm, tok, prompts, texts, batch_size=64)
+
+
+def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[str, Path]], out_dir: Path) -> dict:
+    """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare`."""
+    from madpo_ray.eval.generate import generate_for_models
+    from madpo_ray.eval.report import write_report
+
+    entries = [(SFT_LABEL, -1, layout.model_dir("sft"))] + [(label, -1, Path(d)) for label, d in models]
+    ids, prompts, _ = eval_prompts(cfg, layout)
+    rows, timings = generate_for_models(cfg, entries, ids, prompts, Path(out_dir) / "generations")
+    judged = judge_rows(cfg, layout, rows, [label for label, _ in models])
+    return write_report(cfg, Path(out_dir), judged, prompts=len(ids), seeds=[-1],
+                        models={label: str(d) for label, d in models}, generation=timings)
+
+

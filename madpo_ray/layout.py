@@ -1,0 +1,210 @@
+"""The run folder: every path in it, the stage order, and each stage's provenance.
+
+    runs/<name>/
+      config.yaml             the config of the latest command on this run
+      data/                   documents and/or validated pairs (+ validation report)
+      base/                   tokenizer + from-scratch base model (tiny default only)
+      sft/model/              reference policy pi_ref (HF folder)
+      pairs/{train,eval}.jsonl  preference pairs (testbed: with gold scores)
+      reward/model/           reward model (AutoModelForSequenceClassification, 1 label)
+      score/scored/split=train|eval/   scored parquet (reference log-probs, rewards, margins)
+      policy/<loss>/model/    trained policy
+      eval/                   the run summary's metrics; summary.json, summary.md beside it
+      compare/, tune/         `madpo compare` and `madpo tune`
+      ray/<trainer>/          Ray Train storage: checkpoints of interrupted trainings
+    Each stage folder holds metrics.json and a DONE record written last.
+
+Provenance: a stage's DONE record holds the settings it was made with (the config keys in
+STAGE_SETTINGS) and the id of the upstream stage's record it was built on. A stage is up to
+date only if both still match, so a changed setting redoes that stage and, through the ids,
+everything downstream; an unchanged rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
+TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model folder each
+BEFORE_POLICY = STAGES[:STAGES.index("policy")]
+TESTBED_SOURCES = ("generated", "debian")
+MODEL_SHAPE_KEYS = ("model.name_or_path", "model.tokenizer", "model.vocab_size", "model.hidden_size",
+                    "model.num_layers", "model.num_heads", "model.intermediate_size", "model.max_position_embeddings")
+
+# The config keys each stage's output depends on (a section name covers all its keys). Ray
+# placement (ray.*), scoring batch sizes and actor counts change speed, not results: not listed.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.num_documents",
+                                "data.num_eval_documents", "data.corpus_seed", "data.strict", "data.max_pairs",
+                                "sft.optim.seed"),
+    "sft": ("sft", "model.dtype", "data.max_prompt_length", "data.max_length", "data.prompt_template"),
+    "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
+    "reward": ("reward", "data.overlong"),
+    "score": (),
+    "policy": ("policy",),
+    "eval": ("eval.num_prompts",),
+}
+
+
+def upstream_of(stage: str) -> Optional[str]:
+    i = STAGES.index(stage)
+    return STAGES[i - 1] if i else None
+
+
+def settings_of(config: dict, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of dotted `keys` in a config dump, sections flattened to their leaf keys."""
+    out: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            node = node[part]
+        flatten(key, node)
+    return out
+
+
+@dataclass
+class StageRecord:
+    """The DONE record: what a finished stage was made from."""
+
+    record_id: str
+    settings: dict
+    upstream: Optional[str]  # record_id of the upstream stage this one was built on
+    finished: str
+
+    @classmethod
+    def read(cls, folder: Path, name: str = "DONE") -> Optional["StageRecord"]:
+        try:
+            return cls(**json.loads((Path(folder) / name).read_text()))
+        except (OSError, ValueError, TypeError):  # absent, or written by an older version
+            return None
+
+    @classmethod
+    def write(cls, folder: Path, settings: dict, upstream: Optional[str], name: str = "DONE") -> "StageRecord":
+        from madpo_ray.io import write_json
+
+        rec = cls(uuid.uuid4().hex, json.loads(json.dumps(settings)), upstream, time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(Path(folder) / name, asdict(rec))
+        return rec
+
+    def why_stale(self, settings: dict, upstream: Optional[str], upstream_name: str = "upstream") -> Optional[str]:
+        """None if this record still vouches for the stage, else the reason it does not."""
+        wanted = json.loads(json.dumps(settings))
+        changed = sorted(k for k in set(wanted) | set(self.settings) if wanted.get(k) != self.settings.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {self.settings.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
+            return f"settings changed ({shown}{', ...' if len(changed) > 4 else ''})"
+        if upstream != self.upstream:
+            return f"{upstream_name} was redone since"
+        return None
+
+
+class RunLayout:
+    """Every path of one run folder. `loss` picks which policy/<loss>/ the policy stage means."""
+
+    def __init__(self, run_dir: Path, loss: str = "madpo"):
+        self.run_dir = Path(run_dir).resolve()
+        self.loss = loss
+
+    @classmethod
+    def of(cls, cfg) -> "RunLayout":
+        return cls(cfg.run_dir, cfg.policy.loss.name)
+
+    # ------------------------------------------------------------------ stages
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.run_dir / "policy" / self.loss if stage == "policy" else self.run_dir / stage
+
+    def model_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "model"
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.json"
+
+    def train_metrics_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "train_metrics.json"
+
+    def record(self, stage: str) -> Optional[StageRecord]:
+        return StageRecord.read(self.stage_dir(stage))
+
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "DONE").exists()
+
+    def read_metrics(self, stage: str) -> dict:
+        return json.loads(self.metrics_path(stage).read_text())
+
+    # ------------------------------------------------------------------ files inside stages
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.run_dir / "base"
+
+    def docs_path(self, split: str) -> Path:
+        """Testbed documents: split "train" or "test"."""
+        return self.stage_dir("data") / f"{split}_docs.jsonl"
+
+    def input_pairs_path(self, split: str) -> Path:
+        """Validated user pairs: split "train" or "eval"."""
+        return self.stage_dir("data") / f"pairs_{split}.jsonl"
+
+    def pairs_path(self, split: str) -> Path:
+        return self.stage_dir("pairs") / f"{split}.jsonl"
+
+    @property
+    def scored_dir(self) -> Path:
+        return self.stage_dir("score") / "scored"
+
+    def scored_path(self, split: str) -> Path:
+        return self.scored_dir / f"split={split}"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.run_dir / "summary.md"
+
+    # ------------------------------------------------------------------ training storage
+    @property
+    def ray_storage(self) -> Path:
+        return self.run_dir / "ray"
+
+    def trainer_name(self, stage: str) -> str:
+        """Ray Train run name; its checkpoints live in ray_storage/<name>/."""
+        return f"{stage}-{self.loss}" if stage == "policy" else stage
+
+    def checkpoint_root(self, stage: str) -> Path:
+        return self.ray_storage / self.trainer_name(stage)
+
+    @property
+    def faults_dir(self) -> Path:
+        return self.run_dir / ".faults"
+
+    # ------------------------------------------------------------------ other commands
+    @property
+    def compare_dir(self) -> Path:
+        return self.run_dir / "compare"
+
+    def training_dir(self, method: str, seed: int) -> Path:
+        return self.compare_dir / method / f"seed{seed}"
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.run_dir / "tune"

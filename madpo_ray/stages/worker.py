@@ -1,0 +1,75 @@
+"""What every training stage does first and last, wherever it runs.
+
+`setup_worker` turns a Ray Train worker's loop config into the typed config and a session
+(wrapped for fault injection only when a test asks for it); `save_stage_outputs` is the
+shared tail: rank 0 saves the model folder and the training metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from madpo_ray.config import PipelineConfig
+from madpo_ray.engine.loop import FitResult
+from madpo_ray.io import write_json
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """Where a finished training saves: the model folder and its training metrics."""
+
+    model_dir: Path
+    metrics_path: Path
+
+
+def quiet_libraries() -> None:
+    """Ray Train logs every report and transformers draws a bar per weight load: keep our lines readable."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Train V2 logs every report through a logger named after its file path
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # pragma: no cover - internal, may move
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def setup_worker(config: dict):
+    """(typed config, session) for a Ray Train worker's `train_loop_per_worker(config)`."""
+    from madpo_ray.engine.sessions import FaultInjectingSession, RayTrainSession
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    quiet_libraries()
+    cfg = PipelineConfig.model_validate(config["pipeline"])
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    session = RayTrainSession(config.get("checkpoint_root"), order_by=config.get("order_by", "index"))
+    if config.get("fault"):
+        session = FaultInjectingSession(session, **config["fault"])
+    return cfg, session
+
+
+def stage_output(config: dict) -> StageOutput:
+    return StageOutput(Path(config["out_dir"]), Path(config["metrics_path"]))
+
+
+def save_stage_outputs(result: FitResult, tokenizer, out: Optional[StageOutput], cfg: PipelineConfig, stage: str,
+                       rank: int, extra_metrics: Optional[dict] = None) -> None:
+    """Rank 0 saves the model (atomically, with the prompt template) and the training metrics."""
+    from madpo_ray.models import save_model_atomically
+
+    if out is None or rank != 0:
+        return
+    save_model_atomically(result.model, tokenizer, out.model_dir,
+                          meta={"stage": stage, "prompt_template": cfg.data.prompt_template})
+    write_json(out.metrics_path, {"steps": result.steps, "loss_history": result.loss_history,
+                                  **(extra_metrics or {}), **result.metrics})
