@@ -140,9 +140,16 @@ def _stage_command(stages: tuple[str, ...], doc: str):
     return command
 
 
-app.command("sft")(_stage_command(("data", "sft"), "Supervised fine-tuning (the reference policy)."))
-app.command("reward")(_stage_command(("data", "sft", "pairs", "reward"), "Train the Bradley-Terry reward model."))
-app.command("score")(_stage_command(("data", "sft", "pairs", "reward", "score"),
+def _through(stage: str) -> tuple[str, ...]:
+    """Every stage up to and including `stage`, in pipeline order."""
+    from madpo_ray.layout import STAGES
+
+    return STAGES[:STAGES.index(stage) + 1]
+
+
+app.command("sft")(_stage_command(_through("sft"), "Supervised fine-tuning (the reference policy)."))
+app.command("reward")(_stage_command(_through("reward"), "Train the Bradley-Terry reward model."))
+app.command("score")(_stage_command(_through("score"),
                                     "Score pairs with Ray Data: reference log-probs and reward margins."))
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.layout import BEFORE_POLICY, StageRecord, settings_of
+from madpo_ray.layout import BEFORE_POLICY, StageRecord, model_folder, settings_of
 
 log = logging.getLogger("madpo_ray.compare")
 
@@ -68,7 +68,7 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
     session = LocalSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                            checkpoint_root=str(out / "checkpoints"))
     t0 = time.time()
-    result = train_policy(cfg, session, model_dir=sft_dir, out=StageOutput(out / "model", out / "train_metrics.json"),
+    result = train_policy(cfg, session, model_dir=sft_dir, out=StageOutput(model_folder(out), out / "train_metrics.json"),
                           label=f"compare/{m.name}/seed{seed}")
     # result.metrics carries the final training "loss"; the settings live under "policy".
     metrics = {**result.metrics, "method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
@@ -89,7 +89,7 @@ class Comparison:
         """(method, seed, model folder) of everything judged; the SFT policy is seed -1."""
         c = self.cfg.compare
         return [(SFT_LABEL, -1, self.layout.model_dir("sft"))] + [
-            (m.name, s, self.layout.training_dir(m.name, s) / "model") for m in c.methods for s in c.seeds]
+            (m.name, s, model_folder(self.layout.training_dir(m.name, s))) for m in c.methods for s in c.seeds]
 
     def finished(self, method: MethodConfig, seed: int, upstream: Optional[str]) -> Optional[dict]:
         """The metrics of a training that can be reused, else None (and its stale folder removed)."""

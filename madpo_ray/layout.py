@@ -51,6 +51,11 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def model_folder(stage_folder: Path) -> Path:
+    """The HF model folder inside a stage (or compare training) folder."""
+    return Path(stage_folder) / "model"
+
+
 def upstream_of(stage: str) -> Optional[str]:
     i = STAGES.index(stage)
     return STAGES[i - 1] if i else None
@@ -83,6 +88,13 @@ class StageRecord:
     settings: dict
     upstream: Optional[str]  # record_id of the upstream stage this one was built on
     finished: str
+    settings_hash: str = ""  # sha256 of the settings: one string to compare runs by
+
+    @staticmethod
+    def hash_of(settings: dict) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def read(cls, folder: Path, name: str = "DONE") -> Optional["StageRecord"]:
@@ -95,7 +107,8 @@ class StageRecord:
     def write(cls, folder: Path, settings: dict, upstream: Optional[str], name: str = "DONE") -> "StageRecord":
         from madpo_ray.io import write_json
 
-        rec = cls(uuid.uuid4().hex, json.loads(json.dumps(settings)), upstream, time.strftime("%Y-%m-%dT%H:%M:%S"))
+        settings = json.loads(json.dumps(settings))
+        rec = cls(uuid.uuid4().hex, settings, upstream, time.strftime("%Y-%m-%dT%H:%M:%S"), cls.hash_of(settings))
         write_json(Path(folder) / name, asdict(rec))
         return rec
 
@@ -129,7 +142,10 @@ class RunLayout:
         return self.run_dir / "policy" / self.loss if stage == "policy" else self.run_dir / stage
 
     def model_dir(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "model"
+        return model_folder(self.stage_dir(stage))
+
+    def done_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "DONE"
 
     def metrics_path(self, stage: str) -> Path:
         return self.stage_dir(stage) / "metrics.json"
@@ -141,7 +157,7 @@ class RunLayout:
         return StageRecord.read(self.stage_dir(stage))
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / "DONE").exists()
+        return self.done_path(stage).exists()
 
     def read_metrics(self, stage: str) -> dict:
         return json.loads(self.metrics_path(stage).read_text())

@@ -72,7 +72,7 @@ class Pipeline:
         settings, upstream = self.stage_settings(stage), self.upstream_id(stage)
         if started is None or started.why_stale(settings, upstream) is not None or self.layout.is_done(stage):
             shutil.rmtree(self.layout.checkpoint_root(stage), ignore_errors=True)
-        (self.layout.stage_dir(stage) / "DONE").unlink(missing_ok=True)
+        self.layout.done_path(stage).unlink(missing_ok=True)
         StageRecord.write(self.layout.stage_dir(stage), settings, upstream, "STARTED")
 
     def finish_stage(self, stage: str, metrics: dict) -> None:
@@ -292,7 +292,7 @@ class Pipeline:
         examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before Ray Train starts
         columns = [c for c in POLICY_COLUMNS if c in examples[0]] if examples else list(POLICY_COLUMNS)
         self.dataset_of([])  # starts Ray if needed
-        dataset = ray.data.read_parquet(str(path), columns=columns).materialize()
+        dataset = ray.data.read_parquet(str(path)).select_columns(columns).materialize()
         return {"examples": len(examples), **self.train("policy", policy.train_loop_per_worker, dataset,
                                                         str(self.layout.model_dir("sft")), order_by="row_id")}
 

@@ -90,7 +90,7 @@ def test_rerun_skips_complete_stages(full_run, caplog):
 
     caplog.set_level(logging.INFO, logger="madpo_ray.pipeline")
     Pipeline(p.cfg).run(("sft", "reward"))
-    assert "sft: complete, skipping" in caplog.text and "reward: complete, skipping" in caplog.text
+    assert "sft: up to date, skipping" in caplog.text and "reward: up to date, skipping" in caplog.text
 
 
 def test_ddp_two_workers_match_one_worker(full_run, tmp_path):

@@ -20,9 +20,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from madpo_ray.data.preference import ValidationReport, is_messages
+from madpo_ray.data.scored import POLICY_VALUE_COLUMNS
 
-FLOAT_COLUMNS = ("margin", "ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected",
-                 "gold_chosen", "gold_rejected", "true_margin")
+# Per-pair numbers a batch carries as float tensors: what policy training reads, and testbed scores.
+FLOAT_COLUMNS = POLICY_VALUE_COLUMNS + ("gold_chosen", "gold_rejected", "true_margin")
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:

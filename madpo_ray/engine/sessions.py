@@ -86,8 +86,27 @@ class LocalSession:
 
 
 
-class RayTrainSession(LocalSession):
-    """Inside a Ray Train worker: DDP preparation, Ray Data shards, collective reports,
+class RaySession(LocalSession):
+    """Reports and checkpoints through a Ray library's session API (`ray.train` or `ray.tune`)."""
+
+    api_name = "ray.train"
+
+    def api(self):
+        import importlib
+
+        return importlib.import_module(self.api_name)
+
+    def checkpoint_dir(self):
+        ckpt = self.api().get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        api = self.api()
+        api.report(metrics, checkpoint=api.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+class RayTrainSession(RaySession):
+    """Inside a Ray Train worker: DDP preparation, Ray Data datasets, collective reports,
     Train checkpoints. `checkpoint_root` is the run's storage folder for this trainer."""
 
     def __init__(self, checkpoint_root: Optional[str] = None, order_by: str = "index"):
@@ -113,36 +132,14 @@ class RayTrainSession(LocalSession):
 
         return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) / NCCL (GPU) when world_size > 1
 
-    def checkpoint_dir(self):
-        import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
-
-    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-class RayTuneSession(LocalSession):
+class RayTuneSession(RaySession):
     """One Ray Tune trial on one worker: reports feed the scheduler (ASHA)."""
+
+    api_name = "ray.tune"
 
     def __init__(self, datasets: dict[str, list[dict]], device: Optional[torch.device] = None):
         super().__init__(datasets, device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-    def checkpoint_dir(self):
-        import ray.tune
-
-        ckpt = ray.tune.get_checkpoint()
-        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
-
-    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
-        import ray.tune
-
-        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=ckpt)
 
 
 class FaultInjectingSession:
