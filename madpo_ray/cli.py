@@ -338,6 +338,29 @@ def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
     console.print(f"results: {out}/trials.csv, trials.md, best_config.yaml, search.png")
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Bring pretrained models in: GGUF checkpoints to HF folders.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(gguf_file: str = typer.Argument(..., help="A .gguf file (any llama.cpp quantisation)."),
+                      out: str = typer.Argument(..., help="Output HF folder (tokenizer, chat template, safetensors).")):
+    """Dequantise a GGUF causal LM into a normal HF folder that every stage, vLLM and `madpo serve` load.
+
+    Needs the `gguf` extra. Then: madpo run model.name_or_path=OUT ..."""
+    from pathlib import Path
+
+    from madpo_ray.models import ModelLoadError, import_gguf
+
+    _setup_logging()
+    try:
+        info = import_gguf(Path(gguf_file), Path(out))
+    except ModelLoadError as e:
+        fail(str(e))
+    console.print(f"wrote {out}: {info['architecture']}, {info['parameters']:,} parameters, vocab {info['vocab_size']}"
+                  f"{', chat template' if info['chat_template'] else ''}")
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow jobs sent with `madpo submit`.")
 app.add_typer(jobs_app, name="jobs")
 JOB_ADDRESS_OPT = typer.Option(None, "--address", help="Ray dashboard / job server URL (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265).")

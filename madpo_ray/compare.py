@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> Pipel
 
 def training_settings(cfg: PipelineConfig) -> dict:
     """What a finished training's DONE record must match to be reused."""
-    return settings_of(cfg.model_dump(mode="json"), ("policy", "model.dtype"))
+    return settings_of(cfg.model_dump(mode="json"), ("policy", "model.dtype", "model.lora"))
 
 
 def train_method(base_config: dict, method: dict, seed: int, scored_train: str, sft_dir: str, out_dir: str,
@@ -105,30 +106,34 @@ class Comparison:
         return None
 
     def train_all(self) -> dict:
-        """Every missing (method, seed) as a Ray task; as many at once as the cluster has CPUs for."""
+        """Every missing (method, seed) as a Ray task (as many at once as the cluster has CPUs for),
+        or one after another in this process with ray.backend=local."""
         import ray
 
         from madpo_ray.runtime import init_ray, worker_env
 
-        init_ray(self.cfg.ray)
         c, lay = self.cfg.compare, self.layout
         upstream = lay.record("score").record_id
-        task = ray.remote(train_method).options(num_cpus=c.cpus_per_training, max_retries=2,
-                                                runtime_env={"env_vars": worker_env()})
-        pending, done = {}, {}
+        todo, done = [], {}
         for m in c.methods:
             for seed in c.seeds:
                 previous = self.finished(m, seed, upstream)
                 if previous is not None:
                     done[(m.name, seed)] = previous
-                    continue
-                ref = task.remote(self.cfg.model_dump(mode="json"), m.model_dump(), seed, str(lay.scored_path("train")),
-                                  str(lay.model_dir("sft")), str(lay.training_dir(m.name, seed)), upstream,
-                                  threads=max(1, int(c.cpus_per_training)))
-                pending[ref] = (m.name, seed)
-        log.info("compare: %d trainings (%d already done), %g CPU each, %d CPUs in the cluster",
-                 len(pending) + len(done), len(done), c.cpus_per_training, int(ray.cluster_resources().get("CPU", 0)))
-        self.wait_for(pending, done)
+                else:
+                    todo.append(((m.name, seed), (self.cfg.model_dump(mode="json"), m.model_dump(), seed,
+                                                  str(lay.scored_path("train")), str(lay.model_dir("sft")),
+                                                  str(lay.training_dir(m.name, seed)), upstream)))
+        log.info("compare: %d trainings (%d already done)", len(todo) + len(done), len(done))
+        if self.cfg.ray.backend == "local":
+            for key, args in todo:
+                done[key] = train_method(*args, threads=max(1, os.cpu_count() or 1))
+        else:
+            init_ray(self.cfg.ray)
+            task = ray.remote(train_method).options(num_cpus=c.cpus_per_training, max_retries=2,
+                                                    runtime_env={"env_vars": worker_env()})
+            threads = max(1, int(c.cpus_per_training))
+            self.wait_for({task.remote(*args, threads=threads): key for key, args in todo}, done)
         return {f"{k[0]}/seed{k[1]}": {"steps": v["steps"], "seconds": v["seconds"], "final_loss": v.get("loss")}
                 for k, v in done.items()}
 

@@ -30,8 +30,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on the attention projections; the reference recipe's defaults.
+    The reward model's score head always trains in full."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, mods: list[str]) -> list[str]:
+        if not mods:
+            raise ValueError("target_modules is empty")
+        return mods
+
+
 class ModelConfig(_Strict):
-    """`name_or_path` None builds the tiny from-scratch model; otherwise any HF name or folder."""
+    """`name_or_path` None builds the tiny from-scratch model; otherwise any HF name or folder.
+
+    dtype is the one dtype policy: every stage loads its models in it (training and scoring alike),
+    so the policy's step-0 log-probs equal the stored reference log-probs."""
 
     name_or_path: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to name_or_path
@@ -42,6 +62,8 @@ class ModelConfig(_Strict):
     intermediate_size: int = Field(256, ge=8)
     max_position_embeddings: int = Field(512, ge=32)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: Optional[LoraConfig] = None  # null: full fine-tuning
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -227,6 +249,9 @@ class CompareConfig(_Strict):
 
 
 class RayConfig(_Strict):
+    # "ray": stages on Ray (Train, Data, tasks); "local": the same stages in this one process,
+    # without Ray (single machines, notebooks, debugging, accelerator hosts without Ray).
+    backend: Literal["ray", "local"] = "ray"
     address: Optional[str] = None  # None: start a local cluster with ray.init
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False

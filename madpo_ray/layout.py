@@ -42,7 +42,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.num_documents",
                                 "data.num_eval_documents", "data.corpus_seed", "data.strict", "data.max_pairs",
                                 "sft.optim.seed"),
-    "sft": ("sft", "model.dtype", "data.max_prompt_length", "data.max_length", "data.prompt_template"),
+    "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
+            "data.prompt_template"),
     "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
     "reward": ("reward", "data.overlong"),
     "score": (),
@@ -52,8 +53,13 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 def model_folder(stage_folder: Path) -> Path:
-    """The HF model folder inside a stage (or compare training) folder."""
+    """The HF model folder inside a stage (or compare training) folder (merged, if LoRA trained it)."""
     return Path(stage_folder) / "model"
+
+
+def adapter_folder(stage_folder: Path) -> Path:
+    """The LoRA adapter (peft) beside the merged model folder, when LoRA trained the stage."""
+    return Path(stage_folder) / "adapter"
 
 
 def upstream_of(stage: str) -> Optional[str]:
@@ -98,9 +104,13 @@ class StageRecord:
 
     @classmethod
     def read(cls, folder: Path, name: str = "DONE") -> Optional["StageRecord"]:
+        from dataclasses import fields
+
         try:
-            return cls(**json.loads((Path(folder) / name).read_text()))
-        except (OSError, ValueError, TypeError):  # absent, or written by an older version
+            raw = json.loads((Path(folder) / name).read_text())
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in raw.items() if k in known})  # a newer version's extra keys are ignored
+        except (OSError, ValueError, TypeError, AttributeError):  # absent, or written before provenance
             return None
 
     @classmethod
@@ -143,6 +153,9 @@ class RunLayout:
 
     def model_dir(self, stage: str) -> Path:
         return model_folder(self.stage_dir(stage))
+
+    def adapter_dir(self, stage: str) -> Path:
+        return adapter_folder(self.stage_dir(stage))
 
     def done_path(self, stage: str) -> Path:
         return self.stage_dir(stage) / "DONE"

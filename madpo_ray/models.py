@@ -166,3 +166,80 @@ def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+# --------------------------------------------------------------------------- training setup
+def prepare_for_training(model, cfg: ModelConfig, task: str = "causal"):
+    """Gradient checkpointing and LoRA as configured. task: "causal" (SFT, policy) or "reward"
+    (the linear score head then trains in full beside the adapters)."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is None:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules),
+                      task_type=TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM,
+                      modules_to_save=["score"] if task == "reward" else None)
+    model = get_peft_model(model, lora)
+    trainable, total = trainable_parameters(model)
+    log.info("LoRA r=%d on %s: %d of %d parameters trainable (%.2f%%)", cfg.lora.r, ",".join(cfg.lora.target_modules),
+             trainable, total, 100.0 * trainable / total)
+    return model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
+
+
+def is_adapter_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_trained(model, tokenizer, model_dir: Path, adapter_dir: Optional[Path], meta: Optional[dict] = None) -> None:
+    """A normal HF folder every later stage, `madpo eval` and `madpo serve` can load; with LoRA,
+    the adapter is saved beside it first and the folder holds the merged weights."""
+    if is_adapter_model(model):
+        if adapter_dir is not None:
+            model.save_pretrained(str(adapter_dir))
+        model = model.merge_and_unload()
+    save_model_atomically(model, tokenizer, model_dir, meta)
+
+
+# --------------------------------------------------------------------------- GGUF
+def import_gguf(gguf_path: Path, out_dir: Path) -> dict:
+    """A GGUF checkpoint (e.g. a llama.cpp quantisation) as a normal HF folder: tokenizer with its
+    chat template, and the dequantised weights in float32 safetensors.
+
+    transformers dequantises GGUF on load, but flags the model as GGUF-quantised and will not
+    save it; a fresh model of the same config without the quantisation flag takes the weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"{gguf_path}: no such GGUF file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+    except ImportError as e:
+        raise ModelLoadError(f"reading GGUF needs the `gguf` package: pip install 'madpo-ray[gguf]' ({e})") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read {gguf_path} as a GGUF causal LM: {e}") from e
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    ensure_pad_token(tokenizer)
+    save_model_atomically(model, tokenizer, Path(out_dir), meta={"source": str(gguf_path), "format": "gguf"})
+    return {"parameters": count_parameters(model), "architecture": config.model_type,
+            "vocab_size": len(tokenizer), "chat_template": bool(getattr(tokenizer, "chat_template", None))}

@@ -20,8 +20,11 @@ import torch
 from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
 from madpo_ray.data.preference import ValidationReport, load_pairs, validate_rows
+from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.layout import STAGE_SETTINGS, STAGES, TESTBED_SOURCES, RunLayout, StageRecord, settings_of, upstream_of
+from madpo_ray.stages import stage_trainer
+from madpo_ray.stages.worker import StageOutput
 
 log = logging.getLogger("madpo_ray.pipeline")
 
@@ -101,32 +104,51 @@ class Pipeline:
             results[stage] = metrics
         return results
 
-    def train(self, stage: str, train_loop, dataset, model_dir: str, order_by: str = "index") -> dict:
-        """One Ray Train run of a stage's `train_loop_per_worker`; returns its training metrics."""
-        from madpo_ray.runtime import run_trainer
-
-        lay = self.layout
-        config = {"pipeline": self.cfg.model_dump(mode="json"), "model_dir": str(model_dir),
-                  "out_dir": str(lay.model_dir(stage)), "metrics_path": str(lay.train_metrics_path(stage)),
-                  "checkpoint_root": str(lay.checkpoint_root(stage)), "order_by": order_by}
-        if self.fault.get("stage") == stage:
-            config["fault"] = {"fail_at_step": int(self.fault["step"]), "marker_dir": str(lay.faults_dir),
-                               "batch_log_path": str(lay.stage_dir(stage) / "batches.log")
-                               if self.fault.get("batch_log") else None}
-        run_trainer(train_loop, config, self.cfg.ray, name=lay.trainer_name(stage), storage_path=lay.ray_storage,
-                    datasets={"train": dataset})
+    def train(self, stage: str, examples: list[dict], model_dir, parquet: Optional[str] = None) -> dict:
+        """Train a stage on `examples` (or, on Ray, read from `parquet` with Ray Data); returns its
+        training metrics. ray.backend=ray: a TorchTrainer run; local: this process."""
         import json
 
+        lay = self.layout
+        out = StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage))
+        if self.cfg.ray.backend == "local":
+            session = LocalSession({"train": examples}, checkpoint_root=str(lay.checkpoint_root(stage)))
+            if self.fault.get("stage") == stage:
+                session = FaultInjectingSession(session, **self.fault_options(stage))
+            stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
+        else:
+            self.train_on_ray(stage, examples, model_dir, out, parquet)
         return json.loads(lay.train_metrics_path(stage).read_text())
 
-    def dataset_of(self, examples: list[dict]):
-        """A Ray Dataset of tokenised examples, each with its position as "index"."""
+    def fault_options(self, stage: str) -> dict:
+        lay = self.layout
+        return {"fail_at_step": int(self.fault["step"]), "marker_dir": str(lay.faults_dir),
+                "batch_log_path": str(lay.stage_dir(stage) / "batches.log") if self.fault.get("batch_log") else None}
+
+    def train_on_ray(self, stage: str, examples: list[dict], model_dir, out: StageOutput,
+                     parquet: Optional[str]) -> None:
+        """One Ray Train run of the stage; the workers read the examples with get_dataset_shard
+        (from the parquet itself when there is one: the scored pairs)."""
         import ray.data
 
-        from madpo_ray.runtime import init_ray
+        from madpo_ray.runtime import init_ray, run_trainer
+        from madpo_ray.stages.worker import train_loop_per_worker
 
+        lay = self.layout
         init_ray(self.cfg.ray)
-        return ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]).materialize()
+        # Small, already-tokenised data: Ray Data's per-worker progress bars would only add noise.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        if parquet is not None:
+            columns = list(examples[0]) if examples else []
+            dataset, order_by = ray.data.read_parquet(parquet).select_columns(columns), "row_id"
+        else:
+            dataset, order_by = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]), "index"
+        config = {"pipeline": self.cfg.model_dump(mode="json"), "stage": stage, "model_dir": str(model_dir),
+                  "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
+                  "adapter_dir": str(out.adapter_dir), "checkpoint_root": str(lay.checkpoint_root(stage)),
+                  "order_by": order_by, "fault": self.fault_options(stage) if self.fault.get("stage") == stage else None}
+        run_trainer(train_loop_per_worker, config, self.cfg.ray, name=lay.trainer_name(stage),
+                    storage_path=lay.ray_storage, datasets={"train": dataset.materialize()})
 
     # ------------------------------------------------------------------ stages
     def stage_data(self) -> dict:
@@ -189,8 +211,6 @@ class Pipeline:
         build_tiny_base(texts, self.cfg.model, lay.base_dir, seed=self.cfg.sft.optim.seed)
 
     def stage_sft(self) -> dict:
-        from madpo_ray.stages import sft
-
         c = self.cfg.data
         if self.is_testbed:
             rows = [{"prompt": c.prompt_template.format(document=x["document"]), "response": " " + x["reference"]}
@@ -199,8 +219,7 @@ class Pipeline:
             rows = [{"prompt": p["prompt"], "response": p["chosen"]}
                     for p in read_jsonl(self.layout.input_pairs_path("train"))]
         examples = tokenize_sft(self.tokenizer(), rows, c.max_prompt_length, c.max_length)
-        return {"examples": len(examples),
-                **self.train("sft", sft.train_loop_per_worker, self.dataset_of(examples), self.base_model)}
+        return {"examples": len(examples), **self.train("sft", examples, self.base_model)}
 
     def stage_pairs(self) -> dict:
         """Testbed: sample summaries from the SFT policy, pair them, label Bradley-Terry by gold reward."""
@@ -261,13 +280,9 @@ class Pipeline:
         return exs, report.to_metrics()
 
     def stage_reward(self) -> dict:
-        from madpo_ray.stages import reward
-
         exs, report = self.tokenized_pairs("train")
         strip = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in exs]
-        return {"examples": len(strip), "tokenize": report,
-                **self.train("reward", reward.train_loop_per_worker, self.dataset_of(strip),
-                             str(self.layout.model_dir("sft")))}
+        return {"examples": len(strip), "tokenize": report, **self.train("reward", strip, self.layout.model_dir("sft"))}
 
     def stage_score(self) -> dict:
         from madpo_ray.models import check_model_folder
@@ -276,25 +291,18 @@ class Pipeline:
 
         for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
-        init_ray(self.cfg.ray)
-        return score_splits(self.layout, {split: self.tokenized_pairs(split) for split in ("train", "eval")},
-                            self.cfg.score)
+        if self.cfg.ray.backend == "ray":
+            init_ray(self.cfg.ray)
+        return score_splits(self.layout, {split: self.tokenized_pairs(split) for split in ("train", "eval")}, self.cfg)
 
     def stage_policy(self) -> dict:
-        import ray.data
-
-        from madpo_ray.data.scored import POLICY_COLUMNS, load_policy_examples
+        from madpo_ray.data.scored import load_policy_examples
         from madpo_ray.models import check_model_folder
-        from madpo_ray.stages import policy
 
         check_model_folder(str(self.layout.model_dir("sft")))
         path = self.layout.scored_path("train")
-        examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before Ray Train starts
-        columns = [c for c in POLICY_COLUMNS if c in examples[0]] if examples else list(POLICY_COLUMNS)
-        self.dataset_of([])  # starts Ray if needed
-        dataset = ray.data.read_parquet(str(path)).select_columns(columns).materialize()
-        return {"examples": len(examples), **self.train("policy", policy.train_loop_per_worker, dataset,
-                                                        str(self.layout.model_dir("sft")), order_by="row_id")}
+        examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before any training
+        return {"examples": len(examples), **self.train("policy", examples, self.layout.model_dir("sft"), str(path))}
 
     def stage_eval(self) -> dict:
         from madpo_ray.eval.summary import evaluate_run

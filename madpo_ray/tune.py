@@ -142,6 +142,8 @@ def new_tuner(trainable, space: SearchSpace, storage: Path, num_samples: Optiona
 def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_samples: Optional[int] = None,
                cpus_per_trial: float = 1.0, fail_once: bool = False) -> dict:
     """Run (or resume) the search; writes trials.csv/.md, best_config.yaml and a plot."""
+    if pipeline.cfg.ray.backend != "ray":
+        raise ConfigError("madpo tune runs trials on Ray Tune: set ray.backend=ray (the default)")
     from ray import tune
 
     from madpo_ray.runtime import init_ray

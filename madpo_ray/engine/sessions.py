@@ -122,8 +122,10 @@ class RayTrainSession(RaySession):
         """This worker's copy of the dataset passed to the trainer. The dataset is not split
         by Ray: the loop's seeded DistributedSampler shards it, which keeps the order exact
         on resume and equal to a one-process run."""
+        import ray.data
         import ray.train
 
+        ray.data.DataContext.get_current().enable_progress_bars = False
         shard = ray.train.get_dataset_shard(name)
         return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
 

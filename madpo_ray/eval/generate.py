@@ -280,11 +280,6 @@ def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str]
                         out_dir: Path) -> tuple[list[dict], list[dict]]:
     """Samples of every (label, seed, folder) at every temperature in one generation actor;
     each model's cached in its own parquet, reused while the settings and weights match."""
-    import ray
-
-    from madpo_ray.runtime import init_ray, worker_env
-
-    init_ray(cfg.ray)
     spec = SampleSpec.from_config(cfg)
     path = {(m, s): Path(out_dir) / f"{m}__seed{s}.parquet" for m, s, _ in models}
 
@@ -302,26 +297,43 @@ def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str]
     todo = [(m, s, d) for m, s, d in models if not cached(m, s, d)]
     timings = []
     if todo:
-        # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
-        # eval.generation_cpus), or one GPU on a GPU cluster.
-        cpus = cfg.eval.generation_cpus or min(float(ray.cluster_resources().get("CPU", 1)), float(os.cpu_count() or 1))
-        actor = ray.remote(GenerationActor).options(num_cpus=max(1.0, cpus), num_gpus=1 if cfg.ray.use_gpu else 0,
-                                                    runtime_env={"env_vars": worker_env()}).remote(
-            cfg.eval.backend, seed=cfg.eval.seed)
-        backend = ray.get(actor.backend.remote())
+        actor, call = generation_actor(cfg)
+        backend = call(actor.backend)
         log.info("generating %d models x %d prompts at temperatures %s (%d samples each above 0) with %s",
                  len(todo), len(ids), list(spec.temperatures), spec.samples_per_prompt, backend)
         for m, s, d in todo:
-            rows, t = ray.get(actor.sample_model.remote(str(d), m, ids, prompts, spec))
+            rows, t = call(actor.sample_model, str(d), m, ids, prompts, spec)
             write_generations(rows, path[(m, s)])
             path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(d)))
             timings.append(t)
             log.info("  %s%s: %d completions, %.0f tok/s, load %.1fs (%s)", m, "" if s < 0 else f" seed {s}",
                      len(rows), t["tokens_per_s"], t["load_seconds"], backend)
-        ray.kill(actor)
+        if cfg.ray.backend == "ray":  # free its CPUs now, not when the handle is collected
+            import ray
+
+            ray.kill(actor)
     rows = []
     for m, s, _ in models:
         for r in read_generations(path[(m, s)]):
             r.update(method=m, seed=s)
             rows.append(r)
     return rows, timings
+
+
+def generation_actor(cfg):
+    """(generator, call): a Ray actor holding one engine, or (ray.backend=local) the same class in
+    this process; `call(method, *args)` runs a method of either and returns its result."""
+    if cfg.ray.backend == "local":
+        return GenerationActor(cfg.eval.backend, seed=cfg.eval.seed), lambda method, *args: method(*args)
+    import ray
+
+    from madpo_ray.runtime import init_ray, worker_env
+
+    init_ray(cfg.ray)
+    # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
+    # eval.generation_cpus), or one GPU on a GPU cluster.
+    cpus = cfg.eval.generation_cpus or min(float(ray.cluster_resources().get("CPU", 1)), float(os.cpu_count() or 1))
+    actor = ray.remote(GenerationActor).options(num_cpus=max(1.0, cpus), num_gpus=1 if cfg.ray.use_gpu else 0,
+                                                runtime_env={"env_vars": worker_env()}).remote(
+        cfg.eval.backend, seed=cfg.eval.seed)
+    return actor, lambda method, *args: ray.get(method.remote(*args))

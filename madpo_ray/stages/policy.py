@@ -17,8 +17,8 @@ from madpo_ray.data.collate import PairCollator
 from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.logprobs import sequence_logprobs
 from madpo_ray.losses import DataParallel, PolicyLossInputs, get_policy_loss
-from madpo_ray.models import load_causal_lm, load_tokenizer
-from madpo_ray.stages.worker import StageOutput, save_stage_outputs, setup_worker, stage_output
+from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
+from madpo_ray.stages.worker import StageOutput, save_stage_outputs
 
 
 def all_gather_1d(local: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
     pairs) with cfg.policy: the model is loaded in cfg.model.dtype, the loss built from the
     registry, and (with `out`) rank 0 saves the model and metrics."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, cfg.model.dtype)
+    model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
     info = session.info
     step = PolicyStep(cfg.policy.loss, cfg.policy.optim.seed, DataParallel(info.rank, info.world_size, all_gather_1d))
     result = fit(model, session.examples("train"), PairCollator(tokenizer.pad_token_id), step, cfg.policy.optim,
@@ -84,8 +84,3 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
                  eval_fn=eval_fn)
     save_stage_outputs(result, tokenizer, out, cfg, "policy", info.rank, {"loss_name": cfg.policy.loss.name})
     return result
-
-
-def train_loop_per_worker(config: dict) -> None:
-    cfg, session = setup_worker(config)
-    train_policy(cfg, session, model_dir=config["model_dir"], out=stage_output(config))

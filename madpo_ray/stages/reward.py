@@ -3,13 +3,15 @@ scored from the last real token through a linear head (AutoModelForSequenceClass
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from madpo_ray.data.collate import PairCollator
-from madpo_ray.engine.loop import fit
+from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.losses import bradley_terry_loss
-from madpo_ray.models import load_reward_model, load_tokenizer, reward_scores
-from madpo_ray.stages.worker import save_stage_outputs, setup_worker, stage_output
+from madpo_ray.models import load_reward_model, load_tokenizer, prepare_for_training, reward_scores
+from madpo_ray.stages.worker import StageOutput, save_stage_outputs
 
 
 def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -20,10 +22,12 @@ def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
                   "margin_mean": float((chosen - rejected).mean())}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    cfg, session = setup_worker(config)
-    tokenizer = load_tokenizer(config["model_dir"])
-    model = load_reward_model(config["model_dir"], cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None) -> FitResult:
+    """The reward model from `model_dir` (the SFT model) on the session's "train" pairs."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+    model = prepare_for_training(model, cfg.model, task="reward")
     result = fit(model, session.examples("train"), PairCollator(tokenizer.pad_token_id), reward_step,
                  cfg.reward.optim, stage="reward", session=session)
-    save_stage_outputs(result, tokenizer, stage_output(config), cfg, "reward", session.info.rank)
+    save_stage_outputs(result, tokenizer, out, cfg, "reward", session.info.rank)
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,11 +23,31 @@ log = logging.getLogger(__name__)
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The one dtype policy: scoring loads its models in the dtype, and runs under the autocast,
+    that policy training uses, so the stored reference log-probs equal the policy's at step 0."""
+
+    dtype: str = "float32"
+    bf16: str = "off"  # OptimConfig.bf16 of the policy stage: "auto" | "on" | "off"
+
+    @classmethod
+    def of(cls, cfg) -> "Precision":
+        return cls(cfg.model.dtype, cfg.policy.optim.bf16)
+
+    def autocast(self, device: torch.device = torch.device("cpu")):
+        from madpo_ray.engine.loop import autocast_context
+
+        return autocast_context(device, self.bf16)
+
+
 @torch.no_grad()
-def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: int) -> list[dict]:
+def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: int,
+                   precision: Precision = Precision()) -> list[dict]:
     batch = PairCollator(pad_token_id)(examples)
-    lp = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    rewards = reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+    with precision.autocast():
+        lp = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        rewards = reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
     b = len(examples)
     out = []
     for i, ex in enumerate(examples):
@@ -43,13 +64,18 @@ def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: 
 
 
 class PairScorer:
-    """Ray Data actor: loads both frozen models once, scores batches of tokenised pairs."""
+    """Ray Data actor (or a plain object, locally): loads both frozen models once, in the run's
+    dtype, and scores batches of tokenised pairs."""
 
-    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1):
+    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1, precision: Precision = Precision()):
         torch.set_num_threads(threads)
+        self.precision = precision
         self.tokenizer = load_tokenizer(ref_dir)
-        self.ref = load_causal_lm(ref_dir).eval()
-        self.rm = load_reward_model(reward_dir, pad_token_id=self.tokenizer.pad_token_id).eval()
+        self.ref = load_causal_lm(ref_dir, precision.dtype).eval()
+        self.rm = load_reward_model(reward_dir, precision.dtype, pad_token_id=self.tokenizer.pad_token_id).eval()
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        return score_examples(self.ref, self.rm, rows, self.tokenizer.pad_token_id, self.precision)
 
     def __call__(self, batch):
         import pandas as pd
@@ -58,13 +84,12 @@ class PairScorer:
         for r in rows:
             for c in ID_COLUMNS:
                 r[c] = [int(t) for t in r[c]]
-        scored = score_examples(self.ref, self.rm, rows, self.tokenizer.pad_token_id)
-        return pd.DataFrame(scored)
+        return pd.DataFrame(self.score(rows))
 
 
 def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *,
                    batch_size: int = 32, num_actors: int = 2, cpus_per_actor: float = 1.0,
-                   partition_col: str = "split") -> Path:
+                   partition_col: str = "split", precision: Precision = Precision()) -> Path:
     """Score `examples` (tokenised pairs plus metadata) into parquet under out_dir.
 
     One Dataset for every split (the actors load their models once), written partitioned by
@@ -82,7 +107,8 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
     blocks = max(num_actors, len(examples) // (4 * batch_size))
     ds = ray.data.from_items(examples, override_num_blocks=blocks)
     ds = ds.map_batches(PairScorer, fn_constructor_kwargs={"ref_dir": str(ref_dir), "reward_dir": str(reward_dir),
-                                                           "threads": max(1, int(cpus_per_actor))},
+                                                           "threads": max(1, int(cpus_per_actor)),
+                                                           "precision": precision},
                         batch_size=batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor)
     ds.write_parquet(str(tmp), partition_cols=[partition_col])
@@ -90,7 +116,29 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
     return out_dir
 
 
-def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], score_cfg) -> dict:
+def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *, batch_size: int = 32,
+                  partition_col: str = "split", precision: Precision = Precision()) -> Path:
+    """The same scoring in this process (ray.backend=local), written in the same partitioned layout."""
+    import os
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scorer = PairScorer(str(ref_dir), str(reward_dir), threads=max(1, os.cpu_count() or 1), precision=precision)
+    rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    for d in (out_dir, tmp):
+        shutil.rmtree(d, ignore_errors=True)
+    for value in dict.fromkeys(r[partition_col] for r in rows):
+        part = [{k: v for k, v in r.items() if k != partition_col} for r in rows if r[partition_col] == value]
+        (tmp / f"{partition_col}={value}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(part), tmp / f"{partition_col}={value}" / "part-0.parquet")
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> dict:
     """The score stage: every split's tokenised pairs through one Ray Data pass, then checks and
     the reward model's agreement with the labels (and, on the testbed, with the true margins)."""
     import time
@@ -103,8 +151,12 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], score_cf
         examples += exs
         metrics[split] = {"tokenize": report}
     t0 = time.time()
-    out = score_with_ray(examples, layout.model_dir("sft"), layout.model_dir("reward"), layout.scored_dir,
-                         batch_size=score_cfg.batch_size, num_actors=score_cfg.num_actors)
+    models = (layout.model_dir("sft"), layout.model_dir("reward"), layout.scored_dir)
+    if cfg.ray.backend == "local":
+        out = score_locally(examples, *models, batch_size=cfg.score.batch_size, precision=Precision.of(cfg))
+    else:
+        out = score_with_ray(examples, *models, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
+                             precision=Precision.of(cfg))
     secs = time.time() - t0
     metrics.update(pairs=len(examples), seconds=secs, pairs_per_s=len(examples) / max(secs, 1e-9))
     for split in tokenized:

@@ -3,13 +3,15 @@ The result is both the reference policy pi_ref and the policy's starting point."
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from madpo_ray.data.collate import SFTCollator
-from madpo_ray.engine.loop import fit
+from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.logprobs import position_ids_from_mask, token_logprobs
-from madpo_ray.models import load_causal_lm, load_tokenizer
-from madpo_ray.stages.worker import save_stage_outputs, setup_worker, stage_output
+from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
+from madpo_ray.stages.worker import StageOutput, save_stage_outputs
 
 
 def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -22,10 +24,11 @@ def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
     return loss, {}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    cfg, session = setup_worker(config)
-    tokenizer = load_tokenizer(config["model_dir"])
-    model = load_causal_lm(config["model_dir"], cfg.model.dtype)
+def train_sft(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None) -> FitResult:
+    """SFT from `model_dir` on the session's "train" examples (prompt/response token ids)."""
+    tokenizer = load_tokenizer(model_dir)
+    model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
     result = fit(model, session.examples("train"), SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim,
                  stage="sft", session=session)
-    save_stage_outputs(result, tokenizer, stage_output(config), cfg, "sft", session.info.rank)
+    save_stage_outputs(result, tokenizer, out, cfg, "sft", session.info.rank)
+    return result

@@ -20,10 +20,12 @@ from madpo_ray.io import write_json
 
 @dataclass(frozen=True)
 class StageOutput:
-    """Where a finished training saves: the model folder and its training metrics."""
+    """Where a finished training saves: the model folder (merged weights), the LoRA adapter
+    (when LoRA trained it) and the training metrics."""
 
     model_dir: Path
     metrics_path: Path
+    adapter_dir: Optional[Path] = None
 
 
 def quiet_libraries() -> None:
@@ -59,17 +61,30 @@ def setup_worker(config: dict):
 
 
 def stage_output(config: dict) -> StageOutput:
-    return StageOutput(Path(config["out_dir"]), Path(config["metrics_path"]))
+    adapter = config.get("adapter_dir")
+    return StageOutput(Path(config["out_dir"]), Path(config["metrics_path"]), Path(adapter) if adapter else None)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Every training stage's Ray Train entry point: the stage's own function with a Train session."""
+    from madpo_ray.stages import stage_trainer
+
+    cfg, session = setup_worker(config)
+    stage_trainer(config["stage"])(cfg, session, model_dir=config["model_dir"], out=stage_output(config))
 
 
 def save_stage_outputs(result: FitResult, tokenizer, out: Optional[StageOutput], cfg: PipelineConfig, stage: str,
                        rank: int, extra_metrics: Optional[dict] = None) -> None:
-    """Rank 0 saves the model (atomically, with the prompt template) and the training metrics."""
-    from madpo_ray.models import save_model_atomically
+    """Rank 0 saves the model (atomically, merged if LoRA trained it, with the prompt template)
+    and the training metrics, including the share of parameters that trained."""
+    from madpo_ray.models import save_trained, trainable_parameters
 
     if out is None or rank != 0:
         return
-    save_model_atomically(result.model, tokenizer, out.model_dir,
-                          meta={"stage": stage, "prompt_template": cfg.data.prompt_template})
+    trainable, total = trainable_parameters(result.model)
+    save_trained(result.model, tokenizer, out.model_dir, out.adapter_dir,
+                 meta={"stage": stage, "prompt_template": cfg.data.prompt_template})
     write_json(out.metrics_path, {"steps": result.steps, "loss_history": result.loss_history,
-                                  **(extra_metrics or {}), **result.metrics})
+                                  "trainable_parameters": trainable, "total_parameters": total,
+                                  "trainable_share": trainable / max(total, 1), **(extra_metrics or {}),
+                                  **result.metrics})
