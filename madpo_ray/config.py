@@ -94,6 +94,7 @@ class DataConfig(_Strict):
     strict: bool = False  # fail on the first bad row instead of skipping and counting it
     overlong: Literal["truncate", "skip"] = "truncate"  # see madpo_ray/data/collate.py
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template (instruction-tuned models)
 
     @model_validator(mode="after")
     def _lengths(self):

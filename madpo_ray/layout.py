@@ -43,7 +43,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                                 "data.num_eval_documents", "data.corpus_seed", "data.strict", "data.max_pairs",
                                 "sft.optim.seed"),
     "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
-            "data.prompt_template"),
+            "data.prompt_template", "data.chat"),
     "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
     "reward": ("reward", "data.overlong"),
     "score": (),

@@ -46,12 +46,23 @@ class Pipeline:
 
     @property
     def base_model(self) -> str:
-        return self.cfg.model.name_or_path or str(self.layout.base_dir)
+        """A hub name, or a local folder made absolute (Ray workers do not share this cwd)."""
+        name = self.cfg.model.name_or_path
+        if name is None:
+            return str(self.layout.base_dir)
+        from pathlib import Path
+
+        return str(Path(name).resolve()) if Path(name).exists() else name
 
     def tokenizer(self):
         from madpo_ray.models import load_tokenizer
 
         return load_tokenizer(self.base_model if self.cfg.model.tokenizer is None else self.cfg.model.tokenizer)
+
+    def prompt_template(self) -> str:
+        from madpo_ray.data.prompts import effective_prompt_template
+
+        return effective_prompt_template(self.cfg.data, self.tokenizer() if self.cfg.data.chat else None)
 
     # ------------------------------------------------------------------ provenance
     def stage_settings(self, stage: str) -> dict:
@@ -213,7 +224,8 @@ class Pipeline:
     def stage_sft(self) -> dict:
         c = self.cfg.data
         if self.is_testbed:
-            rows = [{"prompt": c.prompt_template.format(document=x["document"]), "response": " " + x["reference"]}
+            template = self.prompt_template()
+            rows = [{"prompt": template.format(document=x["document"]), "response": " " + x["reference"]}
                     for x in read_jsonl(self.layout.docs_path("train"))]
         else:
             rows = [{"prompt": p["prompt"], "response": p["chosen"]}
@@ -242,7 +254,8 @@ class Pipeline:
 
         c = self.cfg.data
         docs = read_jsonl(self.layout.docs_path(docs_split))
-        prompts = [c.prompt_template.format(document=x["document"]) for x in docs]
+        template = self.prompt_template()
+        prompts = [template.format(document=x["document"]) for x in docs]
         t0 = time.time()
         samples: dict[str, list[str]] = {x["doc_id"]: [] for x in docs}
         for k in range(c.samples_per_document):
@@ -254,7 +267,7 @@ class Pipeline:
         log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
                  time.time() - t0)
         pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
-                            policy_samples=samples, prompt_template=c.prompt_template)
+                            policy_samples=samples, prompt_template=template)
         report = ValidationReport(source=f"testbed/{split}")
         pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
         if split == "train" and c.max_pairs:

@@ -153,3 +153,20 @@ def test_local_runtime_runs_every_stage_without_ray(tmp_path):
         assert results[stage]["steps"] == 2 and 0 < results[stage]["trainable_share"] < 1
         assert (p.layout.adapter_dir(stage) / "adapter_config.json").exists()
     assert "policy_greedy_gold_reward" in results["eval"]
+
+
+def test_reward_head_initialisation_follows_the_seed(tiny_base_dir, tiny_tokenizer, corpus_docs):
+    """The score head is new weights: without seeding before the model is built, two runs of the same
+    config started from different heads (the first loss differed run to run)."""
+    from madpo_ray.engine.sessions import LocalSession
+    from madpo_ray.stages.reward import train_reward
+
+    pairs = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+             for ex in _examples(tiny_tokenizer, corpus_docs, 16)]
+
+    def first_losses(process_state):
+        cfg = load_config("tiny", TINY_SETS + ["reward.optim.max_steps=2"])
+        torch.manual_seed(process_state)  # whatever state the process is in must not matter
+        return train_reward(cfg, LocalSession({"train": pairs}), model_dir=str(tiny_base_dir)).loss_history
+
+    assert first_losses(1) == first_losses(2)

@@ -76,6 +76,7 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
     pairs) with cfg.policy: the model is loaded in cfg.model.dtype, the loss built from the
     registry, and (with `out`) rank 0 saves the model and metrics."""
     tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(cfg.policy.optim.seed)  # LoRA's initial adapters come from the seed
     model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
     info = session.info
     step = PolicyStep(cfg.policy.loss, cfg.policy.optim.seed, DataParallel(info.rank, info.world_size, all_gather_1d))

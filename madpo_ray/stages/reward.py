@@ -25,6 +25,7 @@ def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None) -> FitResult:
     """The reward model from `model_dir` (the SFT model) on the session's "train" pairs."""
     tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(cfg.reward.optim.seed)  # the new score head (and any LoRA) is initialised from the seed
     model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
     model = prepare_for_training(model, cfg.model, task="reward")
     result = fit(model, session.examples("train"), PairCollator(tokenizer.pad_token_id), reward_step,

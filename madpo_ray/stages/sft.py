@@ -27,6 +27,7 @@ def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 def train_sft(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None) -> FitResult:
     """SFT from `model_dir` on the session's "train" examples (prompt/response token ids)."""
     tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(cfg.sft.optim.seed)  # LoRA's initial adapters come from the seed
     model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
     result = fit(model, session.examples("train"), SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim,
                  stage="sft", session=session)

@@ -81,9 +81,11 @@ def save_stage_outputs(result: FitResult, tokenizer, out: Optional[StageOutput],
 
     if out is None or rank != 0:
         return
+    from madpo_ray.data.prompts import effective_prompt_template
+
     trainable, total = trainable_parameters(result.model)
     save_trained(result.model, tokenizer, out.model_dir, out.adapter_dir,
-                 meta={"stage": stage, "prompt_template": cfg.data.prompt_template})
+                 meta={"stage": stage, "prompt_template": effective_prompt_template(cfg.data, tokenizer)})
     write_json(out.metrics_path, {"steps": result.steps, "loss_history": result.loss_history,
                                   "trainable_parameters": trainable, "total_parameters": total,
                                   "trainable_share": trainable / max(total, 1), **(extra_metrics or {}),
