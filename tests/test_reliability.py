@@ -21,9 +21,11 @@ ROWS = [{"prompt": f"Document {i} about a Rust library.\nTL;DR:", "chosen": f" A
          "rejected": f" A Go daemon {i}."} for i in range(12)]
 
 
-def _madpo(*args, preexec=None, timeout=300):
+def _madpo(*args, preexec=None, timeout=300, env=None):
+    import os
+
     return subprocess.run([sys.executable, "-m", "madpo_ray", *args], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+                          timeout=timeout, preexec_fn=preexec, env={**os.environ, **(env or {})})
 
 
 def test_truncated_jsonl_keeps_every_whole_row_and_names_the_cut_one(tmp_path):
@@ -71,7 +73,7 @@ def _scored(tmp_path, **replace):
 
 
 def test_scored_parquet_missing_margin_column(tmp_path):
-    from madpo_ray.stages.policy import load_policy_examples
+    from madpo_ray.data.scored import load_policy_examples
 
     path = _scored(tmp_path)
     t = pq.read_table(path).drop(["margin"])
@@ -82,7 +84,7 @@ def test_scored_parquet_missing_margin_column(tmp_path):
 
 
 def test_nan_and_infinite_margins_are_rejected_with_row_ids(tmp_path):
-    from madpo_ray.stages.policy import load_policy_examples
+    from madpo_ray.data.scored import load_policy_examples
 
     bad = {1: float("nan"), 4: float("inf")}
     path = _scored(tmp_path, margin=lambda i: bad.get(i, 0.5))
@@ -122,7 +124,9 @@ def test_full_disk_fails_the_stage_cleanly_and_a_rerun_completes(tmp_path):
     args = ["sft", f"runs_dir={runs}", "name=full", "data.num_documents=64", "data.num_eval_documents=8",
             "sft.optim.max_steps=1", "model.hidden_size=32", "model.num_heads=2", "model.num_layers=1",
             "model.intermediate_size=64", "model.vocab_size=512", "ray.num_workers=1"]
-    proc = _madpo(*args, preexec=small_disk)
+    # A narrow console: the message must come out whole, not wrapped at the width (it once split
+    # "rerun the same command" across lines depending on the length of the temporary path).
+    proc = _madpo(*args, preexec=small_disk, env={"COLUMNS": "40"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "File too large" in out and "rerun the same command" in out and "Traceback" not in out
