@@ -4,14 +4,20 @@ Same model (the default tiny Llama), same pairs, same batch (8 pairs, no accumul
 sequence limits (prompt 192, total 256), one torch thread each. Variants:
 
   ours          our training loop (`engine.loop.fit`), reference log-probs precomputed by the
-                scoring pass (our design); the scoring pass's own cost is reported separately
+                scoring pass (our design), shared-prompt forward + length-grouped batches
+                ("shared") or two sequences per pair + shuffled batches ("two-seq", the old path)
   ours+ref      the same loop recomputing the reference forward every step, as TRL does
   trl           TRL DPOTrainer, reference model recomputed every step (its default)
   trl-precomp   TRL with precompute_ref_log_probs=True (its pass is inside train_runtime)
 
-tokens/s counts the non-pad tokens of every chosen and rejected sequence consumed (prompt +
-response), from our tokenisation of the same texts, divided by training wall time. MFU uses
-PaLM's model-FLOPs per trained token (6N + 12 L d T) against a GEMM measured in this run.
+tokens/s counts *logical* tokens, the same way on every side: 2P + C + R per pair (prompt twice,
+each response once: what a two-sequence forward consumes), from our tokenisation of the same
+texts, divided by wall time; prefix sharing therefore shows as speed, not as fewer tokens.
+Padding share is padded / computed tokens. MFU uses PaLM's model-FLOPs per trained token
+(6N + 12 L d T) against the measured GEMM rate of this CPU (no dense peak applies here).
+Rows come in like-for-like groups: reference recomputed every step (ours two-seq, ours shared,
+TRL); reference precomputed with the precompute inside the timed window (ours + its scoring
+pass, TRL precompute); then our training loop alone.
 
     .venv/bin/python bench/train_throughput.py [--steps 40] [--repeats 3]
 """
@@ -77,36 +83,41 @@ class RecomputeReferenceStep:
 
     def __init__(self, inner, ref_model):
         self.inner, self.ref = inner, ref_model.eval()
-        self.beta_state = inner.beta_state
+
+    def extra_state(self) -> dict:
+        return self.inner.extra_state()
 
     def __call__(self, model, batch):
-        from madpo_ray.logprobs import sequence_logprobs
+        from madpo_ray.pair_forward import pair_response_logprobs
 
         with torch.no_grad():
-            lp = sequence_logprobs(self.ref, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        c, r = lp.summed.chunk(2)
-        batch = dict(batch, ref_logp_chosen=c, ref_logp_rejected=r)
+            c, r = pair_response_logprobs(self.ref, batch)
+        batch = dict(batch, ref_logp_chosen=c.summed, ref_logp_rejected=r.summed)
         return self.inner(model, batch)
 
 
-def run_ours(model_dir: Path, examples: list[dict], loss: str, steps: int, recompute_ref: bool) -> float:
-    """Training seconds of `steps` optimiser steps through our fit() loop."""
+def run_ours(model_dir: Path, examples: list[dict], loss: str, steps: int, recompute_ref: bool,
+             shared: bool = True) -> tuple[float, float]:
+    """(training seconds, padding share) of `steps` optimiser steps through our fit() loop: the
+    shared-prompt forward with length-grouped batches, or (shared=False) two sequences per pair
+    with plain shuffled batches, the path before prefix sharing."""
     from madpo_ray.config import LossConfig, OptimConfig
-    from madpo_ray.data.collate import PairCollator
-    from madpo_ray.models import load_causal_lm, load_tokenizer
     from madpo_ray.engine.loop import fit
     from madpo_ray.engine.sessions import LocalSession
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.pair_forward import pair_collator
     from madpo_ray.stages.policy import PolicyStep
 
     tok = load_tokenizer(str(model_dir))
     step = PolicyStep(LossConfig(name=loss), seed=0)
+    model = load_causal_lm(str(model_dir))
     if recompute_ref:
         step = RecomputeReferenceStep(step, load_causal_lm(str(model_dir)))
     optim = OptimConfig(lr=1e-5, per_device_batch_size=BATCH, effective_batch_size=BATCH, max_steps=steps,
-                        epochs=100, report_every=10_000, checkpoint_every=10_000)
-    result = fit(load_causal_lm(str(model_dir)), [dict(e) for e in examples], PairCollator(tok.pad_token_id), step,
-                 optim, stage=f"bench/{loss}", session=LocalSession())
-    return result.metrics["train_seconds"]
+                        epochs=100, report_every=steps, checkpoint_every=10_000, group_by_length=shared)
+    collate = pair_collator(model, tok.pad_token_id, "shared_prompt" if shared else "two_sequence")
+    result = fit(model, [dict(e) for e in examples], collate, step, optim, stage=f"bench/{loss}", session=LocalSession())
+    return result.metrics["train_seconds"], result.metrics["padding_share"]
 
 
 def run_trl(model_dir: Path, rows: list[dict], steps: int, precompute: bool, out: Path) -> float:
@@ -125,6 +136,40 @@ def run_trl(model_dir: Path, rows: list[dict], steps: int, precompute: bool, out
     return trainer.train().metrics["train_runtime"]
 
 
+def score_pass(model, tok, examples: list[dict], shared: bool) -> tuple[list[dict], float]:
+    """The reference forward once per pair (our precompute), timed."""
+    from madpo_ray.stages.score import ComputePolicy, score_examples
+
+    policy = ComputePolicy(pair_forward="shared_prompt" if shared else "two_sequence")
+    t0 = time.perf_counter()
+    scored = []
+    with torch.no_grad():
+        for i in range(0, len(examples), 32):
+            scored += score_examples(model, _ZeroReward(), examples[i:i + 32], tok.pad_token_id, policy)
+    return scored, time.perf_counter() - t0
+
+
+def variants(model_dir, model, tok, rows, examples, steps: int, with_trl: bool, out: Path) -> dict:
+    """name -> a function returning (seconds, padding share). Like-for-like pairs first."""
+    def ours(loss, recompute, shared, with_scoring=False):
+        def run():
+            scored, score_s = score_pass(model, tok, examples, shared)
+            secs, pad = run_ours(model_dir, scored, loss, steps, recompute, shared)
+            return secs + (score_s if with_scoring else 0.0), pad
+        return run
+
+    v = {"ours+ref dpo, two-seq": ours("dpo", True, False), "ours+ref dpo, shared": ours("dpo", True, True)}
+    if with_trl:
+        v["trl dpo"] = lambda: (run_trl(model_dir, rows, steps, False, out / "trl"), None)
+    v.update({"ours dpo + scoring pass, two-seq": ours("dpo", False, False, True),
+              "ours dpo + scoring pass, shared": ours("dpo", False, True, True)})
+    if with_trl:
+        v["trl-precomp dpo"] = lambda: (run_trl(model_dir, rows, steps, True, out / "trl"), None)
+    v.update({"ours dpo, two-seq": ours("dpo", False, False), "ours dpo, shared": ours("dpo", False, True),
+              "ours madpo, shared": ours("madpo", False, True)})
+    return v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -133,86 +178,78 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    from madpo_ray.data.collate import tokenize_pairs
+    from madpo_ray.models import load_causal_lm, load_tokenizer
     from madpo_ray.stages.worker import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)
-
-    from madpo_ray.data.collate import tokenize_pairs
-    from madpo_ray.models import load_causal_lm, load_tokenizer
-    from madpo_ray.stages.score import score_examples
-
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     model_dir = default_model(out / "tiny_base")
-    tok = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir))
-    n_pairs = args.steps * BATCH
-    rows = load_pairs(n_pairs)
+    tok, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir))
+    rows = load_pairs(args.steps * BATCH)
     examples = tokenize_pairs(tok, rows, MAX_PROMPT, MAX_LEN)
     tokens_per_pair = statistics.mean(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
                                       for e in examples)
-    seq_len = tokens_per_pair / 2
-    # The scoring pass: reference log-probs (and, in the pipeline, reward margins) once per pair.
-    t0 = time.perf_counter()
-    scored = []
-    with torch.no_grad():
-        for i in range(0, len(examples), 32):
-            scored += score_examples(model, _ZeroReward(), examples[i:i + 32], tok.pad_token_id)
-    score_s = time.perf_counter() - t0
+    peak, fpt = gemm_flops(), model_flops_per_token(model, tokens_per_pair / 2)
+    print(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(examples)} pairs, "
+          f"{tokens_per_pair:.0f} logical tokens/pair (2P+C+R), batch {BATCH}, {args.steps} steps, 1 thread; "
+          f"measured fp32 GEMM rate 1024^3: {peak / 1e9:.1f} GFLOP/s")
+    runs = variants(model_dir, model, tok, rows, examples, args.steps, not args.no_trl, out)
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    padding: dict[str, list] = {k: [] for k in runs}
+    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+        for name, fn in runs.items():
+            secs, pad = fn()
+            seconds[name].append(secs)
+            padding[name].append(pad)
+    report(seconds, padding, args.steps * BATCH * tokens_per_pair, fpt, peak, out, tokens_per_pair)
 
-    peak = gemm_flops()
-    fpt = model_flops_per_token(model, seq_len)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model {params / 1e6:.2f}M params, {len(examples)} pairs, {tokens_per_pair:.0f} tokens/pair, batch {BATCH}, "
-          f"{args.steps} steps, 1 thread; fp32 GEMM 1024^3: {peak / 1e9:.1f} GFLOP/s")
 
-    variants = {"ours dpo": lambda: run_ours(model_dir, scored, "dpo", args.steps, False),
-                "ours madpo": lambda: run_ours(model_dir, scored, "madpo", args.steps, False),
-                "ours+ref dpo": lambda: run_ours(model_dir, scored, "dpo", args.steps, True)}
-    if not args.no_trl:
-        variants["trl dpo"] = lambda: run_trl(model_dir, rows, args.steps, False, out / "trl")
-        variants["trl-precomp dpo"] = lambda: run_trl(model_dir, rows, args.steps, True, out / "trl")
-    seconds: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.repeats):  # interleaved, so drift hits every variant alike
-        for name, fn in variants.items():
-            seconds[name].append(fn())
-    tokens = args.steps * BATCH * tokens_per_pair
-    results = {}
-    print(f"\n| variant | tokens/s median (min-max) | MFU | vs trl dpo |")
+def report(seconds: dict, padding: dict, tokens: float, fpt: float, peak: float, out: Path, tokens_per_pair) -> None:
+    print("\n| variant | logical tokens/s median (min-max) | padding share | effective MFU (logical-token FLOPs / measured GEMM rate) |")
     print("| --- | --- | --- | --- |")
-    base = statistics.median([tokens / s for s in seconds["trl dpo"]]) if "trl dpo" in seconds else None
+    med = {}
     for name, secs in seconds.items():
-        tps = [tokens / s for s in secs]
-        med = statistics.median(tps)
-        # A reference forward is 1/3 of a training step's FLOPs; count it where it is done.
+        tps = [tokens / x for x in secs]
+        med[name] = statistics.median(tps)
+        # A reference forward is 1/3 of a training step's FLOPs; count it where it is done each step.
         flops = fpt * (4 / 3 if ("+ref" in name or name == "trl dpo") else 1)
-        results[name] = {"tokens_per_s": tps, "median": med, "mfu": med * flops / peak}
-        ratio = f"{med / base:.2f}x" if base else "-"
-        print(f"| {name} | {med:,.0f} ({min(tps):,.0f}-{max(tps):,.0f}) | {100 * med * flops / peak:.1f}% | {ratio} |")
-    step_ratio = statistics.median(a / b for a, b in zip(seconds["ours madpo"], seconds["ours dpo"]))
-    score_tps = len(examples) * tokens_per_pair / score_s
-    ours_all_in = tokens / (statistics.median(seconds["ours dpo"]) + score_s)
-    print(f"\nMADPO / DPO step time (ours, median of paired repeats): {step_ratio:.3f}")
-    print(f"scoring pass (reference forward once per pair): {score_s:.1f}s for {len(examples)} pairs; "
-          f"ours dpo including it: {ours_all_in:,.0f} tok/s" + (f" = {ours_all_in / base:.2f}x trl dpo" if base else ""))
-    if base:
-        print(f"ours dpo / trl dpo: {results['ours dpo']['median'] / base:.2f}x   "
-              f"ours+ref dpo / trl dpo (same work): {results['ours+ref dpo']['median'] / base:.2f}x")
+        pads = [x for x in padding[name] if x is not None]
+        pad = f"{100 * statistics.median(pads):.1f}%" if pads else "-"
+        print(f"| {name} | {med[name]:,.0f} ({min(tps):,.0f}-{max(tps):,.0f}) | {pad} | "
+              f"{100 * med[name] * flops / peak:.1f}% |")
+    ratios = {"shared / two-seq, ours dpo": ("ours dpo, shared", "ours dpo, two-seq"),
+              "shared / two-seq, ours+ref dpo": ("ours+ref dpo, shared", "ours+ref dpo, two-seq"),
+              "ours+ref dpo two-seq / trl dpo (same work)": ("ours+ref dpo, two-seq", "trl dpo"),
+              "ours+ref dpo shared / trl dpo (same work)": ("ours+ref dpo, shared", "trl dpo"),
+              "ours dpo + scoring, shared / trl-precomp dpo (same work)": ("ours dpo + scoring pass, shared",
+                                                                           "trl-precomp dpo"),
+              "madpo / dpo step time, shared": ("ours dpo, shared", "ours madpo, shared")}
+    print()
+    for label, (a, b) in ratios.items():
+        if a in med and b in med:
+            print(f"{label}: {med[a] / med[b]:.2f}x")
     (out / "train_throughput.json").write_text(json.dumps(
-        {"steps": args.steps, "batch": BATCH, "tokens_per_pair": tokens_per_pair, "gemm_flops": peak,
-         "flops_per_token": fpt, "params": params, "seconds": seconds, "results": results,
-         "madpo_over_dpo_step_time": step_ratio, "score_seconds": score_s, "score_tokens_per_s": score_tps}, indent=2))
+        {"tokens_per_pair": tokens_per_pair, "gemm_flops": peak, "flops_per_token": fpt, "seconds": seconds,
+         "padding_share": padding, "median_tokens_per_s": med}, indent=2))
 
 
 class _ZeroReward(torch.nn.Module):
     """Stands in for the reward model in the scoring pass timing: the benchmark is about the
-    reference forward the policy loop needs; the reward model's cost is bench/score_throughput.py's."""
+    reference forward the policy loop needs; the reward model's cost is bench/score_throughput.py's.
+    Its `score` head (all zeros) is what our reward readers hook."""
 
-    def forward(self, input_ids=None, attention_mask=None, **_):
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Identity()
+
+    def forward(self, input_ids=None, **_):
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], 1))
+        scores = self.score(torch.zeros(input_ids.shape[0], input_ids.shape[1], 1))
+        return SimpleNamespace(logits=scores[:, -1])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: Optional[LoraConfig] = None  # null: full fine-tuning
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # One sequence [prompt, chosen, rejected] per pair (the prompt computed once), or the two-sequence
+    # fallback for attention implementations that cannot take a custom mask (madpo_ray/pair_forward.py).
+    pair_forward: Literal["shared_prompt", "two_sequence"] = "shared_prompt"
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -119,6 +122,7 @@ class OptimConfig(_Strict):
     report_every: int = Field(10, ge=1)  # ray.train.report costs ~1.5 s: not every step
     seed: int = 0
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast where the device supports it
+    group_by_length: bool = True  # batches of similar lengths (less padding); false: plain shuffle
 
 
 def check_loss_name(name: str) -> str:
@@ -182,6 +186,11 @@ class PolicyStageConfig(StageConfig):
 class ScoreConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(2, ge=1)
+    # auto: Ray Data on a cluster (ray.address set) or for at least `ray_data_min_pairs` pairs, else a
+    # plain loop in the driver: Ray Data pays ~24 s to start its actors and lost below ~3,900 pairs
+    # on 2 cores (bench/score_throughput.py).
+    backend: Literal["auto", "ray_data", "local"] = "auto"
+    ray_data_min_pairs: int = Field(4000, ge=0)
 
 
 class EvalConfig(_Strict):

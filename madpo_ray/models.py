@@ -124,13 +124,37 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def score_head(model) -> torch.nn.Module:
+    """The linear head of a sequence-classification model (`score` in Llama, Qwen, Mistral...;
+    with LoRA, peft's wrapper around it)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "score":
+            return module
+    raise ModelLoadError(f"{type(model).__name__} has no `score` head; not a reward model this project can read")
+
+
+def per_position_scores(model, **inputs) -> torch.Tensor:
+    """[B, L] head outputs at every position, before the model pools them at one token: what
+    scoring several responses packed into one sequence needs."""
+    captured: dict = {}
+    handle = score_head(model).register_forward_hook(lambda module, args, out: captured.update(scores=out))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured["scores"].squeeze(-1).float()
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per sequence, from the last real token's hidden state (right padding)."""
+    """Scalar reward per sequence, from the last real token's hidden state (right padding). The
+    last token is found from the attention mask, so a tokenizer whose pad token is its EOS
+    (SmolLM2, Qwen) still scores the response's final token."""
     from madpo_ray.logprobs import position_ids_from_mask
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask))
-    return out.logits.squeeze(-1).float()
+    scores = per_position_scores(model, input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids_from_mask(attention_mask))
+    last = attention_mask.long().sum(-1) - 1
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
 
 
 def build_tiny_base(texts: Iterable[str], cfg: ModelConfig, out_dir: Path, seed: int = 0) -> Path:

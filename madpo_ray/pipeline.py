@@ -300,13 +300,14 @@ class Pipeline:
     def stage_score(self) -> dict:
         from madpo_ray.models import check_model_folder
         from madpo_ray.runtime import init_ray
-        from madpo_ray.stages.score import score_splits
+        from madpo_ray.stages.score import score_splits, scoring_backend
 
         for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
-        if self.cfg.ray.backend == "ray":
+        tokenized = {split: self.tokenized_pairs(split) for split in ("train", "eval")}
+        if scoring_backend(self.cfg, sum(len(exs) for exs, _ in tokenized.values())) == "ray_data":
             init_ray(self.cfg.ray)
-        return score_splits(self.layout, {split: self.tokenized_pairs(split) for split in ("train", "eval")}, self.cfg)
+        return score_splits(self.layout, tokenized, self.cfg)
 
     def stage_policy(self) -> dict:
         from madpo_ray.data.scored import load_policy_examples

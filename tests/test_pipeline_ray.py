@@ -33,7 +33,8 @@ def ray_cluster():
 
 
 def _cfg(tmp, name, *extra):
-    return load_config("tiny", TINY_SETS + [f"runs_dir={tmp}", f"name={name}", *extra])
+    # score.backend=ray_data: at this size `auto` would score in a plain loop; the Ray Data pass is what is tested here.
+    return load_config("tiny", TINY_SETS + [f"runs_dir={tmp}", f"name={name}", "score.backend=ray_data", *extra])
 
 
 @pytest.fixture(scope="module")

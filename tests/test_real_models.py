@@ -90,11 +90,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base_dir, tiny_tok
 def test_bfloat16_step_zero_implicit_margin_is_zero(tiny_base_dir, tiny_tokenizer, corpus_docs):
     """Reference log-probs scored under the run's dtype policy equal the policy's own at step 0; scored
     in float32 (the old behaviour) they are off by far more than bf16 noise."""
-    from madpo_ray.data.collate import PairCollator
     from madpo_ray.losses import DataParallel
+    from madpo_ray.pair_forward import pair_collator
     from madpo_ray.models import load_causal_lm
     from madpo_ray.stages.policy import PolicyStep
-    from madpo_ray.stages.score import PairScorer, Precision
+    from madpo_ray.stages.score import ComputePolicy, PairScorer
 
     cfg = load_config("tiny", TINY_SETS + ["model.dtype=bfloat16"])
     examples = _examples(tiny_tokenizer, corpus_docs, 8)
@@ -104,12 +104,12 @@ def test_bfloat16_step_zero_implicit_margin_is_zero(tiny_base_dir, tiny_tokenize
     def margins(precision):
         """Scored 8 pairs at a time, trained 4 at a time (other padding), as in a run."""
         rows = PairScorer(str(tiny_base_dir), str(tiny_base_dir), precision=precision).score(examples)
-        collate = PairCollator(tiny_tokenizer.pad_token_id)
+        collate = pair_collator(policy, tiny_tokenizer.pad_token_id, cfg.model.pair_forward)
         with torch.no_grad():
             return torch.cat([step.inputs(policy, collate(rows[i:i + 4])).implicit_margin() for i in (0, 4)])
 
-    same = margins(Precision.of(cfg)).abs().max().item()
-    mixed = margins(Precision("float32", "off")).abs().max().item()
+    same = margins(ComputePolicy.of(cfg)).abs().max().item()
+    mixed = margins(ComputePolicy("float32", "off", cfg.model.pair_forward)).abs().max().item()
     assert same <= 1e-3 and mixed > 1e-3 and mixed > 5 * same, (same, mixed)
 
 

@@ -75,6 +75,41 @@ class BatchPlan:
     total_steps: int
 
 
+class LengthGroupedSampler:
+    """Seeded shuffle, then, within windows of `window` global batches, examples sorted by length
+    and cut into global batches whose order is shuffled again; each rank takes its slice of every
+    global batch. Batches of similar lengths waste little on padding, and the order is still a
+    pure function of (seed, epoch), so resume and any worker count see the same global batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int, rank: int, seed: int,
+                 window: int = 32):
+        self.lengths, self.batch_size, self.num_replicas, self.rank = lengths, batch_size, num_replicas, rank
+        self.seed, self.window, self.epoch = seed, window, 0
+        self.global_batch = batch_size * num_replicas
+        self.num_batches = len(lengths) // self.global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()[:self.num_batches * self.global_batch]
+        span = self.global_batch * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[k:k + self.global_batch] for k in range(0, len(chunk), self.global_batch)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield from batches[b][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+
+def example_length(ex: dict) -> int:
+    return sum(len(v) for k, v in ex.items() if k.endswith("_ids"))
+
+
 def plan_batches(examples: list, collate_fn: Callable, optim: OptimConfig, info: WorkerInfo, stage: str) -> BatchPlan:
     """This worker's share of every epoch, and how many optimiser steps the run takes."""
     from torch.utils.data import DataLoader
@@ -82,8 +117,12 @@ def plan_batches(examples: list, collate_fn: Callable, optim: OptimConfig, info:
 
     for i, ex in enumerate(examples):
         ex["index"] = i
-    sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=optim.seed, drop_last=True)
+    if optim.group_by_length:
+        sampler = LengthGroupedSampler([example_length(ex) for ex in examples], optim.per_device_batch_size,
+                                       info.world_size, info.rank, optim.seed)
+    else:
+        sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=optim.seed, drop_last=True)
     loader = DataLoader(examples, batch_size=optim.per_device_batch_size, sampler=sampler,
                         collate_fn=collate_fn, drop_last=True)
     accum = max(1, optim.effective_batch_size // (optim.per_device_batch_size * info.world_size))
@@ -166,9 +205,15 @@ class Meter:
     def __init__(self, start_step: int, world_size: int):
         self.t0, self.start_step, self.world_size = time.time(), start_step, world_size
         self.tokens, self.window_loss, self.window_n, self.step_loss = 0, 0.0, 0, 0.0
+        self.real, self.computed = 0, 0
 
-    def add(self, loss: float, tokens: int, accum: int) -> None:
-        self.tokens += tokens
+    def add(self, loss: float, batch: dict, accum: int) -> None:
+        """Logical tokens are what a two-sequence forward would compute (2P + C + R per pair), so
+        a faster layout shows as more tokens/s, not as fewer tokens; padding is counted apart."""
+        real = int(batch["attention_mask"].sum())
+        self.tokens += int(batch["logical_tokens"]) if "logical_tokens" in batch else real
+        self.real += real
+        self.computed += batch["input_ids"].numel()
         self.window_loss += loss
         self.window_n += 1
         self.step_loss += loss / accum
@@ -181,6 +226,7 @@ class Meter:
         elapsed = time.time() - self.t0
         out = {"step": step, "epoch": epoch, "loss": self.window_loss / max(1, self.window_n),
                "grad_norm": grad_norm, "lr": lr, "tokens_per_s": self.tokens * self.world_size / max(elapsed, 1e-9),
+               "padding_share": 1.0 - self.real / max(self.computed, 1),
                **{k: float(v) for k, v in metrics.items()}}
         self.window_loss, self.window_n = 0.0, 0
         return out
@@ -237,7 +283,7 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
         with no_sync(), autocast_context(info.device, optim.bf16):
             loss, metrics = step_fn(model, batch)
             (loss / plan.accum).backward()
-        meter.add(float(loss.detach()), int(batch["attention_mask"].sum()), plan.accum)
+        meter.add(float(loss.detach()), batch, plan.accum)
         if not sync:
             continue
         micro = 0

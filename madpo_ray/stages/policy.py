@@ -13,11 +13,10 @@ from typing import Callable, Optional
 import torch
 
 from madpo_ray.config import LossConfig, PipelineConfig
-from madpo_ray.data.collate import PairCollator
 from madpo_ray.engine.loop import FitResult, fit
-from madpo_ray.logprobs import sequence_logprobs
 from madpo_ray.losses import DataParallel, PolicyLossInputs, get_policy_loss
 from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
+from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
 from madpo_ray.stages.worker import StageOutput, save_stage_outputs
 
 
@@ -54,8 +53,8 @@ class PolicyStep:
         return {k: make() for k, make in available.items() if k in self.loss.runtime}
 
     def inputs(self, model, batch: dict) -> PolicyLossInputs:
-        lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        chosen, rejected = lp.summed.chunk(2)
+        chosen_lp, rejected_lp = pair_response_logprobs(model, batch)
+        chosen, rejected = chosen_lp.summed, rejected_lp.summed
         return PolicyLossInputs(chosen, rejected, batch["ref_logp_chosen"], batch["ref_logp_rejected"],
                                 chosen_lengths=batch["len_chosen"], rejected_lengths=batch["len_rejected"],
                                 margins=batch.get("margin"))
@@ -80,7 +79,8 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
     model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
     info = session.info
     step = PolicyStep(cfg.policy.loss, cfg.policy.optim.seed, DataParallel(info.rank, info.world_size, all_gather_1d))
-    result = fit(model, session.examples("train"), PairCollator(tokenizer.pad_token_id), step, cfg.policy.optim,
+    collate = pair_collator(model, tokenizer.pad_token_id, cfg.model.pair_forward)
+    result = fit(model, session.examples("train"), collate, step, cfg.policy.optim,
                  stage=label or f"policy/{cfg.policy.loss.name}", session=session, extra_state=step.extra_state(),
                  eval_fn=eval_fn)
     save_stage_outputs(result, tokenizer, out, cfg, "policy", info.rank, {"loss_name": cfg.policy.loss.name})

@@ -15,25 +15,26 @@ from pathlib import Path
 
 import torch
 
-from madpo_ray.data.collate import PairCollator
-from madpo_ray.logprobs import sequence_logprobs
-from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
+from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
+from madpo_ray.pair_forward import pair_collator, pair_response_logprobs, pair_rewards
 
 log = logging.getLogger(__name__)
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass(frozen=True)
-class Precision:
-    """The one dtype policy: scoring loads its models in the dtype, and runs under the autocast,
-    that policy training uses, so the stored reference log-probs equal the policy's at step 0."""
+class ComputePolicy:
+    """How scoring computes, the same as policy training: models loaded in the run's dtype, the
+    policy's autocast, the same pair layout. So the stored reference log-probs equal the policy's
+    own at step 0."""
 
     dtype: str = "float32"
     bf16: str = "off"  # OptimConfig.bf16 of the policy stage: "auto" | "on" | "off"
+    pair_forward: str = "two_sequence"  # ModelConfig.pair_forward
 
     @classmethod
-    def of(cls, cfg) -> "Precision":
-        return cls(cfg.model.dtype, cfg.policy.optim.bf16)
+    def of(cls, cfg) -> "ComputePolicy":
+        return cls(cfg.model.dtype, cfg.policy.optim.bf16, cfg.model.pair_forward)
 
     def autocast(self, device: torch.device = torch.device("cpu")):
         from madpo_ray.engine.loop import autocast_context
@@ -43,21 +44,21 @@ class Precision:
 
 @torch.no_grad()
 def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: int,
-                   precision: Precision = Precision()) -> list[dict]:
-    batch = PairCollator(pad_token_id)(examples)
+                   precision: ComputePolicy = ComputePolicy()) -> list[dict]:
+    """Reference log-probs and reward margins of tokenised pairs, one batch (both models frozen)."""
+    batch = pair_collator(ref_model, pad_token_id, precision.pair_forward)(examples)
     with precision.autocast():
-        lp = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        rewards = reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
-    b = len(examples)
+        chosen, rejected = pair_response_logprobs(ref_model, batch)
+        reward_chosen, reward_rejected = pair_rewards(reward_model, batch)
     out = []
     for i, ex in enumerate(examples):
         row = dict(ex)
         row.update(
-            ref_logp_chosen=float(lp.summed[i]), ref_logp_rejected=float(lp.summed[b + i]),
-            ref_logp_mean_chosen=float(lp.mean[i]), ref_logp_mean_rejected=float(lp.mean[b + i]),
-            len_chosen=float(lp.n_tokens[i]), len_rejected=float(lp.n_tokens[b + i]),
-            reward_chosen=float(rewards[i]), reward_rejected=float(rewards[b + i]),
-            margin=float(rewards[i] - rewards[b + i]),
+            ref_logp_chosen=float(chosen.summed[i]), ref_logp_rejected=float(rejected.summed[i]),
+            ref_logp_mean_chosen=float(chosen.mean[i]), ref_logp_mean_rejected=float(rejected.mean[i]),
+            len_chosen=float(chosen.n_tokens[i]), len_rejected=float(rejected.n_tokens[i]),
+            reward_chosen=float(reward_chosen[i]), reward_rejected=float(reward_rejected[i]),
+            margin=float(reward_chosen[i] - reward_rejected[i]),
         )
         out.append(row)
     return out
@@ -67,7 +68,7 @@ class PairScorer:
     """Ray Data actor (or a plain object, locally): loads both frozen models once, in the run's
     dtype, and scores batches of tokenised pairs."""
 
-    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1, precision: Precision = Precision()):
+    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1, precision: ComputePolicy = ComputePolicy()):
         torch.set_num_threads(threads)
         self.precision = precision
         self.tokenizer = load_tokenizer(ref_dir)
@@ -89,7 +90,7 @@ class PairScorer:
 
 def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *,
                    batch_size: int = 32, num_actors: int = 2, cpus_per_actor: float = 1.0,
-                   partition_col: str = "split", precision: Precision = Precision()) -> Path:
+                   partition_col: str = "split", precision: ComputePolicy = ComputePolicy()) -> Path:
     """Score `examples` (tokenised pairs plus metadata) into parquet under out_dir.
 
     One Dataset for every split (the actors load their models once), written partitioned by
@@ -117,7 +118,7 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
 
 
 def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *, batch_size: int = 32,
-                  partition_col: str = "split", precision: Precision = Precision()) -> Path:
+                  partition_col: str = "split", precision: ComputePolicy = ComputePolicy()) -> Path:
     """The same scoring in this process (ray.backend=local), written in the same partitioned layout."""
     import os
     import shutil
@@ -138,6 +139,15 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir
     return out_dir
 
 
+def scoring_backend(cfg, pairs: int) -> str:
+    """"ray_data" or "local" for score.backend (see ScoreConfig)."""
+    if cfg.ray.backend == "local" or cfg.score.backend == "local":
+        return "local"
+    if cfg.score.backend == "ray_data" or cfg.ray.address or pairs >= cfg.score.ray_data_min_pairs:
+        return "ray_data"
+    return "local"
+
+
 def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> dict:
     """The score stage: every split's tokenised pairs through one Ray Data pass, then checks and
     the reward model's agreement with the labels (and, on the testbed, with the true margins)."""
@@ -152,11 +162,14 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
         metrics[split] = {"tokenize": report}
     t0 = time.time()
     models = (layout.model_dir("sft"), layout.model_dir("reward"), layout.scored_dir)
-    if cfg.ray.backend == "local":
-        out = score_locally(examples, *models, batch_size=cfg.score.batch_size, precision=Precision.of(cfg))
+    backend = scoring_backend(cfg, len(examples))
+    metrics["backend"] = backend
+    log.info("scoring %d pairs with %s", len(examples), "Ray Data" if backend == "ray_data" else "a plain loop")
+    if backend == "local":
+        out = score_locally(examples, *models, batch_size=cfg.score.batch_size, precision=ComputePolicy.of(cfg))
     else:
         out = score_with_ray(examples, *models, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
-                             precision=Precision.of(cfg))
+                             precision=ComputePolicy.of(cfg))
     secs = time.time() - t0
     metrics.update(pairs=len(examples), seconds=secs, pairs_per_s=len(examples) / max(secs, 1e-9))
     for split in tokenized:

@@ -1,0 +1,116 @@
+"""The shared-prompt pair forward equals the two-sequence forward: log-probs, reward scores, a DPO
+and a MADPO step's loss and gradients, for truncated prompts, truncated and uneven responses and a
+padded batch. Length-grouped batches cover every example once and agree across worker counts."""
+
+import logging
+
+import pytest
+import torch
+
+from madpo_ray.config import LossConfig
+from madpo_ray.data.collate import PairCollator, tokenize_pairs
+from madpo_ray.data.preference import ValidationReport
+from madpo_ray.losses import DataParallel
+from madpo_ray.pair_forward import (SharedPairCollator, pair_attention_mask, pair_response_logprobs, pair_rewards,
+                                    uses_shared_prompt)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_tokenizer, corpus_docs):
+    """Prompts cut from the left (max_prompt_length 40 < most documents), responses of different
+    lengths, some cut on the right (max_length 70), margins and reference log-probs attached."""
+    rows = [{"prompt": d["document"], "chosen": " " + d["reference"],
+             "rejected": " " + corpus_docs[(i + 5) % len(corpus_docs)]["reference"] + " and more words" * (i % 4),
+             "row_id": i} for i, d in enumerate(corpus_docs[:12])]
+    report = ValidationReport(source="t")
+    exs = tokenize_pairs(tiny_tokenizer, rows, 40, 70, "truncate", report, False)
+    assert report.truncated > 0 and len({len(e["rejected_ids"]) for e in exs}) > 3
+    for i, ex in enumerate(exs):
+        ex.update(margin=float(i % 5) - 2.0, ref_logp_chosen=-30.0 - i, ref_logp_rejected=-35.0 + i,
+                  len_chosen=float(len(ex["chosen_ids"])), len_rejected=float(len(ex["rejected_ids"])))
+    return exs
+
+
+def _both(pairs, pad):
+    return PairCollator(pad)(pairs), SharedPairCollator(pad)(pairs)
+
+
+def test_logprobs_and_rewards_equal_the_two_sequence_forward(tiny_base_dir, tiny_tokenizer, pairs):
+    from madpo_ray.models import load_causal_lm, load_reward_model
+
+    two, shared = _both(pairs, tiny_tokenizer.pad_token_id)
+    assert (shared["attention_mask"].sum(-1) < shared["attention_mask"].shape[1]).any()  # a padded batch
+    lm = load_causal_lm(str(tiny_base_dir)).eval()
+    torch.manual_seed(0)
+    rm = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        for a, b in zip(pair_response_logprobs(lm, two), pair_response_logprobs(lm, shared)):
+            assert torch.equal(a.n_tokens, b.n_tokens)
+            assert torch.allclose(a.summed, b.summed, rtol=1e-5, atol=1e-5)
+        for a, b in zip(pair_rewards(rm, two), pair_rewards(rm, shared)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rejected_tokens_never_see_the_chosen_ones(tiny_base_dir, tiny_tokenizer, pairs):
+    """Replace every chosen token: the rejected log-probs do not move (the chosen ones do)."""
+    from madpo_ray.models import load_causal_lm
+
+    lm = load_causal_lm(str(tiny_base_dir)).eval()
+    other = [dict(ex, chosen_ids=[7] * len(ex["chosen_ids"])) for ex in pairs]
+    collate = SharedPairCollator(tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        c1, r1 = pair_response_logprobs(lm, collate(pairs))
+        c2, r2 = pair_response_logprobs(lm, collate(other))
+    assert torch.allclose(r1.summed, r2.summed, atol=1e-5)
+    assert not torch.allclose(c1.summed, c2.summed, atol=1e-2)
+
+
+def test_mask_by_hand():
+    m = pair_attention_mask(2, 2, 2, 7).int()  # prompt p0 p1, chosen c0 c1, rejected r0 r1, one pad
+    assert m[4].tolist() == [1, 1, 0, 0, 1, 0, 0]  # r0: the prompt and itself
+    assert m[5].tolist() == [1, 1, 0, 0, 1, 1, 0]  # r1
+    assert m[3].tolist() == [1, 1, 1, 1, 0, 0, 0]  # c1: plain causal
+    assert m[6].tolist() == [0, 0, 0, 0, 0, 0, 1]  # padding sees only itself (no empty softmax rows)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "madpo"])
+def test_training_step_gives_the_same_loss_and_gradients(tiny_base_dir, tiny_tokenizer, pairs, loss):
+    from madpo_ray.models import load_causal_lm
+    from madpo_ray.stages.policy import PolicyStep
+
+    results = []
+    for batch in _both(pairs, tiny_tokenizer.pad_token_id):
+        model = load_causal_lm(str(tiny_base_dir))
+        value, _ = PolicyStep(LossConfig(name=loss), 0, DataParallel())(model, batch)
+        value.backward()
+        results.append((value.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-5) and torch.allclose(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_that_cannot_take_a_mask_falls_back_and_says_so(caplog):
+    class Config:
+        _attn_implementation = "flash_attention_2"
+
+    class Model:
+        config = Config()
+
+    caplog.set_level(logging.WARNING)
+    assert not uses_shared_prompt(Model(), "shared_prompt") and "two sequences" in caplog.text
+    assert not uses_shared_prompt(Model(), "two_sequence")
+
+
+def test_length_grouped_batches_cover_each_example_once_and_match_across_worker_counts():
+    from madpo_ray.engine.loop import LengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(10, 200, (103,), generator=torch.Generator().manual_seed(0))]
+    one = list(LengthGroupedSampler(lengths, 8, 1, 0, seed=3))
+    ranks = [list(LengthGroupedSampler(lengths, 4, 2, r, seed=3)) for r in (0, 1)]
+    assert len(one) == len(set(one)) == 96  # 12 whole global batches of 8
+    global_two = [sorted(ranks[0][i:i + 4] + ranks[1][i:i + 4]) for i in range(0, 48, 4)]
+    assert global_two == [sorted(one[i:i + 8]) for i in range(0, 96, 8)]
+    spread = [max(lengths[i] for i in one[k:k + 8]) - min(lengths[i] for i in one[k:k + 8]) for k in range(0, 96, 8)]
+    assert sum(spread) / len(spread) < 40  # random batches of 8 from 10..200 spread ~150
+    s = LengthGroupedSampler(lengths, 8, 1, 0, seed=3)
+    s.set_epoch(1)
+    assert list(s) != one  # another epoch, another order
