@@ -45,7 +45,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
             "data.prompt_template", "data.chat"),
     "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
-    "reward": ("reward", "data.overlong"),
+    "reward": ("reward", "data.overlong", "model.pair_forward"),
     "score": (),
     "policy": ("policy",),
     "eval": ("eval.num_prompts",),
