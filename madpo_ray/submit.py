@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -17,6 +18,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never upload these with the working_dir: environments, artifacts, caches, VCS.
 UPLOAD_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info",
                    "build", "dist"]
+# ... and never secrets: a working_dir lands on every node and in the cluster's package cache.
+SECRET_EXCLUDES = [".env", ".env.*", "**/.env", "*.pem", "*.key", ".netrc", "**/.netrc", "kubeconfig", "**/kubeconfig",
+                   ".kube", ".ray", "**/.ray", "*.p12", "id_rsa*", "api_key"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -34,11 +38,27 @@ def resolve_token(token: Optional[str] = None) -> Optional[str]:
     return path.read_text().strip() if path.exists() else None
 
 
+def warn_if_token_in_clear(address: str, token: Optional[str]) -> Optional[str]:
+    """A bearer token over plain HTTP to another host can be read by anyone on the path."""
+    from urllib.parse import urlparse
+
+    from madpo_ray.serving.launch import is_loopback
+
+    url = urlparse(address if "://" in address else f"http://{address}")
+    if not token or url.scheme != "http" or is_loopback(url.hostname or ""):
+        return None
+    message = (f"warning: sending the Ray auth token over plain HTTP to {url.hostname}; use https:// or a "
+               f"tunnel (kubectl port-forward, ssh -L) to 127.0.0.1")
+    warnings.warn(message, stacklevel=3)
+    return message
+
+
 def client(address: Optional[str] = None, token: Optional[str] = None):
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_ADDRESS
     tok = resolve_token(token)
+    warn_if_token_in_clear(address, tok)
     headers = {"Authorization": f"Bearer {tok}"} if tok else None
     try:
         return JobSubmissionClient(address, headers=headers)
@@ -52,7 +72,8 @@ def client(address: Optional[str] = None, token: Optional[str] = None):
 
 def build_runtime_env(working_dir: Path = PROJECT_ROOT, pip: Optional[list[str]] = None,
                       env_vars: Optional[dict[str, str]] = None) -> dict:
-    env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": dict(env_vars or {})}
+    env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES + SECRET_EXCLUDES,
+           "env_vars": dict(env_vars or {})}
     if pip:
         env["pip"] = pip
     return env

@@ -61,7 +61,7 @@ def render(overlay: str) -> list[dict]:
 def test_rendered_manifests_validate_strictly(overlay):
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["PersistentVolumeClaim", "RayJob", "RayJob", "RayService"]
+    assert kinds == ["NetworkPolicy", "PersistentVolumeClaim", "RayJob", "RayJob", "RayService"]
     for doc in docs:
         assert validate(doc) == [], f"{overlay} {doc['kind']}/{doc['metadata']['name']}"
 
@@ -73,7 +73,8 @@ def test_lifecycle_security_and_probes_are_set():
             if doc["kind"] == "RayJob":
                 spec = doc["spec"]
                 assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-                assert spec["activeDeadlineSeconds"] > 0 and spec["submitterConfig"]["backoffLimit"] >= 1
+                assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
+                assert spec["submissionMode"] == "HTTPMode"  # no submitter pod an eviction could kill
                 cluster = spec["rayClusterSpec"]
             elif doc["kind"] == "RayService":
                 cluster = doc["spec"]["rayClusterConfig"]
@@ -123,3 +124,71 @@ def test_dockerfile_matches_the_pinned_ray_and_ignores_local_state():
             assert cluster["rayVersion"] == pinned
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".git"} <= set(ignored)
+
+
+def ray_clusters(docs):
+    for doc in docs:
+        if doc["kind"] in ("RayJob", "RayService"):
+            yield doc, doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+
+
+def pods_of(cluster):
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_head_has_token_auth_and_pods_are_locked_down(overlay):
+    for doc, cluster in ray_clusters(render(overlay)):
+        assert cluster["authOptions"]["mode"] == "token", doc["metadata"]["name"]
+        for tpl in pods_of(cluster):
+            pod = tpl["spec"]
+            assert tpl["metadata"]["labels"]["app.kubernetes.io/name"] == "madpo-ray"  # the NetworkPolicy's selector
+            assert pod["automountServiceAccountToken"] is False
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            tmp = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+            for c in pod["containers"]:
+                assert c["securityContext"]["readOnlyRootFilesystem"] is True
+                assert any(m["mountPath"] == "/tmp" and m["name"] in tmp for m in c["volumeMounts"])
+                assert c["resources"]["limits"]["ephemeral-storage"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_serve_pod_reads_its_api_key_from_a_secret(overlay):
+    [(svc, cluster)] = [(d, c) for d, c in ray_clusters(render(overlay)) if d["kind"] == "RayService"]
+    for tpl in pods_of(cluster):
+        secrets = {v["name"]: v["secret"] for v in tpl["spec"]["volumes"] if "secret" in v}
+        for c in tpl["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert "MADPO_API_KEY" not in env  # a value in the manifest would be a committed secret
+            path = env["MADPO_API_KEY_FILE"]["value"]
+            [mount] = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+            assert mount["name"] in secrets and secrets[mount["name"]]["optional"] is False
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["livenessProbe"]["httpGet"]["port"] == 8000
+
+
+@needs_kubectl
+def test_network_policy_admits_only_the_serve_port_from_outside():
+    [policy] = [d for d in render("k8s/base") if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        sources = rule["from"]
+        if sources == [{"podSelector": {}}]:
+            continue  # same namespace
+        ports = sorted(p["port"] for p in rule["ports"])
+        broad = any(s.get("namespaceSelector") == {} or "ipBlock" in s for s in sources)
+        assert ports == [8000] if broad else set(ports) <= {8265, 52365}, rule
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tune_cannot_race_the_pipeline_and_serve_reads_what_the_pipeline_writes(overlay):
+    docs = {d["metadata"]["name"]: d for d in render(overlay)}
+    assert docs["madpo-tune"]["spec"]["suspend"] is True and not docs["madpo-pipeline"]["spec"].get("suspend")
+    entry = docs["madpo-pipeline"]["spec"]["entrypoint"]
+    config = yaml.safe_load((ROOT / entry.split(" -c ")[1].split()[0]).read_text())
+    serve_cfg = yaml.safe_load(docs["madpo-serve"]["spec"]["serveConfigV2"])
+    model = serve_cfg["applications"][0]["args"]["model"]
+    assert model == f"/runs/{config['name']}/policy/{config['policy']['loss']['name']}/model", (overlay, model)

@@ -87,3 +87,27 @@ def test_stop_a_running_job(head, tmp_path):
     assert "stop requested" in out.stdout
     assert sub.wait_for(job, {"STOPPED"}, DASHBOARD, head["token"], timeout_s=120) == "STOPPED"
     assert not (tmp_path / "job2" / "sft" / "DONE").exists()
+
+
+def test_secrets_are_never_uploaded(tmp_path):
+    """The working_dir's excludes, matched the way Ray matches them (gitignore patterns)."""
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's packaging uses
+
+    from madpo_ray.submit import build_runtime_env
+
+    spec = PathSpec.from_lines("gitwildmatch", build_runtime_env(tmp_path)["excludes"])
+    secret = [".env", "configs/.env", ".env.prod", "tls/server.pem", "server.key", ".netrc", "kubeconfig",
+              "deploy/kubeconfig", ".ray/auth_token", ".kube/config"]
+    kept = ["madpo_ray/cli.py", "configs/tiny.yaml", "k8s/base/rayservice.yaml", "keys.py"]
+    assert [p for p in secret if not spec.match_file(p)] == []
+    assert [p for p in kept if spec.match_file(p)] == []
+
+
+def test_token_over_plain_http_to_another_host_warns():
+    from madpo_ray.submit import warn_if_token_in_clear
+
+    with pytest.warns(UserWarning, match="plain HTTP to 10.1.2.3"):
+        warn_if_token_in_clear("http://10.1.2.3:8265", "tok")
+    assert warn_if_token_in_clear("http://127.0.0.1:8265", "tok") is None
+    assert warn_if_token_in_clear("https://ray.example.org", "tok") is None
+    assert warn_if_token_in_clear("http://10.1.2.3:8265", None) is None

@@ -40,14 +40,21 @@ def response_text(response: Any) -> str:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Text to ids with special-token strings split: a document or user message that contains
+    "<|eos|>" is text, not an end marker (the same rule in training and serving). A rendered chat
+    that carries `segments` ([(text, is_user_content)], madpo_ray.serving.engine.render_chat)
+    keeps its template's own special tokens and splits only the messages' content."""
+    segments = getattr(text, "segments", None) or [(text, True)]
+    ids = [i for part, user in segments if part
+           for i in tokenizer(part, add_special_tokens=False, split_special_tokens=user)["input_ids"]]
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """The response's own text never ends it early: only the appended EOS id is the end marker."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def truncate(prompt_ids: list[int], responses: Sequence[list[int]], max_prompt_length: int,

@@ -10,12 +10,15 @@ apps in one process never share one: in production the backend is the Ray Serve 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import AsyncIterator, Optional, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
@@ -24,11 +27,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
-from madpo_ray.serving.engine import GenParams, GenResult
+from madpo_ray.serving.engine import ClientInputError, GenParams, GenResult, RequestCancelled
 from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
                                        chat_response, completion_response, error_body)
 
 log = logging.getLogger("madpo_ray.serve")
+
+
+API_KEY_FILE_ENV = "MADPO_API_KEY_FILE"
+
+
+class ApiKeyError(RuntimeError):
+    """The API key is configured but unusable (empty variable, missing or empty file): refuse to
+    serve rather than silently serving without authentication."""
 
 
 @dataclass
@@ -38,10 +49,31 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024
     request_timeout_s: float = 60.0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # the trained policy's own comes from its madpo.json
+    api_key_file: Optional[str] = None  # or $MADPO_API_KEY_FILE: a file (e.g. a mounted Secret) holding the key
 
-    @property
-    def api_key(self) -> Optional[str]:
-        return os.environ.get(self.api_key_env) or None
+    def resolve_api_key(self) -> Optional[str]:
+        """The key from a file (preferred: never in an environment dump) or the variable; None
+        only when neither is set. Set-but-empty is an error, not "auth off"."""
+        path = self.api_key_file or os.environ.get(API_KEY_FILE_ENV)
+        if path:
+            try:
+                key = Path(path).read_text().strip()
+            except OSError as e:
+                raise ApiKeyError(f"cannot read the API key file {path}: {e.strerror}") from None
+            if not key:
+                raise ApiKeyError(f"the API key file {path} is empty")
+            return key
+        if self.api_key_env in os.environ:
+            key = os.environ[self.api_key_env].strip()
+            if not key:
+                raise ApiKeyError(f"${self.api_key_env} is set but empty; unset it to serve without a key")
+            return key
+        return None
+
+
+def key_matches(header: str, key: str) -> bool:
+    """Constant-time comparison: response timing does not reveal how much of a guess was right."""
+    return hmac.compare_digest(header.encode("utf-8", "replace"), f"Bearer {key}".encode("utf-8"))
 
 
 class Backend(Protocol):
@@ -123,23 +155,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return "; ".join(parts), param
 
 
-def create_app(backend: Optional[Backend] = None, settings: Optional[ServeSettings] = None) -> FastAPI:
-    """The HTTP app around one backend. Backend and settings live on `app.state`, where the
-    routes, the error handlers and the middleware read them per request."""
+def create_app(backend: Optional[Backend] = None, settings: Optional[ServeSettings] = None,
+               api_key: Optional[str] = None) -> FastAPI:
+    """The HTTP app around one backend. Backend, settings and the key (resolved once, here)
+    live on `app.state`, where the routes, the error handlers and the middleware read them."""
     app = FastAPI(title="madpo-ray policy server", version="0.1.0",
                   description="OpenAI-compatible completions from a MADPO-trained policy.")
     app.state.backend, app.state.settings = backend, settings or ServeSettings()
+    app.state.api_key = api_key if api_key is not None else app.state.settings.resolve_api_key()
     _add_error_handlers(app)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        key = settings_of(request).api_key
+        key = request.app.state.api_key
         path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
         relative = path[len(root):] if root and path.startswith(root) else path
-        if key and relative != "/healthz":
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {key}":
-                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        if key and relative != "/healthz" and not key_matches(request.headers.get("authorization", ""), key):
+            resp = _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="madpo"'
+            return resp
         return await call_next(request)
 
     app.add_middleware(BodyLimitMiddleware, limit_getter=lambda: app.state.settings.max_body_bytes)
@@ -161,6 +195,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _error(exc.status_code, str(exc.detail), kind)
 
+    @app.exception_handler(ClientInputError)
+    async def on_client_input(request: Request, exc: ClientInputError):
+        return _error(400, str(exc), param=exc.param)
+
+    @app.exception_handler(RequestCancelled)
+    async def on_cancelled(request: Request, exc: RequestCancelled):
+        return _error(499, str(exc), "request_cancelled")
+
     @app.exception_handler(asyncio.TimeoutError)
     async def on_timeout(request: Request, exc: asyncio.TimeoutError):
         return _error(504, f"generation took longer than {settings_of(request).request_timeout_s}s", "timeout")
@@ -176,15 +218,23 @@ router = APIRouter()
 
 
 async def _run(request: Request, prompts: list[str], params: GenParams, n: int) -> list[GenResult]:
-    """n samples of each prompt, concurrently (the backend batches them), under the request timeout."""
+    """n samples of each prompt, concurrently (the backend batches them), under the request timeout.
+
+    Every call gets its own GenParams (nothing shared across requests) and one cancel flag:
+    when the request times out, is cancelled by a disconnect, or one sample fails, the flag
+    stops the rest of its generation instead of letting it run on unseen."""
     backend = backend_of(request)
-    calls = [backend.generate(p, params) for p in prompts for _ in range(n)]
-    return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_of(request).request_timeout_s)
+    cancel = threading.Event()
+    calls = [backend.generate(p, replace(params, cancel=cancel)) for p in prompts for _ in range(n)]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_of(request).request_timeout_s)
+    finally:
+        cancel.set()
 
 
 def _params(req) -> GenParams:
     return GenParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                     stop=req.stop, seed=req.seed)
+                     stop=list(req.stop) if req.stop else None, seed=req.seed)
 
 
 @router.get("/healthz")

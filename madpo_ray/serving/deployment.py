@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -22,7 +23,7 @@ from ray import serve
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
-from madpo_ray.serving.engine import GenParams, GenResult, TransformersEngine, apply_stop
+from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, TransformersEngine
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -44,69 +45,126 @@ def load_engine(model: str, backend: str, threads: int):
     raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
 
 
+async def engine_health(engine, timeout_s: float) -> None:
+    """One greedy token through the same thread pool and engine lock that requests use, so a
+    replica whose threads or engine are stuck fails it (unlike /healthz, which only shows that
+    the event loop answers)."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(engine.generate, ["ok"], GenParams(max_tokens=1)), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"engine produced no token in {timeout_s}s") from None
+
+
 # `serve.ingress()` without an app defers the app to replica start: Serve calls
 # `__serve_build_asgi_app__` after `__init__`, so each replica builds its own FastAPI app with
 # itself as the backend, and no module state has to carry the backend to the routes.
-@serve.deployment(name="PolicyServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+# The queue is bounded: past max_ongoing + max_queued, Serve answers 503 with Retry-After instead
+# of letting latency grow without limit. Serve calls check_health every 10 s; a replica whose
+# engine cannot produce one token within the timeout is marked unhealthy and replaced.
+@serve.deployment(name="PolicyServer", max_ongoing_requests=64, max_queued_requests=256,
+                  backpressure_config={"status_code": 503, "retry_after_s": 1},
+                  health_check_period_s=10, health_check_timeout_s=30, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class PolicyServer:
     def __init__(self, model: str, model_name: Optional[str] = None, threads: int = 1, batching: bool = True,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, request_timeout_s: float = 60.0,
-                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "transformers"):
+                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "transformers",
+                 api_key_file: Optional[str] = None, health_timeout_s: float = 20.0):
         logging.basicConfig(level=logging.INFO)
+        self.settings = ServeSettings(model_name=model_name or Path(model).parent.name or "madpo-policy",
+                                      api_key_env=api_key_env, api_key_file=api_key_file,
+                                      max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
+                                      prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
+        self.api_key = self.settings.resolve_api_key()  # fails the replica now if the key is misconfigured
         self.engine = load_engine(model, backend, threads)
         self.batching = batching
+        self.health_timeout_s = health_timeout_s
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.settings = ServeSettings(model_name=model_name or Path(model).parent.name or "madpo-policy",
-                                      api_key_env=api_key_env, max_body_bytes=max_body_bytes,
-                                      request_timeout_s=request_timeout_s,
-                                      prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
-        log.info("serving %s with %s (batching=%s, max_batch_size=%d)", model, backend, batching, max_batch_size)
+        log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s)", model, backend, batching,
+                 max_batch_size, "on" if self.api_key else "off")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The replica's HTTP app, with this replica as its backend (called by Serve after __init__)."""
-        return create_app(self, self.settings)
+        return create_app(self, self.settings, api_key=self.api_key)
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy."""
+        await engine_health(self.engine, self.health_timeout_s)
 
     # ---- backend protocol used by the routes
     async def generate(self, prompt: str, params: GenParams) -> GenResult:
         if not self.batching:
-            [r] = await asyncio.to_thread(self.engine.generate, [prompt], params)
-            return r
-        return await self.generate_batch((prompt, params))
+            [r] = await self.run_rows([(prompt, params)])
+        else:
+            r = await self.generate_batch((prompt, params))
+        if isinstance(r, BaseException):
+            raise r
+        return r
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[tuple[str, GenParams]]) -> list[GenResult]:
-        """Concurrent requests arrive here together; those with equal sampling settings share a forward pass."""
+    async def generate_batch(self, items: list[tuple[str, GenParams]]) -> list:
+        """Concurrent requests arrive here together. Each row gets its own result or its own
+        exception (Serve hands an exception instance to that caller only), so a bad row never
+        fails its neighbours; rows with equal sampling settings share a forward pass."""
+        out: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
-        for i, (_, p) in enumerate(items):
-            groups.setdefault(p.key() + (p.seed,), []).append(i)
-        out: list[Optional[GenResult]] = [None] * len(items)
+        for i, (prompt, p) in enumerate(items):
+            if p.cancelled:
+                out[i] = RequestCancelled("the caller went away before generation")
+                continue
+            try:
+                self.engine.encode(prompt)
+            except Exception as e:  # e.g. a chat over the context: this row's 400, nobody else's
+                out[i] = e
+                continue
+            groups.setdefault(p.key(), []).append(i)
         for idx in groups.values():
-            params = items[idx[0]][1]
-            results = await asyncio.to_thread(self.engine.generate, [items[i][0] for i in idx], params)
-            for i, r in zip(idx, results):
-                stop = items[i][1].stop  # stop strings may differ inside a group
-                if stop != params.stop:
-                    r.text, _ = apply_stop(r.text, stop)
+            for i, r in zip(idx, await self.run_rows([items[i] for i in idx])):
                 out[i] = r
         return out
 
+    async def run_rows(self, rows: list[tuple[str, GenParams]]) -> list:
+        """One engine call for the rows; if it fails, each row alone, so only the culprit fails."""
+        try:
+            return await asyncio.to_thread(self.engine.generate, [p for p, _ in rows], [g for _, g in rows])
+        except Exception as e:
+            if len(rows) == 1:
+                return [e]
+            log.warning("batch of %d failed (%s); retrying its rows one by one", len(rows), type(e).__name__)
+            return [(await self.run_rows([row]))[0] for row in rows]
+
     async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
-        """The engine's blocking iterator runs in a thread; deltas cross to the event loop by a queue."""
+        """The engine's blocking iterator runs in a thread; deltas, and any error, cross to the
+        event loop by a queue. The wait is bounded by the request timeout, and leaving early
+        (client disconnect, timeout) sets the cancel flag that stops the generation."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        params.cancel = params.cancel or threading.Event()
+        done = object()
 
         def produce():
             try:
                 for delta in self.engine.stream(prompt, params):
                     loop.call_soon_threadsafe(queue.put_nowait, delta)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                    if params.cancelled:
+                        break
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except BaseException as e:  # the waiting request gets it instead of waiting forever
+                loop.call_soon_threadsafe(queue.put_nowait, e)
 
         task = loop.run_in_executor(None, produce)
-        while (delta := await queue.get()) is not None:
-            yield delta
+        deadline = loop.time() + self.settings.request_timeout_s
+        try:
+            while True:
+                item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            params.cancel.set()
         await task
 
     def chat_prompt(self, messages: list[dict]) -> str:
@@ -121,7 +179,7 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError("build_app needs model=<policy folder>")
     kwargs = dict(args)
     for key, cast in (("threads", int), ("max_batch_size", int), ("batch_wait_timeout_s", float),
-                      ("request_timeout_s", float), ("max_body_bytes", int)):
+                      ("request_timeout_s", float), ("max_body_bytes", int), ("health_timeout_s", float)):
         if key in kwargs:
             kwargs[key] = cast(kwargs[key])
     if "batching" in kwargs:
@@ -132,5 +190,8 @@ def build_app(args: dict) -> serve.Application:
         options["num_replicas"] = int(kwargs.pop("num_replicas"))
     if "num_cpus" in kwargs:
         options["ray_actor_options"] = {"num_cpus": float(kwargs.pop("num_cpus"))}
+    for key in ("max_ongoing_requests", "max_queued_requests"):
+        if key in kwargs:
+            options[key] = int(kwargs.pop(key))
     deployment = PolicyServer.options(**options) if options else PolicyServer
     return deployment.bind(**kwargs)

@@ -1,14 +1,38 @@
-"""A batched transformers generation engine for serving (the vLLM engine plugs in beside it)."""
+"""A batched transformers generation engine for serving (the vLLM engine plugs in beside it).
+
+Every request carries its own `GenParams`: rows that share sampling settings share one forward
+pass, but each row keeps its own stop strings and cancel flag, so one request's settings never
+change another's output. Failures inside generation threads are handed to the waiting caller
+(never left to hang a queue), and a stalled stream raises after a timeout.
+"""
 
 from __future__ import annotations
 
+import queue
+import re
 import threading
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 from madpo_ray.data.collate import encode_prompt
+
+# Below this temperature logits / T overflow float32 and sampling dies on inf/nan
+# probabilities; such a request is decoded greedily (its limit, not an error).
+MIN_TEMPERATURE = 1e-2
+
+
+class ClientInputError(ValueError):
+    """A request the engine cannot serve as sent (e.g. a chat longer than the context): a 400."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+class RequestCancelled(RuntimeError):
+    """The caller went away (timeout or disconnect) before its row was generated."""
 
 
 @dataclass
@@ -18,10 +42,22 @@ class GenParams:
     top_p: float = 1.0
     stop: Optional[list[str]] = None
     seed: Optional[int] = None
+    # Set by the route when its caller times out or disconnects; generation then stops early.
+    cancel: Optional[threading.Event] = field(default=None, compare=False, repr=False)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
     def key(self) -> tuple:
-        """Requests sharing this key can go through one `generate` call."""
-        return (self.max_tokens, self.temperature, self.top_p)
+        """Requests sharing this key can go through one `generate` call (stop strings are per row)."""
+        if self.greedy:
+            return (self.max_tokens, 0.0, 1.0, None)
+        return (self.max_tokens, self.temperature, self.top_p, self.seed)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass
@@ -39,8 +75,56 @@ def apply_stop(text: str, stop: Optional[list[str]]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def per_row(params: Union[GenParams, Sequence[GenParams]], n: int) -> list[GenParams]:
+    """One GenParams per row: a single one is shared, a list must match the rows."""
+    rows = [params] * n if isinstance(params, GenParams) else list(params)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} GenParams for {n} prompts")
+    return rows
+
+
+class ChatPrompt(str):
+    """A rendered chat: the text, plus which parts are user-supplied message content.
+
+    Message content is tokenised with special tokens split (typed "<|eos|>" is text), the
+    template's own markup with special tokens recognised."""
+
+    segments: list[tuple[str, bool]]
+
+
+SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+def render_chat(tokenizer, messages: list[dict]) -> ChatPrompt:
+    """Render with placeholders, then put the content back as separately marked segments."""
+    marked = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    parts = SENTINEL.split(text)
+    if len(parts) != 2 * len(messages) + 1:  # a template that alters content: treat it all as user text
+        plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = ChatPrompt(plain)
+        prompt.segments = [(plain, True)]
+        return prompt
+    segments = [(parts[j], False) if j % 2 == 0 else (messages[int(parts[j])]["content"], True)
+                for j in range(len(parts))]
+    prompt = ChatPrompt("".join(s for s, _ in segments))
+    prompt.segments = segments
+    return prompt
+
+
+class CancelCriteria:
+    """Stop a `generate` call once every row's caller has gone away."""
+
+    def __init__(self, rows: Sequence[GenParams]):
+        self.events = [r.cancel for r in rows]
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        done = all(e is not None and e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
 class TransformersEngine:
-    def __init__(self, model_dir: str, threads: int = 1, max_prompt_tokens: int = 448):
+    def __init__(self, model_dir: str, threads: int = 1, max_prompt_tokens: int = 448, stream_timeout_s: float = 60.0):
         from madpo_ray.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
@@ -48,65 +132,106 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir).eval()
         self.max_prompt_tokens = max_prompt_tokens
+        self.stream_timeout_s = stream_timeout_s
         self.lock = threading.Lock()  # one generate at a time per replica; batching does the rest
 
     def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt. A plain prompt keeps its end (as in training); a chat that does
+        not fit is refused rather than silently losing its system message."""
+        if isinstance(prompt, ChatPrompt):
+            ids = encode_prompt(self.tokenizer, prompt)
+            if len(ids) > self.max_prompt_tokens:
+                raise ClientInputError(f"the chat is {len(ids)} tokens; this model's prompt context is "
+                                       f"{self.max_prompt_tokens} tokens", param="messages")
+            return ids
         return encode_prompt(self.tokenizer, prompt)[-self.max_prompt_tokens:]
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict]) -> ChatPrompt:
+        prompt = render_chat(self.tokenizer, messages)
+        self.encode(prompt)  # an over-long chat is a 400 before anything is queued or streamed
+        return prompt
 
-    def _kwargs(self, p: GenParams) -> dict:
+    def _kwargs(self, p: GenParams, rows: Sequence[GenParams]) -> dict:
+        from transformers import StoppingCriteriaList
+
         kw = dict(max_new_tokens=p.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                  eos_token_id=self.tokenizer.eos_token_id, do_sample=p.temperature > 0)
-        if p.temperature > 0:
+                  eos_token_id=self.tokenizer.eos_token_id, do_sample=not p.greedy,
+                  stopping_criteria=StoppingCriteriaList([CancelCriteria(rows)]))
+        if not p.greedy:
             kw.update(temperature=p.temperature, top_p=p.top_p, top_k=0)
         return kw
 
+    @staticmethod
+    def _seed(p: GenParams) -> None:
+        """Seed the sampler under the engine lock, so no other request's draw moves it."""
+        if not p.greedy and p.seed is not None:
+            torch.manual_seed(p.seed)
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], params: GenParams) -> list[GenResult]:
-        """One padded batch for prompts sharing the same sampling parameters."""
+    def generate(self, prompts: Sequence[str], params: Union[GenParams, Sequence[GenParams]]) -> list[GenResult]:
+        """One padded batch for prompts sharing sampling settings (taken from the first row);
+        stop strings and cancel flags stay per row."""
+        rows = per_row(params, len(prompts))
         ids = [self.encode(p) for p in prompts]
         width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with self.lock:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **self._kwargs(params))
-        results = []
+            self._seed(rows[0])
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **self._kwargs(rows[0], rows))
         eos = self.tokenizer.eos_token_id
-        for row, x in zip(out[:, width:], ids):
+        results = []
+        for row, x, p in zip(out[:, width:], ids, rows):
             toks = row.tolist()
             ended = eos in toks
             toks = toks[:toks.index(eos)] if ended else [t for t in toks if t != pad]
-            text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), params.stop)
+            text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), p.stop)
             results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), len(toks)))
         return results
 
     def stream(self, prompt: str, params: GenParams) -> Iterator[str]:
-        """Text deltas as they are generated (TextIteratorStreamer in a worker thread)."""
+        """Text deltas as they are generated (TextIteratorStreamer fed by a worker thread).
+
+        A failure in the worker ends the stream and is raised here; a worker that stalls raises
+        TimeoutError after `stream_timeout_s`; closing this iterator cancels the generation."""
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=self.stream_timeout_s)
         ids = torch.tensor([self.encode(prompt)])
+        params.cancel = params.cancel or threading.Event()
+        failure: list[BaseException] = []
 
         def run():
-            with torch.no_grad(), self.lock:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                    **self._kwargs(params))
+            try:
+                with torch.no_grad(), self.lock:
+                    self._seed(params)
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                        **self._kwargs(params, [params]))
+            except BaseException as e:  # handed to the consumer below, never lost in the thread
+                failure.append(e)
+                streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
+        try:
+            yield from self._deltas(streamer, params.stop)
+        except queue.Empty:
+            raise TimeoutError(f"no token for {self.stream_timeout_s}s") from None
+        finally:
+            params.cancel.set()
+            thread.join(timeout=self.stream_timeout_s)
+        if failure:
+            raise failure[0]
+
+    @staticmethod
+    def _deltas(streamer, stop: Optional[list[str]]) -> Iterator[str]:
         sent = ""
         for piece in streamer:
-            candidate, stopped = apply_stop(sent + piece, params.stop)
+            candidate, stopped = apply_stop(sent + piece, stop)
             if candidate[len(sent):]:
                 yield candidate[len(sent):]
             sent = candidate
             if stopped:
-                break
-        thread.join(timeout=60)
+                return

@@ -2,32 +2,79 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Optional
+
+from madpo_ray.serving.api import API_KEY_FILE_ENV
 
 log = logging.getLogger(__name__)
 
 
+class InsecureServeError(RuntimeError):
+    """Refusing to expose an unauthenticated server beyond this machine."""
+
+
 def serve_runtime_env(extra_env: Optional[dict] = None) -> dict:
-    """Replicas import the deployment from the installed package; they read the API key and the
-    offline flags from their environment, which Ray only passes on through the runtime_env."""
+    """Replicas import the deployment from the installed package and read the offline flags
+    from the runtime_env. The API key is deliberately NOT copied here: a runtime_env is shown
+    by the dashboard and the state API. Replicas read it from their own environment (a local
+    cluster inherits the driver's; on Kubernetes a Secret sets it) or, better, from the file
+    named by $MADPO_API_KEY_FILE (a path, not a secret, so it may travel)."""
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("MADPO_API_KEY"):
-        env["MADPO_API_KEY"] = os.environ["MADPO_API_KEY"]
+    if os.environ.get(API_KEY_FILE_ENV):
+        env[API_KEY_FILE_ENV] = os.environ[API_KEY_FILE_ENV]
     return {"env_vars": {**env, **(extra_env or {})}}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, has_key: bool, insecure: bool) -> None:
+    """Binding beyond loopback without a key would give anyone on the network the model."""
+    if not is_loopback(host) and not has_key and not insecure:
+        raise InsecureServeError(
+            f"refusing to serve on {host} without an API key: set MADPO_API_KEY_FILE (a file holding the key) "
+            f"or MADPO_API_KEY, bind 127.0.0.1, or pass --insecure to serve unauthenticated on purpose")
+
+
+def key_configured(api_key_env: str = "MADPO_API_KEY", api_key_file: Optional[str] = None) -> bool:
+    return bool(api_key_file or os.environ.get(API_KEY_FILE_ENV) or os.environ.get(api_key_env, "").strip())
+
+
+def resolve_model_folder(path: str) -> str:
+    """`madpo serve --model` takes the model folder or its stage folder (runs/<name>/policy/madpo):
+    a folder without config.json whose `model/` subfolder has one means that subfolder."""
+    from madpo_ray.layout import model_folder
+
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (model_folder(p) / "config.json").exists():
+        return str(model_folder(p))
+    return str(p)
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
                batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
-               blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", **app_args):
+               blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", insecure: bool = False,
+               **app_args):
     """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready."""
     import ray
     from ray import serve
 
     from madpo_ray.serving.deployment import build_app
 
+    check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
+                   insecure)
+    model = resolve_model_folder(model)
     if not ray.is_initialized():
         env = serve_runtime_env()
         if address or os.environ.get("RAY_ADDRESS"):

@@ -6,11 +6,26 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOKENS_LIMIT = 256
 MAX_N = 8
 MAX_PROMPT_CHARS = 8000
+MAX_PROMPTS = 16
+# prompts x n x max_tokens: one request may not ask for more generated tokens than this, so a
+# single client cannot hold a replica for minutes (16 prompts x 8 x 256 would be 32,768).
+MAX_TOTAL_TOKENS = 2048
+# torch.manual_seed (and vLLM's generator) take a 64-bit seed; a larger one killed the generation thread.
+MAX_SEED = 2**63 - 1
+
+
+def check_text(value: str, field: str) -> str:
+    """Strings must be encodable: a lone surrogate (valid in JSON escapes) crashes the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} is not valid Unicode text (lone surrogate)") from None
+    return value
 
 
 class _Req(BaseModel):
@@ -24,7 +39,7 @@ class _Req(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
     @field_validator("stop")
     @classmethod
@@ -33,7 +48,19 @@ class _Req(BaseModel):
             v = [v]
         if v is not None and (len(v) > 4 or any(not s or len(s) > 64 for s in v)):
             raise ValueError("stop takes at most 4 non-empty strings of at most 64 characters")
-        return v
+        return [check_text(s, "stop") for s in v] if v is not None else v
+
+    def prompt_count(self) -> int:
+        return 1
+
+    @model_validator(mode="after")
+    def _budget(self):
+        """The total generation a request may ask for, checked before anything is queued."""
+        total = self.prompt_count() * self.n * self.max_tokens
+        if total > MAX_TOTAL_TOKENS:
+            raise ValueError(f"prompts x n x max_tokens = {total} exceeds the per-request budget of "
+                             f"{MAX_TOTAL_TOKENS} generated tokens")
+        return self
 
 
 class CompletionRequest(_Req):
@@ -43,20 +70,29 @@ class CompletionRequest(_Req):
     @classmethod
     def _prompt(cls, v):
         prompts = [v] if isinstance(v, str) else v
-        if not prompts or len(prompts) > 16:
-            raise ValueError("prompt must be a string or a list of 1-16 strings")
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"prompt must be a string or a list of 1-{MAX_PROMPTS} strings")
         for p in prompts:
+            check_text(p, "prompt")
             if not p.strip():
                 raise ValueError("prompt must not be empty")
             if len(p) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt is {len(p)} characters; the limit is {MAX_PROMPT_CHARS}")
         return v
 
+    def prompt_count(self) -> int:
+        return 1 if isinstance(self.prompt, str) else len(self.prompt)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        return check_text(v, "content")
 
 
 class ChatCompletionRequest(_Req):
@@ -72,6 +108,7 @@ class SummarizeRequest(BaseModel):
     @field_validator("document")
     @classmethod
     def _doc(cls, v):
+        check_text(v, "document")
         if not v.strip():
             raise ValueError("document must not be empty")
         return v

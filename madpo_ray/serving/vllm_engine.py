@@ -10,11 +10,13 @@ default tiny model (width 128, 4 heads) has head_dim 32 and works.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Iterator, Sequence, Union
 
 from madpo_ray.data.collate import encode_prompt
-from madpo_ray.serving.engine import GenParams, GenResult
+from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, per_row, render_chat
 
 
 def vllm_available() -> bool:
@@ -33,9 +35,6 @@ class VLLMEngine:
 
         from madpo_ray.models import load_tokenizer
 
-        import json
-        from pathlib import Path
-
         self.tokenizer = load_tokenizer(model_dir)
         positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, positions or max_model_len)  # vLLM refuses a longer window
@@ -43,18 +42,31 @@ class VLLMEngine:
         self.llm = LLM(model=model_dir, seed=seed, dtype="float32", max_model_len=max_model_len,
                        enforce_eager=True)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode(self, prompt: str) -> list[int]:
+        """As TransformersEngine.encode: special-token text split, over-long chats refused."""
+        ids = encode_prompt(self.tokenizer, prompt)
+        if isinstance(prompt, ChatPrompt) and len(ids) > self.max_prompt_tokens:
+            raise ClientInputError(f"the chat is {len(ids)} tokens; this model's prompt context is "
+                                   f"{self.max_prompt_tokens} tokens", param="messages")
+        return ids[-self.max_prompt_tokens:]
+
+    def chat_prompt(self, messages: list[dict]) -> ChatPrompt:
+        prompt = render_chat(self.tokenizer, messages)
+        self.encode(prompt)
+        return prompt
 
     def _sampling(self, p: GenParams):
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                              stop=p.stop or None, skip_special_tokens=True)
+        return SamplingParams(max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
+                              top_p=p.top_p, stop=p.stop or None, skip_special_tokens=True)
 
-    def generate(self, prompts: Sequence[str], params: GenParams) -> list[GenResult]:
-        ids = [encode_prompt(self.tokenizer, p)[-self.max_prompt_tokens:] for p in prompts]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], self._sampling(params), use_tqdm=False)
+    def generate(self, prompts: Sequence[str], params: Union[GenParams, Sequence[GenParams]]) -> list[GenResult]:
+        """One SamplingParams per row, so each request's stop strings apply to its own output only."""
+        rows = per_row(params, len(prompts))
+        ids = [self.encode(p) for p in prompts]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], [self._sampling(r) for r in rows],
+                                 use_tqdm=False)
         return [GenResult(o.outputs[0].text, "stop" if o.outputs[0].finish_reason == "stop" else "length",
                           len(x), len(o.outputs[0].token_ids)) for o, x in zip(outs, ids)]
 

@@ -1,0 +1,63 @@
+"""One writer per run folder: `madpo run` and `madpo tune` (or two RayJobs on shared storage)
+must not write the same runs/<name>/ at once, or stages read half-written artifacts.
+
+    with RunLock(run_dir):
+        ...  # the only writer; a second one fails at once, naming this one
+
+fcntl.flock on <run_dir>/.lock: the kernel drops the lock when the holder dies (no stale lock
+to clean up by hand), and the file records who holds it, for the refusal message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing this run folder."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path | str):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        """Who holds the lock, as recorded in the lock file (best effort: it may be mid-write)."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return "unknown process"
+        return f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')}, since {info.get('since')})"
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is being written by {self.holder()}; wait for it to finish "
+                                 f"or use another run name (lock file: {self.path})") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
