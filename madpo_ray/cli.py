@@ -254,8 +254,9 @@ def _user_errors() -> tuple:
     from madpo_ray.data.preference import DataValidationError
     from madpo_ray.losses import LossParameterError
     from madpo_ray.models import ModelLoadError
+    from madpo_ray.runlock import RunLockedError
 
-    return (DataValidationError, ModelLoadError, FileNotFoundError, LossParameterError)
+    return (DataValidationError, ModelLoadError, FileNotFoundError, LossParameterError, RunLockedError)
 
 
 @app.command()
@@ -331,7 +332,10 @@ def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
     cfg = _load(pipeline, list(overrides or []) + fixed, address, name)
     _run(cfg, BEFORE_POLICY)
     p = Pipeline(cfg)
-    summary = run_search(p, space, resume=resume, num_samples=num_samples, cpus_per_trial=cpus_per_trial)
+    try:
+        summary = run_search(p, space, resume=resume, num_samples=num_samples, cpus_per_trial=cpus_per_trial)
+    except _user_errors() + (ConfigError,) as e:
+        fail(str(e))
     out = p.layout.tune_dir / space.name
     console.print((out / "trials.md").read_text())
     console.print_json(json.dumps(summary, default=str))
@@ -439,12 +443,16 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
               batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching of concurrent requests."),
               max_batch_size: int = typer.Option(16),
               backend: str = typer.Option("transformers", help="Generation engine: transformers or vllm (if installed)."),
+              insecure: bool = typer.Option(False, "--insecure",
+                                            help="Allow a non-loopback --host without an API key (MADPO_API_KEY_FILE / MADPO_API_KEY)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from pathlib import Path
 
     from madpo_ray.models import ModelLoadError, check_model_files
+    from madpo_ray.serving.launch import resolve_model_folder
 
+    model = resolve_model_folder(model)  # a stage folder (runs/<name>/policy/madpo) means its model/
     try:
         check_model_files(model)
     except ModelLoadError as e:
@@ -454,5 +462,9 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     _setup_logging()
     from madpo_ray.serving.launch import run_server
 
-    run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
-               batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend)
+    try:
+        run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
+                   batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend,
+                   insecure=insecure)
+    except (ValueError, PermissionError) as e:  # e.g. a public bind without a key
+        fail(str(e), 2)

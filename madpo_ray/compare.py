@@ -150,6 +150,14 @@ class Comparison:
                      done[key]["seconds"], len(done), total, time.time() - t0)
 
     def run(self) -> dict:
+        """The whole comparison as the run folder's one writer."""
+        from madpo_ray.runlock import RunLock
+
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.layout.run_dir):
+            return self.run_locked()
+
+    def run_locked(self) -> dict:
         from madpo_ray.eval.generate import generate_for_models
         from madpo_ray.eval.heldout import eval_prompts, judge_rows
         from madpo_ray.eval.report import write_report

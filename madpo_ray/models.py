@@ -85,6 +85,9 @@ def check_model_files(path: str) -> None:
             raise ModelLoadError(f"{p}: no config.json; not a saved model folder")
         if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")) and not any(p.glob("*.gguf")):
             raise ModelLoadError(f"{p}: no weights (*.safetensors / *.bin) in the folder")
+        from madpo_ray.artifacts import verify_weights
+
+        verify_weights(p)  # a truncated or corrupt file is one clear line, not a library traceback
 
 
 def load_tokenizer(name_or_path: str):
@@ -187,9 +190,9 @@ def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] 
         tokenizer.save_pretrained(tmp)
     if meta:
         (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    from madpo_ray.artifacts import replace_folder_atomically
+
+    replace_folder_atomically(tmp, out_dir)  # fsynced; a reader sees the old model or the new, never half
 
 
 # --------------------------------------------------------------------------- training setup

@@ -59,10 +59,10 @@ class Pipeline:
 
         return load_tokenizer(self.base_model if self.cfg.model.tokenizer is None else self.cfg.model.tokenizer)
 
-    def prompt_template(self) -> str:
-        from madpo_ray.data.prompts import effective_prompt_template
+    def prompt_for(self, document: str):
+        from madpo_ray.data.prompts import prompt_for
 
-        return effective_prompt_template(self.cfg.data, self.tokenizer() if self.cfg.data.chat else None)
+        return prompt_for(self.cfg.data, document)
 
     # ------------------------------------------------------------------ provenance
     def stage_settings(self, stage: str) -> dict:
@@ -95,8 +95,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ driver
     def run(self, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
-        """Run `stages` in order; a stage in `force` is redone even if up to date."""
+        """Run `stages` in order; a stage in `force` is redone even if up to date. One writer per run
+        folder: a second `madpo run`/`tune` on it fails at once, naming the first (runlock.py)."""
+        from madpo_ray.runlock import RunLock
+
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.layout.run_dir):
+            return self.run_locked(stages, force)
+
+    def run_locked(self, stages: tuple[str, ...], force: tuple[str, ...]) -> dict:
         save_config(self.cfg, self.layout.config_path)
         results = {}
         for stage in stages:
@@ -224,8 +231,7 @@ class Pipeline:
     def stage_sft(self) -> dict:
         c = self.cfg.data
         if self.is_testbed:
-            template = self.prompt_template()
-            rows = [{"prompt": template.format(document=x["document"]), "response": " " + x["reference"]}
+            rows = [{"prompt": self.prompt_for(x["document"]), "response": " " + x["reference"]}
                     for x in read_jsonl(self.layout.docs_path("train"))]
         else:
             rows = [{"prompt": p["prompt"], "response": p["chosen"]}
@@ -254,8 +260,9 @@ class Pipeline:
 
         c = self.cfg.data
         docs = read_jsonl(self.layout.docs_path(docs_split))
-        template = self.prompt_template()
-        prompts = [template.format(document=x["document"]) for x in docs]
+        from madpo_ray.data.prompts import generation_prompts
+
+        prompts = generation_prompts(c, tok, [x["document"] for x in docs])
         t0 = time.time()
         samples: dict[str, list[str]] = {x["doc_id"]: [] for x in docs}
         for k in range(c.samples_per_document):
@@ -267,7 +274,7 @@ class Pipeline:
         log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
                  time.time() - t0)
         pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
-                            policy_samples=samples, prompt_template=template)
+                            policy_samples=samples, prompt_for=self.prompt_for)
         report = ValidationReport(source=f"testbed/{split}")
         pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
         if split == "train" and c.max_pairs:

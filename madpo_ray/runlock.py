@@ -25,9 +25,16 @@ class RunLockedError(RuntimeError):
     """Another process is writing this run folder."""
 
 
+HELD_HERE: dict[str, int] = {}  # lock files this process holds, with their nesting depth
+
+
 class RunLock:
+    """Re-entrant within one process (compare and tune run the pipeline's stages under their own
+    lock); exclusive across processes."""
+
     def __init__(self, run_dir: Path | str):
         self.path = Path(run_dir) / LOCK_NAME
+        self.key = str(self.path.resolve())
         self.fd: int | None = None
 
     def holder(self) -> str:
@@ -39,6 +46,9 @@ class RunLock:
         return f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')}, since {info.get('since')})"
 
     def __enter__(self) -> "RunLock":
+        if HELD_HERE.get(self.key):
+            HELD_HERE[self.key] += 1
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -53,9 +63,14 @@ class RunLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
         self.fd = fd
+        HELD_HERE[self.key] = 1
         return self
 
     def __exit__(self, *exc) -> None:
+        HELD_HERE[self.key] = HELD_HERE.get(self.key, 1) - 1
+        if HELD_HERE[self.key] > 0:
+            return
+        HELD_HERE.pop(self.key, None)
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)

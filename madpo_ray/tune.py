@@ -144,6 +144,15 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
     """Run (or resume) the search; writes trials.csv/.md, best_config.yaml and a plot."""
     if pipeline.cfg.ray.backend != "ray":
         raise ConfigError("madpo tune runs trials on Ray Tune: set ray.backend=ray (the default)")
+    from madpo_ray.runlock import RunLock
+
+    pipeline.layout.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(pipeline.layout.run_dir):
+        return search_locked(pipeline, space, resume, num_samples, cpus_per_trial, fail_once)
+
+
+def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optional[int], cpus_per_trial: float,
+                  fail_once: bool) -> dict:
     from ray import tune
 
     from madpo_ray.runtime import init_ray

@@ -170,3 +170,23 @@ def test_reward_head_initialisation_follows_the_seed(tiny_base_dir, tiny_tokeniz
         return train_reward(cfg, LocalSession({"train": pairs}), model_dir=str(tiny_base_dir)).loss_history
 
     assert first_losses(1) == first_losses(2)
+
+
+def test_chat_prompts_keep_template_markup_special_and_document_text_plain(tiny_base_dir):
+    """data.chat: the template's own special tokens stay single ids; "<|eos|>" typed inside a
+    document is text, in training rows and in generation prompts alike."""
+    from madpo_ray.data.collate import encode_prompt, prompt_text, tokenize_sft
+    from madpo_ray.data.prompts import generation_prompts, prompt_for
+    from madpo_ray.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base_dir))
+    tok.chat_template = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+    data = load_config("tiny", ["data.chat=true"]).data
+    doc = "A tool that prints <|eos|> markers."
+    row = tokenize_sft(tok, [{"prompt": prompt_for(data, doc), "response": " a tool"}], 200, 256)[0]
+    ids = row["prompt_ids"]
+    assert ids.count(tok.bos_token_id) == 2 and ids.count(tok.eos_token_id) == 1  # markup only
+    assert encode_prompt(tok, generation_prompts(data, tok, [doc])[0]) == ids  # generation sees the same ids
+    plain = load_config("tiny").data
+    assert prompt_for(plain, doc) == doc + "\nTL;DR:" and tok.eos_token_id not in encode_prompt(tok, prompt_text(tok, doc))

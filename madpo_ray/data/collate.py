@@ -27,8 +27,13 @@ FLOAT_COLUMNS = POLICY_VALUE_COLUMNS + ("gold_chosen", "gold_rejected", "true_ma
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:
+    """A prompt as text. Messages are rendered with the chat template into a text that remembers
+    which parts are message content, so encode_prompt splits special-token strings only there
+    (the template's own markup stays special)."""
     if is_messages(prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        from madpo_ray.serving.engine import render_chat
+
+        return render_chat(tokenizer, prompt)
     return prompt
 
 

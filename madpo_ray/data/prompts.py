@@ -1,9 +1,9 @@
-"""How a document becomes a prompt: `data.prompt_template`, optionally wrapped in the model's chat
-template (`data.chat: true`, for instruction-tuned models such as SmolLM2-Instruct).
+"""How a document becomes a prompt: `data.prompt_template`, optionally as one user message of the
+model's chat template (`data.chat: true`, for instruction-tuned models such as SmolLM2-Instruct).
 
-The chat-wrapped result is itself a format string with one `{document}` field, so every place that
-builds prompts (SFT rows, testbed pairs, generation, evaluation, the served model's madpo.json)
-formats it the same way."""
+Training rows carry the message list (collate renders it, keeping the template's markup special
+and the document's text plain); generation gets the rendered text (`generation_prompts`); the
+served model's madpo.json gets the rendered template (`effective_prompt_template`)."""
 
 from __future__ import annotations
 
@@ -22,5 +22,14 @@ def effective_prompt_template(data_cfg, tokenizer=None) -> str:
     return rendered.replace("{", "{{").replace("}", "}}").replace(SENTINEL, "{document}")
 
 
-def render_prompts(template: str, documents: list[str]) -> list[str]:
-    return [template.format(document=d) for d in documents]
+def prompt_for(data_cfg, document: str):
+    """A training prompt: the formatted template, or (data.chat) a one-user-message conversation."""
+    text = data_cfg.prompt_template.format(document=document)
+    return [{"role": "user", "content": text}] if data_cfg.chat else text
+
+
+def generation_prompts(data_cfg, tokenizer, documents: list[str]) -> list[str]:
+    """Prompts to generate from, rendered exactly as training tokenises them."""
+    from madpo_ray.data.collate import prompt_text
+
+    return [prompt_text(tokenizer, prompt_for(data_cfg, d)) for d in documents]

@@ -154,11 +154,13 @@ def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]])
 
 def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
                 policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                pairs_per_document: int = 1) -> list[dict]:
+                pairs_per_document: int = 1, prompt_for=None) -> list[dict]:
     """Preference pairs with gold scores and the true margin (labelled chosen minus rejected).
 
-    `documents` are dicts with doc_id, document, reference and optionally facts.
+    `documents` are dicts with doc_id, document, reference and optionally facts. `prompt_for(document)`
+    (e.g. data/prompts.py's, for chat prompts) overrides `prompt_template`.
     """
+    prompt_for = prompt_for or (lambda document: prompt_template.format(document=document))
     if tier not in ("high", "medium", "low"):
         raise ValueError(f"tier must be high, medium or low, got {tier!r}")
     rng = random.Random(f"pairs:{seed}:{tier}")
@@ -184,7 +186,7 @@ def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: floa
             pairs.append({
                 "pair_id": f"{doc['doc_id']}#{j}",
                 "doc_id": doc["doc_id"],
-                "prompt": prompt_template.format(document=doc["document"]),
+                "prompt": prompt_for(doc["document"]),
                 "chosen": " " + a.text.strip(),
                 "rejected": " " + b.text.strip(),
                 "chosen_kind": a.kind,

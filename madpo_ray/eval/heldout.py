@@ -27,11 +27,11 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], lis
     n = cfg.eval.num_prompts
     if is_testbed(cfg):
         docs = read_jsonl(layout.docs_path("test"))[:n]
-        from madpo_ray.data.prompts import effective_prompt_template
+        from madpo_ray.data.prompts import generation_prompts
         from madpo_ray.models import load_tokenizer
 
-        template = effective_prompt_template(cfg.data, load_tokenizer(str(layout.model_dir("sft"))))
-        return [str(d["doc_id"]) for d in docs], [template.format(document=d["document"]) for d in docs], docs
+        prompts = generation_prompts(cfg.data, load_tokenizer(str(layout.model_dir("sft"))), [d["document"] for d in docs])
+        return [str(d["doc_id"]) for d in docs], prompts, docs
     rows = read_scored(layout.scored_path("eval"))
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:n]
     refs = {}

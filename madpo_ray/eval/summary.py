@@ -55,10 +55,9 @@ def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, 
     from madpo_ray.data.testbed import gold_reward
     from madpo_ray.eval.generate import generate_transformers
 
-    from madpo_ray.data.prompts import effective_prompt_template
+    from madpo_ray.data.prompts import generation_prompts
 
-    template = effective_prompt_template(cfg.data, tokenizer)
-    prompts = [template.format(document=d["document"]) for d in docs]
+    prompts = generation_prompts(cfg.data, tokenizer, [d["document"] for d in docs])
     texts = generate_transformers(model, tokenizer, prompts, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
                                   max_prompt_length=cfg.data.max_prompt_length)
     golds = [gold_reward(t, d["document"], d["reference"], d.get("facts")) for t, d in zip(texts, docs)]
