@@ -58,7 +58,7 @@ def _load(config: str, overrides: Optional[List[str]], address: Optional[str], n
     if address:
         sets.append(f"ray.address={address}")
     if name:
-        sets.append(f"name={name}")
+        sets.append(f"name={json.dumps(name)}")  # quoted: a run called "on" or "1e3" stays a string
     try:
         return load_config(config, sets)
     except ConfigError as e:

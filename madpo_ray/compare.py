@@ -27,7 +27,7 @@ from typing import Optional
 
 from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.layout import BEFORE_POLICY, StageRecord, model_folder, settings_of
+from madpo_ray.layout import BEFORE_POLICY, StageRecord, begin_training, model_folder, settings_of
 
 log = logging.getLogger("madpo_ray.compare")
 
@@ -121,6 +121,8 @@ class Comparison:
                 if previous is not None:
                     done[(m.name, seed)] = previous
                 else:
+                    d = lay.training_dir(m.name, seed)
+                    begin_training(d, d / "checkpoints", training_settings(method_config(self.cfg, m, seed)), upstream)
                     todo.append(((m.name, seed), (self.cfg.model_dump(mode="json"), m.model_dump(), seed,
                                                   str(lay.scored_path("train")), str(lay.model_dir("sft")),
                                                   str(lay.training_dir(m.name, seed)), upstream)))

@@ -46,7 +46,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
             "data.prompt_template", "data.chat"),
     "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
     "reward": ("reward", "data.overlong", "model.pair_forward"),
-    "score": (),
+    "score": ("policy.optim.bf16", "ray.use_gpu"),  # scoring runs under the policy's autocast
     "policy": ("policy",),
     "eval": ("eval.num_prompts",),
 }
@@ -132,6 +132,20 @@ class StageRecord:
         if upstream != self.upstream:
             return f"{upstream_name} was redone since"
         return None
+
+
+def begin_training(folder: Path, checkpoint_root: Path, settings: dict, upstream: Optional[str],
+                   force: bool = False) -> None:
+    """Before a (re)run of a stage or a compare training: keep an interrupted run's checkpoints only
+    if its STARTED record shows the same settings and inputs, and it is not being forced or redone."""
+    import shutil
+
+    folder = Path(folder)
+    started = StageRecord.read(folder, "STARTED")
+    if force or started is None or started.why_stale(settings, upstream) is not None or (folder / "DONE").exists():
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
+    (folder / "DONE").unlink(missing_ok=True)
+    StageRecord.write(folder, settings, upstream, "STARTED")
 
 
 class RunLayout:

@@ -237,7 +237,11 @@ def save_trained(model, tokenizer, model_dir: Path, adapter_dir: Optional[Path],
     if is_adapter_model(model):
         if adapter_dir is not None:
             model.save_pretrained(str(adapter_dir))
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # note: merges into `model` itself; the caller's handle is merged too
+    elif adapter_dir is not None and Path(adapter_dir).exists():
+        import shutil
+
+        shutil.rmtree(adapter_dir)  # an adapter from an earlier LoRA run would not belong to these weights
     save_model_atomically(model, tokenizer, model_dir, meta)
 
 
@@ -265,7 +269,10 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> dict:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise ModelLoadError(f"{gguf_path}: weights do not fit a {config.model_type} of this config: {e}") from e
     ensure_pad_token(tokenizer)
     save_model_atomically(model, tokenizer, Path(out_dir), meta={"source": str(gguf_path), "format": "gguf"})
     return {"parameters": count_parameters(model), "architecture": config.model_type,

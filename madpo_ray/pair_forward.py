@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from madpo_ray.logprobs import SequenceLogProbs, token_logprobs
 
 log = logging.getLogger(__name__)
-MASKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+MASKABLE_ATTENTION = ("sdpa", "eager")  # both tested equal to the two-sequence forward
 
 
 def uses_shared_prompt(model, wanted: str) -> bool:
@@ -85,8 +85,19 @@ class SharedPairCollator:
         return batch
 
 
+def model_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """SDPA takes the boolean mask as it is; eager attention *adds* a 4-D mask to its scores, so it
+    gets 0 where allowed and the dtype's minimum elsewhere (a boolean would add 1 and mask nothing)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def shared_forward(model, batch: dict):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["pair_mask"], position_ids=batch["position_ids"])
+    return model(input_ids=batch["input_ids"], attention_mask=model_mask(model, batch["pair_mask"]),
+                 position_ids=batch["position_ids"])
 
 
 def shared_pair_logprobs(model, batch: dict) -> tuple[SequenceLogProbs, SequenceLogProbs]:
@@ -113,7 +124,7 @@ def shared_pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     """A reward model's scores of the chosen and the rejected response (each at its last token)."""
     from madpo_ray.models import per_position_scores
 
-    scores = per_position_scores(model, input_ids=batch["input_ids"], attention_mask=batch["pair_mask"],
+    scores = per_position_scores(model, input_ids=batch["input_ids"], attention_mask=model_mask(model, batch["pair_mask"]),
                                  position_ids=batch["position_ids"])  # [B, L]
     rows = torch.arange(scores.shape[0], device=scores.device)
     chosen_last = batch["rejected_start"] - 1

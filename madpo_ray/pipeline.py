@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import time
 from typing import Optional
 
@@ -22,7 +21,8 @@ from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
 from madpo_ray.data.preference import ValidationReport, load_pairs, validate_rows
 from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
-from madpo_ray.layout import STAGE_SETTINGS, STAGES, TESTBED_SOURCES, RunLayout, StageRecord, settings_of, upstream_of
+from madpo_ray.layout import (STAGE_SETTINGS, STAGES, TESTBED_SOURCES, RunLayout, StageRecord, begin_training,
+                              settings_of, upstream_of)
 from madpo_ray.stages import stage_trainer
 from madpo_ray.stages.worker import StageOutput
 
@@ -80,14 +80,11 @@ class Pipeline:
             return "not run yet" if not self.layout.is_done(stage) else "made by an older version (no provenance)"
         return rec.why_stale(self.stage_settings(stage), self.upstream_id(stage), upstream_of(stage) or "")
 
-    def begin_stage(self, stage: str) -> None:
-        """Keep an interrupted training's checkpoints only if they were made with the same settings."""
-        started = StageRecord.read(self.layout.stage_dir(stage), "STARTED")
-        settings, upstream = self.stage_settings(stage), self.upstream_id(stage)
-        if started is None or started.why_stale(settings, upstream) is not None or self.layout.is_done(stage):
-            shutil.rmtree(self.layout.checkpoint_root(stage), ignore_errors=True)
-        self.layout.done_path(stage).unlink(missing_ok=True)
-        StageRecord.write(self.layout.stage_dir(stage), settings, upstream, "STARTED")
+    def begin_stage(self, stage: str, forced: bool = False) -> None:
+        """Keep an interrupted training's checkpoints only if they were made with the same settings
+        and inputs and the stage is not forced (layout.begin_training)."""
+        begin_training(self.layout.stage_dir(stage), self.layout.checkpoint_root(stage), self.stage_settings(stage),
+                       self.upstream_id(stage), force=forced)
 
     def finish_stage(self, stage: str, metrics: dict) -> None:
         write_json(self.layout.metrics_path(stage), metrics)
@@ -113,7 +110,7 @@ class Pipeline:
                 results[stage] = self.layout.read_metrics(stage)
                 continue
             log.info("== %s: running (%s)", stage, reason)
-            self.begin_stage(stage)
+            self.begin_stage(stage, forced=stage in force)
             t0 = time.time()
             metrics = getattr(self, f"stage_{stage}")()
             metrics["wall_seconds"] = self.timings[stage] = time.time() - t0
@@ -127,7 +124,11 @@ class Pipeline:
         training metrics. ray.backend=ray: a TorchTrainer run; local: this process."""
         import json
 
+        from madpo_ray.engine.loop import accumulation_steps
+
         lay = self.layout
+        workers = 1 if self.cfg.ray.backend == "local" else self.cfg.ray.num_workers
+        accumulation_steps(getattr(self.cfg, stage).optim, workers, len(examples), stage)  # before any worker starts
         out = StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage))
         if self.cfg.ray.backend == "local":
             session = LocalSession({"train": examples}, checkpoint_root=str(lay.checkpoint_root(stage)))

@@ -38,6 +38,7 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_eval: str, test_
     """The held-out metrics a trial reports (what ASHA prunes on), on the validation data only."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.eval.summary import greedy_gold_reward, pair_logprobs, preference_metrics
+    from madpo_ray.stages.score import ComputePolicy
 
     eval_rows = read_scored(scored_eval)
     docs, rm, rm_prompts = None, None, []
@@ -52,7 +53,7 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_eval: str, test_
         rm_prompts = list(dict.fromkeys(r["prompt"] for r in eval_rows))[:cfg.eval.num_prompts]
 
     def evaluate(model) -> dict:
-        pc, pr = pair_logprobs(model, eval_rows, tok.pad_token_id)
+        pc, pr = pair_logprobs(model, eval_rows, tok.pad_token_id, policy=ComputePolicy.of(cfg))
         m = preference_metrics(eval_rows, pc, pr)
         out = {"heldout_preference_accuracy": m["policy_preference_accuracy"],
                "implicit_reward_accuracy": m["policy_implicit_reward_accuracy"]}

@@ -35,14 +35,21 @@ def _both(pairs, pad):
     return PairCollator(pad)(pairs), SharedPairCollator(pad)(pairs)
 
 
-def test_logprobs_and_rewards_equal_the_two_sequence_forward(tiny_base_dir, tiny_tokenizer, pairs):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_logprobs_and_rewards_equal_the_two_sequence_forward(tiny_base_dir, tiny_tokenizer, pairs, attention):
+    """Every attention implementation the shared path accepts (eager adds its mask: a boolean one
+    would mask nothing)."""
     from madpo_ray.models import load_causal_lm, load_reward_model
+    from madpo_ray.pair_forward import MASKABLE_ATTENTION
 
+    assert attention in MASKABLE_ATTENTION
     two, shared = _both(pairs, tiny_tokenizer.pad_token_id)
     assert (shared["attention_mask"].sum(-1) < shared["attention_mask"].shape[1]).any()  # a padded batch
     lm = load_causal_lm(str(tiny_base_dir)).eval()
     torch.manual_seed(0)
     rm = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    for m in (lm, rm):
+        m.config._attn_implementation = attention
     with torch.no_grad():
         for a, b in zip(pair_response_logprobs(lm, two), pair_response_logprobs(lm, shared)):
             assert torch.equal(a.n_tokens, b.n_tokens)
@@ -104,13 +111,34 @@ def test_length_grouped_batches_cover_each_example_once_and_match_across_worker_
     from madpo_ray.engine.loop import LengthGroupedSampler
 
     lengths = [int(x) for x in torch.randint(10, 200, (103,), generator=torch.Generator().manual_seed(0))]
-    one = list(LengthGroupedSampler(lengths, 8, 1, 0, seed=3))
-    ranks = [list(LengthGroupedSampler(lengths, 4, 2, r, seed=3)) for r in (0, 1)]
-    assert len(one) == len(set(one)) == 96  # 12 whole global batches of 8
-    global_two = [sorted(ranks[0][i:i + 4] + ranks[1][i:i + 4]) for i in range(0, 48, 4)]
-    assert global_two == [sorted(one[i:i + 8]) for i in range(0, 96, 8)]
-    spread = [max(lengths[i] for i in one[k:k + 8]) - min(lengths[i] for i in one[k:k + 8]) for k in range(0, 96, 8)]
+
+    def steps(workers, accum, per_device):
+        """The example sets of each optimiser step, 1 worker x accum 4 vs 2 workers x accum 2 etc."""
+        per_rank = [list(LengthGroupedSampler(lengths, per_device, workers, r, seed=3, accum=accum))
+                    for r in range(workers)]
+        step = per_device * accum
+        return [sorted(i for r in per_rank for i in r[k:k + step]) for k in range(0, len(per_rank[0]), step)]
+
+    one = steps(1, 4, 8)
+    assert one == steps(2, 2, 8) == steps(4, 1, 8)  # effective batch 32 three ways
+    flat = [i for s in one for i in s]
+    assert len(flat) == len(set(flat)) == 96  # 3 whole steps of 32
+    micro = list(LengthGroupedSampler(lengths, 8, 1, 0, seed=3))
+    spread = [max(lengths[i] for i in micro[k:k + 8]) - min(lengths[i] for i in micro[k:k + 8]) for k in range(0, 96, 8)]
     assert sum(spread) / len(spread) < 40  # random batches of 8 from 10..200 spread ~150
     s = LengthGroupedSampler(lengths, 8, 1, 0, seed=3)
     s.set_epoch(1)
-    assert list(s) != one  # another epoch, another order
+    assert list(s) != micro  # another epoch, another order
+
+
+def test_too_little_data_for_one_effective_batch_is_a_named_data_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "madpo_ray", "sft", f"runs_dir={tmp_path}", "ray.backend=local",
+                           "data.num_documents=8", "data.num_eval_documents=4", "model.hidden_size=32",
+                           "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=64",
+                           "model.vocab_size=512"], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "sft: 8 examples is less than one effective batch" in out and "Traceback" not in out

@@ -20,13 +20,18 @@ STATE_FILE = "state.pt"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout (e.g. LoRA's) on GPU draws from these
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))  # a safe load returns lists where tuples were
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_checkpoint(folder: Path, state: dict, step: int, stage: str) -> None:

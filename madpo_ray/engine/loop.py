@@ -76,34 +76,55 @@ class BatchPlan:
 
 
 class LengthGroupedSampler:
-    """Seeded shuffle, then, within windows of `window` global batches, examples sorted by length
-    and cut into global batches whose order is shuffled again; each rank takes its slice of every
-    global batch. Batches of similar lengths waste little on padding, and the order is still a
-    pure function of (seed, epoch), so resume and any worker count see the same global batches."""
+    """Seeded shuffle; within windows of `window` optimiser steps, examples sorted by length and cut
+    into step batches (per-device batch x workers x accumulation) whose order is shuffled again.
+    Micro-batch m of a step goes to rank r as slice m * workers + r. Batches of similar lengths waste
+    little on padding; every optimiser step sees the same examples for any worker count with the same
+    effective batch, and the order is a pure function of (seed, epoch), so resume is exact."""
 
     def __init__(self, lengths: list[int], batch_size: int, num_replicas: int, rank: int, seed: int,
-                 window: int = 32):
+                 accum: int = 1, window: int = 16):
         self.lengths, self.batch_size, self.num_replicas, self.rank = lengths, batch_size, num_replicas, rank
-        self.seed, self.window, self.epoch = seed, window, 0
-        self.global_batch = batch_size * num_replicas
-        self.num_batches = len(lengths) // self.global_batch
+        self.seed, self.accum, self.window, self.epoch = seed, accum, window, 0
+        self.step_batch = batch_size * num_replicas * accum
+        self.num_steps = len(lengths) // self.step_batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_batches * self.batch_size
+        return self.num_steps * self.accum * self.batch_size
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()[:self.num_batches * self.global_batch]
-        span = self.global_batch * self.window
-        batches = []
+        order = torch.randperm(len(self.lengths), generator=g).tolist()[:self.num_steps * self.step_batch]
+        span = self.step_batch * self.window
+        steps = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i])
-            batches += [chunk[k:k + self.global_batch] for k in range(0, len(chunk), self.global_batch)]
-        for b in torch.randperm(len(batches), generator=g).tolist():
-            yield from batches[b][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            steps += [chunk[k:k + self.step_batch] for k in range(0, len(chunk), self.step_batch)]
+        b = self.batch_size
+        for s in torch.randperm(len(steps), generator=g).tolist():
+            for m in range(self.accum):
+                part = (m * self.num_replicas + self.rank) * b
+                yield from steps[s][part:part + b]
+
+
+def accumulation_steps(optim: OptimConfig, world_size: int, examples: int, stage: str) -> int:
+    """Micro-batches per optimiser step. Too few examples for one effective batch is a data error
+    named with the numbers (the driver checks this before any training starts)."""
+    from madpo_ray.data.preference import DataValidationError
+
+    per_step = optim.per_device_batch_size * world_size
+    accum = max(1, optim.effective_batch_size // per_step)
+    if optim.effective_batch_size % per_step:
+        log.warning("[%s] effective batch %d is not a multiple of %d x %d workers: each step uses %d examples",
+                    stage, optim.effective_batch_size, optim.per_device_batch_size, world_size, per_step * accum)
+    if examples < per_step * accum:
+        raise DataValidationError(f"{stage}: {examples} examples is less than one effective batch "
+                                  f"({optim.per_device_batch_size} x {world_size} workers x {accum} accumulation); "
+                                  f"lower {stage}.optim.effective_batch_size or add data")
+    return accum
 
 
 def example_length(ex: dict) -> int:
@@ -117,19 +138,16 @@ def plan_batches(examples: list, collate_fn: Callable, optim: OptimConfig, info:
 
     for i, ex in enumerate(examples):
         ex["index"] = i
+    accum = accumulation_steps(optim, info.world_size, len(examples), stage)
     if optim.group_by_length:
         sampler = LengthGroupedSampler([example_length(ex) for ex in examples], optim.per_device_batch_size,
-                                       info.world_size, info.rank, optim.seed)
+                                       info.world_size, info.rank, optim.seed, accum)
     else:
         sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=optim.seed, drop_last=True)
     loader = DataLoader(examples, batch_size=optim.per_device_batch_size, sampler=sampler,
                         collate_fn=collate_fn, drop_last=True)
-    accum = max(1, optim.effective_batch_size // (optim.per_device_batch_size * info.world_size))
     steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{stage}: {len(examples)} examples is less than one effective batch "
-                         f"({optim.per_device_batch_size} x {info.world_size} workers x {accum} accumulation)")
     total_steps = optim.epochs * steps_per_epoch
     if optim.max_steps:
         total_steps = min(total_steps, optim.max_steps)

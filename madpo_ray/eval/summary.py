@@ -10,24 +10,28 @@ import os
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.data.collate import PairCollator
 from madpo_ray.layout import BEFORE_POLICY, TESTBED_SOURCES, RunLayout
-from madpo_ray.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 32,
+                  policy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of held-out pairs, computed as scoring computed the references
+    (`policy`: the run's ComputePolicy: dtype autocast and pair layout), so h compares like with like."""
+    from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
+    from madpo_ray.stages.score import ComputePolicy
+
+    policy = policy or ComputePolicy()
     model.eval()
     chosen, rejected = [], []
-    collate = PairCollator(pad_token_id)
+    collate = pair_collator(model, pad_token_id, policy.pair_forward)
     for i in range(0, len(rows), batch_size):
-        b = collate(rows[i:i + batch_size])
-        lp = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"]).summed
-        c, r = lp.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
+        with policy.autocast():
+            c, r = pair_response_logprobs(model, collate(rows[i:i + batch_size]))
+        chosen.append(c.summed.float())
+        rejected.append(r.summed.float())
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -90,10 +94,12 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     from madpo_ray.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from madpo_ray.stages.score import ComputePolicy
+
     tok = load_tokenizer(str(layout.model_dir("sft")))
-    policy_model = load_causal_lm(str(layout.model_dir("policy")))
+    policy_model = load_causal_lm(str(layout.model_dir("policy")), cfg.model.dtype)  # as the references were scored
     rows = read_scored(layout.scored_path("eval"))
-    pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id)
+    pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id, policy=ComputePolicy.of(cfg))
     score_m = layout.read_metrics("score")["eval"]
     summary = {"loss": cfg.policy.loss.name, "eval_pairs": len(rows),
                **{k: score_m[k] for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin") if k in score_m},

@@ -48,8 +48,10 @@ class PolicyStep:
     def runtime_args(self) -> dict:
         """The runtime inputs the loss declares. Every worker seeds the same generator, so a
         random draw over the gathered batch is the same draw on every worker."""
+        # Seeded from the loss's own step count (checkpointed), so a resumed run draws the same.
+        count = getattr(self.state, "steps", self.calls)
         available = {"state": lambda: self.state, "dp": lambda: self.dp,
-                     "generator": lambda: torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)}
+                     "generator": lambda: torch.Generator().manual_seed(self.seed * 1_000_003 + count)}
         return {k: make() for k, make in available.items() if k in self.loss.runtime}
 
     def inputs(self, model, batch: dict) -> PolicyLossInputs:
