@@ -134,8 +134,9 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
         if f.exists():
             m = json.loads(f.read_text())
             timings[stage] = m.get("wall_seconds")
-            if "tokens_per_s" in m:
-                summary[f"{stage}_tokens_per_s"] = m["tokens_per_s"]
+            for key in ("tokens_per_s", "padding_share"):  # logical tokens/s (2P+C+R per pair); padded/computed
+                if key in m:
+                    summary[f"{stage}_{key}"] = m[key]
     summary["stage_seconds"] = timings
     layout.summary_json.write_text(json.dumps(summary, indent=2))
     lines = ["| metric | value |", "| --- | --- |"]
