@@ -80,7 +80,7 @@ def test_stop_a_running_job(head, tmp_path):
 
     job = _submit(head, "run", "--name", "job2", f"runs_dir={tmp_path}", *TINY_SETS, "sft.optim.epochs=50")
     deadline = time.time() + 300
-    while "== sft: starting" not in sub.logs(job, DASHBOARD, head["token"]):
+    while "== sft: running" not in sub.logs(job, DASHBOARD, head["token"]):
         assert time.time() < deadline and sub.status(job, DASHBOARD, head["token"]) in ("PENDING", "RUNNING")
         time.sleep(2)
     out = _madpo("jobs", "stop", job, "--address", DASHBOARD, env=head["env"])
