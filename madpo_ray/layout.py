@@ -52,6 +52,11 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_testbed(cfg) -> bool:
+    """Whether the run's pairs come from the testbed (documents with a known gold reward)."""
+    return cfg.data.source in TESTBED_SOURCES
+
+
 def model_folder(stage_folder: Path) -> Path:
     """The HF model folder inside a stage (or compare training) folder (merged, if LoRA trained it)."""
     return Path(stage_folder) / "model"

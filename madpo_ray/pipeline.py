@@ -21,7 +21,7 @@ from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
 from madpo_ray.data.preference import ValidationReport, load_pairs, validate_rows
 from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
-from madpo_ray.layout import (STAGE_SETTINGS, STAGES, TESTBED_SOURCES, RunLayout, StageRecord, begin_training,
+from madpo_ray.layout import (STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
                               settings_of, upstream_of)
 from madpo_ray.stages import stage_trainer
 from madpo_ray.stages.worker import StageOutput
@@ -42,7 +42,7 @@ class Pipeline:
 
     @property
     def is_testbed(self) -> bool:
-        return self.cfg.data.source in TESTBED_SOURCES
+        return is_testbed(self.cfg)
 
     @property
     def base_model(self) -> str:

@@ -7,13 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.layout import TESTBED_SOURCES, RunLayout
+from madpo_ray.layout import RunLayout, is_testbed
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
-
-
-def is_testbed(cfg: PipelineConfig) -> bool:
-    return cfg.data.source in TESTBED_SOURCES
 
 
 def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], list[str], list[Optional[dict]]]:

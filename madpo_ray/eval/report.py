@@ -8,13 +8,13 @@ from pathlib import Path
 
 from madpo_ray.config import PipelineConfig
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.layout import TESTBED_SOURCES
+from madpo_ray.layout import is_testbed
 
 
 def write_report(c: PipelineConfig, out_dir: Path, judged: dict, **extra) -> dict:
     """results.json, table.md and the plot, for `madpo compare` and `madpo eval` alike.
     `extra` must include `prompts` (how many were judged) and `seeds`."""
-    results = {"tier": c.data.tier if c.data.source in TESTBED_SOURCES else None, "source": c.data.source,
+    results = {"tier": c.data.tier if is_testbed(c) else None, "source": c.data.source,
                "temperatures": c.eval.temperatures,
                "samples_per_prompt": c.eval.samples_per_prompt, "backend": c.eval.backend, **extra, **judged}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import os
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.layout import BEFORE_POLICY, TESTBED_SOURCES, RunLayout
+from madpo_ray.layout import BEFORE_POLICY, RunLayout, is_testbed
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     summary = {"loss": cfg.policy.loss.name, "eval_pairs": len(rows),
                **{k: score_m[k] for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin") if k in score_m},
                **preference_metrics(rows, pol_c, pol_r)}
-    if cfg.data.source in TESTBED_SOURCES:
+    if is_testbed(cfg):
         summary.update(greedy_examples(cfg, layout, tok, policy_model))
     write_summary(layout, summary)
     return summary
