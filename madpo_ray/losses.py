@@ -3,11 +3,12 @@
 Every loss returns *per-example* values and owns its contract: the registry entry
 (`PolicyLoss`) knows the parameters the loss takes (its keyword arguments and their
 defaults, so a misspelt or irrelevant parameter is an error that names it), whether it needs
-reward-model margins, what training state it keeps, and how its per-example values reduce to
-the scalar the optimiser sees, across data-parallel workers included. The training step is
-then the same for every loss. Nothing here knows about Ray, models or data loaders, so each
-formula is unit-testable against hand-computed values. Formulas follow
-../shared/docs/madpo-spec.md exactly.
+reward-model margins, what training state it keeps, what it decides once per optimiser step
+over the whole step's pairs (a step plan: beta-DPO's filter and beta), and how its per-example
+values reduce to the scalar the optimiser sees, across micro-batches and data-parallel workers
+included. The training step is then the same for every loss. Nothing here knows about Ray,
+models or data loaders, so each formula is unit-testable against hand-computed values.
+Formulas follow ../shared/docs/madpo-spec.md exactly.
 
 Notation: for pair i, ``h_i = [logp(y_w) - ref_logp(y_w)] - [logp(y_l) - ref_logp(y_l)]``
 (token-summed response log-probs), ``m_i`` the frozen reward model's margin
@@ -60,11 +61,16 @@ class PolicyLossInputs:
 
 @dataclass
 class LossOutput:
-    """Per-example losses plus a 0/1 mask of which examples count in the mean."""
+    """Per-example losses plus a 0/1 mask of which examples count in the mean.
+
+    A loss planned over a whole optimiser step (beta-DPO) also says what the step's mean divides
+    by: the kept count over all its micro-batches and workers, and how many micro-batches share it."""
 
     losses: torch.Tensor  # [B]
     keep: torch.Tensor  # [B] float, 1 for examples in the reduction (beta-DPO filters some)
     metrics: dict[str, float] = field(default_factory=dict)
+    kept_total: Optional[float] = None  # kept over the whole step; None: gather this batch's keep
+    micro_batches: int = 1  # micro-batches of the step this batch is one of
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -92,13 +98,45 @@ def mean_reduction(out: LossOutput, dp: DataParallel) -> torch.Tensor:
 
 
 def kept_global_mean_reduction(out: LossOutput, dp: DataParallel) -> torch.Tensor:
-    """Mean over the examples kept on *every* worker: each worker divides its kept sum by the
-    global kept count (times world size, which DDP's gradient average divides out again)."""
-    kept_global = float(dp.gather(out.keep).sum())
-    return (out.losses * out.keep).sum() * dp.world_size / max(kept_global, 1.0)
+    """Mean over the examples kept on *every* worker and in every micro-batch of the step: each
+    micro-batch divides its kept sum by the step's kept count, times world size and micro-batches,
+    which DDP's gradient average and the loop's `loss / accum` divide out again. Without a step
+    plan the batch is the step, and the kept count is gathered from the workers here."""
+    kept = out.kept_total if out.kept_total is not None else float(dp.gather(out.keep).sum())
+    return (out.losses * out.keep).sum() * (dp.world_size * out.micro_batches / max(kept, 1.0))
 
 
 Reduction = Callable[[LossOutput, DataParallel], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- step plans
+@dataclass(frozen=True)
+class StepShare:
+    """One micro-batch's part of a step plan: its keep mask, the step's beta, and what the
+    reduction divides by (the kept count over the whole step and its number of micro-batches)."""
+
+    keep: torch.Tensor  # [B] float 0/1
+    beta: float
+    kept_total: float
+    micro_batches: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a loss decides once per optimiser step from the whole step's pairs (every micro-batch
+    on every worker, in step order): which pairs count, and the step's beta."""
+
+    keep: torch.Tensor  # [N] float 0/1 over the step's pairs
+    beta: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def share(self, index: torch.Tensor, micro_batches: int) -> StepShare:
+        """The plan for the step positions `index` (one micro-batch of one worker)."""
+        return StepShare(self.keep[index], self.beta, float(self.keep.sum()), micro_batches, self.metrics)
+
+
+PlanStep = Callable[..., StepPlan]  # (h of the whole step, state, *, generator, **params) -> StepPlan
 
 
 # --------------------------------------------------------------------------- registry
@@ -106,7 +144,7 @@ class LossParameterError(ValueError):
     """A parameter the loss does not take (misspelt, or belonging to another loss)."""
 
 
-RUNTIME_ARGS = frozenset({"state", "generator", "dp"})  # supplied by the training step, not the config
+RUNTIME_ARGS = frozenset({"state", "generator", "dp", "share"})  # supplied by the training step, not the config
 
 
 @dataclass(frozen=True)
@@ -120,6 +158,9 @@ class PolicyLoss:
     needs_margins: bool = False
     reduce: Reduction = mean_reduction
     make_state: Optional[Callable[[], Any]] = None  # training state that checkpoints must keep
+    # Decisions taken once per optimiser step over the whole step's pairs (beta-DPO's filter and
+    # beta); the training step then passes each micro-batch its `share` of the plan.
+    plan_step: Optional[PlanStep] = None
 
     def check_params(self, given: Mapping[str, Any]) -> None:
         unknown = sorted(set(given) - set(self.params))
@@ -133,6 +174,14 @@ class PolicyLoss:
         if self.needs_margins and inputs.margins is None:
             raise ValueError(f"{self.name} needs reward-model margins (the scored 'margin' column)")
         return self.fn(inputs, **kwargs, **runtime)
+
+    def plan(self, margins: torch.Tensor, state: Any, *, generator: Optional[torch.Generator] = None,
+             **kwargs) -> StepPlan:
+        """The step plan from the implicit margins h of the whole step (detached, step order)."""
+        if self.plan_step is None:
+            raise ValueError(f"loss {self.name!r} takes no step plan")
+        self.check_params(kwargs)
+        return self.plan_step(margins, state, generator=generator, **kwargs)
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
@@ -154,12 +203,14 @@ def declared_params(fn: Callable) -> tuple[dict[str, Any], frozenset]:
 
 
 def register_policy_loss(name: str, *, needs_margins: bool = False, reduce: Reduction = mean_reduction,
-                         make_state: Optional[Callable[[], Any]] = None):
+                         make_state: Optional[Callable[[], Any]] = None, plan_step: Optional[PlanStep] = None):
     def wrap(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} registered twice")
         params, runtime = declared_params(fn)
-        POLICY_LOSSES[name] = PolicyLoss(name, fn, params, runtime, needs_margins, reduce, make_state)
+        if plan_step is not None and set(declared_params(plan_step)[0]) != set(params):
+            raise TypeError(f"the step plan of {name!r} must take the loss's parameters {sorted(params)}")
+        POLICY_LOSSES[name] = PolicyLoss(name, fn, params, runtime, needs_margins, reduce, make_state, plan_step)
         return fn
 
     return wrap
@@ -292,41 +343,62 @@ class BetaDPOState:
         self.mu, self.sigma, self.steps = float(d["mu"]), float(d["sigma"]), int(d["steps"])
 
 
-@register_policy_loss("beta_dpo", reduce=kept_global_mean_reduction, make_state=BetaDPOState)
-def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = None, beta: float = 0.1,
-                  alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9,
-                  generator: Optional[torch.Generator] = None, dp: DataParallel = DataParallel()) -> LossOutput:
-    """beta-DPO (Wu et al. 2024): per-batch beta from the implicit margin, Gaussian data filtering.
-
-    With data parallelism, `dp.gather` all-gathers A over workers (each worker's batch the same
-    size) and every worker draws the same multinomial sample (same `generator` seed), then
-    keeps its own slice: the statistics and the filter are those of the global batch.
-    `state` is updated in place.
-    """
-    if state is None:
-        raise ValueError("beta_dpo needs a BetaDPOState (its moving averages are training state)")
-    h = inputs.implicit_margin()
-    local_a = h.detach().float()
-    global_a = dp.gather(local_a)
-    n = global_a.numel()
-    # Moving averages are updated first, then used (as in the official preference_loss).
-    state.mu = momentum * state.mu + (1 - momentum) * float(global_a.mean())
-    state.sigma = momentum * state.sigma + (1 - momentum) * (float(global_a.std()) if n > 1 else 0.0)
-    state.steps += 1
-    sigma = max(state.sigma, 1e-8)
-    p = torch.exp(-0.5 * ((global_a - state.mu) / sigma) ** 2).cpu()
-    k = max(1, int(n * (1 - rho)))
+def gaussian_filter(a: torch.Tensor, mu: float, sigma: float, rho: float,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+    """0/1 mask keeping int(N (1 - rho)) of the N pairs, drawn without replacement with
+    probability proportional to exp(-0.5 ((A - mu) / sigma)^2): pairs far from the running
+    mean (outliers, trivially easy or hopeless) are the ones dropped."""
+    n = a.numel()
+    p = torch.exp(-0.5 * ((a - mu) / max(sigma, 1e-8)) ** 2)
     if float(p.sum()) <= 0 or not torch.isfinite(p).all():
         p = torch.ones_like(p)  # every margin is far out: fall back to a uniform draw
-    kept_idx = torch.multinomial(p, k, replacement=False, generator=generator)
-    keep_global = torch.zeros(n)
-    keep_global[kept_idx] = 1.0
-    kept_mean = float(global_a[kept_idx.to(global_a.device)].mean())
+    kept_idx = torch.multinomial(p, max(1, int(n * (1 - rho))), replacement=False, generator=generator)
+    keep = torch.zeros(n, dtype=torch.float64)
+    keep[kept_idx] = 1.0
+    return keep
+
+
+def beta_dpo_plan(a: torch.Tensor, state: Optional[BetaDPOState], *, beta: float = 0.1, alpha: float = 0.6,
+                  rho: float = 0.2, momentum: float = 0.9, generator: Optional[torch.Generator] = None) -> StepPlan:
+    """beta-DPO's once-per-step decisions over A, the detached implicit margins of the whole
+    optimiser step (every micro-batch, every worker): the moving averages are updated first
+    (once per step, in place), the Gaussian filter is drawn once (every worker seeding
+    `generator` alike draws alike), and beta_batch comes from the kept pairs' mean."""
+    if state is None:
+        raise ValueError("beta_dpo needs a BetaDPOState (its moving averages are training state)")
+    a = a.detach().to("cpu", torch.float64)
+    state.mu = momentum * state.mu + (1 - momentum) * float(a.mean())
+    state.sigma = momentum * state.sigma + (1 - momentum) * (float(a.std()) if a.numel() > 1 else 0.0)
+    state.steps += 1
+    keep = gaussian_filter(a, state.mu, state.sigma, rho, generator)
+    kept_mean = float(a[keep.bool()].mean())
     beta_batch = max(beta * (1 + alpha * (kept_mean - state.mu)), 1e-3)
-    b = local_a.numel()
-    keep = keep_global[dp.rank * b:(dp.rank + 1) * b].to(h.device, h.dtype)
-    losses = dpo_per_example(h, beta_batch)
-    return LossOutput(losses, keep, {"beta_batch": beta_batch, "beta_mu": state.mu, "beta_sigma": state.sigma})
+    return StepPlan(keep, beta_batch, {"beta_batch": beta_batch, "beta_mu": state.mu, "beta_sigma": state.sigma,
+                                       "beta_kept_share": float(keep.mean())})
+
+
+@register_policy_loss("beta_dpo", reduce=kept_global_mean_reduction, make_state=BetaDPOState, plan_step=beta_dpo_plan)
+def beta_dpo_loss(inputs: PolicyLossInputs, *, state: Optional[BetaDPOState] = None, beta: float = 0.1,
+                  alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9,
+                  generator: Optional[torch.Generator] = None, dp: DataParallel = DataParallel(),
+                  share: Optional[StepShare] = None) -> LossOutput:
+    """beta-DPO (Wu et al. 2024): -log sigmoid(beta_batch h) over the pairs the step keeps.
+
+    In training, `share` is this micro-batch's part of the plan `beta_dpo_plan` made over the
+    whole optimiser step, and nothing is updated here. Without it, this batch is the step: A is
+    all-gathered over workers by `dp.gather` (each worker's batch the same size), planned here
+    (`state` updated in place) and each worker keeps its own slice.
+    """
+    h = inputs.implicit_margin()
+    if share is None:
+        local = h.detach().float()
+        plan = beta_dpo_plan(dp.gather(local), state, beta=beta, alpha=alpha, rho=rho, momentum=momentum,
+                             generator=generator)
+        b = local.numel()
+        share = plan.share(torch.arange(dp.rank * b, (dp.rank + 1) * b), 1)
+    losses = dpo_per_example(h, share.beta)
+    return LossOutput(losses, share.keep.to(h.device, h.dtype), dict(share.metrics), share.kept_total,
+                      share.micro_batches)
 
 
 def weights_table(margins=(-8, -6.907, -4, -2, -1, 0, 1, 2, 4, 6.907, 8, 12),

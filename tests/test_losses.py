@@ -261,7 +261,8 @@ def test_declared_parameters_are_the_signature_defaults():
     assert dict(L.get_policy_loss("ipo").params) == {"beta": 0.1}
     assert dict(L.get_policy_loss("madpo").params) == {"beta": 0.1, "c_max": 4.0, "lam": 1.0, "tau": math.log(999)}
     assert dict(L.get_policy_loss("beta_dpo").params) == {"beta": 0.1, "alpha": 0.6, "rho": 0.2, "momentum": 0.9}
-    assert L.get_policy_loss("beta_dpo").runtime == {"state", "generator", "dp"}
+    assert L.get_policy_loss("beta_dpo").runtime == {"state", "generator", "dp", "share"}
+    assert L.get_policy_loss("beta_dpo").plan_step is L.beta_dpo_plan
     assert [n for n, loss in L.POLICY_LOSSES.items() if loss.needs_margins] == [
         "madpo", "madpo_amplify", "madpo_regularize"]
 

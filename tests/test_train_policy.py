@@ -89,7 +89,8 @@ def test_every_registered_loss_trains_and_moves_the_weights(tmp_path, tiny_base_
     after = result.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     if loss == "beta_dpo":
-        assert "beta_batch" in result.metrics
+        assert {"beta_batch", "beta_mu", "beta_sigma"} <= set(result.metrics)
+        assert result.metrics["beta_kept_share"] == pytest.approx(6 / 8)
 
 
 def test_resume_continues_the_same_trajectory_including_loss_state(tmp_path, tiny_base_dir, scored_train):

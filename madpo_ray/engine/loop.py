@@ -6,6 +6,12 @@ gradient accumulation up to the effective batch (DDP gradient sync only on the l
 micro-batch), clipping, bf16 autocast where asked, periodic reports, checkpoints (model,
 optimiser, scheduler, data position, RNG, the step's own state) and resume.
 
+A step_fn that needs statistics of the whole optimiser step (beta-DPO) also has
+`begin_step(model, batches)`: the loop collects a step's micro-batches first and calls it once,
+before their gradient passes. With a held-out `validate` callable and `optim.eval_every`, the
+loop evaluates every `eval_every` steps, keeps the best weights and stops early after
+`optim.patience` evaluations without improvement.
+
 Data position: checkpoints are taken at optimiser-step boundaries; on resume the sampler is
 re-seeded for the same epoch and the micro-batches already consumed are skipped, so no batch
 is repeated or lost.
@@ -182,6 +188,58 @@ class TrainState:
         self.history = list(state.get("history", []))
 
 
+MONITOR = "eval_loss"  # what early stopping watches in the held-out metrics; lower is better
+
+
+class EarlyStopping:
+    """Patience over held-out evaluations, and the best weights seen. `update(value)` returns
+    (improved, stop): improved when the value is finite and strictly below the best so far; stop
+    once `patience` evaluations in a row have not improved. Only trainable parameters are kept
+    (the others never change; with LoRA that is a few MB), on the CPU. Its state_dict, best
+    weights included, goes into checkpoints, so a resumed run decides and restores the same."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.bad = 0  # evaluations in a row without improvement
+        self.history: list[dict] = []  # {"step", **held-out metrics} per evaluation
+        self.weights: dict[str, torch.Tensor] = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad >= self.patience
+
+    def update(self, value: float, step: Optional[int] = None) -> tuple[bool, bool]:
+        improved = math.isfinite(value) and (self.best is None or value < self.best)
+        if improved:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return improved, self.stopped
+
+    def keep(self, model: torch.nn.Module) -> None:
+        self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value)
+
+    def summary(self) -> dict:
+        return {"best_step": self.best_step, "best_eval_loss": self.best, "stopped_early": self.stopped,
+                "eval_history": [dict(h) for h in self.history]}
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "history": self.history,
+                "weights": self.weights}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.best_step, self.bad = d["best"], d["best_step"], int(d["bad"])
+        self.history, self.weights = [dict(h) for h in d["history"]], dict(d["weights"])
+
+
 def build_state(model: torch.nn.Module, optim: OptimConfig, total_steps: int, extra_state: dict) -> TrainState:
     from transformers import get_cosine_schedule_with_warmup
 
@@ -267,6 +325,46 @@ def micro_batches(plan: BatchPlan, state: TrainState):
             yield epoch, batch
 
 
+def step_batches(plan: BatchPlan, state: TrainState):
+    """(epoch, the `accum` micro-batches of one optimiser step): a step is collected before it is
+    trained, so a step_fn can plan over all of it. An epoch holds whole steps only."""
+    group = []
+    for epoch, batch in micro_batches(plan, state):
+        group.append(batch)
+        if len(group) == plan.accum:
+            yield epoch, group
+            group = []
+
+
+def forked_rng(device: torch.device):
+    """A context after which the CPU (and this GPU's) random streams are as they were before."""
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
+def train_micro_batches(model: torch.nn.Module, batches: list[dict], step_fn: StepFn, optim: OptimConfig,
+                        info: WorkerInfo, meter: "Meter") -> dict:
+    """The gradient passes of one optimiser step, after the step_fn's `begin_step` (if it has
+    one) has seen all of the step's micro-batches. `begin_step` runs under no_grad and the same
+    autocast, in train mode, on a forked RNG: the gradient passes then draw the same dropout
+    masks as it did, and the training's random stream is as if it had not run (exact resume).
+    DDP syncs gradients only on the last micro-batch. Returns the last micro-batch's metrics."""
+    begin_step = getattr(step_fn, "begin_step", None)
+    if begin_step is not None:
+        with forked_rng(info.device), torch.no_grad(), autocast_context(info.device, optim.bf16):
+            begin_step(model, batches)
+    metrics = {}
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
+        with no_sync(), autocast_context(info.device, optim.bf16):
+            loss, metrics = step_fn(model, batch)
+            (loss / len(batches)).backward()
+        meter.add(float(loss.detach()), batch, len(batches))
+    return metrics
+
+
 def optimizer_step(state: TrainState, optim: OptimConfig) -> float:
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, optim.max_grad_norm)
     state.optimizer.step()
@@ -276,44 +374,77 @@ def optimizer_step(state: TrainState, optim: OptimConfig) -> float:
     return float(grad_norm)
 
 
+def held_out(state: TrainState, stopper: EarlyStopping, validate: Callable, info: WorkerInfo,
+             optim: OptimConfig) -> dict:
+    """Held-out metrics of the current weights (eval mode, no_grad, the training's autocast),
+    averaged over workers so that every rank takes the same early-stopping decision; the
+    weights are kept when they are the best so far."""
+    state.model.eval()
+    with torch.no_grad(), autocast_context(info.device, optim.bf16):
+        metrics = {k: global_mean(float(v), info.device) for k, v in validate(unwrap(state.model)).items()}
+    state.model.train()
+    if MONITOR not in metrics:
+        raise KeyError(f"the held-out evaluation must return {MONITOR!r}; it returned {sorted(metrics)}")
+    improved, _ = stopper.update(metrics[MONITOR], state.step)
+    stopper.history.append({"step": state.step, **metrics})
+    if improved:
+        stopper.keep(unwrap(state.model))
+    return metrics
+
+
+def finish(model: torch.nn.Module, stopper: Optional[EarlyStopping], last: dict, stage: str, rank: int) -> dict:
+    """The best weights back in `model` (with early stopping), and the final metrics."""
+    if stopper is None:
+        return last
+    stopper.restore(model)
+    if rank == 0:
+        log.info("[%s] %s; best %s %.4f at step %s", stage, "stopped early" if stopper.stopped else "finished",
+                 MONITOR, stopper.best if stopper.best is not None else float("nan"), stopper.best_step)
+    return {**last, **stopper.summary()}
+
+
 def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: StepFn, optim: OptimConfig, *,
         stage: str, session, extra_state: Optional[dict[str, Any]] = None,
-        eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None) -> FitResult:
+        eval_fn: Optional[Callable[[torch.nn.Module], dict]] = None,
+        validate: Optional[Callable[[torch.nn.Module], dict]] = None) -> FitResult:
     """Train `model` on `examples` in `session`; returns the unwrapped model and the metrics.
 
-    `eval_fn(model)` adds held-out metrics to every report (what Tune's ASHA prunes on)."""
+    `eval_fn(model)` adds held-out metrics to every report (what Tune's ASHA prunes on).
+    `validate(model)` returns held-out metrics with "eval_loss"; with `optim.eval_every` set it
+    runs every `eval_every` steps and at the end, training stops after `optim.patience`
+    evaluations without improvement, and the returned model has the best evaluation's weights."""
     info = session.info
     torch.manual_seed(optim.seed)
     random.seed(optim.seed)
     model = session.prepare(model)
     plan = plan_batches(examples, collate_fn, optim, info, stage)
-    state = build_state(model, optim, plan.total_steps, extra_state or {})
+    stopper = EarlyStopping(optim.patience) if validate is not None and optim.eval_every else None
+    extra = {**(extra_state or {}), **({"early_stopping": stopper} if stopper else {})}
+    state = build_state(model, optim, plan.total_steps, extra)
     resume(state, session, stage, plan.total_steps)
     model.train()
-    meter, micro, last = Meter(state.step, info.world_size), 0, {}
+    meter, last = Meter(state.step, info.world_size), {}
     dtype = str(next(unwrap(model).parameters()).dtype)  # reported: what the weights really train in
-    for epoch, batch in micro_batches(plan, state):
-        batch = {k: v.to(info.device) for k, v in batch.items()}
-        session.log_batch(batch["index"].tolist() if "index" in batch else [], state.step)
-        micro += 1
-        sync = micro == plan.accum
-        no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
-        with no_sync(), autocast_context(info.device, optim.bf16):
-            loss, metrics = step_fn(model, batch)
-            (loss / plan.accum).backward()
-        meter.add(float(loss.detach()), batch, plan.accum)
-        if not sync:
-            continue
-        micro = 0
+    for epoch, batches in (iter(()) if stopper and stopper.stopped else step_batches(plan, state)):
+        batches = [{k: v.to(info.device) for k, v in b.items()} for b in batches]
+        for b in batches:
+            session.log_batch(b["index"].tolist() if "index" in b else [], state.step)
+        metrics = train_micro_batches(model, batches, step_fn, optim, info, meter)
         grad_norm = optimizer_step(state, optim)
         state.history.append(global_mean(meter.take_step_loss(), info.device))
         session.after_step(state.step)
         step = state.step
-        if step % optim.report_every == 0 or step % optim.checkpoint_every == 0 or step == plan.total_steps:
-            last = meter.report(step, epoch, grad_norm, state.scheduler.get_last_lr()[0], metrics)
-            last["param_dtype"] = dtype
-            report(state, session, last, stage, eval_fn, checkpoint=step % optim.checkpoint_every == 0
-                   or step == plan.total_steps, eta=meter.eta(step, plan.total_steps), total_steps=plan.total_steps)
+        evaluate = stopper is not None and (step % optim.eval_every == 0 or step == plan.total_steps)
+        heldout = held_out(state, stopper, validate, info, optim) if evaluate else {}
+        final = step == plan.total_steps or bool(stopper and stopper.stopped)
+        if step % optim.report_every == 0 or step % optim.checkpoint_every == 0 or final:
+            last = {**meter.report(step, epoch, grad_norm, state.scheduler.get_last_lr()[0], metrics), **heldout,
+                    "param_dtype": dtype}
+            report(state, session, last, stage, eval_fn, checkpoint=step % optim.checkpoint_every == 0 or final,
+                   eta=meter.eta(step, plan.total_steps), total_steps=plan.total_steps)
+        if final:
+            break
+    last = finish(unwrap(model), stopper, last, stage, info.rank)
     last["train_seconds"] = time.time() - meter.t0
     return FitResult(unwrap(model), state.step, last, state.history)
 

@@ -31,12 +31,20 @@ class WorkerInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+class MissingSplit(KeyError):
+    """The session has no dataset of that name (e.g. no "validation" split: held-out evaluation
+    is optional). Its own type, so that a KeyError from reading a split that exists is never
+    taken for a missing one."""
+
+
 def arrow_rows(batches, order_by: str) -> list[dict]:
     """Rows of pyarrow batches as plain Python values, in a fixed order.
 
     Plain lists and floats (not numpy) so collated tensors get the same dtypes as rows read
     with pyarrow directly; sorted because Ray Data does not promise block order."""
     rows = [r for b in batches for r in b.to_pylist()]
+    if rows and order_by not in rows[0]:
+        raise ValueError(f"dataset rows have no {order_by!r} column to fix their order; columns: {sorted(rows[0])}")
     rows.sort(key=lambda r: r[order_by])
     return rows
 
@@ -54,7 +62,16 @@ class LocalSession:
         self.reports: list[dict] = []
 
     def examples(self, name: str = "train") -> list[dict]:
+        if name not in self.datasets:
+            raise MissingSplit(f"no {name!r} dataset in this session; it has {sorted(self.datasets)}")
         return [dict(ex) for ex in self.datasets[name]]
+
+    def optional_examples(self, name: str) -> Optional[list[dict]]:
+        """The named dataset, or None where the session has none (a validation split)."""
+        try:
+            return self.examples(name)
+        except MissingSplit:
+            return None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.info.device)
@@ -126,7 +143,12 @@ class RayTrainSession(RaySession):
         import ray.train
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        shard = ray.train.get_dataset_shard(name)
+        try:
+            shard = ray.train.get_dataset_shard(name)
+        except KeyError:  # Train V2: a name not passed to the trainer
+            shard = None
+        if shard is None:
+            raise MissingSplit(f"no {name!r} dataset was passed to this trainer")
         return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -1,9 +1,11 @@
 """Stage 1: a scalar reward model trained with the Bradley-Terry loss on the preference pairs,
-scored from the last real token through a linear head (AutoModelForSequenceClassification)."""
+scored from the last real token through a linear head (AutoModelForSequenceClassification).
+A "validation" split, where the session has one, drives early stopping on its held-out loss."""
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import torch
 
@@ -13,22 +15,50 @@ from madpo_ray.models import load_reward_model, load_tokenizer, prepare_for_trai
 from madpo_ray.pair_forward import pair_collator, pair_rewards
 from madpo_ray.stages.worker import StageOutput, save_stage_outputs
 
+log = logging.getLogger("madpo_ray.train")
+
 
 def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
     chosen, rejected = pair_rewards(model, batch)
     loss = bradley_terry_loss(chosen, rejected).mean()
     return loss, {"accuracy": float((chosen > rejected).float().mean()),
-                  "margin_mean": float((chosen - rejected).mean())}
+                  "margin_mean": float((chosen - rejected).detach().mean())}
+
+
+def reward_validator(examples: list[dict], collate, batch_size: int, device: torch.device) -> Callable:
+    """Bradley-Terry loss and accuracy of the reward model on held-out pairs, in batches of the
+    training's per-device size with its collator: what early stopping watches (`fit` calls it
+    in eval mode, under no_grad)."""
+
+    def evaluate(model) -> dict:
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+            chosen, rejected = pair_rewards(model, batch)
+            loss_sum += float(bradley_terry_loss(chosen.float(), rejected.float()).sum())
+            correct += int((chosen > rejected).sum())
+        return {"eval_loss": loss_sum / len(examples), "eval_accuracy": correct / len(examples)}
+
+    return evaluate
 
 
 def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None) -> FitResult:
-    """The reward model from `model_dir` (the SFT model) on the session's "train" pairs."""
+    """The reward model from `model_dir` (the SFT model) on the session's "train" pairs; with a
+    "validation" split and reward.optim.eval_every, early stopping on its held-out loss keeps
+    the best evaluation's weights (the reference recipe: every 20 updates, patience 3)."""
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.reward.optim.seed)  # the new score head (and any LoRA) is initialised from the seed
     model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
     model = prepare_for_training(model, cfg.model, task="reward")
-    result = fit(model, session.examples("train"), pair_collator(model, tokenizer.pad_token_id, cfg.model.pair_forward),
-                 reward_step,
-                 cfg.reward.optim, stage="reward", session=session)
+    collate = pair_collator(model, tokenizer.pad_token_id, cfg.model.pair_forward)
+    validation = session.optional_examples("validation")
+    validate = None
+    if validation:
+        validate = reward_validator(validation, collate, cfg.reward.optim.per_device_batch_size, session.info.device)
+        if cfg.reward.optim.eval_every is None and session.info.rank == 0:
+            log.warning("[reward] a validation split is given but reward.optim.eval_every is not set: "
+                        "no held-out evaluation, no early stopping")
+    result = fit(model, session.examples("train"), collate, reward_step, cfg.reward.optim, stage="reward",
+                 session=session, validate=validate)
     save_stage_outputs(result, tokenizer, out, cfg, "reward", session.info.rank)
     return result
