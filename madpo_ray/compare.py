@@ -13,6 +13,14 @@ Stages before policy are the pipeline's and are reused. Each (method, seed) trai
 task of `compare.cpus_per_training` CPUs, so the cluster runs as many at once as it has room
 for; one whose DONE record matches its settings and the current scored pairs is never redone,
 and an interrupted one resumes from its last checkpoint.
+
+`compare.ablations` adds MADPO's two ablations (with MADPO's settings, so only the clipping of
+c differs); `compare.use_tuned` gives each method the best settings of a finished `madpo tune`
+search of its loss. `compare.tiers` repeats everything once per data-quality tier, each in its
+own run folder `<name>-<tier>` (a tier is other pairs, so another reward model and scores), and
+writes a combined report:
+
+    runs/<name>/compare_tiers/   results.json, table.md, gold_vs_temperature_by_tier.png
 """
 
 from __future__ import annotations
@@ -22,14 +30,19 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
+from madpo_ray.config import ConfigError, MethodConfig, PipelineConfig, config_from_dict, load_config
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.layout import BEFORE_POLICY, StageRecord, begin_training, model_folder, settings_of
+from madpo_ray.layout import BEFORE_POLICY, RunLayout, StageRecord, begin_training, model_folder, settings_of
 
 log = logging.getLogger("madpo_ray.compare")
+
+ABLATIONS = ("madpo_amplify", "madpo_regularize")  # the paper's "amplify only" and "regularise only"
+POLICY_KEYS = ("margin_noise",)  # method overrides that are policy settings, not loss parameters
+TUNED_OPTIM = ("lr",)  # optimiser settings a search's best config hands on, when the search varied them
 
 
 def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> PipelineConfig:
@@ -39,7 +52,7 @@ def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> Pipel
     raw["policy"]["loss"] = cfg.policy.loss.switched_to(method.loss).model_dump()
     sets = [f"policy.optim.seed={seed}"]
     for key, value in method.overrides.items():
-        path = key if key.startswith(("optim.", "loss.")) else f"loss.{key}"
+        path = key if key.startswith(("optim.", "loss.")) or key in POLICY_KEYS else f"loss.{key}"
         sets.append(f"policy.{path}={json.dumps(value)}")
     return config_from_dict(raw, sets)
 
@@ -47,6 +60,109 @@ def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> Pipel
 def training_settings(cfg: PipelineConfig) -> dict:
     """What a finished training's DONE record must match to be reused."""
     return settings_of(cfg.model_dump(mode="json"), ("policy", "model.dtype", "model.lora"))
+
+
+def canonical_key(key: str) -> str:
+    """A method override's key as `method_config` reads it: "loss.beta" and "beta" are one key."""
+    return key[len("loss."):] if key.startswith("loss.") else key
+
+
+@dataclass
+class TunedSettings:
+    """The best settings of a finished `madpo tune` search for one loss, as method overrides."""
+
+    overrides: dict
+    source: Path  # its best_config.yaml
+
+
+def searched_columns(search_dir: Path) -> set[str]:
+    """The columns of a search's trials.csv: the parameters it varied (and its bookkeeping)."""
+    import csv
+
+    f = Path(search_dir) / "trials.csv"
+    if not f.exists():
+        return set()
+    with open(f, newline="") as fh:
+        return set(next(csv.reader(fh), []))
+
+
+def tuned_settings(loss: str, tune_dirs: Sequence[Path]) -> Optional[TunedSettings]:
+    """The newest finished search (one with a best_config.yaml) whose best config trains `loss`:
+    its loss parameters, and lr if the search varied it. `tune_dirs` are tried in order (the run's
+    own searches first); a best_config.yaml this version cannot read is skipped with a warning."""
+    for tune_dir in tune_dirs:
+        found = []
+        for f in sorted(Path(tune_dir).glob("*/best_config.yaml")):
+            try:
+                best = load_config(f)  # yaml.safe_load and the config's own validation
+            except ConfigError as e:
+                log.warning("compare: ignoring %s: %s", f, e)
+                continue
+            if best.policy.loss.name == loss:
+                found.append((f.stat().st_mtime, str(f), best))
+        if found:
+            _, f, best = max(found, key=lambda x: (x[0], x[1]))
+            overrides = dict(best.policy.loss.kwargs())
+            varied = searched_columns(Path(f).parent)
+            overrides.update({f"optim.{k}": getattr(best.policy.optim, k) for k in TUNED_OPTIM if k in varied})
+            return TunedSettings(overrides, Path(f))
+    return None
+
+
+def source_label(path: Path, run_dir: Path) -> str:
+    """A tuned file as the report names it: relative to the run (tune/<search>/best_config.yaml),
+    else to the runs folder (<other run>/tune/...)."""
+    for root in (run_dir, run_dir.parent):
+        try:
+            return str(Path(path).resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def compared_methods(cfg: PipelineConfig, tune_dirs: Sequence[Path] = (),
+                     run_dir: Optional[Path] = None) -> tuple[list[MethodConfig], dict[str, dict[str, str]]]:
+    """The methods a comparison trains, and per method where each override came from.
+
+    With compare.use_tuned a method's tuned settings fill in under its own overrides (which win);
+    with compare.ablations the two ablations take MADPO's resolved overrides, so they differ from
+    it only in how c is clipped."""
+    c, run_dir = cfg.compare, Path(run_dir or cfg.run_dir)
+    methods, origin = [], {}
+    for m in c.methods:
+        overrides = {canonical_key(k): v for k, v in m.overrides.items()}
+        origin[m.name] = {k: "compare.methods overrides" for k in overrides}
+        tuned = tuned_settings(m.loss, tune_dirs) if c.use_tuned else None
+        for k, v in (tuned.overrides.items() if tuned else ()):
+            if k not in overrides:
+                overrides[k] = v
+                origin[m.name][k] = source_label(tuned.source, run_dir)
+        methods.append(m.model_copy(update={"overrides": overrides}))
+    if c.ablations:
+        ref = next((m for m in methods if m.name == "madpo"), None)
+        for loss in ABLATIONS:
+            if loss not in [m.name for m in methods]:
+                methods.append(MethodConfig(loss=loss, overrides=dict(ref.overrides) if ref else {}))
+                origin[loss] = {k: f"{v}, as madpo" for k, v in origin.get("madpo", {}).items()} if ref else {}
+    return methods, origin
+
+
+def method_settings(cfg: PipelineConfig, methods: list[MethodConfig], origin: dict[str, dict[str, str]]) -> list[dict]:
+    """Per method, every loss parameter and the learning rate it trains with, and each one's source."""
+    from madpo_ray.losses import get_policy_loss
+
+    out = []
+    for m in methods:
+        mc = method_config(cfg, m, cfg.compare.seeds[0])
+        given, src = mc.policy.loss.kwargs(), origin.get(m.name, {})
+        settings = {k: given.get(k, default) for k, default in get_policy_loss(m.loss).params.items()}
+        sources = {k: src.get(k) or ("policy.loss (run config)" if k in given else "loss defaults") for k in settings}
+        for key in ["optim.lr"] + sorted(k for k in src if k.startswith("optim.") and k != "optim.lr"):
+            name = key[len("optim."):]
+            settings[name] = getattr(mc.policy.optim, name)
+            sources[name] = src.get(key) or "policy.optim (run config)"
+        out.append({"method": m.name, "loss": m.loss, "settings": settings, "sources": sources})
+    return out
 
 
 def train_method(base_config: dict, method: dict, seed: int, scored_train: str, sft_dir: str, out_dir: str,
@@ -81,20 +197,30 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
 
 
 class Comparison:
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, tune_dirs: Optional[Sequence[Path]] = None, out_dir: Optional[Path] = None):
+        """tune_dirs: where `compare.use_tuned` looks for finished searches (default: this run's tune/);
+        out_dir: where trainings, generations and the report go (default: the run's compare/)."""
         self.p = pipeline
         self.cfg: PipelineConfig = pipeline.cfg
         self.layout = pipeline.layout
+        self.out_dir = Path(out_dir) if out_dir is not None else self.layout.compare_dir
+        self.rows: list[dict] = []  # the judged samples, for callers that analyse further (madpo study)
+        self.prompt_ids: list[str] = []
+        dirs = [self.layout.tune_dir] if tune_dirs is None else list(tune_dirs)
+        self.methods, self.origin = compared_methods(self.cfg, dirs, self.layout.run_dir)
+
+    def training_dir(self, method: str, seed: int) -> Path:
+        return self.layout.training_dir(method, seed, self.out_dir)
 
     def models(self) -> list[tuple[str, int, Path]]:
         """(method, seed, model folder) of everything judged; the SFT policy is seed -1."""
-        c = self.cfg.compare
         return [(SFT_LABEL, -1, self.layout.model_dir("sft"))] + [
-            (m.name, s, model_folder(self.layout.training_dir(m.name, s))) for m in c.methods for s in c.seeds]
+            (m.name, s, model_folder(self.training_dir(m.name, s))) for m in self.methods
+            for s in self.cfg.compare.seeds]
 
     def finished(self, method: MethodConfig, seed: int, upstream: Optional[str]) -> Optional[dict]:
         """The metrics of a training that can be reused, else None (and its stale folder removed)."""
-        d = self.layout.training_dir(method.name, seed)
+        d = self.training_dir(method.name, seed)
         rec = StageRecord.read(d)
         if rec is None:
             return None
@@ -115,17 +241,17 @@ class Comparison:
         c, lay = self.cfg.compare, self.layout
         upstream = lay.record("score").record_id
         todo, done = [], {}
-        for m in c.methods:
+        for m in self.methods:
             for seed in c.seeds:
                 previous = self.finished(m, seed, upstream)
                 if previous is not None:
                     done[(m.name, seed)] = previous
                 else:
-                    d = lay.training_dir(m.name, seed)
+                    d = self.training_dir(m.name, seed)
                     begin_training(d, d / "checkpoints", training_settings(method_config(self.cfg, m, seed)), upstream)
                     todo.append(((m.name, seed), (self.cfg.model_dump(mode="json"), m.model_dump(), seed,
                                                   str(lay.scored_path("train")), str(lay.model_dir("sft")),
-                                                  str(lay.training_dir(m.name, seed)), upstream)))
+                                                  str(d), upstream)))
         log.info("compare: %d trainings (%d already done)", len(todo) + len(done), len(done))
         if self.cfg.ray.backend == "local":
             for key, args in todo:
@@ -162,22 +288,62 @@ class Comparison:
     def run_locked(self) -> dict:
         from madpo_ray.eval.generate import generate_for_models
         from madpo_ray.eval.heldout import eval_prompts, judge_rows
-        from madpo_ray.eval.report import write_report
+        from madpo_ray.eval.report import paired_analysis, write_report
 
         t0 = time.time()
         self.p.run(BEFORE_POLICY)
-        self.layout.compare_dir.mkdir(parents=True, exist_ok=True)
-        (self.layout.compare_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml())
         t_train = time.time()
         trainings = self.train_all()
         t_gen = time.time()
         ids, prompts, _ = eval_prompts(self.cfg, self.layout)
         rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts,
-                                               self.layout.compare_dir / "generations")
+                                               self.out_dir / "generations")
         t_judge = time.time()
-        judged = judge_rows(self.cfg, self.layout, rows, [m.name for m in self.cfg.compare.methods])
-        return write_report(self.cfg, self.layout.compare_dir, judged, prompts=len(ids),
-                            seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.cfg.compare.methods],
+        judged = judge_rows(self.cfg, self.layout, rows, [m.name for m in self.methods])
+        col = judged["column"]
+        paired = paired_analysis(rows, col, ids, self.cfg.eval.bootstrap_samples) if rows and col in rows[0] else {}
+        self.rows, self.prompt_ids = rows, ids
+        return write_report(self.cfg, self.out_dir, judged, prompts=len(ids),
+                            seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.methods],
+                            method_settings=method_settings(self.cfg, self.methods, self.origin), paired=paired,
                             trainings=trainings, generation=generation,
                             seconds={"pipeline": t_train - t0, "train": t_gen - t_train, "generate": t_judge - t_gen,
                                      "judge": time.time() - t_judge, "total": time.time() - t0})
+
+
+# --------------------------------------------------------------------------- several tiers
+def tier_run_name(name: str, tier: str) -> str:
+    return f"{name}-{tier}"
+
+
+def tier_config(cfg: PipelineConfig, tier: str) -> PipelineConfig:
+    """One tier's run: this config with data.tier set, its own run name, and no tiers of its own."""
+    sets = [f"data.tier={tier}", f"name={json.dumps(tier_run_name(cfg.name, tier))}", "compare.tiers=null"]
+    return config_from_dict(cfg.model_dump(mode="json"), sets)
+
+
+def compare_tiers(cfg: PipelineConfig) -> dict:
+    """The comparison once per tier of compare.tiers, each in its own run `<name>-<tier>` (a tier's
+    pairs differ, so its reward model and scores do too; every stage is reused when up to date),
+    then one report across tiers in this run's compare_tiers/. Tuned settings are looked up in the
+    tier's run first, then in this run."""
+    from madpo_ray.eval.report import write_tier_report
+    from madpo_ray.layout import is_testbed
+    from madpo_ray.pipeline import Pipeline
+    from madpo_ray.runlock import RunLock
+
+    if not is_testbed(cfg):
+        raise ConfigError(f"compare.tiers needs testbed pairs (data.source generated or debian), not "
+                          f"{cfg.data.source!r}: the tier picks which testbed pairs are drawn")
+    base = RunLayout.of(cfg)
+    base.run_dir.mkdir(parents=True, exist_ok=True)
+    per_tier = {}
+    with RunLock(base.run_dir):
+        for tier in cfg.compare.tiers or [cfg.data.tier]:
+            p = Pipeline(tier_config(cfg, tier))
+            log.info("compare: tier %s in %s", tier, p.layout.run_dir)
+            dirs = list(dict.fromkeys([p.layout.tune_dir, base.tune_dir]))
+            per_tier[tier] = {**Comparison(p, tune_dirs=dirs).run(), "run_dir": str(p.layout.run_dir)}
+        return write_tier_report(base.compare_tiers_dir, per_tier)
