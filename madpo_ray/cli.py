@@ -92,6 +92,8 @@ def print_summary(summary: dict) -> None:
         elif isinstance(v, int) and not isinstance(v, bool):
             table.add_row(k, str(v))
     console.print(table)
+    if "margins" in summary:
+        print_margins(summary["margins"])
     if "stage_seconds" in summary:
         t = Table(title="wall time per stage")
         t.add_column("stage")
@@ -104,6 +106,22 @@ def print_summary(summary: dict) -> None:
         for i, text in enumerate(texts):
             ref = summary.get("example_references", [""] * 3)[i]
             console.print(f"[bold]{label}[/bold] #{i}: {text!r}   [dim](reference: {ref!r})[/dim]")
+
+
+def print_margins(report: dict) -> None:
+    from madpo_ray.eval.margins import margin_table
+
+    splits, rows = margin_table(report)
+    w = report["weighting"]
+    t = Table(title=f"reward-model margins and MADPO weights (tau {w['tau']:.2f}, c_max {w['c_max']:g})")
+    t.add_column("")
+    for split in splits:
+        t.add_column(split, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    if "plot" in report:
+        console.print(f"histograms of margins and weights: {report['plot']}")
 
 
 @app.command()
@@ -188,28 +206,107 @@ def print_comparison(results: dict, title: str) -> None:
     console.print(table)
 
 
+def compare_sets(tiers: Optional[str], ablations: bool, tuned: bool) -> list[str]:
+    """The config overrides that `madpo compare`'s options stand for."""
+    sets = []
+    if tiers:
+        names = [t.strip() for t in tiers.split(",") if t.strip()]
+        sets.append(f"compare.tiers={json.dumps(names)}")
+    if ablations:
+        sets.append("compare.ablations=true")
+    if tuned:
+        sets.append("compare.use_tuned=true")
+    return sets
+
+
+def print_verdicts(results: dict) -> None:
+    from madpo_ray.eval.report import verdicts
+
+    tests = (results.get("paired") or {}).get("tests") or {}
+    if tests:
+        console.print(f"Holm-adjusted p, family of {tests['family']} tests:", highlight=False)
+        for line in verdicts(results):
+            console.print(f"  {line}", highlight=False)
+
+
 @app.command()
 def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
-            address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT):
+            address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
+            tiers: Optional[str] = typer.Option(None, "--tiers", help="Comma-separated data-quality tiers, e.g. "
+                                                "high,medium,low: one comparison per tier in runs/<name>-<tier>, "
+                                                "and a combined report in runs/<name>/compare_tiers/."),
+            ablations: bool = typer.Option(False, "--ablations", help="Also train madpo_amplify and madpo_regularize."),
+            tuned: bool = typer.Option(False, "--tuned", help="Each method takes the best settings of a finished "
+                                       "`madpo tune` search of its loss (tune/<search>/best_config.yaml).")):
     """DPO vs IPO vs beta-DPO vs MADPO over seeds, judged at every decoding temperature.
 
     Trains each method from the same SFT model and scored pairs (parallel Ray tasks), samples
     every model at each temperature (vLLM or transformers), and judges with gold reward,
-    reward model and win rates, with 95% bootstrap CIs. Writes compare/table.md, results.json and a plot into the run folder. Methods, seeds and
+    reward model and win rates, with 95% bootstrap CIs, each method's paired difference from the
+    SFT policy, and MADPO-vs-baseline tests Holm-corrected across temperatures and baselines.
+    Writes compare/table.md, results.json and a plot into the run folder. Methods, seeds and
     temperatures are config keys: compare.seeds=[0,1,2,3,4] eval.temperatures=[0,0.5,1].
     """
-    from madpo_ray.compare import Comparison
+    from madpo_ray.compare import Comparison, compare_tiers
+    from madpo_ray.config import ConfigError
     from madpo_ray.pipeline import Pipeline
 
+    cfg = _load(config, list(overrides or []) + compare_sets(tiers, ablations, tuned), address, name)
+    _setup_logging()
+    try:
+        if cfg.compare.tiers:
+            combined = compare_tiers(cfg)
+        else:
+            results = Comparison(Pipeline(cfg)).run()
+    except _user_errors() + (ConfigError,) as e:
+        fail(str(e))
+    if cfg.compare.tiers:
+        for tier, results in combined["per_tier"].items():
+            print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
+            print_verdicts(results)
+        out = Pipeline(cfg).layout.compare_tiers_dir
+        console.print(f"table: {out / 'table.md'}\nplot:  {out / (combined['column'] + '_vs_temperature_by_tier.png')}")
+        return
+    print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
+    print_verdicts(results)
+    out = Pipeline(cfg).layout.compare_dir
+    console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
+
+
+study_app = typer.Typer(no_args_is_help=True, help="Studies of the method: how MADPO behaves as conditions change.")
+app.add_typer(study_app, name="study")
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0,1,2,4", 2)
+
+
+@study_app.command("rm-noise")
+def study_rm_noise(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
+                   address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
+                   noise: str = typer.Option("0,1,2,4", "--noise", help="Standard deviations of the Gaussian noise "
+                                             "added to the reward-model margins, comma-separated.")):
+    """Robustness to reward-model error: MADPO trained on margins plus N(0, sd^2) at each --noise
+    level, against DPO (which reads no margins, so it is trained once), over compare.seeds, judged
+    on the test prompts at every eval.temperatures. Writes runs/<name>/study/rm-noise/ (table.md,
+    results.json, noise.png). Stages up to score are the run's own, reused when up to date."""
+    from madpo_ray.config import ConfigError
+    from madpo_ray.study import render_noise_table, run_rm_noise
+
+    levels = parse_floats(noise, "--noise")
+    if not levels or min(levels) < 0 or len(set(levels)) != len(levels):
+        fail(f"--noise {noise!r}: give distinct standard deviations >= 0, e.g. 0,1,2,4", 2)
     cfg = _load(config, overrides, address, name)
     _setup_logging()
     try:
-        results = Comparison(Pipeline(cfg)).run()
-    except _user_errors() as e:
+        results = run_rm_noise(cfg, levels)
+    except _user_errors() + (ConfigError,) as e:
         fail(str(e))
-    print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
-    out = Pipeline(cfg).layout.compare_dir
-    console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
+    for line in render_noise_table(results["noise"], results["column"]):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

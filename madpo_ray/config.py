@@ -84,13 +84,18 @@ class DataConfig(_Strict):
 
     source: str = "generated"
     split: str = "train"
-    eval_split: Optional[str] = "test"
-    num_documents: int = Field(1500, ge=8)
-    num_eval_documents: int = Field(100, ge=4)
+    eval_split: Optional[str] = "test"  # the test split: only reports read it
+    validation_split: Optional[str] = None  # early stopping and tuning read it; null = hold out part of train
+    validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # share of train held out for a split the data lacks
+    num_documents: int = Field(1500, ge=8)  # testbed: training documents
+    num_validation_documents: int = Field(100, ge=4)  # testbed: documents for selection (early stopping, Tune)
+    num_eval_documents: int = Field(100, ge=4)  # testbed: test documents, read only by reports
     corpus_seed: int = 0
     tier: Literal["high", "medium", "low"] = "medium"
     samples_per_document: int = Field(2, ge=1, le=16)  # SFT samples drawn per prompt for the testbed
     label_sharpness: float = Field(1.0, gt=0)  # Bradley-Terry: P(a > b) = sigmoid(sharpness * (gold_a - gold_b))
+    label_noise: float = Field(0.0, ge=0, lt=0.5)  # testbed: share of labels flipped regardless of the gap
+    pairs_per_document: int = Field(1, ge=1, le=8)  # testbed: pairs drawn per document (distinct when possible)
     max_pairs: Optional[int] = Field(None, ge=1)
     max_prompt_length: int = Field(192, ge=4)
     max_length: int = Field(256, ge=8)
@@ -120,6 +125,11 @@ class OptimConfig(_Strict):
     effective_batch_size: int = Field(32, ge=1)  # global; gradient accumulation fills the gap
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
     report_every: int = Field(10, ge=1)  # ray.train.report costs ~1.5 s: not every step
+    # Held-out evaluation every eval_every optimiser steps (and at the end) where the stage has a
+    # validation split; None: off. Training stops after `patience` evaluations in a row without a
+    # lower held-out loss, and the best evaluation's weights are kept.
+    eval_every: Optional[int] = Field(None, ge=1)
+    patience: int = Field(3, ge=1)
     seed: int = 0
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast where the device supports it
     group_by_length: bool = True  # batches of similar lengths (less padding); false: plain shuffle
@@ -181,6 +191,9 @@ class StageConfig(_Strict):
 class PolicyStageConfig(StageConfig):
     optim: OptimConfig = OptimConfig(lr=5e-5, epochs=1)
     loss: LossConfig = LossConfig()
+    # Standard deviation of Gaussian noise added to the reward-model margins before training (seeded
+    # by optim.seed): a simulated reward-model error for `madpo study rm-noise`. 0 = the margins as scored.
+    margin_noise: float = Field(0.0, ge=0)
 
 
 class ScoreConfig(_Strict):
@@ -235,9 +248,27 @@ class MethodConfig(_Strict):
 
 
 class CompareConfig(_Strict):
+    """`madpo compare`. Five seeds by default: a training can collapse (one beta-DPO seed of five in the
+    README's run), and with three a single collapse moves its method's mean by a third of the drop
+    (not a fifth) and leaves too few seeds to see the spread. Estimated 27-31 min per tier on 2 cores (3 seeds: about 20)."""
+
     methods: list[MethodConfig] = [MethodConfig(loss=x) for x in ("dpo", "ipo", "beta_dpo", "madpo")]
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = [0, 1, 2, 3, 4]
     cpus_per_training: float = Field(1.0, gt=0)  # each (method, seed) training is one Ray task
+    # Data-quality tiers to compare on, each its own run <name>-<tier> (its own pairs, reward model and
+    # scores); null: only this run's data.tier, in this run's folder.
+    tiers: Optional[list[Literal["high", "medium", "low"]]] = None
+    ablations: bool = False  # also train MADPO's ablations madpo_amplify and madpo_regularize (madpo's settings)
+    # Each method takes the loss parameters (and lr, if searched) of the newest finished `madpo tune`
+    # search of its loss (tune/<search>/best_config.yaml); a method's own overrides still win.
+    use_tuned: bool = False
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, tiers: Optional[list[str]]) -> Optional[list[str]]:
+        if tiers is not None and (not tiers or len(set(tiers)) != len(tiers)):
+            raise ValueError(f"tiers must be a non-empty list without repeats; got {tiers}")
+        return tiers
 
     @field_validator("seeds")
     @classmethod

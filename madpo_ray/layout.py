@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
+# Documents and pairs come in three splits. Training reads "train"; everything that selects
+# (early stopping, Tune objectives, calibration) reads "validation"; only reports (the run
+# summary, `madpo eval`, `madpo compare`) read "test".
+SPLITS = ("train", "validation", "test")
 TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model folder each
 BEFORE_POLICY = STAGES[:STAGES.index("policy")]
 TESTBED_SOURCES = ("generated", "debian")
@@ -39,12 +43,14 @@ MODEL_SHAPE_KEYS = ("model.name_or_path", "model.tokenizer", "model.vocab_size",
 # The config keys each stage's output depends on (a section name covers all its keys). Ray
 # placement (ray.*), scoring batch sizes and actor counts change speed, not results: not listed.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.num_documents",
+    "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.validation_split",
+                                "data.validation_fraction", "data.num_documents", "data.num_validation_documents",
                                 "data.num_eval_documents", "data.corpus_seed", "data.strict", "data.max_pairs",
                                 "sft.optim.seed"),
     "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
             "data.prompt_template", "data.chat"),
-    "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "eval.max_new_tokens"),
+    "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "data.label_noise", "data.pairs_per_document",
+              "eval.max_new_tokens"),
     "reward": ("reward", "data.overlong", "model.pair_forward"),
     "score": ("policy.optim.bf16", "ray.use_gpu"),  # scoring runs under the policy's autocast
     "policy": ("policy",),
@@ -204,11 +210,11 @@ class RunLayout:
         return self.run_dir / "base"
 
     def docs_path(self, split: str) -> Path:
-        """Testbed documents: split "train" or "test"."""
+        """Testbed documents of one of SPLITS."""
         return self.stage_dir("data") / f"{split}_docs.jsonl"
 
     def input_pairs_path(self, split: str) -> Path:
-        """Validated user pairs: split "train" or "eval"."""
+        """Validated user pairs of one of SPLITS."""
         return self.stage_dir("data") / f"pairs_{split}.jsonl"
 
     def pairs_path(self, split: str) -> Path:
@@ -228,6 +234,11 @@ class RunLayout:
     @property
     def summary_md(self) -> Path:
         return self.run_dir / "summary.md"
+
+    @property
+    def margins_plot(self) -> Path:
+        """Histograms of the training pairs' reward-model margins and MADPO weights."""
+        return self.run_dir / "margins.png"
 
     # ------------------------------------------------------------------ training storage
     @property
@@ -250,8 +261,18 @@ class RunLayout:
     def compare_dir(self) -> Path:
         return self.run_dir / "compare"
 
-    def training_dir(self, method: str, seed: int) -> Path:
-        return self.compare_dir / method / f"seed{seed}"
+    def training_dir(self, method: str, seed: int, root: Optional[Path] = None) -> Path:
+        """One (method, seed) training of a comparison under `root` (default: compare/)."""
+        return (root or self.compare_dir) / method / f"seed{seed}"
+
+    @property
+    def compare_tiers_dir(self) -> Path:
+        """The combined report of `madpo compare --tiers`."""
+        return self.run_dir / "compare_tiers"
+
+    def study_dir(self, study: str) -> Path:
+        """`madpo study <study>`: its trainings, generations and report."""
+        return self.run_dir / "study" / study
 
     @property
     def tune_dir(self) -> Path:

@@ -18,10 +18,10 @@ import torch
 
 from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
-from madpo_ray.data.preference import ValidationReport, load_pairs, validate_rows
+from madpo_ray.data.preference import ValidationReport, load_pairs, single_file_without, validate_rows
 from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
-from madpo_ray.layout import (STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
+from madpo_ray.layout import (SPLITS, STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
                               settings_of, upstream_of)
 from madpo_ray.stages import stage_trainer
 from madpo_ray.stages.worker import StageOutput
@@ -119,9 +119,11 @@ class Pipeline:
             results[stage] = metrics
         return results
 
-    def train(self, stage: str, examples: list[dict], model_dir, parquet: Optional[str] = None) -> dict:
+    def train(self, stage: str, examples: list[dict], model_dir, parquet: Optional[str] = None,
+              validation: Optional[list[dict]] = None) -> dict:
         """Train a stage on `examples` (or, on Ray, read from `parquet` with Ray Data); returns its
-        training metrics. ray.backend=ray: a TorchTrainer run; local: this process."""
+        training metrics. `validation` examples (the reward stage's early stopping) reach every
+        worker whole. ray.backend=ray: a TorchTrainer run; local: this process."""
         import json
 
         from madpo_ray.engine.loop import accumulation_steps
@@ -131,12 +133,13 @@ class Pipeline:
         accumulation_steps(getattr(self.cfg, stage).optim, workers, len(examples), stage)  # before any worker starts
         out = StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage))
         if self.cfg.ray.backend == "local":
-            session = LocalSession({"train": examples}, checkpoint_root=str(lay.checkpoint_root(stage)))
+            datasets = {"train": examples, **({"validation": validation} if validation else {})}
+            session = LocalSession(datasets, checkpoint_root=str(lay.checkpoint_root(stage)))
             if self.fault.get("stage") == stage:
                 session = FaultInjectingSession(session, **self.fault_options(stage))
             stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
         else:
-            self.train_on_ray(stage, examples, model_dir, out, parquet)
+            self.train_on_ray(stage, examples, model_dir, out, parquet, validation)
         return json.loads(lay.train_metrics_path(stage).read_text())
 
     def fault_options(self, stage: str) -> dict:
@@ -145,7 +148,7 @@ class Pipeline:
                 "batch_log_path": str(lay.stage_dir(stage) / "batches.log") if self.fault.get("batch_log") else None}
 
     def train_on_ray(self, stage: str, examples: list[dict], model_dir, out: StageOutput,
-                     parquet: Optional[str]) -> None:
+                     parquet: Optional[str], validation: Optional[list[dict]] = None) -> None:
         """One Ray Train run of the stage; the workers read the examples with get_dataset_shard
         (from the parquet itself when there is one: the scored pairs)."""
         import ray.data
@@ -166,8 +169,11 @@ class Pipeline:
                   "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
                   "adapter_dir": str(out.adapter_dir), "checkpoint_root": str(lay.checkpoint_root(stage)),
                   "order_by": order_by, "fault": self.fault_options(stage) if self.fault.get("stage") == stage else None}
+        datasets = {"train": dataset.materialize()}
+        if validation:
+            datasets["validation"] = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(validation)])
         run_trainer(train_loop_per_worker, config, self.cfg.ray, name=lay.trainer_name(stage),
-                    storage_path=lay.ray_storage, datasets={"train": dataset.materialize()})
+                    storage_path=lay.ray_storage, datasets=datasets)
 
     # ------------------------------------------------------------------ stages
     def stage_data(self) -> dict:
@@ -176,16 +182,17 @@ class Pipeline:
         if c.source == "generated":
             from madpo_ray.data.corpus.generated import generate_splits
 
-            splits = generate_splits(c.num_documents, c.num_eval_documents, c.corpus_seed)
-            write_jsonl([x.to_dict() for x in splits["train"]], lay.docs_path("train"))
-            write_jsonl([x.to_dict() for x in splits["test"]], lay.docs_path("test"))
+            splits = generate_splits(c.num_documents, c.num_validation_documents, c.num_eval_documents, c.corpus_seed)
+            for split in SPLITS:
+                write_jsonl([x.to_dict() for x in splits[split]], lay.docs_path(split))
         elif c.source == "debian":
             from madpo_ray.data.corpus.debian import load_debian_split
 
             rng = random.Random(c.corpus_seed)
-            train, test = load_debian_split("train"), load_debian_split("test")
-            write_jsonl(rng.sample(train, min(c.num_documents, len(train))), lay.docs_path("train"))
-            write_jsonl(rng.sample(test, min(c.num_eval_documents, len(test))), lay.docs_path("test"))
+            sizes = {"train": c.num_documents, "validation": c.num_validation_documents, "test": c.num_eval_documents}
+            for split in SPLITS:
+                docs = load_debian_split(split)
+                write_jsonl(rng.sample(docs, min(sizes[split], len(docs))), lay.docs_path(split))
         else:
             metrics.update(self.load_input_pairs())
         if self.cfg.model.name_or_path is None:
@@ -193,29 +200,44 @@ class Pipeline:
         return metrics
 
     def load_input_pairs(self) -> dict:
-        """A user's preference dataset: validated train pairs and held-out pairs (its eval split,
-        or 5% of train when it has none)."""
+        """A user's preference dataset: validated train, validation and test pairs. Validation is
+        its `validation_split` and test its `eval_split`; a split the dataset lacks (a single
+        .jsonl/.parquet file has none) is `validation_fraction` of train, held out."""
         c = self.cfg.data
         pairs, report = load_pairs(c.source, c.split, c.strict)
         log.info(report.summary())
         metrics = {"train_validation": report.to_metrics()}
-        eval_pairs = []
-        if c.eval_split:
-            try:
-                eval_pairs, eval_report = load_pairs(c.source, c.eval_split, c.strict)
-                metrics["eval_validation"] = eval_report.to_metrics()
-            except Exception as e:  # no such split: hold out 5% instead
-                log.warning("no eval split %r (%s); holding out 5%% of train", c.eval_split, e)
-        if not eval_pairs:
-            rng = random.Random(c.corpus_seed)
-            rng.shuffle(pairs)
-            n_eval = max(1, len(pairs) // 20)
-            eval_pairs, pairs = pairs[:n_eval], pairs[n_eval:]
+        held = {"validation": self.optional_split(c.validation_split, metrics),
+                "test": self.optional_split(c.eval_split, metrics)}
+        rng = random.Random(c.corpus_seed)
+        rng.shuffle(pairs)
+        n_held = max(1, int(len(pairs) * c.validation_fraction))
+        for split in ("test", "validation"):  # a split the dataset lacks is held out of train
+            if not held[split]:
+                held[split], pairs = pairs[:n_held], pairs[n_held:]
+                log.info("%s: held out %d train pairs (data.validation_fraction=%g)", split, n_held,
+                         c.validation_fraction)
         if c.max_pairs:
             pairs = pairs[:c.max_pairs]
         write_jsonl(pairs, self.layout.input_pairs_path("train"))
-        write_jsonl(eval_pairs, self.layout.input_pairs_path("eval"))
-        return {**metrics, "train_pairs": len(pairs), "eval_pairs": len(eval_pairs)}
+        for split, rows in held.items():
+            write_jsonl(rows, self.layout.input_pairs_path(split))
+        return {**metrics, "train_pairs": len(pairs), **{f"{k}_pairs": len(v) for k, v in held.items()}}
+
+    def optional_split(self, split: Optional[str], metrics: dict) -> list[dict]:
+        """The validated pairs of a named split, or [] when none is named or the dataset lacks it."""
+        if not split:
+            return []
+        if single_file_without(self.cfg.data.source, split):
+            log.info("%s is a single split: %r is held out of it instead", self.cfg.data.source, split)
+            return []
+        try:
+            rows, report = load_pairs(self.cfg.data.source, split, self.cfg.data.strict)
+        except Exception as e:  # noqa: BLE001 - a missing split is reported, not fatal
+            log.warning("no split %r in %s (%s)", split, self.cfg.data.source, e)
+            return []
+        metrics[f"{split}_validation"] = report.to_metrics()
+        return rows
 
     def build_base(self) -> None:
         """The tiny from-scratch default: a BPE tokenizer and a Llama trained on nothing yet."""
@@ -244,7 +266,7 @@ class Pipeline:
         """Testbed: sample summaries from the SFT policy, pair them, label Bradley-Terry by gold reward."""
         lay = self.layout
         if not self.is_testbed:
-            for split in ("train", "eval"):
+            for split in SPLITS:
                 write_jsonl(read_jsonl(lay.input_pairs_path(split)), lay.pairs_path(split))
             return {"source": self.cfg.data.source}
         from madpo_ray.models import load_causal_lm, load_tokenizer
@@ -252,15 +274,14 @@ class Pipeline:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         sft_dir = str(lay.model_dir("sft"))
         model, tok = load_causal_lm(sft_dir), load_tokenizer(sft_dir)
-        return {split: self.testbed_pairs(model, tok, split, docs_split)
-                for split, docs_split in (("train", "train"), ("eval", "test"))}
+        return {split: self.testbed_pairs(model, tok, split) for split in SPLITS}
 
-    def testbed_pairs(self, model, tok, split: str, docs_split: str) -> dict:
+    def testbed_pairs(self, model, tok, split: str) -> dict:
         from madpo_ray.data.testbed import build_pairs
         from madpo_ray.eval.generate import generate_transformers
 
         c = self.cfg.data
-        docs = read_jsonl(self.layout.docs_path(docs_split))
+        docs = read_jsonl(self.layout.docs_path(split))
         from madpo_ray.data.prompts import generation_prompts
 
         prompts = generation_prompts(c, tok, [x["document"] for x in docs])
@@ -275,7 +296,8 @@ class Pipeline:
         log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
                  time.time() - t0)
         pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
-                            policy_samples=samples, prompt_for=self.prompt_for)
+                            policy_samples=samples, prompt_for=self.prompt_for, label_noise=c.label_noise,
+                            pairs_per_document=c.pairs_per_document)
         report = ValidationReport(source=f"testbed/{split}")
         pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
         if split == "train" and c.max_pairs:
@@ -292,7 +314,8 @@ class Pipeline:
         report = ValidationReport(source=f"tokenize/{split}")
         exs = tokenize_pairs(self.tokenizer(), rows, c.max_prompt_length, c.max_length, c.overlong, report, c.strict)
         by_id = {r.get("row_id", i): r for i, r in enumerate(rows)}
-        keep = ("pair_id", "gold_chosen", "gold_rejected", "true_margin", "chosen_kind", "rejected_kind")
+        keep = ("pair_id", "gold_chosen", "gold_rejected", "true_margin", "chosen_kind", "rejected_kind",
+                "label_flipped")
         for ex in exs:
             src = by_id[ex["row_id"]]
             ex.update({k: src[k] for k in keep if k in src and k not in ex})
@@ -301,9 +324,13 @@ class Pipeline:
         return exs, report.to_metrics()
 
     def stage_reward(self) -> dict:
-        exs, report = self.tokenized_pairs("train")
-        strip = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in exs]
-        return {"examples": len(strip), "tokenize": report, **self.train("reward", strip, self.layout.model_dir("sft"))}
+        """The reward model on the train pairs; the validation pairs decide early stopping."""
+        ids = ("prompt_ids", "chosen_ids", "rejected_ids")
+        (exs, report), (val, _) = self.tokenized_pairs("train"), self.tokenized_pairs("validation")
+        strip = [{k: ex[k] for k in ids} for ex in exs]
+        validation = [{k: ex[k] for k in ids} for ex in val]
+        return {"examples": len(strip), "validation_examples": len(validation), "tokenize": report,
+                **self.train("reward", strip, self.layout.model_dir("sft"), validation=validation)}
 
     def stage_score(self) -> dict:
         from madpo_ray.models import check_model_folder
@@ -312,7 +339,8 @@ class Pipeline:
 
         for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
-        tokenized = {split: self.tokenized_pairs(split) for split in ("train", "eval")}
+        tokenized = {split: self.tokenized_pairs(split) for split in SPLITS}
+        tokenized = {split: t for split, t in tokenized.items() if t[0]}  # a dataset may have no test split
         if scoring_backend(self.cfg, sum(len(exs) for exs, _ in tokenized.values())) == "ray_data":
             init_ray(self.cfg.ray)
         return score_splits(self.layout, tokenized, self.cfg)

@@ -33,19 +33,20 @@ def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> Pipeline
 
 
 # --------------------------------------------------------------------------- the trial
-def trial_evaluator(cfg: PipelineConfig, objective: str, scored_eval: str, test_docs: Optional[str],
+def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str, validation_docs: Optional[str],
                     reward_dir: Optional[str], tok):
-    """The held-out metrics a trial reports (what ASHA prunes on), on the validation data only."""
+    """The held-out metrics a trial reports (what ASHA prunes on and the search selects by), on the
+    validation split only: the test split is for reports (`madpo compare`), never for selection."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.eval.summary import greedy_gold_reward, pair_logprobs, preference_metrics
     from madpo_ray.stages.score import ComputePolicy
 
-    eval_rows = read_scored(scored_eval)
+    eval_rows = read_scored(scored_validation)
     docs, rm, rm_prompts = None, None, []
-    if objective == "gold_reward" and test_docs:
+    if objective == "gold_reward" and validation_docs:
         from madpo_ray.io import read_jsonl
 
-        docs = read_jsonl(Path(test_docs))[:cfg.eval.num_prompts]
+        docs = read_jsonl(Path(validation_docs))[:cfg.eval.num_prompts]
     if objective == "rm_reward":
         from madpo_ray.models import load_reward_model
 
@@ -73,7 +74,8 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_eval: str, test_
     return evaluate
 
 
-def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: str, test_docs: Optional[str],
+def trial(params: dict, *, base_config: dict, scored_train: str, scored_validation: str,
+          validation_docs: Optional[str],
           model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
           reward_dir: Optional[str] = None) -> None:
     """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps."""
@@ -93,7 +95,7 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_eval: st
         raise RuntimeError("fault injection: this trial fails on its first attempt")
     cfg = config_from_dict(cfg.model_dump(mode="json"), [f"policy.optim.report_every={eval_every}",
                                                          f"policy.optim.checkpoint_every={eval_every}"])
-    evaluate = trial_evaluator(cfg, objective, scored_eval, test_docs, reward_dir, load_tokenizer(model_dir))
+    evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
     session = RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                              torch.device("cpu"))
     train_policy(cfg, session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
@@ -165,8 +167,8 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
     storage = lay.tune_dir.resolve()
     trainable = tune.with_parameters(
         trial, base_config=pipeline.cfg.model_dump(mode="json"),
-        scored_train=str(lay.scored_path("train")), scored_eval=str(lay.scored_path("eval")),
-        test_docs=str(lay.docs_path("test")) if pipeline.is_testbed else None,
+        scored_train=str(lay.scored_path("train")), scored_validation=str(lay.scored_path("validation")),
+        validation_docs=str(lay.docs_path("validation")) if pipeline.is_testbed else None,
         model_dir=str(lay.model_dir("sft")), loss=space.loss, objective=space.objective,
         eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
         reward_dir=str(lay.model_dir("reward")))

@@ -41,3 +41,16 @@ def test_stage_folders_are_built_only_by_the_layout():
     hits = [f"{f.relative_to(PACKAGE)}: {line.strip()}" for f in SOURCES if f.name != "layout.py"
             for line in f.read_text().splitlines() if pattern.search(line)]
     assert hits == []
+
+
+# Modules that select (early stopping, Tune objectives, the calibration helpers): the test split is
+# for reports only, so none of them may name it. A second line of defence behind the tests that
+# check which split each one reads.
+SELECTING_MODULES = ("tune.py", "tune_space.py", "engine/loop.py", "stages/reward.py", "stages/policy.py")
+
+
+def test_nothing_that_selects_names_the_test_split():
+    hits = [f"{name}: {line.strip()}" for name in SELECTING_MODULES
+            for line in (PACKAGE / name).read_text().splitlines()
+            if re.search(r'["\']test["\']|test_docs|docs_path\(\s*"test', line)]
+    assert hits == []

@@ -138,3 +138,42 @@ def test_pair_collator_masks_and_columns(tiny_tokenizer):
     sft = SFTCollator(tiny_tokenizer.pad_token_id)(tokenize_sft(tiny_tokenizer, [{"prompt": "x", "response": " y"}], 8, 16))
     n_y = len(tiny_tokenizer(" y", add_special_tokens=False)["input_ids"])
     assert sft["response_mask"].sum().item() == n_y + 1  # " y" + EOS
+
+
+def _pairs(n, tag):
+    return [{"prompt": f"{tag} prompt {i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(n)]
+
+
+def _user_pipeline(tmp_path, source, *sets):
+    from madpo_ray.config import load_config
+    from madpo_ray.pipeline import Pipeline
+
+    return Pipeline(load_config("tiny", [f"data.source={source}", f"runs_dir={tmp_path / 'runs'}", "name=u", *sets]))
+
+
+def test_single_file_holds_out_validation_and_test_instead_of_reading_train_again(tmp_path):
+    """A .jsonl file is one split: asking it for "test" would return the training rows."""
+    from madpo_ray.io import read_jsonl
+
+    f = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(100, "train"))
+    p = _user_pipeline(tmp_path, f, "data.validation_fraction=0.1")
+    metrics = p.load_input_pairs()
+    splits = {s: read_jsonl(p.layout.input_pairs_path(s)) for s in ("train", "validation", "test")}
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [80, 10, 10]
+    prompts = {s: {r["prompt"] for r in rows} for s, rows in splits.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"] and len(set().union(*prompts.values())) == 100
+    assert metrics["test_pairs"] == 10
+
+
+def test_named_splits_are_read_and_only_a_missing_one_is_held_out(tmp_path):
+    from madpo_ray.io import read_jsonl
+
+    f = tmp_path / "pairs.json"
+    f.write_text(json.dumps({"train": _pairs(40, "train"), "test": _pairs(6, "test")}))
+    p = _user_pipeline(tmp_path, f, "data.validation_fraction=0.25")
+    p.load_input_pairs()
+    test, val = read_jsonl(p.layout.input_pairs_path("test")), read_jsonl(p.layout.input_pairs_path("validation"))
+    assert [r["prompt"] for r in test] == [f"test prompt {i}" for i in range(6)]  # the file's own test split
+    assert len(val) == 10 and all(r["prompt"].startswith("train") for r in val)  # 25% of train held out
+    assert len(read_jsonl(p.layout.input_pairs_path("train"))) == 30

@@ -136,7 +136,7 @@ def test_too_little_data_for_one_effective_batch_is_a_named_data_error(tmp_path)
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "madpo_ray", "sft", f"runs_dir={tmp_path}", "ray.backend=local",
-                           "data.num_documents=8", "data.num_eval_documents=4", "model.hidden_size=32",
+                           "data.num_documents=8", "data.num_validation_documents=4", "data.num_eval_documents=4", "model.hidden_size=32",
                            "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=64",
                            "model.vocab_size=512"], capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr

@@ -67,14 +67,20 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
     sft_hist = json.loads((p.layout.stage_dir("sft") / "metrics.json").read_text())["loss_history"]
     assert sft_hist[-1] < sft_hist[0]  # SFT learns
     summary = json.loads((p.run_dir / "summary.json").read_text())
-    for key in ("rm_accuracy_vs_labels", "sft_preference_accuracy", "policy_preference_accuracy",
+    for key in ("sft_preference_accuracy", "policy_preference_accuracy",
                 "sft_greedy_gold_reward", "policy_greedy_gold_reward"):
         assert key in summary
+    margins = summary["margins"]
+    for split in ("train", "validation", "test"):  # reward-model agreement and margin shares of every split
+        for key in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true",
+                    "share_abs_margin_above_tau", "share_margin_below_minus_tau", "weight_median"):
+            assert key in margins[split], (split, key)
+    assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
 
 
 def test_scored_parquet_contract(full_run):
     p, _ = full_run
-    for split in ("train", "eval"):
+    for split in ("train", "validation", "test"):
         table = pq.read_table(str(p.layout.scored_path(split)))
         assert set(CONTRACT) <= set(table.column_names)
         rows = table.to_pylist()

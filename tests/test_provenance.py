@@ -65,7 +65,7 @@ def test_policy_folders_and_layout_paths():
     lay = RunLayout("/tmp/x", loss="dpo")
     assert lay.stage_dir("policy").parts[-2:] == ("policy", "dpo")
     assert lay.model_dir("sft").parts[-2:] == ("sft", "model")
-    assert lay.scored_path("eval").name == "split=eval"
+    assert lay.scored_path("test").name == "split=test"
     assert lay.trainer_name("policy") == "policy-dpo" and lay.trainer_name("sft") == "sft"
     with pytest.raises(ValueError, match="unknown stage 'polcy'"):
         lay.stage_dir("polcy")

@@ -18,8 +18,11 @@ def test_corpus_is_deterministic_and_splits_disjoint():
     a = [d.to_dict() for d in generate_corpus(20, seed=1)]
     b = [d.to_dict() for d in generate_corpus(20, seed=1)]
     assert a == b and a != [d.to_dict() for d in generate_corpus(20, seed=2)]
-    splits = generate_splits(50, 20)
-    assert not {d.document for d in splits["train"]} & {d.document for d in splits["test"]}
+    splits = generate_splits(50, 20, 20)
+    docs = {k: {d.document for d in v} for k, v in splits.items()}
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [50, 20, 20]
+    assert not docs["train"] & docs["test"] and not docs["train"] & docs["validation"]
+    assert not docs["validation"] & docs["test"]
     doc = a[0]
     for fact in doc["facts"].values():  # the document states every key fact
         assert fact in doc["document"]
@@ -68,3 +71,34 @@ def test_policy_samples_are_used_in_high_tier(docs):
     samples = {d["doc_id"]: [f"{d['facts']['language']} tool", "some words here"] for d in docs[:10]}
     pairs = build_pairs(docs[:10], tier="high", policy_samples=samples)
     assert all(p["chosen_kind"] == "policy" and p["rejected_kind"] == "policy" for p in pairs)
+
+
+def test_medium_tier_mixes_three_kinds_of_pairs_a_third_each(docs):
+    samples = {d["doc_id"]: ["some words here", f"{d['facts']['language']} tool"] for d in docs}
+    pairs = build_pairs(docs, tier="medium", policy_samples=samples, seed=0)
+    kinds = [tuple(sorted((p["chosen_kind"], p["rejected_kind"]))) for p in pairs]
+    garbage = statistics.mean("reference" in k and ({"repeated", "shuffled"} & set(k)) != set() for k in kinds)
+    both_policy = statistics.mean(k == ("policy", "policy") for k in kinds)
+    assert abs(garbage - 1 / 3) < 0.08 and abs(both_policy - 1 / 3) < 0.08
+    assert not any("other_doc" in k for k in kinds)  # not judgeable from the summary alone
+
+
+def test_label_noise_flips_that_share_and_says_so(docs):
+    clean = build_pairs(docs, tier="low", sharpness=20.0, seed=0)
+    noisy = build_pairs(docs, tier="low", sharpness=20.0, seed=0, label_noise=0.25)
+    flipped = [p for p in noisy if p["label_flipped"]]
+    assert abs(len(flipped) / len(noisy) - 0.25) < 0.08 and not any(p["label_flipped"] for p in clean)
+    # At sharpness 20 the Bradley-Terry draw all but never goes against the gap: a flipped pair's
+    # labelled chosen is the gold-worse one, so its true margin is negative.
+    assert statistics.mean(p["true_margin"] < 0 for p in flipped) > 0.9
+    assert statistics.mean(p["true_margin"] < 0 for p in noisy if not p["label_flipped"]) < 0.1
+
+
+def test_several_pairs_per_document_are_distinct(docs):
+    samples = {d["doc_id"]: ["one summary", "two summary", "three summary", "four summary"] for d in docs[:20]}
+    pairs = build_pairs(docs[:20], tier="medium", policy_samples=samples, pairs_per_document=3)
+    assert len(pairs) == 60 and len({p["pair_id"] for p in pairs}) == 60
+    by_doc: dict = {}
+    for p in pairs:
+        by_doc.setdefault(p["doc_id"], set()).add(frozenset((p["chosen"], p["rejected"])))
+    assert all(len(v) == 3 for v in by_doc.values())

@@ -87,6 +87,22 @@ def _read_jsonl_rows(path: Path, report: ValidationReport, strict: bool) -> list
     return rows
 
 
+def single_file_without(source: str, split: str) -> bool:
+    """Whether `source` is one data file that cannot hold `split`: a .jsonl or .parquet file is a
+    single split, a .json file holds named splits only as {split: [rows]}. Reading `split` from it
+    would return the training rows again, and a "held-out" set equal to the training set."""
+    path = Path(source)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() != ".json":
+        return True
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # let the loader report the error with its row
+    return not (isinstance(data, dict) and split in data)
+
+
 def read_raw_rows(source: str, split: str = "train", strict: bool = False,
                   report: Optional[ValidationReport] = None) -> tuple[list[tuple[int, Any]], ValidationReport]:
     """(row index, raw row) pairs from any supported source, before validation."""

@@ -61,3 +61,18 @@ def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
     rows = read_scored(path)
     check_scored_rows(rows, str(path), need_margin=get_policy_loss(loss_name).needs_margins)
     return [{k: r[k] for k in POLICY_COLUMNS if k in r} for r in rows]  # margin is optional for non-MADPO losses
+
+
+def perturb_margins(examples: list[dict], sd: float, seed: int) -> list[dict]:
+    """Add N(0, sd^2) to every example's reward-model margin (in place; a simulated reward-model
+    error). The draw depends on (seed, the examples' order) only, so two losses trained with the
+    same seed see the same noisy margins."""
+    if sd <= 0:
+        return examples
+    import torch
+
+    g = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    noise = torch.randn(len(examples), generator=g, dtype=torch.float64) * sd
+    for ex, e in zip(examples, noise.tolist()):
+        ex["margin"] = float(ex["margin"]) + e
+    return examples

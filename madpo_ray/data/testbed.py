@@ -122,13 +122,17 @@ def bradley_terry_label(gold_a: float, gold_b: float, sharpness: float, rng: ran
 
 PERTURBED = ("word_dropped", "first_k", "too_long")
 GARBAGE = ("repeated", "other_doc", "shuffled")
+# Garbage a reader can spot from the summary alone; another document's summary ("other_doc") is
+# only wrong against *this* document, which the small default reward model cannot check.
+SURFACE_GARBAGE = ("repeated", "shuffled")
 
 
 def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]]) -> tuple[Candidate, Candidate]:
     """Two distinct-text candidates for one document, by data-quality tier.
 
     high:   two policy samples (hard, small true gap)
-    medium: half high-style, half a policy sample against a perturbed reference
+    medium: a third each: high-style, a policy sample against a perturbed reference, and the
+            reference against a repeated or shuffled one (a wide spread of gaps, as in real data)
     low:    mostly (80%) large-gap pairs: the reference against a garbage candidate
     Without policy samples, perturbed references stand in for them.
     """
@@ -138,7 +142,9 @@ def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]])
     roll = rng.random()
     if tier == "low" and roll < 0.8:
         pool_a, pool_b = cands["reference"], garbage
-    elif tier == "medium" and roll < 0.5:
+    elif tier == "medium" and roll < 1 / 3:
+        pool_a, pool_b = cands["reference"], [c for k in SURFACE_GARBAGE for c in cands.get(k, [])]
+    elif tier == "medium" and roll < 2 / 3:
         pool_a, pool_b = policy, perturbed
     else:
         pool_a, pool_b = policy, policy
@@ -154,11 +160,13 @@ def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]])
 
 def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
                 policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                pairs_per_document: int = 1, prompt_for=None) -> list[dict]:
+                pairs_per_document: int = 1, prompt_for=None, label_noise: float = 0.0) -> list[dict]:
     """Preference pairs with gold scores and the true margin (labelled chosen minus rejected).
 
     `documents` are dicts with doc_id, document, reference and optionally facts. `prompt_for(document)`
-    (e.g. data/prompts.py's, for chat prompts) overrides `prompt_template`.
+    (e.g. data/prompts.py's, for chat prompts) overrides `prompt_template`. `label_noise` is the share
+    of labels then flipped regardless of the gap (annotator mistakes): the strongly contradicted
+    pairs (m <= -tau) that MADPO's stability cap exists for; such pairs say `label_flipped`.
     """
     prompt_for = prompt_for or (lambda document: prompt_template.format(document=document))
     if tier not in ("high", "medium", "low"):
@@ -179,9 +187,17 @@ def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: floa
         samples = [s for s in (policy_samples or {}).get(doc["doc_id"], []) if s.strip()]
         if samples:
             cands["policy"] = [cand(s, "policy") for s in samples]
+        seen: set = set()
         for j in range(pairs_per_document):
-            a, b = _pick_pair(tier, rng, cands)
+            for _ in range(10):  # another pair of this document when there is one
+                a, b = _pick_pair(tier, rng, cands)
+                if frozenset((a.text, b.text)) not in seen:
+                    break
+            seen.add(frozenset((a.text, b.text)))
             if not bradley_terry_label(a.gold, b.gold, sharpness, rng):
+                a, b = b, a
+            flipped = rng.random() < label_noise
+            if flipped:
                 a, b = b, a
             pairs.append({
                 "pair_id": f"{doc['doc_id']}#{j}",
@@ -194,6 +210,7 @@ def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: floa
                 "gold_chosen": a.gold,
                 "gold_rejected": b.gold,
                 "true_margin": sharpness * (a.gold - b.gold),
+                "label_flipped": flipped,
             })
     return pairs
 

@@ -15,8 +15,8 @@ SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each me
 def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], list[str], list[Optional[dict]]]:
     """Held-out prompt ids, prompt texts, and (testbed) their documents, eval.num_prompts of them.
 
-    Testbed runs use the test documents; any other dataset the distinct prompts of its
-    held-out pairs (from the scored eval split)."""
+    Testbed runs use the test documents; any other dataset the distinct prompts of its test
+    pairs (the scored test split). Reports only: selection reads the validation split."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.io import read_jsonl
 
@@ -28,13 +28,22 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], lis
 
         prompts = generation_prompts(cfg.data, load_tokenizer(str(layout.model_dir("sft"))), [d["document"] for d in docs])
         return [str(d["doc_id"]) for d in docs], prompts, docs
-    rows = read_scored(layout.scored_path("eval"))
+    rows = read_scored(test_split(layout))
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:n]
     refs = {}
     for r in rows:
         refs.setdefault(r["prompt"], r["chosen"])  # the labelled-chosen response stands in for a reference
     return ([f"p{i}" for i in range(len(prompts))], prompts,
             [{"reference": refs[x]} for x in prompts])
+
+
+def test_split(layout: RunLayout) -> Path:
+    """The scored test pairs, or a clear error when the dataset has none (data.eval_split)."""
+    path = layout.scored_path("test")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: the dataset has no test split, and reports never read the "
+                                "validation split; set data.eval_split to a split of the dataset")
+    return path
 
 
 def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], methods: list[str]) -> dict:

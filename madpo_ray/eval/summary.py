@@ -10,7 +10,7 @@ import os
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.layout import BEFORE_POLICY, RunLayout, is_testbed
+from madpo_ray.layout import BEFORE_POLICY, SPLITS, RunLayout, is_testbed
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """The run summary: held-out preference metrics of the policy, the reward model's accuracy,
     and (testbed) the gold reward of greedy summaries of the SFT policy and the policy."""
     from madpo_ray.data.scored import read_scored
+    from madpo_ray.eval.heldout import test_split
     from madpo_ray.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -98,16 +99,33 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
 
     tok = load_tokenizer(str(layout.model_dir("sft")))
     policy_model = load_causal_lm(str(layout.model_dir("policy")), cfg.model.dtype)  # as the references were scored
-    rows = read_scored(layout.scored_path("eval"))
+    rows = read_scored(test_split(layout))
     pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id, policy=ComputePolicy.of(cfg))
-    score_m = layout.read_metrics("score")["eval"]
-    summary = {"loss": cfg.policy.loss.name, "eval_pairs": len(rows),
-               **{k: score_m[k] for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin") if k in score_m},
+    summary = {"loss": cfg.policy.loss.name, "test_pairs": len(rows), "margins": reward_margin_report(cfg, layout),
                **preference_metrics(rows, pol_c, pol_r)}
     if is_testbed(cfg):
         summary.update(greedy_examples(cfg, layout, tok, policy_model))
     write_summary(layout, summary)
     return summary
+
+
+def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    """Margin diagnostics of every scored split at the run's weighting parameters, and the
+    histograms of the training pairs (what MADPO weights) in margins.png."""
+    from madpo_ray.data.scored import read_scored
+    from madpo_ray.eval.margins import margin_diagnostics, plot_margins, weighting_params
+
+    params = weighting_params(cfg.policy.loss)
+    report = {"weighting": params}
+    for split in SPLITS:
+        path = layout.scored_path(split)
+        if path.exists():
+            rows = read_scored(path)
+            report[split] = margin_diagnostics(rows, **params)
+            if split == "train":
+                report["plot"] = str(plot_margins(rows, layout.margins_plot, **params,
+                                                  title=f"{cfg.name}: training pairs"))
+    return report
 
 
 def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -> dict:
@@ -145,6 +163,15 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
             lines.append(f"| {k} | {v:.4f} |")
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
+    if "margins" in summary:
+        from madpo_ray.eval.margins import margin_table
+
+        splits, rows = margin_table(summary["margins"])
+        w = summary["margins"]["weighting"]
+        lines += ["", f"Reward-model margins and MADPO weights (c_max {w['c_max']:g}, lam {w['lam']:g}, "
+                      f"tau {w['tau']:.3f}); histograms: margins.png", "",
+                  "| | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
     layout.summary_md.write_text("\n".join(lines) + "\n")

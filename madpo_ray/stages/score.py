@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from madpo_ray.eval.margins import margin_diagnostics
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs, pair_rewards
 
@@ -175,10 +176,8 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
     for split in tokenized:
         rows = read_partition(out, split)
         assert_no_nan(rows, f"{out}/split={split}")
-        m = metrics[split]
-        m.update(pairs=len(rows), rm_accuracy_vs_labels=sum(r["margin"] > 0 for r in rows) / max(1, len(rows)))
-        if rows and "true_margin" in rows[0]:
-            m["rm_accuracy_vs_true_margin"] = sum((r["margin"] > 0) == (r["true_margin"] > 0) for r in rows) / len(rows)
+        # At MADPO's default weighting: the run summary repeats this with the run's own loss parameters.
+        metrics[split].update(margin_diagnostics(rows))
     return metrics
 
 

@@ -124,7 +124,8 @@ def generate_corpus(num_documents: int, seed: int = 0, prefix: str = "gen") -> l
     return [make_document(rng, i, prefix) for i in range(num_documents)]
 
 
-def generate_splits(num_train: int, num_eval: int, seed: int = 0) -> dict[str, list[PackageDoc]]:
-    """Train/test documents drawn from separate seeded streams (no shared documents)."""
+def generate_splits(num_train: int, num_validation: int, num_test: int, seed: int = 0) -> dict[str, list[PackageDoc]]:
+    """Train/validation/test documents drawn from separate seeded streams (no shared documents)."""
     return {"train": generate_corpus(num_train, seed, "train"),
-            "test": generate_corpus(num_eval, seed, "test")}
+            "validation": generate_corpus(num_validation, seed, "validation"),
+            "test": generate_corpus(num_test, seed, "test")}

@@ -1,0 +1,127 @@
+"""`madpo study rm-noise`: how MADPO's gain over DPO holds up as the reward model gets worse.
+
+The paper claims MADPO is robust to reward-model error: a wrong margin moves a pair's target by
+O(|error|) and the weight stays in (0, 2). The study adds Gaussian noise of several standard
+deviations to the scored margins (`policy.margin_noise`, seeded per training seed), trains MADPO
+from each noisy copy and DPO once (DPO never reads margins, so every noise level would train the
+same DPO model), and judges them all on the test prompts like `madpo compare`:
+
+    runs/<name>/study/rm-noise/
+      madpo_noise<sd>/seed<k>/, dpo/seed<k>/    trainings (reused while their settings match)
+      table.md, results.json                    the comparison's tables, then the noise table
+      noise.png                                 gold reward vs noise sd, DPO as a band
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
+
+log = logging.getLogger("madpo_ray.study")
+
+BASELINE = "dpo"
+
+
+def noise_label(sd: float) -> str:
+    return f"madpo_noise{sd:g}"
+
+
+def noise_methods(noise_levels: Sequence[float], base_overrides: dict) -> list[MethodConfig]:
+    """DPO once, then MADPO at every noise level (keeping the run's MADPO overrides)."""
+    if not noise_levels or any(sd < 0 for sd in noise_levels) or len(set(noise_levels)) != len(noise_levels):
+        raise ValueError(f"noise levels must be distinct and >= 0, got {list(noise_levels)}")
+    return [MethodConfig(loss=BASELINE)] + [
+        MethodConfig(loss="madpo", label=noise_label(sd), overrides={**base_overrides, "margin_noise": sd})
+        for sd in noise_levels]
+
+
+def study_config(cfg: PipelineConfig, noise_levels: Sequence[float]) -> PipelineConfig:
+    """The run's config with the study's methods as the comparison (no ablations, tiers or tuning)."""
+    raw = cfg.model_dump(mode="json")
+    madpo = next((m for m in cfg.compare.methods if m.loss == "madpo"), None)
+    raw["compare"]["methods"] = [m.model_dump() for m in noise_methods(noise_levels, madpo.overrides if madpo else {})]
+    return config_from_dict(raw, ["compare.ablations=false", "compare.tiers=null", "compare.use_tuned=false"])
+
+
+def noise_table(rows: list[dict], column: str, prompt_ids: list[str], noise_levels: Sequence[float],
+                temperatures: Sequence[float], n_boot: int) -> list[dict]:
+    """Per noise level and temperature: MADPO's and DPO's mean (95% CI over prompts, seeds averaged)
+    and their paired difference."""
+    import numpy as np
+
+    from madpo_ray.eval.judge import bootstrap_mean
+    from madpo_ray.eval.report import paired_difference, prompt_means, seed_average
+
+    means = prompt_means(rows, column, prompt_ids)
+    out = []
+    for sd in noise_levels:
+        for t in temperatures:
+            madpo, dpo = seed_average(means, noise_label(sd), t), seed_average(means, BASELINE, t)
+            diff = paired_difference(means, noise_label(sd), BASELINE, t, n_boot)
+            out.append({"noise_sd": sd, "temperature": t,
+                        "madpo": bootstrap_mean(madpo[~np.isnan(madpo)], n_boot).to_dict(),
+                        "dpo": bootstrap_mean(dpo[~np.isnan(dpo)], n_boot).to_dict(),
+                        "madpo_minus_dpo": {k: v for k, v in diff.items() if k not in ("diffs", "per_seed")}})
+    return out
+
+
+def render_noise_table(table: list[dict], column: str) -> list[str]:
+    lines = [f"## MADPO under reward-model noise ({column}; 95% CIs over test prompts, seeds averaged)", "",
+             "DPO does not read margins: one DPO training serves every noise level.", "",
+             "| noise sd | T | MADPO | DPO | MADPO - DPO |", "|---|---|---|---|---|"]
+    for r in table:
+        cells = [f"{r[k]['mean']:.3f} [{r[k]['ci_low']:.3f}, {r[k]['ci_high']:.3f}]" for k in ("madpo", "dpo", "madpo_minus_dpo")]
+        lines.append(f"| {r['noise_sd']:g} | {r['temperature']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_noise(table: list[dict], path: Path, column: str) -> None:
+    """One panel per temperature: MADPO's mean and CI against noise sd; DPO's CI as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in table})
+    fig, axes = plt.subplots(1, len(temps), figsize=(3.6 * len(temps), 3.4), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], temps):
+        rs = sorted((r for r in table if r["temperature"] == t), key=lambda r: r["noise_sd"])
+        x = [r["noise_sd"] for r in rs]
+        m = [r["madpo"]["mean"] for r in rs]
+        err = [[r["madpo"]["mean"] - r["madpo"]["ci_low"] for r in rs], [r["madpo"]["ci_high"] - r["madpo"]["mean"] for r in rs]]
+        ax.errorbar(x, m, yerr=err, marker="o", capsize=3, label="MADPO")
+        d = rs[0]["dpo"]
+        ax.axhspan(d["ci_low"], d["ci_high"], color="tab:orange", alpha=0.25, label="DPO (95% CI)")
+        ax.axhline(d["mean"], color="tab:orange")
+        ax.set(title=f"T={t:g}", xlabel="margin noise sd")
+    axes[0][0].set_ylabel(column)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
+    """The study: a comparison of DPO and MADPO-at-each-noise-level, then the noise table and plot."""
+    from madpo_ray.compare import Comparison
+    from madpo_ray.pipeline import Pipeline
+
+    p = Pipeline(study_config(cfg, noise_levels))
+    if not p.is_testbed:
+        log.warning("no gold reward outside the testbed: the study judges by the reward model's score")
+    out_dir = p.layout.study_dir("rm-noise")
+    comparison = Comparison(p, tune_dirs=[], out_dir=out_dir)
+    results = comparison.run()
+    column = results["column"]
+    table = noise_table(comparison.rows, column, comparison.prompt_ids, noise_levels, cfg.eval.temperatures,
+                        cfg.eval.bootstrap_samples)
+    results["noise"] = table
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    with open(out_dir / "table.md", "a") as f:
+        f.write("\n" + "\n".join(render_noise_table(table, column)) + "\n")
+    plot_noise(table, out_dir / "noise.png", column)
+    return results
