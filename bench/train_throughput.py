@@ -87,13 +87,21 @@ class RecomputeReferenceStep:
     def extra_state(self) -> dict:
         return self.inner.extra_state()
 
-    def __call__(self, model, batch):
+    def with_reference(self, batch: dict) -> dict:
         from madpo_ray.pair_forward import pair_response_logprobs
 
         with torch.no_grad():
             c, r = pair_response_logprobs(self.ref, batch)
-        batch = dict(batch, ref_logp_chosen=c.summed, ref_logp_rejected=r.summed)
-        return self.inner(model, batch)
+        return dict(batch, ref_logp_chosen=c.summed, ref_logp_rejected=r.summed)
+
+    def begin_step(self, model, batches):
+        """Passed through for losses that plan over the whole step (beta-DPO)."""
+        inner = getattr(self.inner, "begin_step", None)
+        if inner is not None:
+            inner(model, [self.with_reference(b) for b in batches])
+
+    def __call__(self, model, batch):
+        return self.inner(model, self.with_reference(batch))
 
 
 def run_ours(model_dir: Path, examples: list[dict], loss: str, steps: int, recompute_ref: bool,

@@ -85,6 +85,7 @@ def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 
     """Two histograms: reward-model margins (and true margins on the testbed) with +-tau marked,
     and the MADPO weights they give."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,9 +93,11 @@ def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 
     m = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float64)
     w = madpo_weights(m, c_max, lam, tau)
     fig, (ax_m, ax_w) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_m.hist(m.numpy(), bins=50, alpha=0.7, label="reward-model margin m")
-    if rows and "true_margin" in rows[0]:
-        ax_m.hist([float(r["true_margin"]) for r in rows], bins=50, alpha=0.5, label="true margin")
+    true = [float(r["true_margin"]) for r in rows] if rows and "true_margin" in rows[0] else []
+    bins = np.histogram_bin_edges(np.concatenate([m.numpy(), np.asarray(true), [-tau, tau]]), bins=60)
+    ax_m.hist(m.numpy(), bins=bins, alpha=0.7, label="reward-model margin m")  # shared bins: widths compare
+    if true:
+        ax_m.hist(true, bins=bins, alpha=0.5, label="true margin")
     for x in (-tau, tau):
         ax_m.axvline(x, color="k", linestyle="--", linewidth=1)
     ax_m.set(xlabel="margin (chosen minus rejected)", ylabel="pairs",
