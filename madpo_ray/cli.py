@@ -33,6 +33,20 @@ def fail(message: str, code: int = 1) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"madpo-ray {version('madpo_ray')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the installed version and exit.")) -> None:
+    """Margin-Adaptive DPO on Ray: SFT -> reward model -> scoring -> policy training."""
+
+
 CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs/ or a YAML path.")
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
@@ -271,6 +285,25 @@ def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG
     print_verdicts(results)
     out = Pipeline(cfg).layout.compare_dir
     console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
+
+
+@app.command("export")
+def export_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
+               stage: str = typer.Option("policy", "--stage", help="sft, reward or policy."),
+               loss: Optional[str] = typer.Option(None, "--loss", help="Which policy/<loss>/ (default: the run's loss)."),
+               out: Optional[str] = typer.Option(None, "--out", help="Output folder; default <run>/export/<stage>[-<loss>].")):
+    """Write a stage's model as a merged HF folder with a model card (README.md: base model and
+    its license, data, loss and parameters, metrics, config), ready for any hub's upload client."""
+    from pathlib import Path
+
+    from madpo_ray.config import ConfigError
+    from madpo_ray.export import export_run
+
+    try:
+        folder = export_run(Path(run_dir), stage, loss, Path(out) if out else None)
+    except _user_errors() + (ConfigError, ValueError) as e:
+        fail(str(e))
+    console.print(f"exported {stage} to {folder}", highlight=False, soft_wrap=True)
 
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies of the method: how MADPO behaves as conditions change.")

@@ -1,0 +1,126 @@
+"""`madpo export RUN`: a trained model as a self-describing HF folder, ready for any model hub.
+
+The folder is the stage's merged model (plus its LoRA adapter in `adapter/` when there is one)
+and a model card, README.md, that says what produced it: the base model and its license, the
+data, the loss and its parameters, the run's metrics, and the full config. It is written to a
+temporary sibling and renamed into place, so a reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from madpo_ray.config import PipelineConfig, load_config
+from madpo_ray.layout import RunLayout, is_testbed
+
+EXPORTABLE = ("sft", "reward", "policy")
+CARD_METRICS = ("sft_greedy_gold_reward", "policy_greedy_gold_reward", "reference_gold_reward",
+                "sft_preference_accuracy", "policy_preference_accuracy", "policy_implicit_reward_accuracy",
+                "policy_implicit_margin_mean", "test_pairs")
+
+
+def read_front_matter(readme: Path) -> dict:
+    """The YAML front matter of a model card (`---` ... `---`), or {} (safe_load only: data, never code)."""
+    if not readme.exists():
+        return {}
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_license(cfg: PipelineConfig) -> str:
+    """The base model's license: this project's own (Apache-2.0) for a model built from scratch,
+    else what the base folder's card declares, else "other" (the card then says to check it)."""
+    if cfg.model.name_or_path is None:
+        return "apache-2.0"
+    declared = read_front_matter(Path(cfg.model.name_or_path) / "README.md").get("license")
+    return str(declared) if declared else "other"
+
+
+def card_metrics(layout: RunLayout) -> dict:
+    """The run summary's headline numbers (those the run has), and the test split's RM agreement."""
+    if not layout.summary_json.exists():
+        return {}
+    summary = json.loads(layout.summary_json.read_text())
+    out = {k: summary[k] for k in CARD_METRICS if k in summary}
+    test = (summary.get("margins") or {}).get("test") or {}
+    for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true"):
+        if k in test:
+            out[f"test_{k}"] = test[k]
+    return out
+
+
+def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
+    loss = cfg.policy.loss
+    from madpo_ray.losses import get_policy_loss
+
+    params = {**get_policy_loss(loss.name).params, **loss.kwargs()}  # the values it trained with, defaults too
+    license_ = base_license(cfg)
+    front = {"license": license_, "library_name": "transformers",
+             "tags": ["madpo-ray", "preference-optimization", loss.name if stage == "policy" else stage]}
+    if cfg.model.name_or_path:
+        front["base_model"] = str(cfg.model.name_or_path)
+    what = {"sft": "the supervised fine-tuned policy (the reference policy of preference training)",
+            "reward": "the scalar reward model (Bradley-Terry, a 1-label sequence classifier)",
+            "policy": f"the policy trained with the `{loss.name}` loss from the SFT model"}[stage]
+    base = cfg.model.name_or_path or "a small Llama built from scratch by madpo-ray"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {cfg.name}: {stage}", "", f"This is {what}, exported from a madpo-ray run.", "",
+             f"- **Base model:** {base} (license: {license_}"
+             + ("; check the base model's own terms" if license_ == "other" else "") + ")",
+             f"- **Data:** `{cfg.data.source}`" + (f", testbed tier `{cfg.data.tier}`" if is_testbed(cfg) else ""),
+             f"- **LoRA:** {cfg.model.lora.model_dump() if cfg.model.lora else 'none (full fine-tuning)'}; "
+             f"dtype {cfg.model.dtype}"]
+    if stage == "policy":
+        lines.append(f"- **Loss:** `{loss.name}` with " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                                                for k, v in params.items()))
+    metrics = card_metrics(layout)
+    if metrics:
+        lines += ["", "## Metrics (the run summary; gold reward on the test split)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"
+              if stage != "reward" else "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              f"model = {'AutoModelForSequenceClassification' if stage == 'reward' else 'AutoModelForCausalLM'}"
+              ".from_pretrained(\"PATH\")", "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```", "",
+              "## Config", "", "```yaml", cfg.to_yaml().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None, out: Optional[Path] = None) -> Path:
+    """Copy a run's stage model (merged weights, adapter, tokenizer) with a model card to `out`
+    (default: <run>/export/<stage>[-<loss>]); returns the folder."""
+    from madpo_ray.artifacts import replace_folder_atomically, verify_weights
+    from madpo_ray.models import check_model_folder
+
+    if stage not in EXPORTABLE:
+        raise ValueError(f"--stage {stage!r}: choose one of {', '.join(EXPORTABLE)}")
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if loss:
+        cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"loss": cfg.policy.loss.switched_to(loss)})})
+    layout = RunLayout(run_dir, cfg.policy.loss.name)
+    source = layout.model_dir(stage)
+    check_model_folder(str(source))
+    verify_weights(source)
+    out = Path(out) if out else run_dir / "export" / (f"policy-{cfg.policy.loss.name}" if stage == "policy" else stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    if layout.adapter_dir(stage).exists():
+        shutil.copytree(layout.adapter_dir(stage), tmp / "adapter")
+    (tmp / "README.md").write_text(model_card(cfg, layout, stage))
+    replace_folder_atomically(tmp, out)
+    return out
