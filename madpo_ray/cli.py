@@ -127,7 +127,8 @@ def print_margins(report: dict) -> None:
 
     splits, rows = margin_table(report)
     w = report["weighting"]
-    t = Table(title=f"reward-model margins and MADPO weights (tau {w['tau']:.2f}, c_max {w['c_max']:g})")
+    source = "the dataset's margin column" if report.get("margins_from") == "data" else "the reward model"
+    t = Table(title=f"margins (from {source}) and MADPO weights (tau {w['tau']:.2f}, c_max {w['c_max']:g})")
     t.add_column("")
     for split in splits:
         t.add_column(split, justify="right")
@@ -189,13 +190,18 @@ app.command("score")(_stage_command(_through("score"),
 def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
           loss: Optional[str] = typer.Option(None, help="Registered loss: madpo, dpo, ipo, beta_dpo, madpo_amplify, madpo_regularize."),
           address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
-          force: bool = typer.Option(False, help="Retrain even if this loss's policy is complete.")):
+          force: bool = typer.Option(False, help="Retrain even if this loss's policy is complete."),
+          margins_from: Optional[str] = typer.Option(None, "--margins-from", metavar="reward_model|data",
+                                                     help="data: use the dataset's own 'margin' column and train no "
+                                                     "reward model (score.margins_from).")):
     """Train a policy with any registered loss from the scored pairs, then evaluate it.
 
-    --loss keeps the config's loss parameters the new loss also takes (beta) and drops the others."""
+    --loss keeps the config's loss parameters the new loss also takes (beta) and drops the others.
+    --margins-from data trains MADPO from per-pair margins you already have."""
     from madpo_ray.layout import STAGES
 
-    cfg = _load(config, overrides, address, name)
+    sets = list(overrides or []) + ([f"score.margins_from={margins_from}"] if margins_from else [])
+    cfg = _load(config, sets, address, name)
     if loss:
         try:
             cfg.policy.loss = cfg.policy.loss.switched_to(loss)

@@ -204,6 +204,9 @@ class ScoreConfig(_Strict):
     # on 2 cores (bench/score_throughput.py).
     backend: Literal["auto", "ray_data", "local"] = "auto"
     ray_data_min_pairs: int = Field(4000, ge=0)
+    # Where the pairs' margins come from: the trained reward model, or the dataset's own `margin`
+    # column (no reward model is trained; every pair must then have a finite margin).
+    margins_from: Literal["reward_model", "data"] = "reward_model"
 
 
 class EvalConfig(_Strict):

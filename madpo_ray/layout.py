@@ -46,13 +46,14 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.validation_split",
                                 "data.validation_fraction", "data.num_documents", "data.num_validation_documents",
                                 "data.num_eval_documents", "data.corpus_seed", "data.strict", "data.max_pairs",
+                                "score.margins_from",
                                 "sft.optim.seed"),
     "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
             "data.prompt_template", "data.chat"),
     "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "data.label_noise", "data.pairs_per_document",
               "eval.max_new_tokens"),
-    "reward": ("reward", "data.overlong", "model.pair_forward"),
-    "score": ("policy.optim.bf16", "ray.use_gpu"),  # scoring runs under the policy's autocast
+    "reward": ("reward", "data.overlong", "model.pair_forward", "score.margins_from"),
+    "score": ("policy.optim.bf16", "ray.use_gpu", "score.margins_from"),  # scoring runs under the policy's autocast
     "policy": ("policy",),
     "eval": ("eval.num_prompts",),
 }

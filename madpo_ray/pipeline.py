@@ -18,7 +18,8 @@ import torch
 
 from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
-from madpo_ray.data.preference import ValidationReport, load_pairs, single_file_without, validate_rows
+from madpo_ray.data.preference import (DataValidationError, ValidationReport, load_pairs, single_file_without,
+                                       validate_rows)
 from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.layout import (SPLITS, STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
@@ -195,6 +196,8 @@ class Pipeline:
                 write_jsonl(rng.sample(docs, min(sizes[split], len(docs))), lay.docs_path(split))
         else:
             metrics.update(self.load_input_pairs())
+            if self.cfg.score.margins_from == "data":  # fail here, before SFT, not at the reward stage
+                self.check_data_margins(self.layout.input_pairs_path)
         if self.cfg.model.name_or_path is None:
             self.build_base()
         return metrics
@@ -324,7 +327,11 @@ class Pipeline:
         return exs, report.to_metrics()
 
     def stage_reward(self) -> dict:
-        """The reward model on the train pairs; the validation pairs decide early stopping."""
+        """The reward model on the train pairs; the validation pairs decide early stopping. With
+        score.margins_from=data no model is trained: the stage checks every pair has a margin."""
+        if self.cfg.score.margins_from == "data":
+            log.info("reward: no model trained; margins come from the dataset's 'margin' column")
+            return {"margins_from": "data", **self.check_data_margins(self.layout.pairs_path)}
         ids = ("prompt_ids", "chosen_ids", "rejected_ids")
         (exs, report), (val, _) = self.tokenized_pairs("train"), self.tokenized_pairs("validation")
         strip = [{k: ex[k] for k in ids} for ex in exs]
@@ -332,12 +339,27 @@ class Pipeline:
         return {"examples": len(strip), "validation_examples": len(validation), "tokenize": report,
                 **self.train("reward", strip, self.layout.model_dir("sft"), validation=validation)}
 
+    def check_data_margins(self, path_of) -> dict:
+        """Every pair of every split (`path_of(split)`) must carry a margin (validated finite when
+        loaded); a pair without one is an error naming its rows, before any training."""
+        counts = {}
+        for split in SPLITS:
+            rows = read_jsonl(path_of(split))
+            missing = [r.get("row_id", i) for i, r in enumerate(rows) if r.get("margin") is None]
+            if missing:
+                raise DataValidationError(
+                    f"score.margins_from=data: {len(missing)} {split} pair(s) have no 'margin' (rows {missing[:10]}"
+                    f"{'...' if len(missing) > 10 else ''}); give every pair a margin, or train a reward model")
+            counts[f"{split}_pairs_with_margin"] = len(rows)
+        return counts
+
     def stage_score(self) -> dict:
         from madpo_ray.models import check_model_folder
         from madpo_ray.runtime import init_ray
         from madpo_ray.stages.score import score_splits, scoring_backend
 
-        for stage in ("sft", "reward"):  # before any Ray work: a clear message, not a worker traceback
+        models = ("sft",) if self.cfg.score.margins_from == "data" else ("sft", "reward")
+        for stage in models:  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
         tokenized = {split: self.tokenized_pairs(split) for split in SPLITS}
         tokenized = {split: t for split, t in tokenized.items() if t[0]}  # a dataset may have no test split

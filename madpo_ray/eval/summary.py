@@ -116,7 +116,7 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
     from madpo_ray.eval.margins import margin_diagnostics, plot_margins, weighting_params
 
     params = weighting_params(cfg.policy.loss)
-    report = {"weighting": params}
+    report = {"weighting": params, "margins_from": cfg.score.margins_from}
     for split in SPLITS:
         path = layout.scored_path(split)
         if path.exists():

@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -46,11 +47,12 @@ class ComputePolicy:
 @torch.no_grad()
 def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: int,
                    precision: ComputePolicy = ComputePolicy()) -> list[dict]:
-    """Reference log-probs and reward margins of tokenised pairs, one batch (both models frozen)."""
+    """Reference log-probs and reward margins of tokenised pairs, one batch (both models frozen).
+    Without a reward model (score.margins_from=data) each pair keeps its own `margin`."""
     batch = pair_collator(ref_model, pad_token_id, precision.pair_forward)(examples)
     with precision.autocast():
         chosen, rejected = pair_response_logprobs(ref_model, batch)
-        reward_chosen, reward_rejected = pair_rewards(reward_model, batch)
+        rewards = pair_rewards(reward_model, batch) if reward_model is not None else None
     out = []
     for i, ex in enumerate(examples):
         row = dict(ex)
@@ -58,9 +60,10 @@ def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: 
             ref_logp_chosen=float(chosen.summed[i]), ref_logp_rejected=float(rejected.summed[i]),
             ref_logp_mean_chosen=float(chosen.mean[i]), ref_logp_mean_rejected=float(rejected.mean[i]),
             len_chosen=float(chosen.n_tokens[i]), len_rejected=float(rejected.n_tokens[i]),
-            reward_chosen=float(reward_chosen[i]), reward_rejected=float(reward_rejected[i]),
-            margin=float(reward_chosen[i] - reward_rejected[i]),
         )
+        if rewards is not None:
+            row.update(reward_chosen=float(rewards[0][i]), reward_rejected=float(rewards[1][i]),
+                       margin=float(rewards[0][i] - rewards[1][i]))
         out.append(row)
     return out
 
@@ -69,12 +72,14 @@ class PairScorer:
     """Ray Data actor (or a plain object, locally): loads both frozen models once, in the run's
     dtype, and scores batches of tokenised pairs."""
 
-    def __init__(self, ref_dir: str, reward_dir: str, threads: int = 1, precision: ComputePolicy = ComputePolicy()):
+    def __init__(self, ref_dir: str, reward_dir: Optional[str], threads: int = 1,
+                 precision: ComputePolicy = ComputePolicy()):
         torch.set_num_threads(threads)
         self.precision = precision
         self.tokenizer = load_tokenizer(ref_dir)
         self.ref = load_causal_lm(ref_dir, precision.dtype).eval()
-        self.rm = load_reward_model(reward_dir, precision.dtype, pad_token_id=self.tokenizer.pad_token_id).eval()
+        self.rm = None if reward_dir is None else load_reward_model(
+            reward_dir, precision.dtype, pad_token_id=self.tokenizer.pad_token_id).eval()
 
     def score(self, rows: list[dict]) -> list[dict]:
         return score_examples(self.ref, self.rm, rows, self.tokenizer.pad_token_id, self.precision)
@@ -89,7 +94,7 @@ class PairScorer:
         return pd.DataFrame(self.score(rows))
 
 
-def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *,
+def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path], out_dir: Path, *,
                    batch_size: int = 32, num_actors: int = 2, cpus_per_actor: float = 1.0,
                    partition_col: str = "split", precision: ComputePolicy = ComputePolicy()) -> Path:
     """Score `examples` (tokenised pairs plus metadata) into parquet under out_dir.
@@ -108,7 +113,8 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
     # ~4 batches per block: enough blocks to keep every actor busy, few enough to avoid overhead.
     blocks = max(num_actors, len(examples) // (4 * batch_size))
     ds = ray.data.from_items(examples, override_num_blocks=blocks)
-    ds = ds.map_batches(PairScorer, fn_constructor_kwargs={"ref_dir": str(ref_dir), "reward_dir": str(reward_dir),
+    ds = ds.map_batches(PairScorer, fn_constructor_kwargs={"ref_dir": str(ref_dir),
+                                                           "reward_dir": str(reward_dir) if reward_dir else None,
                                                            "threads": max(1, int(cpus_per_actor)),
                                                            "precision": precision},
                         batch_size=batch_size, batch_format="pandas",
@@ -118,7 +124,8 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Path, out_di
     return out_dir
 
 
-def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir: Path, *, batch_size: int = 32,
+def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path], out_dir: Path, *,
+                  batch_size: int = 32,
                   partition_col: str = "split", precision: ComputePolicy = ComputePolicy()) -> Path:
     """The same scoring in this process (ray.backend=local), written in the same partitioned layout."""
     import os
@@ -127,7 +134,7 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Path, out_dir
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    scorer = PairScorer(str(ref_dir), str(reward_dir), threads=max(1, os.cpu_count() or 1), precision=precision)
+    scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1), precision=precision)
     rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
     tmp = out_dir.with_name(out_dir.name + ".partial")
     for d in (out_dir, tmp):
@@ -154,15 +161,17 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
     the reward model's agreement with the labels (and, on the testbed, with the true margins)."""
     import time
 
-    examples, metrics = [], {}
+    from_data = cfg.score.margins_from == "data"
+    examples, metrics = [], {"margins_from": cfg.score.margins_from}
     for split, (exs, report) in tokenized.items():
         for ex in exs:
-            ex.pop("margin", None)  # the reward model's margin replaces any given one
+            if not from_data:
+                ex.pop("margin", None)  # the reward model's margin replaces any given one
             ex["split"] = split
         examples += exs
         metrics[split] = {"tokenize": report}
     t0 = time.time()
-    models = (layout.model_dir("sft"), layout.model_dir("reward"), layout.scored_dir)
+    models = (layout.model_dir("sft"), None if from_data else layout.model_dir("reward"), layout.scored_dir)
     backend = scoring_backend(cfg, len(examples))
     metrics["backend"] = backend
     log.info("scoring %d pairs with %s", len(examples), "Ray Data" if backend == "ray_data" else "a plain loop")
