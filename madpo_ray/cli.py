@@ -108,6 +108,8 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     if "margins" in summary:
         print_margins(summary["margins"])
+    if summary.get("curves_plot"):
+        console.print(f"training curves: {summary['curves_plot']}", soft_wrap=True)
     if "stage_seconds" in summary:
         t = Table(title="wall time per stage")
         t.add_column("stage")
@@ -136,7 +138,7 @@ def print_margins(report: dict) -> None:
         t.add_row(*row)
     console.print(t)
     if "plot" in report:
-        console.print(f"histograms of margins and weights: {report['plot']}")
+        console.print(f"histograms of margins and weights: {report['plot']}", soft_wrap=True)
 
 
 @app.command()

@@ -237,6 +237,11 @@ class RunLayout:
         return self.run_dir / "summary.md"
 
     @property
+    def curves_plot(self) -> Path:
+        """Loss per optimiser step of every training stage, with the validation evaluations."""
+        return self.run_dir / "training_curves.png"
+
+    @property
     def margins_plot(self) -> Path:
         """Histograms of the training pairs' reward-model margins and MADPO weights."""
         return self.run_dir / "margins.png"

@@ -76,6 +76,7 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
                     "share_abs_margin_above_tau", "share_margin_below_minus_tau", "weight_median"):
             assert key in margins[split], (split, key)
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
+    assert summary["curves_plot"] == str(p.layout.curves_plot) and p.layout.curves_plot.stat().st_size > 10_000
 
 
 def test_scored_parquet_contract(full_run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -156,6 +157,7 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                 if key in m:
                     summary[f"{stage}_{key}"] = m[key]
     summary["stage_seconds"] = timings
+    summary["curves_plot"] = plot_training_curves(layout, layout.curves_plot)
     layout.summary_json.write_text(json.dumps(summary, indent=2))
     lines = ["| metric | value |", "| --- | --- |"]
     for k, v in summary.items():
@@ -175,3 +177,33 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
     lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
     layout.summary_md.write_text("\n".join(lines) + "\n")
+
+
+def plot_training_curves(layout: RunLayout, path) -> Optional[str]:
+    """One panel per training stage: the loss of every optimiser step (global mean), and the
+    held-out evaluations where the stage has them (the reward model's early stopping)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("sft", "reward", "policy") if layout.metrics_path(s).exists()]
+    curves = {s: json.loads(layout.metrics_path(s).read_text()) for s in stages}
+    curves = {s: m for s, m in curves.items() if m.get("loss_history")}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (stage, m) in zip(axes[0], curves.items()):
+        ax.plot(range(1, len(m["loss_history"]) + 1), m["loss_history"], linewidth=1, label="train loss")
+        evals = m.get("eval_history") or []
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="validation loss")
+        if m.get("best_step"):
+            ax.axvline(m["best_step"], color="k", linestyle="--", linewidth=1, label=f"best (step {m['best_step']})")
+        ax.set(title=stage if stage != "policy" else f"policy ({layout.loss})", xlabel="optimiser step")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
