@@ -362,7 +362,7 @@ class Pipeline:
         for stage in models:  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
         tokenized = {split: self.tokenized_pairs(split) for split in SPLITS}
-        tokenized = {split: t for split, t in tokenized.items() if t[0]}  # a dataset may have no test split
+        tokenized = {split: t for split, t in tokenized.items() if t[0]}  # a split tokenising skipped whole
         if scoring_backend(self.cfg, sum(len(exs) for exs, _ in tokenized.values())) == "ray_data":
             init_ray(self.cfg.ray)
         return score_splits(self.layout, tokenized, self.cfg)

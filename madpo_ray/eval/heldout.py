@@ -38,11 +38,12 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], lis
 
 
 def test_split(layout: RunLayout) -> Path:
-    """The scored test pairs, or a clear error when the dataset has none (data.eval_split)."""
+    """The scored test pairs, or a clear error when there are none. Every run has a test split
+    (a dataset's own, or held out of train), so this means none of its pairs survived tokenising."""
     path = layout.scored_path("test")
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: the dataset has no test split, and reports never read the "
-                                "validation split; set data.eval_split to a split of the dataset")
+        raise FileNotFoundError(f"{path} missing: no test pair was scored (all skipped when tokenised? see the "
+                                "score stage's metrics.json); reports never fall back to the validation split")
     return path
 
 

@@ -134,7 +134,8 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1), precision=precision)
+    scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1),
+                        precision=precision)
     rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
     tmp = out_dir.with_name(out_dir.name + ".partial")
     for d in (out_dir, tmp):
