@@ -51,17 +51,18 @@ CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
 NAME_OPT = typer.Option(None, "--name", help="Run name (folder under runs_dir).")
+VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="Show Ray's, vLLM's and every library's output in the "
+                           "terminal too. It always goes to <run folder>/logs/madpo.log.")
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
-    from madpo_ray.stages.worker import quiet_libraries
+    """Every INFO line to the terminal (commands other than the pipeline's)."""
+    from madpo_ray.console import configure_logging
 
-    quiet_libraries()
+    configure_logging(console, everything=True)
 
 
 def _load(config: str, overrides: Optional[List[str]], address: Optional[str], name: Optional[str],
@@ -79,13 +80,26 @@ def _load(config: str, overrides: Optional[List[str]], address: Optional[str], n
         fail(str(e), 2)
 
 
-def _run(cfg, stages, force: tuple = ()) -> dict:
+def _run(cfg, stages, force: tuple = (), verbose: bool = False, command: str = "run") -> dict:
+    """The pipeline with a quiet terminal: stage lines, a progress bar per training, our warnings;
+    everything else in the run folder's log (console.py)."""
+    from madpo_ray.console import quiet_terminal, training_progress
     from madpo_ray.layout import RunLayout
     from madpo_ray.pipeline import Pipeline
 
-    _setup_logging()
+    lay = RunLayout.of(cfg)
+    with quiet_terminal(console, lay.log_path, verbose, command):
+        console.print(f"madpo {command}: {lay.run_dir}  (full log: {lay.log_path})", soft_wrap=True, highlight=False)
+        return run_pipeline(Pipeline(cfg, progress=training_progress(console)), stages, force)
+
+
+def run_pipeline(pipeline, stages, force: tuple) -> dict:
+    """Run it, turning a user's mistake or a full disk into a one-line error."""
+    from madpo_ray.layout import RunLayout
+
+    cfg = pipeline.cfg
     try:
-        return Pipeline(cfg).run(tuple(stages), force=tuple(force))
+        return pipeline.run(tuple(stages), force=tuple(force))
     except _user_errors() as e:
         fail(str(e))
     except OSError as e:
@@ -96,56 +110,64 @@ def _run(cfg, stages, force: tuple = ()) -> dict:
         raise
 
 
-def print_summary(summary: dict) -> None:
-    table = Table(title=f"madpo run summary (loss: {summary.get('loss')})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in summary.items():
-        if isinstance(v, float):
-            table.add_row(k, f"{v:.3f}")
-        elif isinstance(v, int) and not isinstance(v, bool):
-            table.add_row(k, str(v))
+STAGE_PREFIXES = ("sft_", "reward_", "policy_")
+
+
+def summary_rows(summary: dict) -> list[tuple[str, ...]]:
+    """(metric, SFT, reward model, policy) rows of the run summary's numbers: "sft_x", "reward_x"
+    and "policy_x" side by side; a number of no stage in the last column."""
+    def fmt(v) -> str:
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rows: dict[str, list[str]] = {}
+    for key, value in numbers.items():
+        prefix = next((p for p in STAGE_PREFIXES if key.startswith(p)), None)
+        metric = key[len(prefix):] if prefix else key
+        column = STAGE_PREFIXES.index(prefix) if prefix else 2
+        rows.setdefault(metric.replace("_", " "), ["", "", ""])[column] = fmt(value)
+    rows.pop("wall seconds", None)
+    return [(metric, *cells) for metric, cells in rows.items()]
+
+
+def print_summary(summary: dict, run_dir=None) -> None:
+    """The key numbers at a glance; the margins table, examples and timings are in summary.md."""
+    table = Table(title=f"madpo run summary (loss: {summary.get('loss')}; test split)")
+    for name in ("metric", "SFT", "reward model", "policy"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for row in summary_rows(summary):
+        table.add_row(*row)
     console.print(table)
     if "margins" in summary:
-        print_margins(summary["margins"])
-    if summary.get("curves_plot"):
-        console.print(f"training curves: {summary['curves_plot']}", soft_wrap=True)
-    if "stage_seconds" in summary:
-        t = Table(title="wall time per stage")
-        t.add_column("stage")
-        t.add_column("seconds", justify="right")
-        for k, v in summary["stage_seconds"].items():
-            if v is not None:
-                t.add_row(k, f"{v:.1f}")
-        console.print(t)
-    for label, texts in summary.get("examples", {}).items():
-        for i, text in enumerate(texts):
-            ref = summary.get("example_references", [""] * 3)[i]
-            console.print(f"[bold]{label}[/bold] #{i}: {text!r}   [dim](reference: {ref!r})[/dim]")
+        print_margin_line(summary["margins"])
+    examples = summary.get("examples", {})
+    for label, texts in list(examples.items())[-1:]:
+        ref = (summary.get("example_references") or [""])[0]
+        console.print(f"[bold]{label}[/bold]: {texts[0]!r}  [dim](reference: {ref!r})[/dim]", soft_wrap=True)
+    if run_dir is not None:
+        console.print(f"full summary: {run_dir}/summary.md", soft_wrap=True, highlight=False)
 
 
-def print_margins(report: dict) -> None:
-    from madpo_ray.eval.margins import margin_table
-
-    splits, rows = margin_table(report)
-    w = report["weighting"]
+def print_margin_line(report: dict) -> None:
+    """One line on the margins: how far the reward model reaches into MADPO's weighting."""
+    w, val = report["weighting"], report.get("validation") or report.get("train") or {}
+    train = report.get("train") or {}
     source = "the dataset's margin column" if report.get("margins_from") == "data" else "the reward model"
-    t = Table(title=f"margins (from {source}) and MADPO weights (tau {w['tau']:.2f}, c_max {w['c_max']:g})")
-    t.add_column("")
-    for split in splits:
-        t.add_column(split, justify="right")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    parts = [f"margins from {source} (validation): agree with labels {val.get('rm_accuracy_vs_labels', float('nan')):.2f}"]
+    if val.get("spearman_rm_vs_true") is not None:
+        parts.append(f"Spearman with true margins {val['spearman_rm_vs_true']:.2f}")
+    parts.append(f"train pairs with |m| > tau {w['tau']:.2f}: {train.get('share_abs_margin_above_tau', 0):.1%}")
+    console.print("; ".join(parts), soft_wrap=True, highlight=False)
     if "plot" in report:
-        console.print(f"histograms of margins and weights: {report['plot']}", soft_wrap=True)
+        console.print(f"margins and weights: {report['plot']}", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT, address: Optional[str] = ADDRESS_OPT,
         name: Optional[str] = NAME_OPT,
         force: List[str] = typer.Option([], "--force", metavar="STAGE",
-                                        help="Redo this stage (and so everything after it) even if up to date; repeatable.")):
+                                        help="Redo this stage (and so everything after it) even if up to date; repeatable."),
+        verbose: bool = VERBOSE_OPT):
     """Run every stage in order (data, sft, pairs, reward, score, policy, eval).
 
     A stage whose recorded settings and inputs still match is skipped; one whose settings
@@ -156,19 +178,19 @@ def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT
     if unknown:
         fail(f"--force {unknown[0]!r}: not a stage; stages: {', '.join(STAGES)}", 2)
     cfg = _load(config, overrides, address, name)
-    results = _run(cfg, STAGES, tuple(force))
-    print_summary(results["eval"])
-    console.print(f"artifacts: {RunLayout.of(cfg).run_dir}")
+    results = _run(cfg, STAGES, tuple(force), verbose)
+    print_summary(results["eval"], RunLayout.of(cfg).run_dir)
 
 
 def _stage_command(stages: tuple[str, ...], doc: str):
     def command(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
                 address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
-                force: bool = typer.Option(False, help="Redo this stage even if complete.")):
+                force: bool = typer.Option(False, help="Redo this stage even if complete."),
+                verbose: bool = VERBOSE_OPT):
         from madpo_ray.layout import RunLayout
 
         cfg = _load(config, overrides, address, name)
-        _run(cfg, stages, stages[-1:] if force else ())
+        _run(cfg, stages, stages[-1:] if force else (), verbose, stages[-1])
         console.print_json(json.dumps(RunLayout.of(cfg).read_metrics(stages[-1]), default=str))
 
     command.__doc__ = doc
@@ -195,7 +217,8 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
           force: bool = typer.Option(False, help="Retrain even if this loss's policy is complete."),
           margins_from: Optional[str] = typer.Option(None, "--margins-from", metavar="reward_model|data",
                                                      help="data: use the dataset's own 'margin' column and train no "
-                                                     "reward model (score.margins_from).")):
+                                                     "reward model (score.margins_from)."),
+          verbose: bool = VERBOSE_OPT):
     """Train a policy with any registered loss from the scored pairs, then evaluate it.
 
     --loss keeps the config's loss parameters the new loss also takes (beta) and drops the others.
@@ -209,8 +232,8 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
             cfg.policy.loss = cfg.policy.loss.switched_to(loss)
         except (KeyError, ValueError) as e:
             fail(str(e), 2)
-    results = _run(cfg, STAGES, ("policy",) if force else ())
-    print_summary(results["eval"])
+    results = _run(cfg, STAGES, ("policy",) if force else (), verbose, "train")
+    print_summary(results["eval"], cfg.run_dir)
 
 
 def print_comparison(results: dict, title: str) -> None:
@@ -293,6 +316,33 @@ def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG
     print_verdicts(results)
     out = Pipeline(cfg).layout.compare_dir
     console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
+
+
+@app.command("runs")
+def runs_cmd(runs_dir: str = typer.Argument("runs", help="The folder that holds run folders (runs_dir)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")):
+    """List the runs under RUNS_DIR, newest first: finished stages and key metrics.
+
+    The curves of every training are in each run's mlruns/ (MLflow) and tensorboard/ folders:
+    `tensorboard --logdir runs/NAME/tensorboard`."""
+    from madpo_ray.runs import KEY_METRICS, format_value, list_runs, progress_text
+
+    try:
+        rows = list_runs(runs_dir)
+    except FileNotFoundError as e:
+        fail(str(e))
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"runs in {runs_dir} (gold: greedy gold reward, test split; RM acc: validation)")
+    text_columns = ("run", "modified", "stages", "policies")
+    for name in (*text_columns, "RM acc", *KEY_METRICS.values()):
+        table.add_column(name, justify="left" if name in text_columns else "right")
+    for r in rows:
+        policies = ", ".join(s.split("/", 1)[1] for s in r["stages"] if s.startswith("policy/"))
+        table.add_row(r["name"], r["modified"][5:], progress_text(r["stages"]), policies,
+                      format_value(r["rm_accuracy_validation"]), *[format_value(r[k]) for k in KEY_METRICS])
+    console.print(table)
 
 
 @app.command("export")

@@ -166,7 +166,7 @@ def method_settings(cfg: PipelineConfig, methods: list[MethodConfig], origin: di
 
 
 def train_method(base_config: dict, method: dict, seed: int, scored_train: str, sft_dir: str, out_dir: str,
-                 upstream: Optional[str], threads: int = 1) -> dict:
+                 upstream: Optional[str], tracking: Optional[dict] = None, threads: int = 1) -> dict:
     """One (method, seed) training in this process (the Ray task body), through `train_policy`.
     Resumable: checkpoints go under out_dir/checkpoints until the model is saved."""
     import torch
@@ -176,6 +176,7 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
     from madpo_ray.io import write_json
     from madpo_ray.stages.policy import train_policy
     from madpo_ray.stages.worker import StageOutput, quiet_libraries
+    from madpo_ray.tracking import tracked
 
     quiet_libraries()
     torch.set_num_threads(max(1, threads))
@@ -185,8 +186,9 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
     session = LocalSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                            checkpoint_root=str(out / "checkpoints"))
     t0 = time.time()
-    result = train_policy(cfg, session, model_dir=sft_dir, out=StageOutput(model_folder(out), out / "train_metrics.json"),
-                          label=f"compare/{m.name}/seed{seed}")
+    with tracked(session, tracking) as session:
+        result = train_policy(cfg, session, model_dir=sft_dir, label=f"compare/{m.name}/seed{seed}",
+                              out=StageOutput(model_folder(out), out / "train_metrics.json"))
     # result.metrics carries the final training "loss"; the settings live under "policy".
     metrics = {**result.metrics, "method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
                "steps": result.steps, "seconds": time.time() - t0, "loss_history": result.loss_history}
@@ -251,7 +253,7 @@ class Comparison:
                     begin_training(d, d / "checkpoints", training_settings(method_config(self.cfg, m, seed)), upstream)
                     todo.append(((m.name, seed), (self.cfg.model_dump(mode="json"), m.model_dump(), seed,
                                                   str(lay.scored_path("train")), str(lay.model_dir("sft")),
-                                                  str(d), upstream)))
+                                                  str(d), upstream, self.tracking(d, m, seed))))
         log.info("compare: %d trainings (%d already done)", len(todo) + len(done), len(done))
         if self.cfg.ray.backend == "local":
             for key, args in todo:
@@ -264,6 +266,16 @@ class Comparison:
             self.wait_for({task.remote(*args, threads=threads): key for key, args in todo}, done)
         return {f"{k[0]}/seed{k[1]}": {"steps": v["steps"], "seconds": v["seconds"], "final_loss": v.get("loss")}
                 for k, v in done.items()}
+
+    def tracking(self, folder: Path, method: MethodConfig, seed: int) -> Optional[dict]:
+        """A comparison training is tracked under its folder's path in the run ("compare/madpo/seed0")."""
+        from dataclasses import asdict
+
+        from madpo_ray.tracking import tracking_target
+
+        training = Path(folder).resolve().relative_to(self.layout.run_dir).as_posix()
+        target = tracking_target(self.cfg, training, method_config(self.cfg, method, seed).policy.model_dump(mode="json"))
+        return asdict(target) if target else None
 
     @staticmethod
     def wait_for(pending: dict, done: dict) -> None:

@@ -304,6 +304,16 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1)  # for the local cluster; None = all cores
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (madpo_ray/tracking.py): rank 0 of every training logs its reports.
+    Not a stage setting: turning it on or off never redoes a stage."""
+
+    mlflow: bool = True       # MLflow run per training (file store <run>/mlruns unless `uri` is set)
+    tensorboard: bool = True  # TensorBoard event files under <run>/tensorboard/<training>
+    uri: Optional[str] = None  # an MLflow tracking server (http://host:5000, databricks, ...); None = the file store
+    experiment: Optional[str] = None  # MLflow experiment; None = the run's name
+
+
 class PipelineConfig(_Strict):
     name: str = "tiny"
     runs_dir: str = "runs"
@@ -316,6 +326,7 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     compare: CompareConfig = CompareConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def run_dir(self) -> Path:

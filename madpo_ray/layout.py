@@ -12,6 +12,9 @@
       eval/                   the run summary's metrics; summary.json, summary.md beside it
       compare/, tune/         `madpo compare` and `madpo tune`
       ray/<trainer>/          Ray Train storage: checkpoints of interrupted trainings
+      mlruns/                 MLflow file store: one run per training (stages, Tune trials, compare)
+      tensorboard/<training>/ TensorBoard event files of each training
+      logs/madpo.log          the full log of every pipeline command on this run (Ray's output too)
     Each stage folder holds metrics.json and a DONE record written last.
 
 Provenance: a stage's DONE record holds the settings it was made with (the config keys in
@@ -261,6 +264,30 @@ class RunLayout:
     @property
     def faults_dir(self) -> Path:
         return self.run_dir / ".faults"
+
+    # ------------------------------------------------------------------ logs and tracking
+    def training_key(self, stage: str) -> str:
+        """How a stage's training is named in MLflow and TensorBoard: "sft", "reward", "policy/madpo"."""
+        return self.stage_dir(stage).relative_to(self.run_dir).as_posix()
+
+    @property
+    def mlruns_dir(self) -> Path:
+        return self.run_dir / "mlruns"
+
+    def tensorboard_dir(self, key: str) -> Path:
+        return self.run_dir / "tensorboard" / key
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs_dir / "madpo.log"
+
+    def progress_path(self, key: str) -> Path:
+        """The latest report of a running training, for the driver's progress bar."""
+        return self.logs_dir / "progress" / (key.replace("/", "-") + ".json")
 
     # ------------------------------------------------------------------ other commands
     @property

@@ -8,11 +8,12 @@ examples to the trainer as a Ray Dataset, and the workers read them with get_dat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,15 +27,24 @@ from madpo_ray.layout import (SPLITS, STAGE_SETTINGS, STAGES, RunLayout, StageRe
                               settings_of, upstream_of)
 from madpo_ray.stages import stage_trainer
 from madpo_ray.stages.worker import StageOutput
+from madpo_ray.tracking import tracked
 
 log = logging.getLogger("madpo_ray.pipeline")
 
 
+def no_progress(training: str, progress_path) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, fault: Optional[dict] = None):
+    """`progress(training, progress_path)` is a context around each training: the CLI draws a
+    progress bar from the file rank 0 rewrites at every report; the default draws nothing."""
+
+    def __init__(self, cfg: PipelineConfig, fault: Optional[dict] = None, progress: Callable = no_progress):
         self.cfg = cfg
         self.layout = RunLayout.of(cfg)
         self.fault = fault or {}  # tests: {"stage": "policy", "step": 3, "batch_log": True} kills a worker once
+        self.progress = progress
         self.timings: dict[str, float] = {}
 
     @property
@@ -138,10 +148,23 @@ class Pipeline:
             session = LocalSession(datasets, checkpoint_root=str(lay.checkpoint_root(stage)))
             if self.fault.get("stage") == stage:
                 session = FaultInjectingSession(session, **self.fault_options(stage))
-            stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
+            with self.progress(lay.training_key(stage), lay.progress_path(lay.training_key(stage))), \
+                    tracked(session, self.tracking_target(stage)) as session:
+                stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
         else:
-            self.train_on_ray(stage, examples, model_dir, out, parquet, validation)
+            with self.progress(lay.training_key(stage), lay.progress_path(lay.training_key(stage))):
+                self.train_on_ray(stage, examples, model_dir, out, parquet, validation)
         return json.loads(lay.train_metrics_path(stage).read_text())
+
+    def tracking_target(self, stage: str) -> Optional[dict]:
+        """Where the stage's training logs its curves (tracking.py), with the stage's own settings as params."""
+        from dataclasses import asdict
+
+        from madpo_ray.tracking import tracking_target
+
+        section = self.cfg.model_dump(mode="json")[stage]
+        target = tracking_target(self.cfg, self.layout.training_key(stage), section, progress=True)
+        return asdict(target) if target else None
 
     def fault_options(self, stage: str) -> dict:
         lay = self.layout
@@ -169,7 +192,8 @@ class Pipeline:
         config = {"pipeline": self.cfg.model_dump(mode="json"), "stage": stage, "model_dir": str(model_dir),
                   "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
                   "adapter_dir": str(out.adapter_dir), "checkpoint_root": str(lay.checkpoint_root(stage)),
-                  "order_by": order_by, "fault": self.fault_options(stage) if self.fault.get("stage") == stage else None}
+                  "order_by": order_by, "fault": self.fault_options(stage) if self.fault.get("stage") == stage else None,
+                  "tracking": self.tracking_target(stage)}
         datasets = {"train": dataset.materialize()}
         if validation:
             datasets["validation"] = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(validation)])

@@ -77,8 +77,9 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
 def trial(params: dict, *, base_config: dict, scored_train: str, scored_validation: str,
           validation_docs: Optional[str],
           model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
-          reward_dir: Optional[str] = None) -> None:
-    """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps."""
+          reward_dir: Optional[str] = None, tracking: Optional[dict] = None) -> None:
+    """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps,
+    tracked as the search's training named after the trial."""
     import torch
 
     from madpo_ray.data.scored import load_policy_examples
@@ -86,6 +87,7 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     from madpo_ray.models import load_tokenizer
     from madpo_ray.stages.policy import train_policy
     from madpo_ray.stages.worker import quiet_libraries
+    from madpo_ray.tracking import tracked
 
     quiet_libraries()
     torch.set_num_threads(1)
@@ -98,10 +100,37 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
     session = RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                              torch.device("cpu"))
-    train_policy(cfg, session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
+    with tracked(session, trial_tracking(tracking, params)) as session:
+        train_policy(cfg, session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
+
+
+def trial_tracking(tracking: Optional[dict], params: dict) -> Optional[dict]:
+    """The search's tracking target for this trial: named (MLflow run, TensorBoard folder) after
+    the trial id, with the trial's parameters as MLflow params."""
+    if tracking is None:
+        return None
+    from ray import tune
+
+    from madpo_ray.tracking import flat_params
+
+    trial_id = tune.get_context().get_trial_id()
+    board = tracking.get("tensorboard_dir")
+    return {**tracking, "training": f"{tracking['training']}/{trial_id}",
+            "tensorboard_dir": f"{board}/{trial_id}" if board else None,
+            "params": flat_params({k: v for k, v in params.items() if not k.startswith("_")})}
 
 
 # --------------------------------------------------------------------------- the search
+def search_tracking(cfg: PipelineConfig, search: str) -> Optional[dict]:
+    """Trials land in the run's experiment as tune/<search>/<trial id>."""
+    from dataclasses import asdict
+
+    from madpo_ray.tracking import tracking_target
+
+    target = tracking_target(cfg, f"tune/{search}")
+    return asdict(target) if target else None
+
+
 def cluster_cpus() -> int:
     import ray
 
@@ -171,7 +200,7 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
         validation_docs=str(lay.docs_path("validation")) if pipeline.is_testbed else None,
         model_dir=str(lay.model_dir("sft")), loss=space.loss, objective=space.objective,
         eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
-        reward_dir=str(lay.model_dir("reward")))
+        reward_dir=str(lay.model_dir("reward")), tracking=search_tracking(pipeline.cfg, space.name))
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     path = storage / space.name
     if resume and tune.Tuner.can_restore(str(path)):

@@ -44,3 +44,27 @@ def tiny_model(tiny_base_dir):
     from madpo_ray.models import load_causal_lm
 
     return load_causal_lm(str(tiny_base_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def scored_train(tiny_base_dir, corpus_docs, tmp_path_factory):
+    """32 scored pairs of the tiny model (as reference and as an untrained reward model)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from madpo_ray.data.collate import tokenize_pairs
+    from madpo_ray.data.preference import ValidationReport
+    from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
+    from madpo_ray.stages.score import score_examples
+
+    tok = load_tokenizer(str(tiny_base_dir))
+    rows = [{"prompt": d["document"][:200] + "\nTL;DR:", "chosen": " " + d["reference"],
+             "rejected": " " + corpus_docs[(i + 1) % len(corpus_docs)]["reference"], "row_id": i}
+            for i, d in enumerate(corpus_docs[:32])]
+    exs = tokenize_pairs(tok, rows, 64, 96, "truncate", ValidationReport(source="t"), False)
+    ref = load_causal_lm(str(tiny_base_dir)).eval()
+    rm = load_reward_model(str(tiny_base_dir), pad_token_id=tok.pad_token_id).eval()
+    scored = score_examples(ref, rm, exs, tok.pad_token_id)
+    path = tmp_path_factory.mktemp("scored") / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(scored), path)
+    return path

@@ -1,6 +1,7 @@
 """`madpo train --margins-from data`: MADPO from the dataset's own margins, no reward model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,14 @@ def test_trains_madpo_from_the_datasets_margins_without_a_reward_model(tmp_path)
     assert summary["margins"]["margins_from"] == "data"
     assert summary["margins"]["train"]["share_margin_above_tau"] > 0  # the given margins, not a model's
     assert "from the dataset's margin column" in out
+    # The one-process runtime tracks its trainings too, and no reward-model training was tracked.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("m").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["policy/madpo", "sft"]
+    assert all(r.info.status == "FINISHED" and "loss" in r.data.metrics for r in runs)
 
 
 def test_a_pair_without_a_margin_is_named_before_any_scoring(tmp_path):

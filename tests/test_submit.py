@@ -70,6 +70,9 @@ def test_submitted_run_succeeds_with_logs_and_artifacts(head, tmp_path):
     assert final == "SUCCEEDED", logs[-3000:]
     assert "== policy: done" in logs and "madpo run summary" in logs
     assert (tmp_path / "job1" / "summary.json").exists()
+    _assert_quiet_terminal_and_full_log(logs, tmp_path / "job1")
+    _assert_every_stage_tracked(tmp_path / "job1")
+    _assert_listed(tmp_path, "job1", head["env"])
     assert any((tmp_path / "job1" / "policy" / "madpo" / "model").glob("*.safetensors"))
     status = _madpo("jobs", "status", job, "--address", DASHBOARD, env=head["env"])
     assert "SUCCEEDED" in status.stdout
@@ -111,3 +114,53 @@ def test_token_over_plain_http_to_another_host_warns():
     assert warn_if_token_in_clear("http://127.0.0.1:8265", "tok") is None
     assert warn_if_token_in_clear("https://ray.example.org", "tok") is None
     assert warn_if_token_in_clear("http://10.1.2.3:8265", None) is None
+
+
+RAY_INTERNALS = ("PreemptionWatcher", "core_worker.cc", "TrainController", "RayTrainWorker", "DatasetManager")
+
+
+def _assert_quiet_terminal_and_full_log(terminal: str, run_dir: Path) -> None:
+    """What `madpo run` printed (here: the job's log) is the narrative; Ray's output is in the run's log."""
+    lines = [line for line in terminal.splitlines() if line.strip()]
+    assert len(lines) <= 45, terminal
+    assert not [line for line in lines if any(word in line for word in RAY_INTERNALS)], terminal
+    for training in ("sft", "reward", "policy/madpo"):  # a progress bar per training, at its last step
+        assert any(line.strip().startswith(training) and "tok/s" in line for line in lines), (training, terminal)
+    full = (run_dir / "logs" / "madpo.log").read_text()
+    assert "TrainController" in full and "== policy: done" in full and "[policy/madpo] step" in full
+
+
+def _assert_every_stage_tracked(run_dir: Path) -> None:
+    """MLflow (file store) and TensorBoard hold every training's curves, read with their own readers."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("job1").experiment_id])}
+    assert set(runs) == {"sft", "reward", "policy/madpo"}
+    for training, folder in (("sft", "sft"), ("reward", "reward"), ("policy/madpo", "policy/madpo")):
+        run = runs[training]
+        assert run.info.status == "FINISHED"
+        steps = json.loads((run_dir / folder / "train_metrics.json").read_text())["steps"]
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert history and history[-1].step == steps, training
+        board = EventAccumulator(str(run_dir / "tensorboard" / folder))
+        board.Reload()
+        assert [e.step for e in board.Scalars("loss")] == [m.step for m in history], training
+        assert {"lr", "tokens_per_s"} <= set(board.Tags()["scalars"])
+    assert {"weight_mean", "logratio_chosen", "margin_mean"} <= set(runs["policy/madpo"].data.metrics)
+    assert "eval_loss" in runs["reward"].data.metrics  # the reward model's validation evaluations
+
+
+def _assert_listed(runs_dir: Path, name: str, env: dict) -> None:
+    import json
+
+    out = _madpo("runs", str(runs_dir), "--json", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = next(r for r in json.loads(out.stdout) if r["name"] == name)
+    summary = json.loads((runs_dir / name / "summary.json").read_text())
+    assert row["stages"] == ["data", "sft", "pairs", "reward", "score", "policy/madpo", "eval"]
+    assert row["policy_greedy_gold_reward"] == summary["policy_greedy_gold_reward"]

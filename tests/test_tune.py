@@ -77,6 +77,10 @@ def test_two_trial_search_then_resume(tmp_path):
         assert best["policy"]["loss"]["c_max"] == 3.0
         assert load_config(out / "best_config.yaml").policy.loss.name == "madpo"  # ready to run
         assert (out / "search.png").exists()
+        tracked = _trial_runs(p.cfg)  # trials land in the run's MLflow experiment, beside its stages
+        assert [r.info.status for r in tracked] == ["FINISHED"]  # the failing trial raised before training
+        assert tracked[0].data.params["c_max"] == "3.0" and "_fail_once" not in tracked[0].data.params
+        assert "rm_reward" in tracked[0].data.metrics  # the objective, as curves
 
         finished = [d for d in out.glob("trial_*")
                     if json.loads((d / "params.json").read_text()).get("_fail_once") is False]
@@ -87,5 +91,19 @@ def test_two_trial_search_then_resume(tmp_path):
         second = run_search(p, space, resume=True, fail_once=True)
         assert second["trials"] == 2 and second["errored"] == 0
         assert (finished[0] / "result.json").read_text().count("\n") == lines_before  # not rerun
+        assert len(_trial_runs(p.cfg)) == 2  # the resumed search tracked the trial that failed before
     finally:
         ray.shutdown()
+
+
+def _trial_runs(cfg):
+    """MLflow runs of the run's experiment that are Tune trials, read with MLflow's client."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(cfg.run_dir.resolve() / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert {"sft", "reward"} <= {r.info.run_name for r in runs}
+    return [r for r in runs if r.info.run_name.startswith("tune/two/")]

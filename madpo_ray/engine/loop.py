@@ -439,9 +439,9 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
         final = step == plan.total_steps or bool(stopper and stopper.stopped)
         if step % optim.report_every == 0 or step % optim.checkpoint_every == 0 or final:
             last = {**meter.report(step, epoch, grad_norm, state.scheduler.get_last_lr()[0], metrics), **heldout,
-                    "param_dtype": dtype}
-            report(state, session, last, stage, eval_fn, checkpoint=step % optim.checkpoint_every == 0 or final,
-                   eta=meter.eta(step, plan.total_steps), total_steps=plan.total_steps)
+                    "param_dtype": dtype, "total_steps": plan.total_steps, "eta_s": meter.eta(step, plan.total_steps),
+                    "resumed_from_step": meter.start_step}
+            report(state, session, last, stage, eval_fn, checkpoint=step % optim.checkpoint_every == 0 or final)
         if final:
             break
     last = finish(unwrap(model), stopper, last, stage, info.rank)
@@ -449,16 +449,17 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
     return FitResult(unwrap(model), state.step, last, state.history)
 
 
-def report(state: TrainState, session, metrics: dict, stage: str, eval_fn, *, checkpoint: bool, eta: float,
-           total_steps: int) -> None:
-    """Held-out metrics (if any), one log line on rank 0, then a report with or without a checkpoint."""
+def report(state: TrainState, session, metrics: dict, stage: str, eval_fn, *, checkpoint: bool) -> None:
+    """Held-out metrics (if any), one log line on rank 0, then a report with or without a checkpoint.
+    Besides the curves, a report says total_steps, eta_s and resumed_from_step (0: a fresh start),
+    for progress bars and tracking."""
     if eval_fn is not None:
         state.model.eval()
         metrics.update(eval_fn(unwrap(state.model)))
         state.model.train()
     if session.info.rank == 0:
-        log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", stage, state.step, total_steps,
-                 metrics["loss"], metrics["tokens_per_s"], eta)
+        log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  eta %.0fs", stage, state.step, metrics["total_steps"],
+                 metrics["loss"], metrics["tokens_per_s"], metrics["eta_s"])
     if checkpoint:
         save_checkpoint(state, session, metrics, stage)
     else:

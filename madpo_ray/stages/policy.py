@@ -107,9 +107,19 @@ class PolicyStep:
         out = self.loss(x, **self.params, **self.runtime_args())
         self.calls += 1
         loss = self.loss.reduce(out, self.dp)
-        h = x.implicit_margin().detach()
-        return loss, {"reward_accuracy": float((h > 0).float().mean()), "implicit_margin": float(h.mean()),
-                      **out.metrics}
+        return loss, {**batch_statistics(x), **out.metrics}
+
+
+def batch_statistics(x: PolicyLossInputs) -> dict[str, float]:
+    """What the curves show of a batch besides the loss's own metrics: the implicit rewards
+    (log-ratios against the reference, before any beta) and, where there are margins, theirs."""
+    h = x.implicit_margin().detach()
+    stats = {"reward_accuracy": float((h > 0).float().mean()), "implicit_margin": float(h.mean()),
+             "logratio_chosen": float((x.policy_chosen_logps - x.ref_chosen_logps).detach().mean()),
+             "logratio_rejected": float((x.policy_rejected_logps - x.ref_rejected_logps).detach().mean())}
+    if x.margins is not None:
+        stats.update(margin_mean=float(x.margins.float().mean()), margin_abs_mean=float(x.margins.float().abs().mean()))
+    return stats
 
 
 def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[StageOutput] = None,

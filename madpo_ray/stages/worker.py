@@ -68,9 +68,11 @@ def stage_output(config: dict) -> StageOutput:
 def train_loop_per_worker(config: dict) -> None:
     """Every training stage's Ray Train entry point: the stage's own function with a Train session."""
     from madpo_ray.stages import stage_trainer
+    from madpo_ray.tracking import tracked
 
     cfg, session = setup_worker(config)
-    stage_trainer(config["stage"])(cfg, session, model_dir=config["model_dir"], out=stage_output(config))
+    with tracked(session, config.get("tracking")) as session:
+        stage_trainer(config["stage"])(cfg, session, model_dir=config["model_dir"], out=stage_output(config))
 
 
 def save_stage_outputs(result: FitResult, tokenizer, out: Optional[StageOutput], cfg: PipelineConfig, stage: str,

@@ -1,0 +1,231 @@
+"""Experiment tracking: every training's reports, from rank 0, to MLflow and TensorBoard, and
+to a small progress file that the driver's progress bar reads.
+
+A training (a pipeline stage, a Tune trial, a `madpo compare` training) is tracked by wrapping
+its session: `with tracked(session, target) as session:` logs each `session.report(metrics)`
+and closes the MLflow run as FINISHED, or FAILED when the training raises. The loop does not
+know about tracking. Nothing here imports Ray.
+
+Resume: the loop reports `resumed_from_step` (0 for a fresh start). A resumed training
+continues its unfinished MLflow run (found by its `madpo.training` tag) and hides the
+TensorBoard events past the resume point (`purge_step`); a fresh start gets a new MLflow run
+and an empty TensorBoard folder, so curves never mix two trainings.
+
+The default MLflow store is a file store under the run folder: no server, readable by
+`mlflow ui --backend-store-uri <run>/mlruns` (with MLFLOW_ALLOW_FILE_STORE=true, which MLflow 3
+asks for since it put the file store in maintenance mode). `tracking.uri` names a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("madpo_ray.tracking")
+
+TRAINING_TAG = "madpo.training"
+# Bookkeeping keys of a report that are not curves.
+NOT_CURVES = {"step", "total_steps", "resumed_from_step", "eta_s"}
+
+
+@dataclass
+class TrackTarget:
+    """Where one training's reports go. Plain data: it travels in a Ray Train loop config."""
+
+    training: str  # "sft", "reward", "policy/madpo", "tune/madpo/<trial>", "compare/madpo/seed0"
+    experiment: str
+    mlflow_uri: Optional[str] = None  # None: no MLflow
+    tensorboard_dir: Optional[str] = None  # None: no TensorBoard
+    progress_path: Optional[str] = None  # None: no progress file
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value) -> Optional["TrackTarget"]:
+        return cls(**value) if isinstance(value, dict) else value
+
+
+def flat_params(section: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config section as MLflow params ("optim.lr" -> "0.0002")."""
+    out: dict[str, str] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:500]
+    return out
+
+
+def tracking_target(cfg, training: str, params: Optional[dict] = None,
+                    progress: bool = False) -> Optional[TrackTarget]:
+    """The target of a training of run `cfg` (None when tracking is off): MLflow in the run
+    folder's file store unless `tracking.uri` is set, TensorBoard under tensorboard/<training>."""
+    from madpo_ray.layout import RunLayout
+
+    t, lay = cfg.tracking, RunLayout.of(cfg)
+    uri = (t.uri or lay.mlruns_dir.as_uri()) if t.mlflow else None
+    board = str(lay.tensorboard_dir(training)) if t.tensorboard else None
+    path = str(lay.progress_path(training)) if progress else None
+    if uri is None and board is None and path is None:
+        return None
+    return TrackTarget(training, t.experiment or cfg.name, uri, board, path, flat_params(params or {}))
+
+
+def curves(metrics: dict) -> dict[str, float]:
+    """The finite numbers of a report, bookkeeping keys left out."""
+    return {k: float(v) for k, v in metrics.items()
+            if k not in NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v))}
+
+
+class MlflowRun:
+    """One MLflow run per training, through MlflowClient (no global active-run state, so trials
+    in one process never log into each other's runs)."""
+
+    def __init__(self, target: TrackTarget, resumed: bool):
+        if target.mlflow_uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=target.mlflow_uri)
+        experiment_id = self.experiment_id(target.experiment)
+        previous = self.unfinished(experiment_id, target.training) if resumed else None
+        if previous is not None:
+            self.run_id = previous
+            self.client.update_run(previous, status="RUNNING")
+            return
+        run = self.client.create_run(experiment_id, run_name=target.training, tags={TRAINING_TAG: target.training})
+        self.run_id = run.info.run_id
+        self.log_params(target.params)
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create; two trials creating it at once is not an error."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def unfinished(self, experiment_id: str, training: str) -> Optional[str]:
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{TRAINING_TAG}` = '{training}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class Tracker:
+    """Logs reports to the target's backends. Opened at the first report, when the loop has
+    said whether it resumed."""
+
+    def __init__(self, target: TrackTarget):
+        self.target = target
+        self.mlflow: Optional[MlflowRun] = None
+        self.board = None
+        self.opened = False
+
+    def open(self, resumed_from: int) -> None:
+        """Each backend on its own: one that cannot start (a server down) is warned about and
+        left out, the others and the training go on."""
+        t, self.opened = self.target, True
+        if t.mlflow_uri:
+            try:
+                self.mlflow = MlflowRun(t, resumed=resumed_from > 0)
+            except Exception as e:
+                log.warning("MLflow tracking of %s is off: %s at %s", t.training, e, t.mlflow_uri)
+        if t.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            try:
+                if resumed_from == 0:
+                    shutil.rmtree(t.tensorboard_dir, ignore_errors=True)
+                self.board = SummaryWriter(t.tensorboard_dir, purge_step=resumed_from + 1 if resumed_from else None)
+            except OSError as e:
+                log.warning("TensorBoard logging of %s is off: %s", t.training, e)
+
+    def log(self, metrics: dict) -> None:
+        if not self.opened:
+            self.open(int(metrics.get("resumed_from_step", 0)))
+        step, values = int(metrics["step"]), curves(metrics)
+        if self.mlflow is not None:
+            self.mlflow.log(step, values)
+        if self.board is not None:
+            for key, value in values.items():
+                self.board.add_scalar(key, value, step)
+            self.board.flush()
+        if self.target.progress_path:
+            write_progress(Path(self.target.progress_path), metrics)
+
+    def close(self, status: str) -> None:
+        if self.mlflow is not None:
+            self.mlflow.close(status)
+        if self.board is not None:
+            self.board.close()
+
+
+def write_progress(path: Path, metrics: dict) -> None:
+    """Atomically, so the driver never reads half a file."""
+    keep = {k: metrics[k] for k in ("step", "total_steps", "loss", "tokens_per_s", "eta_s") if k in metrics}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+    tmp.write_text(json.dumps(keep))
+    tmp.replace(path)
+
+
+class TrackedSession:
+    """A session whose reports are also tracked (rank 0 only, see `tracked`)."""
+
+    def __init__(self, inner, tracker: Tracker):
+        self.inner, self.tracker = inner, tracker
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        self.inner.report(metrics, checkpoint_dir)
+        try:
+            self.tracker.log(metrics)
+        except Exception as e:  # a tracking server that is down must not stop a training
+            log.warning("tracking %s failed at step %s: %s", self.tracker.target.training, metrics.get("step"), e)
+
+
+@contextlib.contextmanager
+def tracked(session, target):
+    """`session` with its reports tracked to `target` (a TrackTarget or its dict) on rank 0;
+    the session itself elsewhere or when target is None."""
+    target = TrackTarget.of(target)
+    if target is None or session.info.rank != 0:
+        yield session
+        return
+    tracker = Tracker(target)
+    try:
+        yield TrackedSession(session, tracker)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
