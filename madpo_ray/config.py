@@ -296,12 +296,22 @@ class RayConfig(_Strict):
     # "ray": stages on Ray (Train, Data, tasks); "local": the same stages in this one process,
     # without Ray (single machines, notebooks, debugging, accelerator hosts without Ray).
     backend: Literal["ray", "local"] = "ray"
+    # ddp: every worker holds the whole model; fsdp: FSDP2 shards parameters, gradients and AdamW
+    # state over the workers (models too big for one device; engine/parallel.py).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     address: Optional[str] = None  # None: start a local cluster with ray.init
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
     num_cpus: Optional[int] = Field(None, ge=1)  # for the local cluster; None = all cores
+
+    @model_validator(mode="after")
+    def fsdp_needs_workers(self) -> "RayConfig":
+        if self.strategy == "fsdp" and self.backend == "local":
+            raise ValueError("ray.strategy=fsdp shards the model over Ray Train workers; ray.backend=local runs "
+                             "one process: use ray.backend=ray or ray.strategy=ddp")
+        return self
 
 
 class TrackingConfig(_Strict):

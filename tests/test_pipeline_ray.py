@@ -8,6 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from madpo_ray.config import load_config
 from madpo_ray.pipeline import Pipeline
@@ -101,18 +102,35 @@ def test_rerun_skips_complete_stages(full_run, caplog):
     assert "sft: up to date, skipping" in caplog.text and "reward: up to date, skipping" in caplog.text
 
 
-def test_ddp_two_workers_match_one_worker(full_run, tmp_path):
-    """Same global batch (1 x 8 vs 2 x 4): the same loss trajectory within float tolerance."""
+def test_ddp_two_workers_match_one_worker_and_fsdp(full_run, tmp_path):
+    """Same global batch (1 x 8 vs 2 x 4): the same loss trajectory within float tolerance, with
+    DDP and with FSDP (sharded checkpoints every 2 steps, merged by Ray from both workers; the
+    consolidated model folder loads with from_pretrained)."""
+    from transformers import AutoModelForCausalLM
+
     p, _ = full_run
-    two = _clone_until_policy(p, tmp_path, "two", "ray.num_workers=2", "policy.optim.per_device_batch_size=4",
-                              "policy.loss.name=dpo", "policy.optim.max_steps=4")
-    one = _clone_until_policy(p, tmp_path, "one", "ray.num_workers=1", "policy.optim.per_device_batch_size=8",
-                              "policy.loss.name=dpo", "policy.optim.max_steps=4")
-    h2 = two.run(("policy",))["policy"]["loss_history"]
-    h1 = one.run(("policy",))["policy"]["loss_history"]
-    assert len(h1) == len(h2) == 4
-    assert h1 == pytest.approx(h2, rel=1e-4, abs=1e-5)
-    assert h1[0] != pytest.approx(h1[-1], abs=1e-7)  # training actually moved
+    common = ("policy.loss.name=dpo", "policy.optim.max_steps=4")
+    runs = {"one": ("ray.num_workers=1", "policy.optim.per_device_batch_size=8"),
+            "two": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4"),
+            "fsdp": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4", "ray.strategy=fsdp")}
+    history = {}
+    for name, sets in runs.items():
+        q = _clone_until_policy(p, tmp_path, name, *common, *sets)
+        history[name] = q.run(("policy",))["policy"]["loss_history"]
+    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
+
+    newest = find_checkpoints(str(q.layout.checkpoint_root("policy")))[-1]  # Ray merged both workers' folders
+    assert sorted(f.name for f in newest.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    assert checkpoint_step(newest) == 4
+    assert len(history["one"]) == 4
+    assert history["one"] == pytest.approx(history["two"], rel=1e-4, abs=1e-5)
+    assert history["fsdp"] == pytest.approx(history["two"], rel=1e-4, abs=1e-5)
+    assert history["one"][0] != pytest.approx(history["one"][-1], abs=1e-7)  # training actually moved
+    ids = torch.randint(0, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name / "policy" / "dpo" / "model")(ids).logits
+                  for name in ("two", "fsdp")}
+    assert torch.allclose(logits["fsdp"], logits["two"], atol=1e-4)
 
 
 @pytest.mark.parametrize("loss", ["beta_dpo", "ipo"])

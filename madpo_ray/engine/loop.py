@@ -32,8 +32,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from madpo_ray.config import OptimConfig
-from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, rng_state,
-                                          set_rng_state, write_checkpoint)
+from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, read_shard,
+                                          rng_state, set_rng_state, write_checkpoint, write_shard)
+from madpo_ray.engine.parallel import (all_gather_objects, as_float, gradient_sync, is_sharded, load_sharded_state,
+                                       local_tree, sharded_state)
 from madpo_ray.engine.sessions import WorkerInfo
 
 log = logging.getLogger("madpo_ray.train")
@@ -151,8 +153,11 @@ def plan_batches(examples: list, collate_fn: Callable, optim: OptimConfig, info:
     else:
         sampler = DistributedSampler(examples, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=optim.seed, drop_last=True)
+    # Its own generator: a DataLoader draws a base seed at every new iterator, from the global
+    # stream unless given one, and a resumed run starts its iterator at another point of that
+    # stream than the uninterrupted run did, so dropout (LoRA's) would draw differently after resume.
     loader = DataLoader(examples, batch_size=optim.per_device_batch_size, sampler=sampler,
-                        collate_fn=collate_fn, drop_last=True)
+                        collate_fn=collate_fn, drop_last=True, generator=torch.Generator().manual_seed(optim.seed))
     steps_per_epoch = len(loader) // accum
     total_steps = optim.epochs * steps_per_epoch
     if optim.max_steps:
@@ -172,18 +177,36 @@ class TrainState:
     step: int = 0
     history: list[float] = field(default_factory=list)
 
-    def state_dict(self) -> dict:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
-                "history": self.history, "extra": {k: obj.state_dict() for k, obj in self.extra_state.items()}}
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
 
-    def load_state_dict(self, state: dict) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def state_dict(self) -> dict:
+        """What rank 0 saves. Of a sharded model, without the model, optimiser and extra states:
+        each worker saves its own shards of those (`shard_state_dict`)."""
+        common = {"scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
+                  "history": self.history}
+        if self.sharded:
+            return common
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "extra": {k: obj.state_dict() for k, obj in self.extra_state.items()}, **common}
+
+    def shard_state_dict(self) -> dict:
+        return {**sharded_state(self.model, self.optimizer),
+                "extra": local_tree({k: obj.state_dict() for k, obj in self.extra_state.items()})}
+
+    def load_state_dict(self, state: dict, shard: Optional[dict] = None, rank: int = 0) -> None:
+        if self.sharded:
+            load_sharded_state(self.model, self.optimizer, shard)
+            extra = shard["extra"]
+        else:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            extra = state["extra"]
         self.scheduler.load_state_dict(state["scheduler"])
         for k, obj in self.extra_state.items():
-            obj.load_state_dict(state["extra"][k])
-        set_rng_state(state["rng"])
+            obj.load_state_dict(extra[k])
+        set_rng_state(state["rng"], rank)
         self.step = state["step"]
         self.history = list(state.get("history", []))
 
@@ -219,13 +242,15 @@ class EarlyStopping:
         return improved, self.stopped
 
     def keep(self, model: torch.nn.Module) -> None:
-        self.weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        """This worker's copy (of a sharded model: its shards) of the trainable weights."""
+        self.weights = {n: local_tree(p.detach()).to("cpu", copy=True)
+                        for n, p in model.named_parameters() if p.requires_grad}
 
     def restore(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in self.weights.items():
-                params[name].copy_(value)
+                local_tree(params[name]).copy_(value)
 
     def summary(self) -> dict:
         return {"best_step": self.best_step, "best_eval_loss": self.best, "stopped_early": self.stopped,
@@ -254,23 +279,31 @@ def resume(state: TrainState, session, stage: str, total_steps: int) -> None:
 
     Ray's controller learns of a reported checkpoint only when it next polls the workers
     (every 2 s), so a worker killed right after reporting would otherwise restart from an
-    older one; the session's `checkpoint_root` holds the newer one."""
+    older one; the session's `checkpoint_root` holds the newer one. Every worker picks the same
+    folder (all read the same storage); of a sharded model each reads its own shard file."""
     with session.checkpoint_dir() as framework_dir:
         folder = newest_checkpoint([framework_dir] + find_checkpoints(session.checkpoint_root))
         if folder is None:
             return
-        state.load_state_dict(read_checkpoint(folder))
+        shard = read_shard(folder, session.info.rank, session.info.world_size) if state.sharded else None
+        state.load_state_dict(read_checkpoint(folder, sharded=state.sharded), shard, session.info.rank)
     if session.info.rank == 0:
         log.info("[%s] resumed from checkpoint at step %d/%d (%s)", stage, state.step, total_steps, folder.name)
 
 
 def save_checkpoint(state: TrainState, session, metrics: dict, stage: str) -> None:
-    """Every rank calls report (it is collective); rank 0 attaches the checkpoint."""
-    if session.info.rank != 0:
+    """Every rank calls report (it is collective); rank 0 attaches the checkpoint. Of a sharded
+    model every rank attaches its own shard file, Ray merges the workers' folders into one, and
+    rank 0's meta.json lists every shard's size, so a folder missing one is never resumed from."""
+    info = session.info
+    rngs = all_gather_objects(rng_state(), info.world_size)  # each worker's dropout stream, for an exact resume
+    if info.rank != 0 and not state.sharded:
         session.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(Path(tmp), state.state_dict(), state.step, stage)
+        shards = write_shard(Path(tmp), state.shard_state_dict(), info.rank, info.world_size) if state.sharded else None
+        if info.rank == 0:
+            write_checkpoint(Path(tmp), {**state.state_dict(), "rng": rngs}, state.step, stage, shards)
         session.report(metrics, checkpoint_dir=tmp)
 
 
@@ -349,16 +382,14 @@ def train_micro_batches(model: torch.nn.Module, batches: list[dict], step_fn: St
     one) has seen all of the step's micro-batches. `begin_step` runs under no_grad and the same
     autocast, in train mode, on a forked RNG: the gradient passes then draw the same dropout
     masks as it did, and the training's random stream is as if it had not run (exact resume).
-    DDP syncs gradients only on the last micro-batch. Returns the last micro-batch's metrics."""
+    DDP and FSDP sync gradients only on the last micro-batch. Returns the last micro-batch's metrics."""
     begin_step = getattr(step_fn, "begin_step", None)
     if begin_step is not None:
         with forked_rng(info.device), torch.no_grad(), autocast_context(info.device, optim.bf16):
             begin_step(model, batches)
     metrics = {}
     for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1
-        no_sync = model.no_sync if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext
-        with no_sync(), autocast_context(info.device, optim.bf16):
+        with gradient_sync(model, enabled=i == len(batches) - 1), autocast_context(info.device, optim.bf16):
             loss, metrics = step_fn(model, batch)
             (loss / len(batches)).backward()
         meter.add(float(loss.detach()), batch, len(batches))
@@ -371,7 +402,7 @@ def optimizer_step(state: TrainState, optim: OptimConfig) -> float:
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return float(grad_norm)
+    return as_float(grad_norm)
 
 
 def held_out(state: TrainState, stopper: EarlyStopping, validate: Callable, info: WorkerInfo,

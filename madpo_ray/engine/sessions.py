@@ -126,12 +126,13 @@ class RayTrainSession(RaySession):
     """Inside a Ray Train worker: DDP preparation, Ray Data datasets, collective reports,
     Train checkpoints. `checkpoint_root` is the run's storage folder for this trainer."""
 
-    def __init__(self, checkpoint_root: Optional[str] = None, order_by: str = "index"):
+    def __init__(self, checkpoint_root: Optional[str] = None, order_by: str = "index", strategy: str = "ddp"):
         import ray.train
         import ray.train.torch
 
         super().__init__(checkpoint_root=checkpoint_root)
         self.order_by = order_by  # a column that fixes the example order (Ray Data does not)
+        self.strategy = strategy
         ctx = ray.train.get_context()
         self.info = WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
@@ -152,9 +153,14 @@ class RayTrainSession(RaySession):
         return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP (Ray's prepare_model) or FSDP2 (engine/parallel.py) over gloo (CPU) / NCCL (GPU)."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) / NCCL (GPU) when world_size > 1
+        if self.strategy == "fsdp" and self.info.world_size > 1:
+            from madpo_ray.engine.parallel import shard_model
+
+            return shard_model(model, self.info.device)
+        return ray.train.torch.prepare_model(model)
 
 
 class RayTuneSession(RaySession):

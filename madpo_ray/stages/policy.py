@@ -129,7 +129,11 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
     registry, and (with `out`) rank 0 saves the model and metrics."""
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.policy.optim.seed)  # LoRA's initial adapters come from the seed
-    model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
+
+    def build():
+        return prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
+
+    model = build()
     info = session.info
     step = PolicyStep(cfg.policy.loss, cfg.policy.optim.seed, DataParallel(info.rank, info.world_size, all_gather_1d))
     collate = pair_collator(model, tokenizer.pad_token_id, cfg.model.pair_forward)
@@ -137,5 +141,6 @@ def train_policy(cfg: PipelineConfig, session, *, model_dir: str, out: Optional[
     result = fit(model, examples, collate, step, cfg.policy.optim,
                  stage=label or f"policy/{cfg.policy.loss.name}", session=session, extra_state=step.extra_state(),
                  eval_fn=eval_fn)
-    save_stage_outputs(result, tokenizer, out, cfg, "policy", info.rank, {"loss_name": cfg.policy.loss.name})
+    save_stage_outputs(result, tokenizer, out, cfg, "policy", info.rank, {"loss_name": cfg.policy.loss.name},
+                       rebuild=build)
     return result

@@ -48,8 +48,12 @@ def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = N
     the best evaluation's weights (the reference recipe: every 20 updates, patience 3)."""
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.reward.optim.seed)  # the new score head (and any LoRA) is initialised from the seed
-    model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
-    model = prepare_for_training(model, cfg.model, task="reward")
+
+    def build():
+        model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+        return prepare_for_training(model, cfg.model, task="reward")
+
+    model = build()
     collate = pair_collator(model, tokenizer.pad_token_id, cfg.model.pair_forward)
     validation = session.optional_examples("validation")
     validate = None
@@ -60,5 +64,5 @@ def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = N
                         "no held-out evaluation, no early stopping")
     result = fit(model, session.examples("train"), collate, reward_step, cfg.reward.optim, stage="reward",
                  session=session, validate=validate)
-    save_stage_outputs(result, tokenizer, out, cfg, "reward", session.info.rank)
+    save_stage_outputs(result, tokenizer, out, cfg, "reward", session.info.rank, rebuild=build)
     return result

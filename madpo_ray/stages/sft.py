@@ -28,8 +28,11 @@ def train_sft(cfg, session, *, model_dir: str, out: Optional[StageOutput] = None
     """SFT from `model_dir` on the session's "train" examples (prompt/response token ids)."""
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.sft.optim.seed)  # LoRA's initial adapters come from the seed
-    model = prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
-    result = fit(model, session.examples("train"), SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim,
+
+    def build():
+        return prepare_for_training(load_causal_lm(model_dir, cfg.model.dtype), cfg.model)
+
+    result = fit(build(), session.examples("train"), SFTCollator(tokenizer.pad_token_id), sft_step, cfg.sft.optim,
                  stage="sft", session=session)
-    save_stage_outputs(result, tokenizer, out, cfg, "sft", session.info.rank)
+    save_stage_outputs(result, tokenizer, out, cfg, "sft", session.info.rank, rebuild=build)
     return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -54,7 +54,8 @@ def setup_worker(config: dict):
     quiet_libraries()
     cfg = PipelineConfig.model_validate(config["pipeline"])
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    session = RayTrainSession(config.get("checkpoint_root"), order_by=config.get("order_by", "index"))
+    session = RayTrainSession(config.get("checkpoint_root"), order_by=config.get("order_by", "index"),
+                              strategy=cfg.ray.strategy)
     if config.get("fault"):
         session = FaultInjectingSession(session, **config["fault"])
     return cfg, session
@@ -75,18 +76,37 @@ def train_loop_per_worker(config: dict) -> None:
         stage_trainer(config["stage"])(cfg, session, model_dir=config["model_dir"], out=stage_output(config))
 
 
+def consolidated(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module], rank: int):
+    """A sharded model's full weights in a fresh unsharded model on rank 0 (None elsewhere).
+    Every worker must call it: the gather is a collective."""
+    from madpo_ray.engine.parallel import full_state_dict
+
+    full = full_state_dict(model)
+    if rank != 0:
+        return None
+    fresh = rebuild()
+    fresh.load_state_dict(full)
+    return fresh
+
+
 def save_stage_outputs(result: FitResult, tokenizer, out: Optional[StageOutput], cfg: PipelineConfig, stage: str,
-                       rank: int, extra_metrics: Optional[dict] = None) -> None:
+                       rank: int, extra_metrics: Optional[dict] = None,
+                       rebuild: Optional[Callable[[], torch.nn.Module]] = None) -> None:
     """Rank 0 saves the model (atomically, merged if LoRA trained it, with the prompt template)
-    and the training metrics, including the share of parameters that trained."""
+    and the training metrics, including the share of parameters that trained. A sharded (FSDP)
+    model is first gathered into `rebuild()`, the stage's model as it was before training."""
+    from madpo_ray.engine.parallel import is_sharded
     from madpo_ray.models import save_trained, trainable_parameters
 
+    model = result.model
+    if out is not None and is_sharded(model):
+        model = consolidated(model, rebuild, rank)
     if out is None or rank != 0:
         return
     from madpo_ray.data.prompts import effective_prompt_template
 
-    trainable, total = trainable_parameters(result.model)
-    save_trained(result.model, tokenizer, out.model_dir, out.adapter_dir,
+    trainable, total = trainable_parameters(model)
+    save_trained(model, tokenizer, out.model_dir, out.adapter_dir,
                  meta={"stage": stage, "prompt_template": effective_prompt_template(cfg.data, tokenizer)})
     write_json(out.metrics_path, {"steps": result.steps, "loss_history": result.loss_history,
                                   "trainable_parameters": trainable, "total_parameters": total,

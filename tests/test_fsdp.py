@@ -1,0 +1,152 @@
+"""FSDP2 (ray.strategy=fsdp, engine/parallel.py) on CPU with gloo, two processes, through the
+real policy-training entry point (`train_policy`, the loop, the checkpoint format), with LoRA
+adapters on a sharded base: the loss trajectory equals DDP's; a sharded checkpoint written by
+both workers resumes to the same next step; the consolidated folder (merged, with the adapter
+beside it) loads with from_pretrained and gives DDP's logits. The processes join a plain torch
+process group; full fine-tuning under FSDP through Ray Train is tested in test_pipeline_ray.py."""
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from madpo_ray.engine.sessions import LocalSession, WorkerInfo
+
+from helpers import TINY_SETS
+
+pytestmark = pytest.mark.slow  # five pairs of processes, about 80 s
+
+
+class ProcessGroupSession(LocalSession):
+    """A worker of a plain torch process group: DDP or FSDP preparation, and checkpoints that
+    every rank copies into one folder (as Ray merges the workers' checkpoint folders)."""
+
+    def __init__(self, datasets, checkpoint_root, strategy):
+        import torch.distributed as dist
+
+        super().__init__(datasets, checkpoint_root=checkpoint_root)
+        self.info = WorkerInfo(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+        self.strategy = strategy
+
+    def prepare(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from madpo_ray.engine.parallel import shard_model
+
+        return shard_model(model, self.info.device) if self.strategy == "fsdp" else DistributedDataParallel(model)
+
+    def report(self, metrics, checkpoint_dir=None):
+        import torch.distributed as dist
+
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None and self.checkpoint_root:
+            dest = Path(self.checkpoint_root) / f"checkpoint_{int(metrics['step']):06d}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint_dir).iterdir():
+                shutil.copy2(f, dest / f.name)
+        dist.barrier()
+
+
+def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root):
+    import torch.distributed as dist
+
+    from madpo_ray.config import load_config
+    from madpo_ray.data.scored import load_policy_examples
+    from madpo_ray.stages.policy import train_policy
+    from madpo_ray.stages.worker import StageOutput
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = load_config("tiny", TINY_SETS + [f"runs_dir={run_dir}", f"policy.optim.max_steps={steps}",
+                                               "policy.optim.checkpoint_every=2", "policy.loss.name=madpo",
+                                               "policy.optim.lr=0.1", "model.lora.r=4"])  # big steps: a trajectory that moves
+        session = ProcessGroupSession({"train": load_policy_examples(scored, "madpo")}, root, strategy)
+        out = StageOutput(Path(run_dir) / "model", Path(run_dir) / "train_metrics.json", Path(run_dir) / "adapter")
+        result = train_policy(cfg, session, model_dir=model_dir, out=out)
+        if rank == 0:
+            (Path(run_dir) / "history.json").write_text(json.dumps(
+                {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tmp_path, name, strategy, steps, model_dir, scored, root=None, resumed_from=0) -> list[float]:
+    """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    mp.spawn(worker, args=(free_port(), strategy, steps, str(model_dir), str(scored), str(run_dir),
+                           str(root) if root else None), nprocs=2, join=True)
+    result = json.loads((run_dir / "history.json").read_text())
+    assert result["resumed_from"] == resumed_from
+    return result["history"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_base_dir, scored_train):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return tmp, train(tmp, "ddp", "ddp", 3, tiny_base_dir, scored_train)
+
+
+def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(tmp_path, ddp_run, tiny_base_dir, scored_train):
+    from transformers import AutoModelForCausalLM
+
+    ddp_dir, ddp_history = ddp_run
+    fsdp_history = train(tmp_path, "fsdp", "fsdp", 3, tiny_base_dir, scored_train)
+    assert fsdp_history == pytest.approx(ddp_history, abs=1e-4)
+    assert max(ddp_history) - min(ddp_history) > 0.005  # the weights moved, 50x the tolerance
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fsdp = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")(ids).logits
+        ddp = AutoModelForCausalLM.from_pretrained(ddp_dir / "ddp" / "model")(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)(ids).logits
+    assert torch.allclose(fsdp, ddp, atol=1e-4)
+    assert not torch.allclose(fsdp, base, atol=1e-4)  # the trained weights, not the base's
+    assert (tmp_path / "fsdp" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, tiny_base_dir, scored_train, strategy):
+    """Two steps (under FSDP a sharded checkpoint at step 2: a shard file per worker), then a new
+    pair of processes resumes it for step 3: the loss of step 3 is the uninterrupted run's. LoRA's
+    dropout is on, so this also needs each worker's own random stream back, not rank 0's on both."""
+    from madpo_ray.engine.checkpoints import find_checkpoints
+
+    _, straight = ddp_run
+    root = tmp_path / "ckpt"
+    train(tmp_path, "first", strategy, 2, tiny_base_dir, scored_train, root)
+    folder = find_checkpoints(str(root))[-1]
+    meta = json.loads((folder / "meta.json").read_text())
+    shards = ["shard_00000.pt", "shard_00001.pt"] if strategy == "fsdp" else []
+    assert meta["step"] == 2 and sorted(meta.get("shards", [])) == shards
+    resumed = train(tmp_path, "resumed", strategy, 3, tiny_base_dir, scored_train, root, resumed_from=2)
+    assert resumed == pytest.approx(straight, abs=1e-4)
+
+
+def test_a_checkpoint_missing_a_workers_shard_is_never_resumed_from(tmp_path, tiny_base_dir, scored_train):
+    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
+
+    root = tmp_path / "ckpt"
+    train(tmp_path, "first", "fsdp", 2, tiny_base_dir, scored_train, root)
+    folder = find_checkpoints(str(root))[-1]
+    assert checkpoint_step(folder) == 2
+    (folder / "shard_00001.pt").unlink()
+    assert checkpoint_step(folder) is None
+
+
+def test_fsdp_with_the_one_process_runtime_is_refused_by_name():
+    from madpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="ray.strategy=fsdp"):
+        load_config("tiny", ["ray.strategy=fsdp", "ray.backend=local"])
