@@ -52,7 +52,8 @@ OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.be
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
 NAME_OPT = typer.Option(None, "--name", help="Run name (folder under runs_dir).")
 VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="Show Ray's, vLLM's and every library's output in the "
-                           "terminal too. It always goes to <run folder>/logs/madpo.log.")
+                           "terminal. Without it that output goes to <run folder>/logs/madpo.log; our own log "
+                           "lines go there either way.")
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -255,6 +255,10 @@ class Comparison:
                                                   str(lay.scored_path("train")), str(lay.model_dir("sft")),
                                                   str(d), upstream, self.tracking(d, m, seed))))
         log.info("compare: %d trainings (%d already done)", len(todo) + len(done), len(done))
+        if todo:
+            from madpo_ray.tracking import ensure_experiment
+
+            ensure_experiment(todo[0][1][-1])  # before the parallel tasks, which would each create it
         if self.cfg.ray.backend == "local":
             for key, args in todo:
                 done[key] = train_method(*args, threads=max(1, os.cpu_count() or 1))

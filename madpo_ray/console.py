@@ -29,6 +29,9 @@ TERMINAL_INFO_LOGGERS = ("madpo_ray.pipeline", "madpo_ray.compare", "madpo_ray.t
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+FILE_ONLY = {"file_only": True}  # `extra=` of a record the terminal must not show (a traceback Python prints anyway)
+
+
 class TerminalFilter(logging.Filter):
     """Our own warnings and errors, and the INFO lines of the driver's narrative."""
 
@@ -37,10 +40,16 @@ class TerminalFilter(logging.Filter):
         return ours and (record.levelno >= logging.WARNING or record.name in TERMINAL_INFO_LOGGERS)
 
 
+class NotFileOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
 def terminal_handler(console: Console, everything: bool) -> logging.Handler:
     from rich.logging import RichHandler
 
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler.addFilter(NotFileOnly())
     if not everything:
         handler.addFilter(TerminalFilter())
     return handler
@@ -62,50 +71,67 @@ def configure_logging(console: Console, log_file=None, everything: bool = False)
 
 @contextlib.contextmanager
 def quiet_terminal(console: Console, log_path: Path, verbose: bool = False, command: str = ""):
-    """Within: the process's stdout and stderr (fds 1 and 2, so child processes and C code too)
-    append to `log_path`, and `console` writes to the terminal. Restored on the way out, before
-    an exception's traceback is printed (the traceback is logged to the file first)."""
+    """Within: our log lines go to `log_path`, and so does everything else the process writes
+    (fds 1 and 2: child processes and C code too) unless `verbose`, while `console` writes to the
+    terminal. A failure's traceback is logged to the file; Python prints it to the terminal once
+    the terminal is back."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "a", buffering=1)
     log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} madpo {command}\n")
-    if verbose:
-        configure_logging(console, log_file, everything=True)
-        try:
-            yield
-        finally:
-            log_file.close()
+    output = contextlib.nullcontext() if verbose else output_to_file(console, log_file)
+    try:
+        with output:
+            configure_logging(console, log_file, everything=verbose)
+            try:
+                yield
+            except BaseException as e:
+                log_failure(e)
+                raise
+    finally:
+        configure_logging(console)  # no handler may write to the file once it is closed
+        log_file.close()
+
+
+def log_failure(e: BaseException) -> None:
+    if isinstance(e, SystemExit) or type(e).__name__ == "Exit":  # typer.Exit: an error already printed
         return
+    log = logging.getLogger("madpo_ray.console")
+    if isinstance(e, KeyboardInterrupt):
+        log.warning("interrupted", extra=FILE_ONLY)
+    else:
+        log.error("the command failed", exc_info=e, extra=FILE_ONLY)
+
+
+@contextlib.contextmanager
+def output_to_file(console: Console, log_file):
+    """fds 1 and 2 append to `log_file`; `console` writes to the terminal they pointed at. Ray is
+    shut down before they are restored (its exit messages belong in the file), and they are
+    restored even if that fails."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
-    previous_file = console.file
-    console.file = terminal
+    previous_file, console.file = console.file, terminal
     os.dup2(log_file.fileno(), 1)
     os.dup2(log_file.fileno(), 2)
-    configure_logging(console, sys.stderr)  # sys.stderr writes to fd 2: the log file
     try:
         yield
-    except BaseException as e:
-        if not isinstance(e, SystemExit) and type(e).__name__ != "Exit":
-            logging.getLogger("madpo_ray").exception("the command failed")
-        raise
     finally:
-        shutdown_ray()  # its exit messages belong in the file too
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        console.file = previous_file
-        configure_logging(console)
-        terminal.close()
-        log_file.close()
+        try:
+            shutdown_ray()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, target in zip(saved, (1, 2)):
+                os.dup2(fd, target)
+                os.close(fd)
+            console.file = previous_file
+            terminal.close()
 
 
 def shutdown_ray() -> None:
+    """Stop the local cluster (if this process started or joined one) while output still goes to the log."""
     if "ray" in sys.modules:
         import ray
 
@@ -114,6 +140,7 @@ def shutdown_ray() -> None:
 
 
 def read_progress(path: Path) -> dict:
+    """The training's latest report, {} before the first one (or if unreadable: the bar waits)."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -128,12 +155,15 @@ def training_progress(console: Console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         Path(progress_path).unlink(missing_ok=True)  # a previous attempt's last report is not this one's
+        # No redirection of sys.stdout/stderr: rich would send what Ray prints to the terminal.
         bar = Progress(TextColumn("  {task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[status]}"), console=console, transient=False)
+                       TextColumn("{task.fields[status]}"), console=console, transient=False,
+                       redirect_stdout=False, redirect_stderr=False)
         task = bar.add_task(training, total=None, status="starting")
         stop = threading.Event()
 
         def update() -> None:
+            """Draw the latest report; a file that is missing or half-written is the previous state."""
             p = read_progress(progress_path)
             if p:
                 status = (f"loss {p.get('loss', float('nan')):.4f}  {p.get('tokens_per_s', 0):.0f} tok/s  "
@@ -152,6 +182,7 @@ def training_progress(console: Console):
             finally:
                 stop.set()
                 thread.join()
-                update()
+                with contextlib.suppress(Exception):  # never hide the training's own exception
+                    update()
 
     return progress

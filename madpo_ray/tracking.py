@@ -85,6 +85,36 @@ def curves(metrics: dict) -> dict[str, float]:
             and math.isfinite(float(v))}
 
 
+def experiment_id(client, name: str) -> str:
+    """Get or create. A server refuses a second creation (caught here); the file store does not
+    check, so trainings that may start at once (Tune trials, compare tasks) need the driver to
+    create it first (`ensure_experiment`)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def ensure_experiment(target: Optional[dict]) -> None:
+    """On the driver, before parallel trainings: their experiment exists, so none of them creates
+    it (two would create two experiments of one name in a file store). A failure is a warning."""
+    if not target or not target.get("mlflow_uri"):
+        return
+    if target["mlflow_uri"].startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id(MlflowClient(tracking_uri=target["mlflow_uri"]), target["experiment"])
+    except Exception as e:
+        log.warning("MLflow experiment %s at %s: %s", target["experiment"], target["mlflow_uri"], e)
+
+
 class MlflowRun:
     """One MLflow run per training, through MlflowClient (no global active-run state, so trials
     in one process never log into each other's runs)."""
@@ -106,27 +136,21 @@ class MlflowRun:
         self.log_params(target.params)
 
     def experiment_id(self, name: str) -> str:
-        """Get or create; two trials creating it at once is not an error."""
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:
-            return self.client.get_experiment_by_name(name).experiment_id
+        return experiment_id(self.client, name)
 
     def unfinished(self, experiment_id: str, training: str) -> Optional[str]:
+        """The newest run of this training if it did not finish: a resumed training continues it
+        (FAILED when the training raised, RUNNING when its worker was killed)."""
         runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{TRAINING_TAG}` = '{training}'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
     def log_params(self, params: dict[str, str]) -> None:
+        """The training's settings, in batches: MLflow takes at most 100 params per call."""
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -169,6 +193,7 @@ class Tracker:
                 log.warning("TensorBoard logging of %s is off: %s", t.training, e)
 
     def log(self, metrics: dict) -> None:
+        """One report to every backend, at its step (opening them at the first report)."""
         if not self.opened:
             self.open(int(metrics.get("resumed_from_step", 0)))
         step, values = int(metrics["step"]), curves(metrics)
@@ -182,8 +207,12 @@ class Tracker:
             write_progress(Path(self.target.progress_path), metrics)
 
     def close(self, status: str) -> None:
-        if self.mlflow is not None:
-            self.mlflow.close(status)
+        """End the MLflow run; a server down at the end is a warning, never a failed training."""
+        try:
+            if self.mlflow is not None:
+                self.mlflow.close(status)
+        except Exception as e:
+            log.warning("tracking %s: could not mark the MLflow run %s: %s", self.target.training, status, e)
         if self.board is not None:
             self.board.close()
 

@@ -127,7 +127,10 @@ def search_tracking(cfg: PipelineConfig, search: str) -> Optional[dict]:
 
     from madpo_ray.tracking import tracking_target
 
+    from madpo_ray.tracking import ensure_experiment
+
     target = tracking_target(cfg, f"tune/{search}")
+    ensure_experiment(asdict(target) if target else None)
     return asdict(target) if target else None
 
 

@@ -50,26 +50,42 @@ class ProcessGroupSession(LocalSession):
         dist.barrier()
 
 
-def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root):
+# Big steps (a trajectory that moves), two micro-batches per step (gradient sync held back on the
+# first), LoRA on the sharded base with its dropout on.
+POLICY_SETS = ["policy.optim.checkpoint_every=2", "policy.loss.name=madpo", "policy.optim.lr=0.1", "model.lora.r=4",
+               "policy.optim.per_device_batch_size=2"]
+# The reward model with early stopping: evaluated every step, its best weights restored at the end.
+REWARD_SETS = ["reward.optim.lr=0.05", "reward.optim.per_device_batch_size=4", "reward.optim.eval_every=1",
+               "reward.optim.patience=5"]
+PAIR_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage="policy"):
+    import pyarrow.parquet as pq
     import torch.distributed as dist
 
     from madpo_ray.config import load_config
     from madpo_ray.data.scored import load_policy_examples
-    from madpo_ray.stages.policy import train_policy
+    from madpo_ray.stages import stage_trainer
     from madpo_ray.stages.worker import StageOutput
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        cfg = load_config("tiny", TINY_SETS + [f"runs_dir={run_dir}", f"policy.optim.max_steps={steps}",
-                                               "policy.optim.checkpoint_every=2", "policy.loss.name=madpo",
-                                               "policy.optim.lr=0.1", "model.lora.r=4"])  # big steps: a trajectory that moves
-        session = ProcessGroupSession({"train": load_policy_examples(scored, "madpo")}, root, strategy)
+        sets = POLICY_SETS if stage == "policy" else REWARD_SETS
+        cfg = load_config("tiny", TINY_SETS + [f"runs_dir={run_dir}", f"{stage}.optim.max_steps={steps}", *sets])
+        if stage == "policy":
+            datasets = {"train": load_policy_examples(scored, "madpo")}
+        else:
+            pairs = [{k: r[k] for k in PAIR_IDS} for r in pq.read_table(scored).to_pylist()]
+            datasets = {"train": pairs, "validation": pairs[:8]}
+        session = ProcessGroupSession(datasets, root, strategy)
         out = StageOutput(Path(run_dir) / "model", Path(run_dir) / "train_metrics.json", Path(run_dir) / "adapter")
-        result = train_policy(cfg, session, model_dir=model_dir, out=out)
+        result = stage_trainer(stage)(cfg, session, model_dir=model_dir, out=out)
         if rank == 0:
             (Path(run_dir) / "history.json").write_text(json.dumps(
-                {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"]}))
+                {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"],
+                 "best_step": result.metrics.get("best_step")}))
     finally:
         dist.destroy_process_group()
 
@@ -80,17 +96,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tmp_path, name, strategy, steps, model_dir, scored, root=None, resumed_from=0) -> list[float]:
+def train(tmp_path, name, strategy, steps, model_dir, scored, root=None, resumed_from=0, stage="policy"):
     """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
     import torch.multiprocessing as mp
 
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
     mp.spawn(worker, args=(free_port(), strategy, steps, str(model_dir), str(scored), str(run_dir),
-                           str(root) if root else None), nprocs=2, join=True)
+                           str(root) if root else None, stage), nprocs=2, join=True)
     result = json.loads((run_dir / "history.json").read_text())
     assert result["resumed_from"] == resumed_from
-    return result["history"]
+    return result["history"] if stage == "policy" else result
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +150,33 @@ def test_a_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, tiny_base
     assert resumed == pytest.approx(straight, abs=1e-4)
 
 
-def test_a_checkpoint_missing_a_workers_shard_is_never_resumed_from(tmp_path, tiny_base_dir, scored_train):
+def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_from(tmp_path, tiny_base_dir,
+                                                                                      scored_train):
     from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
 
     root = tmp_path / "ckpt"
     train(tmp_path, "first", "fsdp", 2, tiny_base_dir, scored_train, root)
-    folder = find_checkpoints(str(root))[-1]
-    assert checkpoint_step(folder) == 2
-    (folder / "shard_00001.pt").unlink()
-    assert checkpoint_step(folder) is None
+    last = find_checkpoints(str(root))[-1]
+    assert checkpoint_step(last) == 2
+    data = (last / "shard_00001.pt").read_bytes()
+    (last / "shard_00001.pt").write_bytes(data[:-1])
+    assert checkpoint_step(last) is None
+    (last / "shard_00001.pt").unlink()
+    assert checkpoint_step(last) is None
+
+
+def test_fsdp_early_stopping_restores_the_same_best_weights_as_ddp(tmp_path, tiny_base_dir, scored_train):
+    """The reward stage under both strategies: same losses, same best evaluation, and the saved
+    (consolidated, best) reward models score alike."""
+    from madpo_ray.models import load_reward_model, reward_scores
+
+    runs = {s: train(tmp_path, s, s, 4, tiny_base_dir, scored_train, stage="reward") for s in ("ddp", "fsdp")}
+    assert runs["fsdp"]["history"] == pytest.approx(runs["ddp"]["history"], abs=1e-4)
+    assert runs["fsdp"]["best_step"] == runs["ddp"]["best_step"] is not None
+    ids = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    scores = {s: reward_scores(load_reward_model(str(tmp_path / s / "model")).eval(), ids, mask) for s in runs}
+    assert torch.allclose(scores["fsdp"], scores["ddp"], atol=1e-4)
 
 
 def test_fsdp_with_the_one_process_runtime_is_refused_by_name():

@@ -35,7 +35,7 @@ from madpo_ray.config import OptimConfig
 from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, read_shard,
                                           rng_state, set_rng_state, write_checkpoint, write_shard)
 from madpo_ray.engine.parallel import (all_gather_objects, as_float, gradient_sync, is_sharded, load_sharded_state,
-                                       local_tree, sharded_state)
+                                       local_tree, reshard, sharded_state)
 from madpo_ray.engine.sessions import WorkerInfo
 
 log = logging.getLogger("madpo_ray.train")
@@ -243,10 +243,12 @@ class EarlyStopping:
 
     def keep(self, model: torch.nn.Module) -> None:
         """This worker's copy (of a sharded model: its shards) of the trainable weights."""
+        reshard(model)
         self.weights = {n: local_tree(p.detach()).to("cpu", copy=True)
                         for n, p in model.named_parameters() if p.requires_grad}
 
     def restore(self, model: torch.nn.Module) -> None:
+        reshard(model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in self.weights.items():

@@ -51,6 +51,20 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP unit back to its shards. FSDP2 leaves the root's parameters gathered after a
+    forward (backward would gather them again), so after an evaluation they are full tensors:
+    code that reads or writes parameters shard by shard (early stopping's best weights) calls
+    this first. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def gradient_sync(model: torch.nn.Module, enabled: bool):
     """A context in which backward does (or, on micro-batches before the last, does not) reduce
     gradients across workers: DDP's no_sync, FSDP's set_requires_gradient_sync."""
