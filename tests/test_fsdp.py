@@ -132,11 +132,12 @@ def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(tmp_path, ddp
     assert (tmp_path / "fsdp" / "adapter" / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_a_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, tiny_base_dir, scored_train, strategy):
+def test_a_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, tiny_base_dir, scored_train, strategy="fsdp"):
     """Two steps (under FSDP a sharded checkpoint at step 2: a shard file per worker), then a new
     pair of processes resumes it for step 3: the loss of step 3 is the uninterrupted run's. LoRA's
-    dropout is on, so this also needs each worker's own random stream back, not rank 0's on both."""
+    dropout is on, so this also needs each worker's own random stream back, not rank 0's on both
+    (the same code saves and restores the streams under DDP; `strategy="ddp"` passes too, left out
+    of CI for time)."""
     from madpo_ray.engine.checkpoints import find_checkpoints
 
     _, straight = ddp_run
