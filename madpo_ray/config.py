@@ -220,7 +220,7 @@ class EvalConfig(_Strict):
     backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed (bench/generate_throughput.py)
     seed: int = 0
     bootstrap_samples: int = Field(2000, ge=100)
-    generation_cpus: Optional[float] = Field(None, gt=0)  # CPUs the generation actor holds; None = this node's cores
+    generation_cpus: Optional[float] = Field(None, gt=0)  # CPUs the generation actor holds; None = one node's cores
 
     @field_validator("temperatures")
     @classmethod

@@ -45,6 +45,14 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
+def largest_node_cpus() -> float:
+    """The most CPUs one alive node offers: no actor or task can hold more (on a cluster of small
+    nodes, the cluster's total would be a request that never schedules)."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1.0) or 1.0
+
+
 def latest_checkpoint(storage_path: Path, name: str):
     """The newest complete checkpoint a previous attempt of this run left, for cross-process resume."""
     import ray.train

@@ -1,5 +1,7 @@
-"""The pipeline on a real local Ray cluster: every stage, DDP equivalence, resume after a killed
-worker, and the scored-parquet contract. CI-sized: a 1-layer width-32 model, 64 documents."""
+"""The pipeline on a real Ray cluster of two nodes (two raylets on this machine, one CPU each, so
+every two-worker training runs one worker per node, with runs_dir as the storage both see):
+every stage, DDP and FSDP equivalence, resume after a worker is killed, and the scored-parquet
+contract. CI-sized: a 1-layer width-32 model, 64 documents."""
 
 import json
 import shutil
@@ -23,14 +25,22 @@ CONTRACT = ["prompt", "chosen", "rejected", "ref_logp_chosen", "ref_logp_rejecte
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """Two nodes of one CPU: a training of two 1-CPU workers cannot place both on one node."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    from madpo_ray.config import RayConfig
-    from madpo_ray.runtime import init_ray
+    from madpo_ray.runtime import worker_env
 
-    init_ray(RayConfig(num_cpus=2))
-    yield
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1"})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})  # as runtime.init_ray does
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 def _cfg(tmp, name, *extra):
@@ -117,9 +127,9 @@ def test_ddp_two_workers_match_one_worker_and_fsdp(full_run, tmp_path):
     for name, sets in runs.items():
         q = _clone_until_policy(p, tmp_path, name, *common, *sets)
         history[name] = q.run(("policy",))["policy"]["loss_history"]
-    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
+    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints, newest_checkpoint
 
-    newest = find_checkpoints(str(q.layout.checkpoint_root("policy")))[-1]  # Ray merged both workers' folders
+    newest = newest_checkpoint(find_checkpoints(str(q.layout.checkpoint_root("policy"))))  # Ray merged both workers
     assert sorted(f.name for f in newest.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
     assert checkpoint_step(newest) == 4
     assert len(history["one"]) == 4

@@ -327,12 +327,13 @@ def generation_actor(cfg):
         return GenerationActor(cfg.eval.backend, seed=cfg.eval.seed), lambda method, *args: method(*args)
     import ray
 
-    from madpo_ray.runtime import init_ray, worker_env
+    from madpo_ray.runtime import init_ray, largest_node_cpus, worker_env
 
     init_ray(cfg.ray)
-    # The engine binds every core of its node; hold that many CPUs (at most one node's worth,
+    # The engine binds every core of its node; hold that many CPUs (one node's worth: more, e.g.
+    # the whole cluster's, can never be placed and the actor would wait forever; or
     # eval.generation_cpus), or one GPU on a GPU cluster.
-    cpus = cfg.eval.generation_cpus or min(float(ray.cluster_resources().get("CPU", 1)), float(os.cpu_count() or 1))
+    cpus = cfg.eval.generation_cpus or min(largest_node_cpus(), float(os.cpu_count() or 1))
     actor = ray.remote(GenerationActor).options(num_cpus=max(1.0, cpus), num_gpus=1 if cfg.ray.use_gpu else 0,
                                                 runtime_env={"env_vars": worker_env()}).remote(
         cfg.eval.backend, seed=cfg.eval.seed)
