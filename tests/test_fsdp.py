@@ -115,6 +115,14 @@ def ddp_run(tmp_path_factory, tiny_base_dir, scored_train):
     return tmp, train(tmp, "ddp", "ddp", 3, tiny_base_dir, scored_train)
 
 
+@pytest.fixture(scope="module")
+def fsdp_checkpoint(tmp_path_factory, tiny_base_dir, scored_train):
+    """Two FSDP steps with a sharded checkpoint at step 2: its root folder."""
+    tmp = tmp_path_factory.mktemp("fsdp_first")
+    train(tmp, "first", "fsdp", 2, tiny_base_dir, scored_train, tmp / "ckpt")
+    return tmp / "ckpt"
+
+
 def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(tmp_path, ddp_run, tiny_base_dir, scored_train):
     from transformers import AutoModelForCausalLM
 
@@ -132,32 +140,29 @@ def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(tmp_path, ddp
     assert (tmp_path / "fsdp" / "adapter" / "adapter_config.json").exists()
 
 
-def test_a_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, tiny_base_dir, scored_train, strategy="fsdp"):
+def test_a_sharded_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, fsdp_checkpoint, tiny_base_dir,
+                                                            scored_train):
     """Two steps (under FSDP a sharded checkpoint at step 2: a shard file per worker), then a new
     pair of processes resumes it for step 3: the loss of step 3 is the uninterrupted run's. LoRA's
     dropout is on, so this also needs each worker's own random stream back, not rank 0's on both
-    (the same code saves and restores the streams under DDP; `strategy="ddp"` passes too, left out
-    of CI for time)."""
+    (DDP saves and restores the streams with the same code)."""
     from madpo_ray.engine.checkpoints import find_checkpoints
 
     _, straight = ddp_run
     root = tmp_path / "ckpt"
-    train(tmp_path, "first", strategy, 2, tiny_base_dir, scored_train, root)
+    shutil.copytree(fsdp_checkpoint, root)
     folder = find_checkpoints(str(root))[-1]
     meta = json.loads((folder / "meta.json").read_text())
-    shards = ["shard_00000.pt", "shard_00001.pt"] if strategy == "fsdp" else []
-    assert meta["step"] == 2 and sorted(meta.get("shards", [])) == shards
-    resumed = train(tmp_path, "resumed", strategy, 3, tiny_base_dir, scored_train, root, resumed_from=2)
+    assert meta["step"] == 2 and sorted(meta["shards"]) == ["shard_00000.pt", "shard_00001.pt"]
+    resumed = train(tmp_path, "resumed", "fsdp", 3, tiny_base_dir, scored_train, root, resumed_from=2)
     assert resumed == pytest.approx(straight, abs=1e-4)
 
 
-def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_from(tmp_path, tiny_base_dir,
-                                                                                      scored_train):
+def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_from(tmp_path, fsdp_checkpoint):
     from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
 
-    root = tmp_path / "ckpt"
-    train(tmp_path, "first", "fsdp", 2, tiny_base_dir, scored_train, root)
-    last = find_checkpoints(str(root))[-1]
+    shutil.copytree(fsdp_checkpoint, tmp_path / "ckpt")
+    last = find_checkpoints(str(tmp_path / "ckpt"))[-1]
     assert checkpoint_step(last) == 2
     data = (last / "shard_00001.pt").read_bytes()
     (last / "shard_00001.pt").write_bytes(data[:-1])

@@ -64,7 +64,7 @@ def test_wrong_token_is_refused_clearly(head):
 def test_submitted_run_succeeds_with_logs_and_artifacts(head, tmp_path):
     from madpo_ray import submit as sub
 
-    job = _submit(head, "run", "--name", "job1", f"runs_dir={tmp_path}", *TINY_SETS)
+    job = _submit(head, "run", "--name", "job1", f"runs_dir={tmp_path}", *TINY_SETS, "policy.optim.max_steps=6")
     final = sub.wait_for(job, sub.TERMINAL, DASHBOARD, head["token"], timeout_s=900)
     logs = _madpo("jobs", "logs", job, "--address", DASHBOARD, env=head["env"]).stdout
     assert final == "SUCCEEDED", logs[-3000:]
