@@ -143,18 +143,23 @@ class Pipeline:
         workers = 1 if self.cfg.ray.backend == "local" else self.cfg.ray.num_workers
         accumulation_steps(getattr(self.cfg, stage).optim, workers, len(examples), stage)  # before any worker starts
         out = StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage))
-        if self.cfg.ray.backend == "local":
-            datasets = {"train": examples, **({"validation": validation} if validation else {})}
-            session = LocalSession(datasets, checkpoint_root=str(lay.checkpoint_root(stage)))
-            if self.fault.get("stage") == stage:
-                session = FaultInjectingSession(session, **self.fault_options(stage))
-            with self.progress(lay.training_key(stage), lay.progress_path(lay.training_key(stage))), \
-                    tracked(session, self.tracking_target(stage)) as session:
-                stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
-        else:
-            with self.progress(lay.training_key(stage), lay.progress_path(lay.training_key(stage))):
+        key = lay.training_key(stage)
+        with self.progress(key, lay.progress_path(key)):
+            if self.cfg.ray.backend == "local":
+                self.train_here(stage, examples, model_dir, out, validation)
+            else:
                 self.train_on_ray(stage, examples, model_dir, out, parquet, validation)
         return json.loads(lay.train_metrics_path(stage).read_text())
+
+    def train_here(self, stage: str, examples: list[dict], model_dir, out: StageOutput,
+                   validation: Optional[list[dict]] = None) -> None:
+        """The stage's training in this process (ray.backend=local), tracked as on Ray."""
+        datasets = {"train": examples, **({"validation": validation} if validation else {})}
+        session = LocalSession(datasets, checkpoint_root=str(self.layout.checkpoint_root(stage)))
+        if self.fault.get("stage") == stage:
+            session = FaultInjectingSession(session, **self.fault_options(stage))
+        with tracked(session, self.tracking_target(stage)) as session:
+            stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
 
     def tracking_target(self, stage: str) -> Optional[dict]:
         """Where the stage's training logs its curves (tracking.py), with the stage's own settings as params."""

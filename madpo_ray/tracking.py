@@ -19,7 +19,6 @@ asks for since it put the file store in maintenance mode). `tracking.uri` names 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -218,12 +217,10 @@ class Tracker:
 
 
 def write_progress(path: Path, metrics: dict) -> None:
-    """Atomically, so the driver never reads half a file."""
-    keep = {k: metrics[k] for k in ("step", "total_steps", "loss", "tokens_per_s", "eta_s") if k in metrics}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-    tmp.write_text(json.dumps(keep))
-    tmp.replace(path)
+    """Atomically (io.write_json), so the driver never reads half a file."""
+    from madpo_ray.io import write_json
+
+    write_json(path, {k: metrics[k] for k in ("step", "total_steps", "loss", "tokens_per_s", "eta_s") if k in metrics})
 
 
 class TrackedSession:
