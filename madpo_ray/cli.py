@@ -631,7 +631,9 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
               num_cpus: float = typer.Option(1.0, help="CPUs per replica (fractional is fine)."),
               batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching of concurrent requests."),
               max_batch_size: int = typer.Option(16),
-              backend: str = typer.Option("transformers", help="Generation engine: transformers or vllm (if installed)."),
+              backend: str = typer.Option("auto", help="Generation engine: vllm (async engine, continuous batching, "
+                                                       "token streaming), transformers, or auto: vllm when it is installed "
+                                                       "and supports the model."),
               insecure: bool = typer.Option(False, "--insecure",
                                             help="Allow a non-loopback --host without an API key (MADPO_API_KEY_FILE / MADPO_API_KEY)."),
               address: Optional[str] = ADDRESS_OPT):

@@ -108,7 +108,7 @@ BAD = [
     ("/v1/completions", {"prompt": "   "}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x" * 9000}, 400, "prompt"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"prompt": ["x", "y"], "stream": True}, 400, "stream"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt"),
     ("/v1/completions", [1, 2, 3], 400, ""),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -162,38 +162,3 @@ def test_concurrent_burst_has_zero_failures(server):
 
     codes = asyncio.run(burst())
     assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
-
-
-def _vllm_installed() -> bool:
-    from madpo_ray.serving.vllm_engine import vllm_available
-
-    return vllm_available()
-
-
-@pytest.mark.skipif(not _vllm_installed(), reason="vLLM not installed (the transformers backend is the fallback)")
-def test_vllm_backend_serves_the_same_greedy_text(server, corpus_docs, tmp_path):
-    """The vLLM engine behind the same routes gives the transformers backend's greedy completions.
-
-    vLLM's CPU attention has no kernel for head_dim 16 (the CI fixture's width 32 / 2 heads), so this
-    test builds a model with head_dim 32, as the default tiny model has."""
-    from madpo_ray.config import ModelConfig
-    from madpo_ray.models import build_tiny_base
-    from madpo_ray.serving.launch import run_server
-
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                      max_position_embeddings=256)
-    model = build_tiny_base([d["document"] for d in corpus_docs] + [d["reference"] for d in corpus_docs], cfg,
-                            tmp_path / "hd32", seed=1)
-    run_server(str(model), port=PORT, num_cpus=0.25, app_name="vllm", route_prefix="/vllm", backend="vllm")
-    run_server(str(model), port=PORT, num_cpus=0.25, app_name="hf32", route_prefix="/hf32")
-    prompts = ["Zorblex is a Rust library.\nTL;DR:", "Quilmax is a Go daemon.\nTL;DR:", "A Lua game.\nTL;DR:"]
-    for p in prompts:
-        body = {"prompt": p, "max_tokens": 6, "temperature": 0}
-        via_vllm = post("/vllm/v1/completions", body)
-        via_hf = post("/hf32/v1/completions", body)
-        assert via_vllm.status_code == 200, via_vllm.text
-        assert via_vllm.json()["choices"][0]["text"].strip() == via_hf.json()["choices"][0]["text"].strip()
-    from ray import serve
-
-    serve.delete("vllm")
-    serve.delete("hf32")

@@ -1,4 +1,4 @@
-"""FastAPI routes: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /healthz,
+"""FastAPI routes: /v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /healthz,
 /v1/summarize. Every bad request gets a 4xx with an OpenAI-style error body; nothing a client
 sends can produce a stack trace or stop the server.
 
@@ -10,6 +10,7 @@ apps in one process never share one: in production the backend is the Ray Serve 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.engine import ClientInputError, GenParams, GenResult, RequestCancelled
 from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
-                                       chat_response, completion_response, error_body)
+                                       chat_response, completion_chunk, completion_response, error_body)
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -250,11 +251,17 @@ async def models(request: Request):
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
-    if req.stream:
-        return _error(400, "stream is supported on /v1/chat/completions only", param="stream")
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    name = settings_of(request).model_name
+    if req.stream:
+        if req.n != 1 or len(prompts) != 1:
+            return _error(400, "stream supports one prompt with n=1", param="stream")
+        chunk_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        events = _events(backend_of(request), prompts[0], _params(req),
+                         lambda text, finish: completion_chunk(name, chunk_id, text or "", finish))
+        return StreamingResponse(events, media_type="text/event-stream")
     results = await _run(request, prompts, _params(req), req.n)
-    return completion_response(settings_of(request).model_name, [r.text for r in results],
+    return completion_response(name, [r.text for r in results],
                                [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
                                sum(r.completion_tokens for r in results))
 
@@ -268,24 +275,35 @@ async def chat(req: ChatCompletionRequest, request: Request):
     if req.stream:
         if req.n != 1:
             return _error(400, "stream supports n=1 only", param="n")
-        return StreamingResponse(_chat_events(backend, name, prompt, params), media_type="text/event-stream")
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        events = _events(backend, prompt, params,
+                         lambda text, finish: chat_chunk(name, chunk_id, {} if text is None else {"content": text}, finish),
+                         opening=chat_chunk(name, chunk_id, {"role": "assistant", "content": ""}))
+        return StreamingResponse(events, media_type="text/event-stream")
     results = await _run(request, [prompt], params, req.n)
     return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
                          results[0].prompt_tokens, sum(r.completion_tokens for r in results))
 
 
-async def _chat_events(backend: Backend, name: str, prompt: str, params: GenParams) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; once the stream has started, a failure can
-    only be reported in-band, and the server keeps serving."""
-    chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'role': 'assistant', 'content': ''}))}\n\n"
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _events(backend: Backend, prompt: str, params: GenParams, chunk, opening: Optional[dict] = None
+                  ) -> AsyncIterator[str]:
+    """Server-sent events: `chunk(text, finish_reason)` frames each delta and the closing chunk
+    in the route's format. Once the stream has started, a failure can only be reported in-band,
+    and the server keeps serving."""
+    if opening:
+        yield _sse(opening)
     try:
-        async for delta in backend.stream(prompt, params):
-            yield f"data: {json.dumps(chat_chunk(name, chunk_id, {'content': delta}))}\n\n"
-        yield f"data: {json.dumps(chat_chunk(name, chunk_id, {}, 'stop'))}\n\n"
+        async with contextlib.aclosing(backend.stream(prompt, params)) as deltas:  # leaving early ends generation
+            async for delta in deltas:
+                yield _sse(chunk(delta, None))
+        yield _sse(chunk(None, "stop"))
     except Exception:
         log.exception("stream failed")
-        yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+        yield _sse(error_body("generation failed", "server_error"))
     yield "data: [DONE]\n\n"
 
 

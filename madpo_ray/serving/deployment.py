@@ -5,13 +5,16 @@
     madpo serve --model runs/tiny/policy/madpo/model
 
 The routes and schemas live beside this module and do not import Ray; this module only adds
-the deployment, dynamic batching (@serve.batch) and threading of the blocking model calls.
+the deployment and how it drives each engine: vLLM's async engine takes every request as it
+arrives (continuous batching inside the engine); the transformers engine is blocking, so its
+calls run in threads and concurrent requests are grouped by dynamic batching (@serve.batch).
 serve/app.py re-exports `build_app` so the import path in serve config files stays the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -34,23 +37,43 @@ def prompt_template_for(model_dir: str) -> Optional[str]:
     return json.loads(meta.read_text()).get("prompt_template") if meta.exists() else None
 
 
-def load_engine(model: str, backend: str, threads: int):
-    """vLLM is imported only when asked for: most installs (and CI) have only transformers."""
-    if backend == "vllm":
-        from madpo_ray.serving.vllm_engine import VLLMEngine
+BACKENDS = ("auto", "vllm", "transformers")
 
-        return VLLMEngine(model)
+
+def choose_backend(model: str, backend: str) -> tuple[str, str]:
+    """(engine, why): `auto` is vLLM when it is installed and can run the model, else transformers."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "transformers":
-        return TransformersEngine(model, threads=threads)
-    raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
+        return "transformers", "asked for"
+    from madpo_ray.serving.vllm_engine import vllm_supports
+
+    reason = vllm_supports(model)
+    if reason is None:
+        return "vllm", "async engine, continuous batching"
+    if backend == "vllm":
+        raise ValueError(f"backend=vllm cannot serve {model}: {reason}")
+    return "transformers", f"vLLM not used: {reason}"
+
+
+def load_engine(model: str, backend: str, threads: int):
+    """vLLM is imported only when chosen: an install without it serves with transformers."""
+    if backend == "vllm":
+        from madpo_ray.serving.vllm_engine import AsyncVLLMEngine
+
+        return AsyncVLLMEngine(model)
+    return TransformersEngine(model, threads=threads)
 
 
 async def engine_health(engine, timeout_s: float) -> None:
-    """One greedy token through the same thread pool and engine lock that requests use, so a
-    replica whose threads or engine are stuck fails it (unlike /healthz, which only shows that
-    the event loop answers)."""
+    """One greedy token through the same path requests take (the thread pool and engine lock, or
+    the async engine), so a replica whose engine is stuck fails it (unlike /healthz, which only
+    shows that the event loop answers)."""
+    probe = GenParams(max_tokens=1)
+    call = (engine.generate("ok", probe) if getattr(engine, "asynchronous", False)
+            else asyncio.to_thread(engine.generate, ["ok"], probe))
     try:
-        await asyncio.wait_for(asyncio.to_thread(engine.generate, ["ok"], GenParams(max_tokens=1)), timeout=timeout_s)
+        await asyncio.wait_for(call, timeout=timeout_s)
     except asyncio.TimeoutError:
         raise RuntimeError(f"engine produced no token in {timeout_s}s") from None
 
@@ -68,20 +91,23 @@ async def engine_health(engine, timeout_s: float) -> None:
 class PolicyServer:
     def __init__(self, model: str, model_name: Optional[str] = None, threads: int = 1, batching: bool = True,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, request_timeout_s: float = 60.0,
-                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "transformers",
+                 max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "auto",
                  api_key_file: Optional[str] = None, health_timeout_s: float = 20.0):
         logging.basicConfig(level=logging.INFO)
+        backend, why = choose_backend(model, backend)
+        log.info("generation backend: %s (%s)", backend, why)
         self.settings = ServeSettings(model_name=model_name or Path(model).parent.name or "madpo-policy",
                                       api_key_env=api_key_env, api_key_file=api_key_file,
                                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
                                       prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
         self.api_key = self.settings.resolve_api_key()  # fails the replica now if the key is misconfigured
         self.engine = load_engine(model, backend, threads)
-        self.batching = batching
+        self.asynchronous = getattr(self.engine, "asynchronous", False)
+        self.batching = batching and not self.asynchronous  # the async engine batches continuously itself
         self.health_timeout_s = health_timeout_s
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s)", model, backend, batching,
+        log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s)", model, backend, self.batching,
                  max_batch_size, "on" if self.api_key else "off")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -94,6 +120,8 @@ class PolicyServer:
 
     # ---- backend protocol used by the routes
     async def generate(self, prompt: str, params: GenParams) -> GenResult:
+        if self.asynchronous:
+            return await self.engine.generate(prompt, params)
         if not self.batching:
             [r] = await self.run_rows([(prompt, params)])
         else:
@@ -135,9 +163,26 @@ class PolicyServer:
             return [(await self.run_rows([row]))[0] for row in rows]
 
     async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
+        """Deltas of one request, each awaited within what is left of the request timeout."""
+        source = self.engine.stream if self.asynchronous else self.threaded_stream
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        async with contextlib.aclosing(source(prompt, params)) as deltas:  # leaving early aborts the request
+            while True:
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                try:
+                    yield await asyncio.wait_for(anext(deltas), timeout=left)
+                except StopAsyncIteration:
+                    return
+
+    def running_requests(self) -> int:
+        """Requests inside the engine now (the async engine only; tests and benchmarks read it
+        through the deployment handle to see that a client who left freed its slot)."""
+        return self.engine.running_requests() if self.asynchronous else 0
+
+    async def threaded_stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
         """The engine's blocking iterator runs in a thread; deltas, and any error, cross to the
-        event loop by a queue. The wait is bounded by the request timeout, and leaving early
-        (client disconnect, timeout) sets the cancel flag that stops the generation."""
+        event loop by a queue. Leaving early (client disconnect, the timeout in `stream`) sets
+        the cancel flag that stops the generation."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         params.cancel = params.cancel or threading.Event()
@@ -154,10 +199,9 @@ class PolicyServer:
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
         task = loop.run_in_executor(None, produce)
-        deadline = loop.time() + self.settings.request_timeout_s
         try:
             while True:
-                item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - loop.time()))
+                item = await queue.get()
                 if item is done:
                     break
                 if isinstance(item, BaseException):

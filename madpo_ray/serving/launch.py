@@ -70,11 +70,13 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     import ray
     from ray import serve
 
-    from madpo_ray.serving.deployment import build_app
+    from madpo_ray.serving.deployment import build_app, choose_backend
 
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
                    insecure)
     model = resolve_model_folder(model)
+    backend, why = choose_backend(model, app_args.pop("backend", "auto"))
+    log.info("generation backend: %s (%s)", backend, why)
     if not ray.is_initialized():
         env = serve_runtime_env()
         if address or os.environ.get("RAY_ADDRESS"):
@@ -84,7 +86,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
 
     serve.start(http_options={"host": host, "port": port})
     application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
-                             "num_replicas": replicas, "num_cpus": num_cpus, **app_args})
+                             "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend, **app_args})
     t0 = time.time()
     handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
     log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)

