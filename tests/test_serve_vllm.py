@@ -189,3 +189,31 @@ def test_a_client_that_leaves_mid_stream_frees_its_engine_slot(servers):
     # Freed by the abort, not by finishing the answer.
     assert freed_after < rest / 2, (freed_after, rest)
     assert post("/vllm/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 4})["usage"]["completion_tokens"] == 4
+
+
+@needs_vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_more_requests_than_serves_default_reach_the_engine_at_once(servers):
+    """The vLLM replica takes up to 256 requests at once and lets the engine's scheduler queue
+    them. With Serve's usual limit of 64 the rest waited in Serve's router, whose retry backoff
+    cut throughput at 200 clients to a sixth (bench/README.md, serve_load.py)."""
+    import threading
+
+    _, handle = servers
+    seen, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen[0] = max(seen[0], handle.running_requests.remote().result())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        replies = asyncio.run(post_all([{"prompt": PROMPTS[i % 64], "max_tokens": 64} for i in range(100)]))
+    finally:
+        done.set()
+        watcher.join()
+    assert [r.status_code for r in replies] == [200] * 100
+    assert seen[0] > 64, seen[0]

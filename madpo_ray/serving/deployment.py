@@ -40,6 +40,9 @@ def prompt_template_for(model_dir: str) -> Optional[str]:
 BACKENDS = ("auto", "vllm", "transformers")
 
 
+VLLM_MAX_ONGOING_REQUESTS = 256  # per replica; the engine batches up to its max_num_seqs and queues the rest
+
+
 def choose_backend(model: str, backend: str) -> tuple[str, str]:
     """(engine, why): `auto` is vLLM when it is installed and can run the model, else transformers."""
     if backend not in BACKENDS:
@@ -237,5 +240,10 @@ def build_app(args: dict) -> serve.Application:
     for key in ("max_ongoing_requests", "max_queued_requests"):
         if key in kwargs:
             options[key] = int(kwargs.pop(key))
+    kwargs["backend"], _ = choose_backend(kwargs["model"], kwargs.get("backend", "auto"))
+    if kwargs["backend"] == "vllm":
+        # vLLM's scheduler queues what it cannot run yet at no cost; at Serve's 64, the 65th
+        # request waited in Serve's router, whose retry backoff collapsed throughput at 200 clients.
+        options.setdefault("max_ongoing_requests", VLLM_MAX_ONGOING_REQUESTS)
     deployment = PolicyServer.options(**options) if options else PolicyServer
     return deployment.bind(**kwargs)
