@@ -636,6 +636,11 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                        "and supports the model."),
               insecure: bool = typer.Option(False, "--insecure",
                                             help="Allow a non-loopback --host without an API key (MADPO_API_KEY_FILE / MADPO_API_KEY)."),
+              lora: list[str] = typer.Option([], "--lora", metavar="NAME=FOLDER",
+                                             help="Serve a LoRA adapter unmerged beside --model (the base it was trained "
+                                                  "from, e.g. runs/x/sft/model), answering to `model: NAME`. FOLDER is a "
+                                                  "stage trained with model.lora (its adapter/) or a peft adapter folder. "
+                                                  "Repeatable; needs the vLLM backend."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from pathlib import Path
@@ -651,11 +656,12 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     if not Path(model).is_dir():
         fail(f"{model}: not a folder")
     _setup_logging()
-    from madpo_ray.serving.launch import run_server
+    from madpo_ray.serving.launch import parse_adapter_specs, run_server
 
     try:
+        adapters = parse_adapter_specs(lora)
         run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
                    batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend,
-                   insecure=insecure)
+                   insecure=insecure, **({"adapters": adapters} if adapters else {}))
     except (ValueError, PermissionError) as e:  # e.g. a public bind without a key
         fail(str(e), 2)

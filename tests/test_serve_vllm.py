@@ -10,6 +10,7 @@ EOS and answers run to max_tokens: long enough to disconnect in the middle of on
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -40,16 +41,37 @@ def test_auto_backend_says_why_it_falls_back(tiny_base_dir):
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM not installed (the transformers backend is the fallback)")
 
 
-@pytest.fixture(scope="module")
-def servers(corpus_docs, tmp_path_factory):
-    """The model served by vLLM (at /vllm), chosen by `auto`."""
-    import ray
-    from ray import serve
+def test_adapters_are_checked_before_anything_starts(tiny_base_dir, tmp_path):
+    """Each way to get `--lora` wrong is refused with what was wrong, before a replica starts."""
+    from madpo_ray.serving.deployment import choose_backend
+    from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters
 
+    assert parse_adapter_specs(["a=x", " b = y/z "]) == {"a": "x", "b": "y/z"}
+    for bad in (["tuned"], ["=x"], ["a="]):
+        with pytest.raises(ValueError, match="NAME=FOLDER"):
+            parse_adapter_specs(bad)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_adapter_specs(["a=x", "a=y"])
+    stage = tmp_path / "policy"
+    (stage / "adapter").mkdir(parents=True)
+    with pytest.raises(ValueError, match="adapter 'a': no adapter_config.json"):
+        resolve_adapters({"a": str(stage)}, "base")
+    (stage / "adapter" / "adapter_config.json").write_text("{}")
+    assert resolve_adapters({"a": str(stage)}, "base") == {"a": str((stage / "adapter").resolve())}  # a stage: its adapter/
+    assert resolve_adapters({"a": str(stage / "adapter")}, "base") == {"a": str((stage / "adapter").resolve())}
+    with pytest.raises(ValueError, match="base model's name"):
+        resolve_adapters({"base": str(stage)}, "base")
+    with pytest.raises(ValueError, match="unmerged needs the vLLM backend"):
+        choose_backend(str(tiny_base_dir), "transformers", adapters=True)
+    with pytest.raises(ValueError, match="unmerged needs the vLLM backend"):  # auto cannot fall back either
+        choose_backend(str(tiny_base_dir), "auto", adapters=True)
+
+
+@pytest.fixture(scope="module")
+def hd32_model(corpus_docs, tmp_path_factory) -> Path:
+    """A model vLLM's CPU attention can run, its weights scrambled (see the module docstring)."""
     from madpo_ray.config import ModelConfig
     from madpo_ray.models import build_tiny_base
-    from madpo_ray.serving.deployment import choose_backend
-    from madpo_ray.serving.launch import run_server, serve_runtime_env
 
     # Eight layers make a 256-token answer take about 2 s here: long enough to leave in the middle.
     cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=8, num_heads=2, intermediate_size=128,
@@ -57,11 +79,49 @@ def servers(corpus_docs, tmp_path_factory):
     model = build_tiny_base([d["document"] for d in corpus_docs] + [d["reference"] for d in corpus_docs], cfg,
                             tmp_path_factory.mktemp("hd32") / "model", seed=1)
     scramble(model)
-    assert choose_backend(str(model), "auto")[0] == "vllm"
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_stage(hd32_model, tmp_path_factory) -> Path:
+    return make_lora_stage(hd32_model, tmp_path_factory.mktemp("lora") / "policy")
+
+
+@pytest.fixture(scope="module")
+def servers(hd32_model, lora_stage):
+    """The model served by vLLM (at /vllm), chosen by `auto`, with the LoRA adapter of
+    `lora_stage` beside it, unmerged, as model `tuned`."""
+    import ray
+    from ray import serve
+
+    from madpo_ray.serving.deployment import choose_backend
+    from madpo_ray.serving.launch import run_server, serve_runtime_env
+
+    assert choose_backend(str(hd32_model), "auto")[0] == "vllm"
     ray.init(num_cpus=2, runtime_env=serve_runtime_env())
-    yield model, run_server(str(model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm")  # auto
+    yield hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
+                                 adapters={"tuned": str(lora_stage)})  # backend auto
     serve.shutdown()
     ray.shutdown()
+
+
+def make_lora_stage(model_dir: Path, stage: Path) -> Path:
+    """A stage folder as LoRA training leaves it (model/ merged, adapter/ beside it), through the
+    same functions: an r=8 adapter on the attention projections of the served model, its B
+    matrices drawn so that the adapter changes the greedy answers."""
+    import torch
+
+    from madpo_ray.config import LoraConfig, ModelConfig
+    from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training, save_trained
+
+    lm = prepare_for_training(load_causal_lm(str(model_dir)), ModelConfig(lora=LoraConfig(r=8, alpha=16, dropout=0)))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, weight in lm.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.3)
+    save_trained(lm, load_tokenizer(str(model_dir)), stage / "model", stage / "adapter")
+    return stage
 
 
 def scramble(model_dir) -> None:
@@ -217,3 +277,33 @@ def test_more_requests_than_serves_default_reach_the_engine_at_once(servers):
         watcher.join()
     assert [r.status_code for r in replies] == [200] * 100
     assert seen[0] > 64, seen[0]
+
+
+@needs_vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lora_adapter_is_served_unmerged_beside_its_base(servers, lora_stage):
+    """`adapters={"tuned": <stage>}`: a request for model `tuned` runs the base weights with the
+    adapter applied inside the engine and gets the merged model's greedy answer; any other request
+    gets the base's, also when both kinds run together; an unknown name is a 404 naming the served ones."""
+    from madpo_ray.serving.engine import GenParams, TransformersEngine
+
+    model, _ = servers
+    listed = httpx.get(f"{BASE}/vllm/v1/models").json()["data"]
+    base_name = listed[0]["id"]
+    assert [(m["id"], m.get("parent")) for m in listed] == [(base_name, None), ("tuned", base_name)]
+    merged, base = TransformersEngine(str(lora_stage / "model")), TransformersEngine(str(model))
+    bodies = [{"model": name, "prompt": p, "max_tokens": 12} for p in PROMPTS[:4] for name in ("tuned", base_name)]
+    together = [r.json() for r in asyncio.run(post_all(bodies))]
+    for body, got in zip(bodies, together):
+        [want] = (merged if body["model"] == "tuned" else base).generate([body["prompt"]], GenParams(max_tokens=12))
+        assert got["model"] == body["model"]
+        assert got["choices"][0]["text"].replace("\ufffd", "") == want.text.replace("\ufffd", ""), body
+    differ = sum(together[i]["choices"][0]["text"] != together[i + 1]["choices"][0]["text"] for i in range(0, 8, 2))
+    assert differ >= 3  # the adapter matters, so a server that ignored it would fail above
+    with httpx.stream("POST", f"{BASE}/vllm/v1/completions", timeout=120,
+                      json={**bodies[0], "stream": True}) as r:
+        assert "".join(c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))) == together[0]["choices"][0]["text"]
+    r = httpx.post(f"{BASE}/vllm/v1/completions", json={"model": "tunde", "prompt": "x"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert "tuned" in r.json()["error"]["message"] and base_name in r.json()["error"]["message"]

@@ -55,3 +55,31 @@ def test_an_app_without_a_backend_answers_500_with_an_error_body():
     assert client.get("/healthz").json()["model"] == ServeSettings().model_name
     r = client.post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+
+
+class AdapterEchoBackend:
+    """Answers with the adapter each request was routed to, so routing is visible."""
+
+    async def generate(self, prompt, params):
+        return GenResult(f"{params.adapter}", "stop", 1, 1)
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+
+def test_the_model_field_picks_an_adapter_and_unknown_names_are_refused_only_when_adapters_are_served():
+    client = TestClient(create_app(AdapterEchoBackend(), ServeSettings(model_name="base", adapters=("a", "b"))))
+    assert [(m["id"], m.get("parent")) for m in client.get("/v1/models").json()["data"]] == \
+        [("base", None), ("a", "base"), ("b", "base")]
+    for asked, routed in (("a", "a"), ("b", "b"), ("base", "None"), (None, "None")):
+        body = {"prompt": "x"} if asked is None else {"prompt": "x", "model": asked}
+        got = client.post("/v1/completions", json=body).json()
+        assert (got["choices"][0]["text"], got["model"]) == (routed, asked or "base")
+        chat = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]}).json()
+        assert chat["choices"][0]["message"]["content"] == routed
+    r = client.post("/v1/chat/completions", json={"model": "A", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert "base, a, b" in r.json()["error"]["message"]
+    # A server of one model keeps answering to any name (clients send whatever they were configured with).
+    single = TestClient(create_app(AdapterEchoBackend(), ServeSettings(model_name="base")))
+    assert single.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}).json()["choices"][0]["text"] == "None"

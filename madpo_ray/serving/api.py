@@ -46,6 +46,7 @@ class ApiKeyError(RuntimeError):
 @dataclass
 class ServeSettings:
     model_name: str = "madpo-policy"
+    adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base, unmerged; `model` picks one
     api_key_env: str = "MADPO_API_KEY"  # when this variable is set, requests need `Authorization: Bearer <it>`
     max_body_bytes: int = 64 * 1024
     request_timeout_s: float = 60.0
@@ -217,6 +218,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_cancelled(request: Request, exc: RequestCancelled):
         return _error(499, str(exc), "request_cancelled")
 
+    @app.exception_handler(UnknownModel)
+    async def on_unknown_model(request: Request, exc: UnknownModel):
+        return _error(404, str(exc), param="model")
+
     @app.exception_handler(asyncio.TimeoutError)
     async def on_timeout(request: Request, exc: asyncio.TimeoutError):
         return _error(504, f"generation took longer than {settings_of(request).request_timeout_s}s", "timeout")
@@ -258,22 +263,43 @@ async def healthz(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return {"object": "list", "data": [{"id": settings_of(request).model_name, "object": "model",
-                                        "created": int(time.time()), "owned_by": "madpo-ray"}]}
+    settings, now = settings_of(request), int(time.time())
+    base = {"id": settings.model_name, "object": "model", "created": now, "owned_by": "madpo-ray"}
+    return {"object": "list", "data": [base] + [{**base, "id": name, "parent": settings.model_name}
+                                                 for name in settings.adapters]}
+
+
+class UnknownModel(ValueError):
+    """The request names a model this server does not serve (only when it serves adapters)."""
+
+
+def served_model(request: Request, asked: Optional[str], params: GenParams) -> str:
+    """The name answered under. `model` naming an adapter sets it on the request's params; a server
+    of one model answers to any name (as before adapters), one with adapters refuses unknown names
+    rather than silently answering a typo with the base model."""
+    settings = settings_of(request)
+    if asked in settings.adapters:
+        params.adapter = asked
+        return asked
+    if settings.adapters and asked not in (None, settings.model_name):
+        served = ", ".join((settings.model_name,) + settings.adapters)
+        raise UnknownModel(f"model {asked!r} is not served here; the models are: {served}")
+    return settings.model_name
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    name = settings_of(request).model_name
+    params = _params(req)
+    name = served_model(request, req.model, params)
     if req.stream:
         if req.n != 1 or len(prompts) != 1:
             return _error(400, "stream supports one prompt with n=1", param="stream")
         chunk_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        events = _events(backend_of(request), prompts[0], _params(req),
+        events = _events(backend_of(request), prompts[0], params,
                          lambda text, finish: completion_chunk(name, chunk_id, text or "", finish))
         return StreamingResponse(events, media_type="text/event-stream")
-    results = await _run(request, prompts, _params(req), req.n)
+    results = await _run(request, prompts, params, req.n)
     return completion_response(name, [r.text for r in results],
                                [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
                                sum(r.completion_tokens for r in results))
@@ -284,7 +310,7 @@ async def chat(req: ChatCompletionRequest, request: Request):
     backend = backend_of(request)
     prompt = backend.chat_prompt([m.model_dump() for m in req.messages])
     params = _params(req)
-    name = settings_of(request).model_name
+    name = served_model(request, req.model, params)
     if req.stream:
         if req.n != 1:
             return _error(400, "stream supports n=1 only", param="n")

@@ -27,6 +27,7 @@ from ray import serve
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
 from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, TransformersEngine
+from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, served_name
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -43,28 +44,35 @@ BACKENDS = ("auto", "vllm", "transformers")
 VLLM_MAX_ONGOING_REQUESTS = 256  # per replica; the engine batches up to its max_num_seqs and queues the rest
 
 
-def choose_backend(model: str, backend: str) -> tuple[str, str]:
-    """(engine, why): `auto` is vLLM when it is installed and can run the model, else transformers."""
+ADAPTERS_NEED_VLLM = ("serving LoRA adapters unmerged needs the vLLM backend; with transformers, serve the "
+                      "merged model the stage saved beside its adapter (<stage>/model) instead")
+
+
+def choose_backend(model: str, backend: str, adapters: bool = False) -> tuple[str, str]:
+    """(engine, why): `auto` is vLLM when it is installed and can run the model, else transformers.
+    With adapters to serve unmerged only vLLM will do."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "transformers":
+        if adapters:
+            raise ValueError(ADAPTERS_NEED_VLLM)
         return "transformers", "asked for"
     from madpo_ray.serving.vllm_engine import vllm_supports
 
     reason = vllm_supports(model)
     if reason is None:
         return "vllm", "async engine, continuous batching"
-    if backend == "vllm":
-        raise ValueError(f"backend=vllm cannot serve {model}: {reason}")
+    if backend == "vllm" or adapters:
+        raise ValueError(f"vLLM cannot serve {model}: {reason}" + (f"; {ADAPTERS_NEED_VLLM}" if adapters else ""))
     return "transformers", f"vLLM not used: {reason}"
 
 
-def load_engine(model: str, backend: str, threads: int):
+def load_engine(model: str, backend: str, threads: int, adapters: Optional[dict[str, str]] = None):
     """vLLM is imported only when chosen: an install without it serves with transformers."""
     if backend == "vllm":
         from madpo_ray.serving.vllm_engine import AsyncVLLMEngine
 
-        return AsyncVLLMEngine(model)
+        return AsyncVLLMEngine(model, adapters=adapters)
     return TransformersEngine(model, threads=threads)
 
 
@@ -95,23 +103,27 @@ class PolicyServer:
     def __init__(self, model: str, model_name: Optional[str] = None, threads: int = 1, batching: bool = True,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, request_timeout_s: float = 60.0,
                  max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "auto",
-                 api_key_file: Optional[str] = None, health_timeout_s: float = 20.0):
+                 api_key_file: Optional[str] = None, health_timeout_s: float = 20.0,
+                 adapters: Optional[dict[str, str]] = None):
         logging.basicConfig(level=logging.INFO)
-        backend, why = choose_backend(model, backend)
+        backend, why = choose_backend(model, backend, adapters=bool(adapters))
         log.info("generation backend: %s (%s)", backend, why)
-        self.settings = ServeSettings(model_name=model_name or Path(model).parent.name or "madpo-policy",
+        model_name = served_name(model, model_name)
+        adapters = resolve_adapters(adapters or {}, model_name)
+        self.settings = ServeSettings(model_name=model_name, adapters=tuple(sorted(adapters)),
                                       api_key_env=api_key_env, api_key_file=api_key_file,
                                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
                                       prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
         self.api_key = self.settings.resolve_api_key()  # fails the replica now if the key is misconfigured
-        self.engine = load_engine(model, backend, threads)
+        self.engine = load_engine(model, backend, threads, adapters)
         self.asynchronous = getattr(self.engine, "asynchronous", False)
         self.batching = batching and not self.asynchronous  # the async engine batches continuously itself
         self.health_timeout_s = health_timeout_s
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s)", model, backend, self.batching,
-                 max_batch_size, "on" if self.api_key else "off")
+        log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s, LoRA adapters: %s)", model, backend,
+                 self.batching, max_batch_size, "on" if self.api_key else "off",
+                 ", ".join(f"{n}={p}" for n, p in adapters.items()) or "none")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The replica's HTTP app, with this replica as its backend (called by Serve after __init__)."""
@@ -240,7 +252,9 @@ def build_app(args: dict) -> serve.Application:
     for key in ("max_ongoing_requests", "max_queued_requests"):
         if key in kwargs:
             options[key] = int(kwargs.pop(key))
-    kwargs["backend"], _ = choose_backend(kwargs["model"], kwargs.get("backend", "auto"))
+    if isinstance(kwargs.get("adapters"), str):  # `serve run ... adapters=tuned=DIR,other=DIR`
+        kwargs["adapters"] = parse_adapter_specs([a for a in kwargs["adapters"].split(",") if a])
+    kwargs["backend"], _ = choose_backend(kwargs["model"], kwargs.get("backend", "auto"), bool(kwargs.get("adapters")))
     if kwargs["backend"] == "vllm":
         # vLLM's scheduler queues what it cannot run yet at no cost; at Serve's 64, the 65th
         # request waited in Serve's router, whose retry backoff collapsed throughput at 200 clients.

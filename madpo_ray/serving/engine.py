@@ -42,6 +42,7 @@ class GenParams:
     top_p: float = 1.0
     stop: Optional[list[str]] = None
     seed: Optional[int] = None
+    adapter: Optional[str] = None  # a LoRA adapter served beside the base (vLLM only), by name
     # Set by the route when its caller times out or disconnects; generation then stops early.
     cancel: Optional[threading.Event] = field(default=None, compare=False, repr=False)
 

@@ -62,6 +62,43 @@ def resolve_model_folder(path: str) -> str:
     return str(p)
 
 
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """`--lora tuned=runs/x/policy/madpo` (repeatable) as {name: folder}."""
+    adapters = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"--lora {spec!r}: expected NAME=FOLDER, e.g. tuned=runs/tiny/policy/madpo")
+        if name.strip() in adapters:
+            raise ValueError(f"--lora: the name {name.strip()!r} is given twice")
+        adapters[name.strip()] = folder.strip()
+    return adapters
+
+
+def served_name(model: str, model_name: Optional[str] = None) -> str:
+    """The name clients use for the base model: given, else the stage's folder name (`madpo` for
+    runs/<run>/policy/madpo/model)."""
+    return model_name or Path(model).parent.name or "madpo-policy"
+
+
+def resolve_adapters(adapters: dict[str, str], base_name: str) -> dict[str, str]:
+    """Each adapter's folder holding adapter_config.json: the folder itself or, for a stage folder
+    that LoRA trained (runs/<name>/policy/madpo), its `adapter/`. Refused with the reason otherwise."""
+    from madpo_ray.layout import adapter_folder
+
+    resolved = {}
+    for name, folder in adapters.items():
+        if name == base_name:
+            raise ValueError(f"adapter name {name!r} is the base model's name; give the adapter another")
+        candidates = [Path(folder), adapter_folder(Path(folder))]
+        found = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+        if found is None:
+            raise ValueError(f"adapter {name!r}: no adapter_config.json in {folder} or {candidates[1]} "
+                             f"(a stage trained with model.lora, or a peft adapter folder)")
+        resolved[name] = str(found.resolve())
+    return resolved
+
+
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
                batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
                blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", insecure: bool = False,
@@ -75,7 +112,9 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
                    insecure)
     model = resolve_model_folder(model)
-    backend, why = choose_backend(model, app_args.pop("backend", "auto"))
+    if app_args.get("adapters"):  # refused here, with the reason, rather than by a replica that keeps restarting
+        app_args["adapters"] = resolve_adapters(app_args["adapters"], served_name(model, app_args.get("model_name")))
+    backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
     if not ray.is_initialized():
         env = serve_runtime_env()

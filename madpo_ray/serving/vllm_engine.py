@@ -10,6 +10,10 @@ Prompts go in as token ids encoded by our own `encode_prompt`, so vLLM sees exac
 the policy was trained on (BOS included). Every request has its own SamplingParams: its stop
 strings, max_tokens and temperature apply to its output only.
 
+LoRA adapters are served unmerged: the engine holds the base weights once and applies the
+adapter a request names (its `model` field) to that request only, so several policies trained
+with LoRA from one base share one replica.
+
 On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so there
 the seed is the engine's, set once at start-up, and per-request seeds are ignored. The CPU
 attention has no kernel for some head sizes (16, for one); `vllm_supports` checks before start.
@@ -55,6 +59,27 @@ def vllm_supports(model_dir: str) -> Optional[str]:
     return None
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+
+
+def lora_settings(adapters: dict[str, str], cpu: bool) -> dict:
+    """Engine arguments for serving these adapter folders: room for all of them at once, and the
+    smallest rank vLLM accepts that holds the largest of theirs.
+
+    On CPU one more slot than adapters, left empty: vLLM's CPU LoRA ops pick each row's adapter
+    by indexing the slot weights with the row's slot, and a row without an adapter has slot -1,
+    which Python indexing turns into the last slot. With every slot filled, base-model requests
+    that shared an engine step with adapter requests got the last adapter applied (found by
+    tests/test_serve_vllm.py); the empty last slot holds zeros, so they get the base model."""
+    if not adapters:
+        return {}
+    rank = max(int(json.loads((Path(p) / "adapter_config.json").read_text())["r"]) for p in adapters.values())
+    fitting = [r for r in LORA_RANKS if r >= rank]
+    if not fitting:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_loras": len(adapters) + int(cpu), "max_lora_rank": fitting[0]}
+
+
 class AsyncVLLMEngine:
     """The interface the deployment calls when `asynchronous` is set: awaitable `generate` and an
     async `stream` per request, instead of TransformersEngine's blocking batch calls."""
@@ -63,9 +88,10 @@ class AsyncVLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, seed: int = 0, max_prompt_tokens: int = 448, kv_cache_gib: int = 1,
-                 max_model_len: int = 2048, dtype: str = "float32"):
+                 max_model_len: int = 2048, dtype: str = "float32", adapters: Optional[dict[str, str]] = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; the default takes a lot
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -78,7 +104,9 @@ class AsyncVLLMEngine:
         self.per_request_seed = not current_platform.is_cpu()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=model_dir, seed=seed, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
-            disable_log_stats=True))
+            disable_log_stats=True, **lora_settings(adapters or {}, current_platform.is_cpu())))
+        self.adapters = {name: LoRARequest(name, i + 1, str(path))
+                         for i, (name, path) in enumerate(sorted((adapters or {}).items()))}
 
     def encode(self, prompt: str) -> list[int]:
         """As TransformersEngine.encode: special-token text split, over-long chats refused."""
@@ -106,7 +134,7 @@ class AsyncVLLMEngine:
         """The engine's outputs for one request. Closing this iterator early (cancellation, a
         timeout, a disconnected client) closes vLLM's generator, which aborts the request."""
         request = self.engine.generate({"prompt_token_ids": ids}, self.sampling(params, stream),
-                                       request_id=uuid.uuid4().hex)
+                                       request_id=uuid.uuid4().hex, lora_request=self.adapters.get(params.adapter))
         try:
             async for out in request:
                 yield out.outputs[0]
