@@ -307,10 +307,10 @@ async def completions(req: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat(req: ChatCompletionRequest, request: Request):
+    params = _params(req)
+    name = served_model(request, req.model, params)  # an unknown model is a 404 before the chat is rendered
     backend = backend_of(request)
     prompt = backend.chat_prompt([m.model_dump() for m in req.messages])
-    params = _params(req)
-    name = served_model(request, req.model, params)
     if req.stream:
         if req.n != 1:
             return _error(400, "stream supports n=1 only", param="n")

@@ -108,9 +108,8 @@ class PolicyServer:
         logging.basicConfig(level=logging.INFO)
         backend, why = choose_backend(model, backend, adapters=bool(adapters))
         log.info("generation backend: %s (%s)", backend, why)
-        model_name = served_name(model, model_name)
-        adapters = resolve_adapters(adapters or {}, model_name)
-        self.settings = ServeSettings(model_name=model_name, adapters=tuple(sorted(adapters)),
+        adapters = adapters or {}  # resolved by build_app
+        self.settings = ServeSettings(model_name=served_name(model, model_name), adapters=tuple(sorted(adapters)),
                                       api_key_env=api_key_env, api_key_file=api_key_file,
                                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
                                       prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
@@ -254,6 +253,9 @@ def build_app(args: dict) -> serve.Application:
             options[key] = int(kwargs.pop(key))
     if isinstance(kwargs.get("adapters"), str):  # `serve run ... adapters=tuned=DIR,other=DIR`
         kwargs["adapters"] = parse_adapter_specs([a for a in kwargs["adapters"].split(",") if a])
+    if kwargs.get("adapters"):  # refused here, with the reason, rather than by a replica that keeps restarting
+        base_name = served_name(kwargs["model"], kwargs.get("model_name"))
+        kwargs["adapters"] = resolve_adapters(kwargs["adapters"], base_name)
     kwargs["backend"], _ = choose_backend(kwargs["model"], kwargs.get("backend", "auto"), bool(kwargs.get("adapters")))
     if kwargs["backend"] == "vllm":
         # vLLM's scheduler queues what it cannot run yet at no cost; at Serve's 64, the 65th

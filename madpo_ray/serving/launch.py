@@ -112,8 +112,6 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
                    insecure)
     model = resolve_model_folder(model)
-    if app_args.get("adapters"):  # refused here, with the reason, rather than by a replica that keeps restarting
-        app_args["adapters"] = resolve_adapters(app_args["adapters"], served_name(model, app_args.get("model_name")))
     backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
     if not ray.is_initialized():

@@ -133,8 +133,9 @@ class AsyncVLLMEngine:
     async def outputs(self, ids: list[int], params: GenParams, stream: bool) -> AsyncIterator:
         """The engine's outputs for one request. Closing this iterator early (cancellation, a
         timeout, a disconnected client) closes vLLM's generator, which aborts the request."""
+        adapter = self.adapters[params.adapter] if params.adapter else None  # names were checked by the route
         request = self.engine.generate({"prompt_token_ids": ids}, self.sampling(params, stream),
-                                       request_id=uuid.uuid4().hex, lora_request=self.adapters.get(params.adapter))
+                                       request_id=uuid.uuid4().hex, lora_request=adapter)
         try:
             async for out in request:
                 yield out.outputs[0]
