@@ -145,7 +145,8 @@ def start_ours(model: str) -> None:
 
     # log_to_driver off: this process is also the load client, and relaying every replica's access
     # log into it would slow the instrument, not the servers.
-    ray.init(num_cpus=2, runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=2,
+             runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False)
     run_server(model, port=PORT, num_cpus=1, app_name="vllm", route_prefix="/vllm", backend="vllm")
     run_server(model, port=PORT, num_cpus=1, app_name="transformers", route_prefix="/transformers",

@@ -49,7 +49,8 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
 
 CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs/ or a YAML path.")
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
-ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster instead of starting a local one.")
+ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster (host:port, ray://host:port, or 'auto' "
+                           "for the `ray start` cluster on this machine) instead of starting a local one.")
 NAME_OPT = typer.Option(None, "--name", help="Run name (folder under runs_dir).")
 VERBOSE_OPT = typer.Option(False, "--verbose", "-v", help="Show Ray's, vLLM's and every library's output in the "
                            "terminal. Without it that output goes to <run folder>/logs/madpo.log; our own log "

@@ -299,7 +299,9 @@ class RayConfig(_Strict):
     # ddp: every worker holds the whole model; fsdp: FSDP2 shards parameters, gradients and AdamW
     # state over the workers (models too big for one device; engine/parallel.py).
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    address: Optional[str] = None  # None: start a local cluster with ray.init
+    # None: RAY_ADDRESS if set (inside a Ray job), else a fresh local cluster; "auto": the cluster a
+    # `ray start` on this machine runs; "host:port" or "ray://host:port": that cluster.
+    address: Optional[str] = None
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

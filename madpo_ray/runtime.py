@@ -35,14 +35,26 @@ def init_ray(cfg: RayConfig) -> None:
         return
     kwargs = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=True,
                   logging_level=logging.INFO)
-    # Inside a Ray job (madpo submit) RAY_ADDRESS points at the cluster the job runs on.
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    address = cluster_address(cfg.address)
+    if address != "local":
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray cluster (%s CPUs)", cfg.num_cpus or os.cpu_count())
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 **kwargs)
+
+
+def cluster_address(configured: Optional[str]) -> str:
+    """The address to join: the configured one, else RAY_ADDRESS (inside a Ray job, as `madpo submit`
+    runs us, it points at the job's cluster), else "local" for a fresh local cluster.
+
+    Why "local" rather than Ray's default of no address: with none, ray.init joins whatever address
+    the last `ray start` on this machine wrote to <tmp>/ray/ray_current_cluster, even when that
+    cluster is long gone (a killed `ray start` leaves the file behind), and then refuses `num_cpus`
+    with an error that says nothing of the stale file. Pass address="auto" to join a `ray start`
+    cluster on this machine on purpose."""
+    return configured or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def largest_node_cpus() -> float:

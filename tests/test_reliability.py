@@ -4,11 +4,13 @@
 test_pipeline_ray.py and test_checkpoints.py.)"""
 
 import json
+import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,3 +142,36 @@ def test_full_disk_fails_the_stage_cleanly_and_a_rerun_completes(tmp_path):
     p = Pipeline(load_config("tiny", args[1:]))
     p.run(("data",))
     assert (data / "DONE").exists() and len((data / "train_docs.jsonl").read_text().splitlines()) == 64
+
+
+def test_cluster_address_prefers_config_then_ray_address_then_a_fresh_local_cluster(monkeypatch):
+    from madpo_ray.runtime import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) == "local"
+    assert cluster_address("auto") == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(None) == "10.0.0.1:6379"
+    assert cluster_address("ray://head:10001") == "ray://head:10001"
+
+
+@pytest.mark.ray
+def test_a_stale_ray_start_address_file_does_not_stop_a_local_run(tmp_path):
+    """A killed `ray start` leaves <tmp>/ray/ray_current_cluster behind; plain ray.init() would try to
+    join that dead cluster and refuse num_cpus (the CI failure this guards). A short RAY_TMPDIR keeps
+    Ray's socket paths under the Unix limit and the real /tmp/ray untouched."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    try:
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+        script = ("from madpo_ray.config import RayConfig; from madpo_ray.runtime import init_ray; import ray; "
+                  "init_ray(RayConfig(num_cpus=1)); print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             env=dict(env, RAY_TMPDIR=ray_tmp))
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "cpus 1.0" in out.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -22,7 +22,8 @@ def server(tiny_base_dir):
 
     from madpo_ray.serving.launch import run_server, serve_runtime_env
 
-    ray.init(num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": KEY}), include_dashboard=True,
+    ray.init(address="local", num_cpus=2,
+             runtime_env=serve_runtime_env({"MADPO_TEST_KEY": KEY}), include_dashboard=True,
              dashboard_host="127.0.0.1")
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=8)
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",

@@ -151,7 +151,8 @@ def server(tiny_base_dir, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("secret") / "api_key"
     key_file.write_text(KEY)
-    ray.init(num_cpus=2, runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2,
+             runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1")
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.05)
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
                api_key_file=str(key_file))

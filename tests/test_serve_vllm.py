@@ -98,7 +98,7 @@ def servers(hd32_model, lora_stage):
     from madpo_ray.serving.launch import run_server, serve_runtime_env
 
     assert choose_backend(str(hd32_model), "auto")[0] == "vllm"
-    ray.init(num_cpus=2, runtime_env=serve_runtime_env())
+    ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env())
     yield hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
                                  adapters={"tuned": str(lora_stage)})  # backend auto
     serve.shutdown()

@@ -107,6 +107,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     import ray
     from ray import serve
 
+    from madpo_ray.runtime import cluster_address
     from madpo_ray.serving.deployment import build_app, choose_backend
 
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
@@ -116,10 +117,11 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     log.info("generation backend: %s (%s)", backend, why)
     if not ray.is_initialized():
         env = serve_runtime_env()
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
+        address = cluster_address(address)
+        if address != "local":
+            ray.init(address=address, runtime_env=env)
         else:
-            ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
+            ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
 
     serve.start(http_options={"host": host, "port": port})
     application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
