@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
+from madpo_ray.plotting import pyplot, save
 
 log = logging.getLogger("madpo_ray.study")
 
@@ -81,10 +82,7 @@ def render_noise_table(table: list[dict], column: str) -> list[str]:
 
 def plot_noise(table: list[dict], path: Path, column: str) -> None:
     """One panel per temperature: MADPO's mean and CI against noise sd; DPO's CI as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     temps = sorted({r["temperature"] for r in table})
     fig, axes = plt.subplots(1, len(temps), figsize=(3.6 * len(temps), 3.4), squeeze=False, sharey=True)
@@ -101,8 +99,7 @@ def plot_noise(table: list[dict], path: Path, column: str) -> None:
     axes[0][0].set_ylabel(column)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:

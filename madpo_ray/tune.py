@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
+from madpo_ray.plotting import pyplot, save
 from madpo_ray.tune_space import LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
 log = logging.getLogger("madpo_ray.tune")
@@ -253,10 +254,7 @@ def write_results(pipeline, space: SearchSpace, results, out_dir: Path) -> dict:
 
 def plot_results(space: SearchSpace, rows: list[dict], path: Path) -> None:
     """A heatmap for a 2-D grid, else the metric over the two hyperparameters that matter most."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     numeric = [k for k in space.params if all(isinstance(r.get(k), (int, float)) for r in rows)]
@@ -298,5 +296,4 @@ def plot_results(space: SearchSpace, rows: list[dict], path: Path) -> None:
         fig.colorbar(im, ax=ax, label=space.objective)
     ax.set_title(f"{space.name}: {space.objective}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.losses import DEFAULT_TAU, get_policy_loss, madpo_scale, madpo_weights
+from madpo_ray.plotting import pyplot, save
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +85,9 @@ def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 
                  title: Optional[str] = None) -> Path:
     """Two histograms: reward-model margins (and true margins on the testbed) with +-tau marked,
     and the MADPO weights they give."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     m = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float64)
     w = madpo_weights(m, c_max, lam, tau)
@@ -111,8 +110,7 @@ def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return path
 
 

@@ -25,6 +25,7 @@ from madpo_ray.config import PipelineConfig
 from madpo_ray.eval.heldout import SFT_LABEL
 from madpo_ray.eval.judge import bootstrap_mean, per_prompt
 from madpo_ray.layout import is_testbed
+from madpo_ray.plotting import pyplot, save
 
 ALPHA = 0.05  # family-wise error rate of the Holm-corrected MADPO-vs-baseline tests
 PERMUTATIONS = 10_000  # Monte Carlo sign flips: the smallest p is 1/10,001, far below 0.05 / a 30-test family
@@ -372,10 +373,7 @@ def draw_differences(ax, results: dict) -> None:
 
 def plot_comparison(results: dict, path: Path) -> None:
     """Levels by temperature; beside them (compare) the paired differences from the SFT policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if (results.get("paired") or {}).get("vs_sft") else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
@@ -383,8 +381,7 @@ def plot_comparison(results: dict, path: Path) -> None:
     if panels == 2:
         draw_differences(axes[0][1], results)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------- several tiers
@@ -436,10 +433,7 @@ def render_tier_markdown(combined: dict) -> str:
 
 def plot_tiers(combined: dict, path: Path) -> None:
     """One column per tier: levels on top, differences from the SFT policy below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tiers = combined["tiers"]
     with_diff = [bool((combined["per_tier"][t].get("paired") or {}).get("vs_sft")) for t in tiers]
@@ -453,8 +447,7 @@ def plot_tiers(combined: dict, path: Path) -> None:
             else:
                 axes[1][j].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def verdicts(results: dict) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 
 from madpo_ray.config import PipelineConfig
 from madpo_ray.layout import BEFORE_POLICY, SPLITS, RunLayout, is_testbed
+from madpo_ray.plotting import pyplot, save
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,7 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
 def plot_training_curves(layout: RunLayout, path) -> Optional[str]:
     """One panel per training stage: the loss of every optimiser step (global mean), and the
     held-out evaluations where the stage has them (the reward model's early stopping)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = [s for s in ("sft", "reward", "policy") if layout.metrics_path(s).exists()]
     curves = {s: json.loads(layout.metrics_path(s).read_text()) for s in stages}
@@ -204,6 +202,5 @@ def plot_training_curves(layout: RunLayout, path) -> Optional[str]:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return str(path)
