@@ -95,6 +95,7 @@ fields = {
     "stream": st.booleans() | scalars,
     "seed": small_ints | scalars,
     "model": scalars,
+    "stream_options": json_values | st.fixed_dictionaries({"include_usage": st.booleans() | scalars}),
 }
 bodies = st.one_of(
     st.fixed_dictionaries({}, optional=fields),

@@ -75,12 +75,14 @@ def test_openai_client_works_unchanged(server):
                                           max_tokens=5, temperature=0.7, seed=3)
     assert chat.choices[0].message.role == "assistant"
     chunks = list(client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=6, stream=True))
+                                                 max_tokens=6, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    *chunks, last = chunks
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     full = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     assert streamed == full.choices[0].message.content  # greedy stream == greedy non-stream
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert last.choices == [] and last.usage == full.usage  # the usage chunk, as the client parses it
 
 
 def test_sse_wire_format(server):

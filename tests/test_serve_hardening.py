@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from madpo_ray.serving.engine import GenParams, TransformersEngine
+from madpo_ray.serving.engine import GenParams, StreamEnd, TransformersEngine
 
 PORT = 8392
 BASE = f"http://127.0.0.1:{PORT}"
@@ -38,7 +38,28 @@ def test_vanishing_temperature_is_greedy_not_a_crash(engine):
     tiny = engine.generate(["Zorblex is"], GenParams(max_tokens=6, temperature=1e-30))
     greedy = engine.generate(["Zorblex is"], GenParams(max_tokens=6, temperature=0.0))
     assert tiny[0].text == greedy[0].text
-    assert "".join(engine.stream("Zorblex is", GenParams(max_tokens=6, temperature=1e-30))) == greedy[0].text
+    assert text_of(engine.stream("Zorblex is", GenParams(max_tokens=6, temperature=1e-30))) == greedy[0].text
+
+
+def text_of(stream) -> str:
+    return "".join(d for d in stream if isinstance(d, str))
+
+
+def test_a_stream_ends_like_the_whole_answer_ends(engine):
+    """The StreamEnd after the deltas carries the finish_reason and token counts that the
+    non-streamed answer to the same greedy request has: "length" when max_tokens cut it,
+    "stop" when a stop string did."""
+    whole = engine.generate(["Zorblex is"], GenParams(max_tokens=5))[0]
+    *deltas, end = engine.stream("Zorblex is", GenParams(max_tokens=5))
+    assert whole.finish_reason == "length" and isinstance(end, StreamEnd)
+    assert "".join(deltas) == whole.text
+    assert (end.finish_reason, end.prompt_tokens, end.completion_tokens) == ("length", whole.prompt_tokens, 5)
+    stop = whole.text.strip()[1:3]
+    assert stop
+    *deltas, end = engine.stream("Zorblex is", GenParams(max_tokens=5, stop=[stop]))
+    cut = engine.generate(["Zorblex is"], GenParams(max_tokens=5, stop=[stop]))[0]
+    assert ("".join(deltas), end.finish_reason) == (cut.text, cut.finish_reason) == (whole.text[:whole.text.find(stop)], "stop")
+    assert 1 <= end.completion_tokens <= 5
 
 
 def test_cancel_flag_stops_generation_early(engine):

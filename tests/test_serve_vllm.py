@@ -187,6 +187,15 @@ def test_streaming_sends_tokens_as_they_come_and_adds_up_to_the_greedy_text(serv
         texts = [c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))]
     assert len([t for t in texts if t]) > 1
     assert "".join(texts) == post("/vllm/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 16})["choices"][0]["text"]
+    # A max_tokens cut ends the stream with "length", and the usage chunk counts what the non-streamed answer counts.
+    short = {"messages": messages, "max_tokens": 3}
+    whole = post("/vllm/v1/chat/completions", short)
+    with httpx.stream("POST", f"{BASE}/vllm/v1/chat/completions", timeout=120,
+                      json={**short, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = sse_data(list(r.iter_lines()))
+    assert whole["choices"][0]["finish_reason"] == chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 3
 
 
 async def post_all(bodies: list[dict]) -> list:

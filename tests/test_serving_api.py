@@ -2,11 +2,12 @@
 OpenAI-style body on every generating route, and the app keeps answering."""
 
 import asyncio
+import json
 
 from fastapi.testclient import TestClient
 
 from madpo_ray.serving.api import ServeSettings, create_app
-from madpo_ray.serving.engine import GenResult
+from madpo_ray.serving.engine import GenResult, StreamEnd
 
 
 class SlowBackend:
@@ -83,3 +84,40 @@ def test_the_model_field_picks_an_adapter_and_unknown_names_are_refused_only_whe
     # A server of one model keeps answering to any name (clients send whatever they were configured with).
     single = TestClient(create_app(AdapterEchoBackend(), ServeSettings(model_name="base")))
     assert single.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}).json()["choices"][0]["text"] == "None"
+
+
+class CountingStreamBackend:
+    """Streams two deltas and ends as a max_tokens cut after 2 of 7 prompt tokens would."""
+
+    async def stream(self, prompt, params):
+        for piece in ("ab", "cd"):
+            yield piece
+        yield StreamEnd("length", 7, 2)
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+
+def sse_chunks(response) -> list[dict]:
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_a_stream_closes_with_the_backends_finish_reason_and_usage_when_asked():
+    client = TestClient(create_app(CountingStreamBackend(), ServeSettings(model_name="m")))
+    chat = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    plain = sse_chunks(client.post("/v1/chat/completions", json=chat))
+    assert [c["choices"][0]["finish_reason"] for c in plain] == [None, None, None, "length"]
+    assert all("usage" not in c for c in plain)  # only when asked
+    asked = sse_chunks(client.post("/v1/chat/completions", json={**chat, "stream_options": {"include_usage": True}}))
+    assert asked[:-1] == [{**c, "created": a["created"], "id": a["id"]} for c, a in zip(plain, asked)]
+    assert asked[-1]["choices"] == [] and asked[-1]["object"] == "chat.completion.chunk"
+    assert asked[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    text = sse_chunks(client.post("/v1/completions", json={"prompt": "x", "stream": True,
+                                                           "stream_options": {"include_usage": True}}))
+    assert ["".join(c["choices"][0]["text"] for c in text[:-1]), text[-2]["choices"][0]["finish_reason"]] == \
+        ["abcd", "length"]
+    assert text[-1]["object"] == "text_completion" and text[-1]["usage"]["total_tokens"] == 9
+    r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator, Optional, Protocol
+from typing import AsyncIterator, Callable, Optional, Protocol, Union
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,9 +28,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
-from madpo_ray.serving.engine import ClientInputError, GenParams, GenResult, RequestCancelled
+from madpo_ray.serving.engine import ClientInputError, GenParams, GenResult, RequestCancelled, StreamEnd
 from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
-                                       chat_response, completion_chunk, completion_response, error_body)
+                                       chat_response, completion_chunk, completion_response, error_body,
+                                       usage_chunk)
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -81,7 +82,8 @@ def key_matches(header: str, key: str) -> bool:
 class Backend(Protocol):
     async def generate(self, prompt: str, params: GenParams) -> GenResult: ...
 
-    def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]: ...
+    def stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
+        """Text deltas, then one StreamEnd (why it ended, token counts)."""
 
     def chat_prompt(self, messages: list[dict]) -> str: ...
 
@@ -297,7 +299,8 @@ async def completions(req: CompletionRequest, request: Request):
             return _error(400, "stream supports one prompt with n=1", param="stream")
         chunk_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         events = _events(backend_of(request), prompts[0], params,
-                         lambda text, finish: completion_chunk(name, chunk_id, text or "", finish))
+                         lambda text, finish: completion_chunk(name, chunk_id, text or "", finish),
+                         usage_of=_usage_of(req, name, chunk_id, "text_completion"))
         return StreamingResponse(events, media_type="text/event-stream")
     results = await _run(request, prompts, params, req.n)
     return completion_response(name, [r.text for r in results],
@@ -317,7 +320,8 @@ async def chat(req: ChatCompletionRequest, request: Request):
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = _events(backend, prompt, params,
                          lambda text, finish: chat_chunk(name, chunk_id, {} if text is None else {"content": text}, finish),
-                         opening=chat_chunk(name, chunk_id, {"role": "assistant", "content": ""}))
+                         opening=chat_chunk(name, chunk_id, {"role": "assistant", "content": ""}),
+                         usage_of=_usage_of(req, name, chunk_id, "chat.completion.chunk"))
         return StreamingResponse(events, media_type="text/event-stream")
     results = await _run(request, [prompt], params, req.n)
     return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
@@ -328,18 +332,32 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _events(backend: Backend, prompt: str, params: GenParams, chunk, opening: Optional[dict] = None
-                  ) -> AsyncIterator[str]:
+def _usage_of(req, name: str, chunk_id: str, kind: str) -> Optional[Callable[[StreamEnd], dict]]:
+    """The maker of the stream's usage chunk when the request asked for one, else None."""
+    if not req.usage_in_stream():
+        return None
+    return lambda end: usage_chunk(name, chunk_id, kind, end.prompt_tokens, end.completion_tokens)
+
+
+async def _events(backend: Backend, prompt: str, params: GenParams, chunk, opening: Optional[dict] = None,
+                  usage_of: Optional[Callable[[StreamEnd], dict]] = None) -> AsyncIterator[str]:
     """Server-sent events: `chunk(text, finish_reason)` frames each delta and the closing chunk
-    in the route's format. Once the stream has started, a failure can only be reported in-band,
-    and the server keeps serving."""
+    in the route's format; the backend's StreamEnd gives the closing chunk's finish_reason and
+    the usage chunk. Once the stream has started, a failure can only be reported in-band, and
+    the server keeps serving."""
     if opening:
         yield _sse(opening)
+    end = None
     try:
         async with contextlib.aclosing(backend.stream(prompt, params)) as deltas:  # leaving early ends generation
             async for delta in deltas:
-                yield _sse(chunk(delta, None))
-        yield _sse(chunk(None, "stop"))
+                if isinstance(delta, StreamEnd):
+                    end = delta
+                else:
+                    yield _sse(chunk(delta, None))
+        yield _sse(chunk(None, end.finish_reason if end else "stop"))  # "stop": a backend without a StreamEnd
+        if usage_of and end:
+            yield _sse(usage_of(end))
     except Exception:
         log.exception("stream failed")
         yield _sse(error_body("generation failed", "server_error"))

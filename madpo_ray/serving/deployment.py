@@ -19,14 +19,14 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI
 from ray import serve
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
-from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, TransformersEngine
+from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, StreamEnd, TransformersEngine
 from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, served_name
 
 log = logging.getLogger("madpo_ray.serve")
@@ -176,8 +176,9 @@ class PolicyServer:
             log.warning("batch of %d failed (%s); retrying its rows one by one", len(rows), type(e).__name__)
             return [(await self.run_rows([row]))[0] for row in rows]
 
-    async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
-        """Deltas of one request, each awaited within what is left of the request timeout."""
+    async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
+        """Deltas of one request (then its StreamEnd), each awaited within what is left of the request
+        timeout."""
         source = self.engine.stream if self.asynchronous else self.threaded_stream
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         async with contextlib.aclosing(source(prompt, params)) as deltas:  # leaving early aborts the request
@@ -193,7 +194,7 @@ class PolicyServer:
         through the deployment handle to see that a client who left freed its slot)."""
         return self.engine.running_requests() if self.asynchronous else 0
 
-    async def threaded_stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
+    async def threaded_stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
         """The engine's blocking iterator runs in a thread; deltas, and any error, cross to the
         event loop by a queue. Leaving early (client disconnect, the timeout in `stream`) sets
         the cancel flag that stops the generation."""

@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Generator, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -65,6 +65,15 @@ class GenParams:
 class GenResult:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class StreamEnd:
+    """The last item of a stream, after its text deltas: why it ended and what it counted, for the
+    closing chunk's finish_reason and the usage chunk (`stream_options.include_usage`)."""
+    finish_reason: str  # as GenResult's
     prompt_tokens: int
     completion_tokens: int
 
@@ -181,18 +190,25 @@ class TransformersEngine:
         with self.lock:
             self._seed(rows[0])
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **self._kwargs(rows[0], rows))
-        eos = self.tokenizer.eos_token_id
         results = []
         for row, x, p in zip(out[:, width:], ids, rows):
-            toks = row.tolist()
-            ended = eos in toks
-            toks = toks[:toks.index(eos)] if ended else [t for t in toks if t != pad]
+            toks, ended = self.completion_tokens(row.tolist())
             text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), p.stop)
             results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), len(toks)))
         return results
 
-    def stream(self, prompt: str, params: GenParams) -> Iterator[str]:
-        """Text deltas as they are generated (TextIteratorStreamer fed by a worker thread).
+    def completion_tokens(self, generated: list[int]) -> tuple[list[int], bool]:
+        """A row's generated ids up to its EOS (or without the padding of a row that ended early
+        in a batch), and whether it reached EOS."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        if eos in generated:
+            return generated[:generated.index(eos)], True
+        return [t for t in generated if t != pad], False
+
+    def stream(self, prompt: str, params: GenParams) -> Iterator[Union[str, StreamEnd]]:
+        """Text deltas as they are generated (TextIteratorStreamer fed by a worker thread), then a
+        StreamEnd. Its token count is what the model generated before it stopped: up to EOS, or
+        up to where a stop string's cut cancelled the generation.
 
         A failure in the worker ends the stream and is raised here; a worker that stalls raises
         TimeoutError after `stream_timeout_s`; closing this iterator cancels the generation."""
@@ -203,13 +219,15 @@ class TransformersEngine:
         ids = torch.tensor([self.encode(prompt)])
         params.cancel = params.cancel or threading.Event()
         failure: list[BaseException] = []
+        generated: list[list[int]] = []
 
         def run():
             try:
                 with torch.no_grad(), self.lock:
                     self._seed(params)
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        **self._kwargs(params, [params]))
+                    out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                              **self._kwargs(params, [params]))
+                    generated.append(out[0, ids.shape[1]:].tolist())
             except BaseException as e:  # handed to the consumer below, never lost in the thread
                 failure.append(e)
                 streamer.end()
@@ -217,7 +235,7 @@ class TransformersEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         try:
-            yield from self._deltas(streamer, params.stop)
+            cut_by_stop = yield from self._deltas(streamer, params.stop)
         except queue.Empty:
             raise TimeoutError(f"no token for {self.stream_timeout_s}s") from None
         finally:
@@ -225,9 +243,12 @@ class TransformersEngine:
             thread.join(timeout=self.stream_timeout_s)
         if failure:
             raise failure[0]
+        toks, ended = self.completion_tokens(generated[0] if generated else [])
+        yield StreamEnd("stop" if ended or cut_by_stop else "length", ids.shape[1], len(toks))
 
     @staticmethod
-    def _deltas(streamer, stop: Optional[list[str]]) -> Iterator[str]:
+    def _deltas(streamer, stop: Optional[list[str]]) -> Generator[str, None, bool]:
+        """The streamer's text with stop strings applied; returns whether a stop string cut it."""
         sent = ""
         for piece in streamer:
             candidate, stopped = apply_stop(sent + piece, stop)
@@ -235,4 +256,5 @@ class TransformersEngine:
                 yield candidate[len(sent):]
             sent = candidate
             if stopped:
-                return
+                return True
+        return False

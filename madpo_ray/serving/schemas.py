@@ -28,6 +28,11 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False  # a last chunk with the request's token usage, as OpenAI's
+
+
 class _Req(BaseModel):
     # OpenAI clients send fields we do not use (logprobs, user, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -40,6 +45,17 @@ class _Req(BaseModel):
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    stream_options: Optional[StreamOptions] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v, info):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream=true")
+        return v
+
+    def usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     @field_validator("stop")
     @classmethod
@@ -118,21 +134,24 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def completion_response(model: str, texts: list[str], finish: list[str], prompt_tokens: int,
                         completion_tokens: int) -> dict:
     return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
                         for i, (t, f) in enumerate(zip(texts, finish))],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_response(model: str, texts: list[str], finish: list[str], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
                         for i, (t, f) in enumerate(zip(texts, finish))],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(model: str, chunk_id: str, text: str, finish: Optional[str] = None) -> dict:
@@ -143,6 +162,12 @@ def completion_chunk(model: str, chunk_id: str, text: str, finish: Optional[str]
 def chat_chunk(model: str, chunk_id: str, delta: dict, finish: Optional[str] = None) -> dict:
     return {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def usage_chunk(model: str, chunk_id: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The stream's last data chunk under `stream_options.include_usage`: no choices, the usage."""
+    return {"id": chunk_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,

@@ -25,10 +25,10 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from madpo_ray.data.collate import encode_prompt
-from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, render_chat
+from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, StreamEnd, render_chat
 
 
 def vllm_available() -> bool:
@@ -78,6 +78,12 @@ def lora_settings(adapters: dict[str, str], cpu: bool) -> dict:
     if not fitting:
         raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {LORA_RANKS[-1]}")
     return {"enable_lora": True, "max_loras": len(adapters) + int(cpu), "max_lora_rank": fitting[0]}
+
+
+def finish_reason(vllm_reason: Optional[str]) -> str:
+    """OpenAI's reason from vLLM's: "stop" for EOS or a stop string, "length" for max_tokens (and
+    for anything else, e.g. an abort, which no client that is still listening sees)."""
+    return "stop" if vllm_reason == "stop" else "length"
 
 
 class AsyncVLLMEngine:
@@ -147,15 +153,19 @@ class AsyncVLLMEngine:
         final = None
         async for final in self.outputs(ids, params, stream=False):
             pass
-        return GenResult(final.text, "stop" if final.finish_reason == "stop" else "length", len(ids),
-                         len(final.token_ids))
+        return GenResult(final.text, finish_reason(final.finish_reason), len(ids), len(final.token_ids))
 
-    async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[str]:
-        """Text deltas as the engine produces them (vLLM holds back text that may start a stop string)."""
+    async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
+        """Text deltas as the engine produces them (vLLM holds back text that may start a stop
+        string), then a StreamEnd with the finish reason and token counts of the last output."""
         ids = self.encode(prompt)
+        generated, finish = 0, None
         async for piece in self.outputs(ids, params, stream=True):
+            generated += len(piece.token_ids)
+            finish = piece.finish_reason or finish
             if piece.text:
                 yield piece.text
+        yield StreamEnd(finish_reason(finish), len(ids), generated)
 
     def running_requests(self) -> int:
         """Requests the engine holds (running or waiting): zero once every caller has finished or left."""
