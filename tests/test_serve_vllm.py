@@ -67,6 +67,28 @@ def test_adapters_are_checked_before_anything_starts(tiny_base_dir, tmp_path):
         choose_backend(str(tiny_base_dir), "auto", adapters=True)
 
 
+def test_an_adapter_that_does_not_fit_the_base_is_refused_before_anything_starts(tiny_base_dir, tmp_path):
+    """vLLM loads an adapter on its first request; a wrong one is refused up front instead, naming
+    the layer and both sizes. An adapter fits the base it was trained on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from madpo_ray.serving.launch import adapter_shape_errors, resolve_adapters
+
+    stage = make_lora_stage(tiny_base_dir, tmp_path / "policy")
+    assert resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir)) == {"a": str((stage / "adapter").resolve())}
+    config = AutoConfig.from_pretrained(tiny_base_dir)
+    config.hidden_size, config.head_dim = 48, 24  # same layers, other widths
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wider")
+    with pytest.raises(ValueError, match=r"adapter 'a' .* does not fit .*lora_A takes 32 inputs, the layer has 48"):
+        resolve_adapters({"a": str(stage)}, "base", str(tmp_path / "wider"))
+    problems = adapter_shape_errors(stage / "adapter", tmp_path / "wider")
+    assert any(p.endswith("lora_B gives 32 outputs, the layer has 48") for p in problems), problems
+    assert adapter_shape_errors(stage / "adapter", tiny_base_dir) == []
+    (stage / "adapter" / "adapter_model.safetensors").rename(stage / "adapter" / "adapter_model.bin")
+    with pytest.raises(ValueError, match="no adapter_model.safetensors"):
+        resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir))
+
+
 @pytest.fixture(scope="module")
 def hd32_model(corpus_docs, tmp_path_factory) -> Path:
     """A model vLLM's CPU attention can run, its weights scrambled (see the module docstring)."""

@@ -27,7 +27,7 @@ from ray import serve
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
 from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, StreamEnd, TransformersEngine
-from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, served_name
+from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, resolve_model_folder, served_name
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -256,7 +256,7 @@ def build_app(args: dict) -> serve.Application:
         kwargs["adapters"] = parse_adapter_specs([a for a in kwargs["adapters"].split(",") if a])
     if kwargs.get("adapters"):  # refused here, with the reason, rather than by a replica that keeps restarting
         base_name = served_name(kwargs["model"], kwargs.get("model_name"))
-        kwargs["adapters"] = resolve_adapters(kwargs["adapters"], base_name)
+        kwargs["adapters"] = resolve_adapters(kwargs["adapters"], base_name, resolve_model_folder(kwargs["model"]))
     kwargs["backend"], _ = choose_backend(kwargs["model"], kwargs.get("backend", "auto"), bool(kwargs.get("adapters")))
     if kwargs["backend"] == "vllm":
         # vLLM's scheduler queues what it cannot run yet at no cost; at Serve's 64, the 65th

@@ -81,9 +81,11 @@ def served_name(model: str, model_name: Optional[str] = None) -> str:
     return model_name or Path(model).parent.name or "madpo-policy"
 
 
-def resolve_adapters(adapters: dict[str, str], base_name: str) -> dict[str, str]:
+def resolve_adapters(adapters: dict[str, str], base_name: str, base_dir: Optional[str] = None) -> dict[str, str]:
     """Each adapter's folder holding adapter_config.json: the folder itself or, for a stage folder
-    that LoRA trained (runs/<name>/policy/madpo), its `adapter/`. Refused with the reason otherwise."""
+    that LoRA trained (runs/<name>/policy/madpo), its `adapter/`. With the base model's folder,
+    also that its weights fit the base's layers. Refused with the reason otherwise: vLLM loads an
+    adapter on its first request, so a bad one would otherwise surface as that request's 500."""
     from madpo_ray.layout import adapter_folder
 
     resolved = {}
@@ -95,8 +97,46 @@ def resolve_adapters(adapters: dict[str, str], base_name: str) -> dict[str, str]
         if found is None:
             raise ValueError(f"adapter {name!r}: no adapter_config.json in {folder} or {candidates[1]} "
                              f"(a stage trained with model.lora, or a peft adapter folder)")
+        problems = adapter_shape_errors(found, Path(base_dir)) if base_dir else []
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(f"adapter {name!r} ({found}) does not fit the base model {base_dir}: "
+                             + "; ".join(problems[:3]) + more)
         resolved[name] = str(found.resolve())
     return resolved
+
+
+def adapter_shape_errors(adapter_dir: Path, base_dir: Path) -> list[str]:
+    """Where the adapter's LoRA matrices do not fit the base: A is (r, in) and B (out, r) of the
+    layer they adapt, whose weight is (out, in). Reads only the safetensors headers. An adapter
+    without adapter_model.safetensors is refused: a .bin adapter is a pickle, which we never load."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return [f"no adapter_model.safetensors in {adapter_dir} (pickled .bin adapters are not loaded)"]
+    base: dict[str, list[int]] = {}
+    for f in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            base.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+    if not base:
+        return []  # a base without safetensors (e.g. a GGUF import): vLLM checks when it loads
+    problems = []
+    with safe_open(str(weights), "pt") as st:
+        for key in st.keys():
+            module, _, part = key.rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                continue
+            layer = module.removeprefix("base_model.model.")
+            target = base.get(layer + ".weight")
+            shape = st.get_slice(key).get_shape()
+            if target is None:
+                problems.append(f"{layer}: the base model has no such layer")
+            elif part == "A.weight" and shape[1] != target[1]:
+                problems.append(f"{layer}: lora_A takes {shape[1]} inputs, the layer has {target[1]}")
+            elif part == "B.weight" and shape[0] != target[0]:
+                problems.append(f"{layer}: lora_B gives {shape[0]} outputs, the layer has {target[0]}")
+    return sorted(set(problems))
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
