@@ -89,6 +89,25 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_before_anything_starts
         resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir))
 
 
+def test_lora_engine_settings_hold_every_adapter_at_the_smallest_rank_vllm_takes(tmp_path):
+    """Room for all adapters (one more on CPU, left empty: see lora_settings) at the first rank in
+    vLLM's list that holds the largest adapter's."""
+    from madpo_ray.serving.vllm_engine import lora_settings
+
+    def adapter(name, r):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
+        return str(tmp_path / name)
+
+    two = {"a": adapter("a", 4), "b": adapter("b", 9)}
+    assert lora_settings(two, cpu=False) == {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}
+    assert lora_settings(two, cpu=True)["max_loras"] == 3
+    assert lora_settings({"c": adapter("c", 8)}, cpu=False)["max_lora_rank"] == 8  # exactly a listed rank
+    assert lora_settings({}, cpu=True) == {}
+    with pytest.raises(ValueError, match="rank 600 is above vLLM's largest, 512"):
+        lora_settings({"d": adapter("d", 600)}, cpu=False)
+
+
 @pytest.fixture(scope="module")
 def hd32_model(corpus_docs, tmp_path_factory) -> Path:
     """A model vLLM's CPU attention can run, its weights scrambled (see the module docstring)."""
