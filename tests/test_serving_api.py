@@ -78,6 +78,10 @@ def test_the_model_field_picks_an_adapter_and_unknown_names_are_refused_only_whe
         assert (got["choices"][0]["text"], got["model"]) == (routed, asked or "base")
         chat = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "x"}]}).json()
         assert chat["choices"][0]["message"]["content"] == routed
+        summary = client.post("/v1/summarize", json={**{k: v for k, v in body.items() if k != "prompt"},
+                                                     "document": "d"}).json()
+        assert (summary["summary"], summary["model"]) == (routed, asked or "base")
+    assert client.post("/v1/summarize", json={"document": "d", "model": "A"}).status_code == 404
     r = client.post("/v1/chat/completions", json={"model": "A", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert "base, a, b" in r.json()["error"]["message"]

@@ -366,7 +366,8 @@ async def _events(backend: Backend, prompt: str, params: GenParams, chunk, openi
 
 @router.post("/v1/summarize")
 async def summarize(req: SummarizeRequest, request: Request):
+    params = GenParams(max_tokens=req.max_tokens, temperature=req.temperature)
+    name = served_model(request, req.model, params)
     prompt = settings_of(request).prompt_template.format(document=req.document)
-    [result] = await _run(request, [prompt], GenParams(max_tokens=req.max_tokens, temperature=req.temperature), 1)
-    return {"summary": result.text.strip(), "finish_reason": result.finish_reason,
-            "model": settings_of(request).model_name}
+    [result] = await _run(request, [prompt], params, 1)
+    return {"summary": result.text.strip(), "finish_reason": result.finish_reason, "model": name}

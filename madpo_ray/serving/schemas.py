@@ -118,6 +118,7 @@ class ChatCompletionRequest(_Req):
 class SummarizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     document: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: Optional[str] = None  # a served adapter's name, as on the OpenAI routes
     max_tokens: int = Field(32, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
 
