@@ -214,14 +214,15 @@ def test_vllm_gives_the_transformers_greedy_text(servers):
 @pytest.mark.slow
 def test_streaming_sends_tokens_as_they_come_and_adds_up_to_the_greedy_text(servers):
     messages = [{"role": "user", "content": "Summarise: a Rust library for parsing TOML files."}]
-    whole = post("/vllm/v1/chat/completions", {"messages": messages, "max_tokens": 24})["choices"][0]["message"]["content"]
+    answer = post("/vllm/v1/chat/completions", {"messages": messages, "max_tokens": 24})["choices"][0]
+    whole = answer["message"]["content"]
     with httpx.stream("POST", f"{BASE}/vllm/v1/chat/completions", timeout=120,
                       json={"messages": messages, "max_tokens": 24, "stream": True}) as r:
         chunks = sse_data(list(r.iter_lines()))
     pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
     assert len(pieces) > 1 and all(pieces)  # one chunk per decoded delta, not one block at the end
     assert "".join(pieces) == whole and len(whole) > 10
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] == answer["finish_reason"]
     # /v1/completions streams the same way, in the text_completion chunk format.
     with httpx.stream("POST", f"{BASE}/vllm/v1/completions", timeout=120,
                       json={"prompt": PROMPTS[0], "max_tokens": 16, "stream": True}) as r:
