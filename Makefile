@@ -43,7 +43,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
-	@# about 20 minutes on 2 cores (plus about 5 for the default run's scored pairs if runs/tiny has none)
+	@# about 32 minutes on 2 cores (plus about 5 for the default run's scored pairs if runs/tiny has none)
 	@for f in train_throughput scaling score_throughput generate_throughput serve_load gpu_step; do \
 		echo "== bench/$$f.py"; $(BIN)/python bench/$$f.py || exit 1; done
 

@@ -6,6 +6,9 @@ latency at several concurrencies, for three servers of the same model measured i
   vllm-serve         vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), the anchor
   ours-direct        our FastAPI app and handler on vLLM under plain uvicorn, no Serve (bench/_direct_server.py):
                      splits the gap to vllm-serve into Serve's share and our app's share
+  ours-vllm-di       ours-vllm with Serve's direct ingress (`madpo serve --direct-ingress`, experimental in Ray
+                     2.60): requests go to the replica's own HTTP port, no proxy hop (its own process and cluster)
+  ours-transformers-di  the same for the transformers backend, so the backends compare like with like
 
 Every server gets the same prompts as the same token ids (ours encode the text with the policy's
 own tokenizer; vllm-serve is sent those ids), greedy, the same max_tokens, so all three produce the
@@ -35,7 +38,8 @@ from _common import ROOT, default_model, percentile
 import httpx
 
 PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8396, 8397
-SERVERS = ("ours-vllm", "ours-transformers", "vllm-serve", "ours-direct")
+DIRECT_INGRESS = {"ours-vllm-di": ("vllm", 30100), "ours-transformers-di": ("transformers", 30300)}  # backend, port
+SERVERS = ("ours-vllm", "ours-transformers", "vllm-serve", "ours-direct", *DIRECT_INGRESS)
 
 
 def prompts(n: int) -> list[str]:
@@ -159,7 +163,8 @@ def requests_for(server: str, texts: list[str], ids: list[list[int]], max_tokens
                 [{"model": "anchor", "prompt": i, "max_tokens": max_tokens, "temperature": 0, "stream": True}
                  for i in ids])
     url = {"ours-vllm": f"http://127.0.0.1:{PORT}/vllm", "ours-transformers": f"http://127.0.0.1:{PORT}/transformers",
-           "ours-direct": f"http://127.0.0.1:{DIRECT_PORT}"}[server]
+           "ours-direct": f"http://127.0.0.1:{DIRECT_PORT}",
+           **{name: f"http://127.0.0.1:{port}" for name, (_, port) in DIRECT_INGRESS.items()}}[server]
     return (f"{url}/v1/completions",
             [{"prompt": t, "max_tokens": max_tokens, "temperature": 0, "stream": True} for t in texts])
 
@@ -208,6 +213,11 @@ def report(rows: list[dict], servers: list[str]) -> None:
             ours = median_of(rows, "ours-vllm", c, "tok_per_s")
             direct = (f"   the same app without Serve {ours / median_of(rows, 'ours-direct', c, 'tok_per_s'):.2f}x"
                       if "ours-direct" in servers else "")
+            if "ours-vllm-di" in servers:
+                di = median_of(rows, "ours-vllm-di", c, "tok_per_s")
+                twin = "ours-transformers-di" if "ours-transformers-di" in servers else "ours-transformers"
+                direct += (f"\n         with direct ingress: vllm serve {di / median_of(rows, 'vllm-serve', c, 'tok_per_s'):.2f}x"
+                           f"   {twin} {di / median_of(rows, twin, c, 'tok_per_s'):.2f}x")
             print(f"  c={c:>3}: vllm serve {ours / median_of(rows, 'vllm-serve', c, 'tok_per_s'):.2f}x   "
                   f"our transformers backend {ours / median_of(rows, 'ours-transformers', c, 'tok_per_s'):.2f}x{direct}")
 
@@ -238,6 +248,11 @@ def main() -> None:
         if "ours-direct" in args.servers:
             others.append(start_process("ours-direct", [sys.executable, "_direct_server.py", model, str(DIRECT_PORT)],
                                         DIRECT_PORT))
+        for name, (backend, port) in DIRECT_INGRESS.items():
+            if name in args.servers:  # the replica's port is --port + 1
+                others.append(start_process(name, [sys.executable, "-m", "madpo_ray", "serve", "--model", model,
+                                                   "--backend", backend, "--direct-ingress", "--port", str(port - 1)],
+                                            port))
         start_ours(model)
         rows = measure(args, texts, ids)
     finally:

@@ -642,6 +642,10 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                   "from, e.g. runs/x/sft/model), answering to `model: NAME`. FOLDER is a "
                                                   "stage trained with model.lora (its adapter/) or a peft adapter folder. "
                                                   "Repeatable; needs the vLLM backend."),
+              direct_ingress: bool = typer.Option(False, "--direct-ingress",
+                                                  help="Also serve each replica's HTTP directly on port+1, port+2, ... "
+                                                       "skipping Serve's proxy hop (Ray Serve's direct ingress, "
+                                                       "experimental in Ray 2.60; the local cluster only)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from pathlib import Path
@@ -663,6 +667,6 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
         adapters = parse_adapter_specs(lora)
         run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
                    batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend,
-                   insecure=insecure, **({"adapters": adapters} if adapters else {}))
+                   insecure=insecure, direct_ingress=direct_ingress, **({"adapters": adapters} if adapters else {}))
     except (ValueError, PermissionError) as e:  # e.g. a public bind without a key
         fail(str(e), 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -139,10 +140,36 @@ def adapter_shape_errors(adapter_dir: Path, base_dir: Path) -> list[str]:
     return sorted(set(problems))
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The variables that turn on Ray Serve's direct ingress (experimental in Ray 2.60): each ingress
+    replica also serves HTTP itself, on port+1, port+2, ... of its node, so a request there skips
+    the proxy actor, the hop that cost our vLLM deployment about 30% of its streamed throughput
+    (bench/README.md, serve_load). Serve reads them when its processes start."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 100),
+            # Serve holds a stopping replica 30 s so load balancers can drop it; there is none locally.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")}
+
+
+def enable_direct_ingress(port: int, address: Optional[str]) -> None:
+    """Set direct ingress up for the local cluster about to start; refused where Serve is already
+    running or the cluster is not ours to start (there it is the nodes' environment, docs/cluster.md)."""
+    import ray
+
+    from madpo_ray.runtime import cluster_address
+
+    if ray.is_initialized() or cluster_address(address) != "local":
+        raise ValueError("--direct-ingress applies to the local cluster madpo serve starts; on an existing "
+                         "cluster start its nodes with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead")
+    os.environ.update(direct_ingress_env(port))
+
+
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
                batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
                blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", insecure: bool = False,
-               **app_args):
+               direct_ingress: bool = False, **app_args):
     """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready."""
     import ray
     from ray import serve
@@ -155,6 +182,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     model = resolve_model_folder(model)
     backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
+    if direct_ingress:
+        enable_direct_ingress(port, address)
     if not ray.is_initialized():
         env = serve_runtime_env()
         address = cluster_address(address)
@@ -163,16 +192,31 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
         else:
             ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
 
-    serve.start(http_options={"host": host, "port": port})
-    application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
-                             "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend, **app_args})
-    t0 = time.time()
-    handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
-    log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+    if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
+                                 "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend, **app_args})
+        t0 = time.time()
+        handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
+        log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)
+        if direct_ingress:
+            log.info("direct ingress: replica 1 also serves at http://%s:%d (replica k at port %d+k on its node), "
+                     "without the proxy hop", host, port + 1, port)
+        while blocking:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        if not blocking:
+            raise
+        log.info("shutting down")
+        serve.shutdown()
+        ray.shutdown()
+        return None
     return handle
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM as Ctrl-C, so the blocking server stops Serve and the cluster it started instead of
+    leaving them running behind a killed driver."""
+    raise KeyboardInterrupt
