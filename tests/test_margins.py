@@ -67,3 +67,6 @@ def test_table_and_plot(tmp_path):
     assert shares["Spearman(RM margin, true margin)"][1] == "-"
     path = plot_margins(rows([-8.0, 1.0, 9.0], [-1.0, 2.0, 3.0]), tmp_path / "m.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    from madpo_ray.plotting import pyplot
+
+    assert pyplot().get_fignums() == []  # saved figures are closed, not left to pile up

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from madpo_ray.serving.engine import GenParams, StreamEnd, TransformersEngine
 
@@ -59,7 +60,32 @@ def test_a_stream_ends_like_the_whole_answer_ends(engine):
     *deltas, end = engine.stream("Zorblex is", GenParams(max_tokens=5, stop=[stop]))
     cut = engine.generate(["Zorblex is"], GenParams(max_tokens=5, stop=[stop]))[0]
     assert ("".join(deltas), end.finish_reason) == (cut.text, cut.finish_reason) == (whole.text[:whole.text.find(stop)], "stop")
-    assert 1 <= end.completion_tokens <= 5
+    assert end.completion_tokens == cut.completion_tokens  # the tokens that completed the stop string, both ways
+    ids = engine.encode("Zorblex is")
+    greedy = engine.model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+    k = cut.completion_tokens
+    assert stop in engine.tokenizer.decode(greedy[:k]) and stop not in engine.tokenizer.decode(greedy[:k - 1])
+
+
+def test_a_stream_that_reaches_eos_ends_with_stop_like_the_whole_answer(engine):
+    """EOS, not only a stop string, makes `stop`: a greedy token that first appears at position j
+    is made the EOS, so both ways end there after j tokens."""
+    for prompt in ("Zorblex is", "Zorblex is a Rust library for parsing TOML files.\nTL;DR:", "hello there"):
+        ids = engine.encode(prompt)
+        greedy = engine.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        j = next((j for j in range(1, len(greedy)) if greedy[j] not in greedy[:j]), 0)  # 0: the tiny model repeats
+        if j:
+            break
+    assert engine.generate([prompt], GenParams(max_tokens=8))[0].finish_reason == "length"
+    eos = engine.tokenizer.eos_token_id
+    engine.tokenizer.eos_token_id = greedy[j]
+    try:
+        whole = engine.generate([prompt], GenParams(max_tokens=8))[0]
+        *_, end = engine.stream(prompt, GenParams(max_tokens=8))
+    finally:
+        engine.tokenizer.eos_token_id = eos
+    assert (whole.finish_reason, whole.completion_tokens) == ("stop", j), greedy
+    assert (end.finish_reason, end.prompt_tokens, end.completion_tokens) == ("stop", len(ids), j)
 
 
 def test_cancel_flag_stops_generation_early(engine):

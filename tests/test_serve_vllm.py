@@ -84,9 +84,60 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_before_anything_starts
     problems = adapter_shape_errors(stage / "adapter", tmp_path / "wider")
     assert any(p.endswith("lora_B gives 32 outputs, the layer has 48") for p in problems), problems
     assert adapter_shape_errors(stage / "adapter", tiny_base_dir) == []
+    config_path = stage / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA"):
+        resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir))
+    config_path.write_text(json.dumps(config))
     (stage / "adapter" / "adapter_model.safetensors").rename(stage / "adapter" / "adapter_model.bin")
     with pytest.raises(ValueError, match="no adapter_model.safetensors"):
         resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir))
+
+
+def test_the_shape_check_reads_fan_in_fan_out_layers_transposed(tiny_base_dir, tmp_path):
+    """peft's fan_in_fan_out (GPT-2's Conv1D) stores a layer's weight as (in, out): on the test base's
+    up_proj (64 out, 32 in), an r=2 lora_A takes 32 inputs normally and 64 when transposed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from madpo_ray.serving.launch import adapter_shape_errors
+
+    layer = "base_model.model.model.layers.0.mlp.up_proj"
+    for fan_in_fan_out, inputs, outputs in ((False, 32, 64), (True, 64, 32)):
+        folder = tmp_path / str(fan_in_fan_out)
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "fan_in_fan_out": fan_in_fan_out}))
+        save_file({f"{layer}.lora_A.weight": torch.zeros(2, inputs), f"{layer}.lora_B.weight": torch.zeros(outputs, 2)},
+                  str(folder / "adapter_model.safetensors"))
+        assert adapter_shape_errors(folder, tiny_base_dir) == []
+        save_file({f"{layer}.lora_A.weight": torch.zeros(2, outputs), f"{layer}.lora_B.weight": torch.zeros(inputs, 2)},
+                  str(folder / "adapter_model.safetensors"))
+        assert adapter_shape_errors(folder, tiny_base_dir) == [
+            f"model.layers.0.mlp.up_proj: lora_A takes {outputs} inputs, the layer has {inputs}",
+            f"model.layers.0.mlp.up_proj: lora_B gives {inputs} outputs, the layer has {outputs}"]
+
+
+def test_direct_ingress_is_set_for_a_local_cluster_only_and_leaves_the_environment_as_it_was(monkeypatch):
+    import os
+
+    from madpo_ray.serving.launch import direct_ingress_env, enable_direct_ingress, environ
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = direct_ingress_env(8000)
+    assert (env["RAY_SERVE_ENABLE_DIRECT_INGRESS"], env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("1", "8001", "8100")
+    enable_direct_ingress(8000, None)  # a local cluster: fine
+    for address in ("auto", "10.0.0.1:6379"):
+        with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+            enable_direct_ingress(8000, address)
+    with pytest.raises(ValueError, match="--port between"):
+        enable_direct_ingress(65500, None)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "9999")
+    before = dict(os.environ)
+    with environ(env):
+        assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert dict(os.environ) == before
 
 
 def test_lora_engine_settings_hold_every_adapter_at_the_smallest_rank_vllm_takes(tmp_path):
@@ -291,6 +342,16 @@ def test_streaming_sends_tokens_as_they_come_and_adds_up_to_the_greedy_text(serv
     assert whole["choices"][0]["finish_reason"] == chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
     assert whole["usage"]["completion_tokens"] == 3
+    # A stop string ends it with "stop", counted as the non-streamed answer counts it.
+    long = post("/vllm/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 16})["choices"][0]["text"]
+    cut = {"prompt": PROMPTS[0], "max_tokens": 16, "stop": [long[6:9]]}
+    whole = post("/vllm/v1/completions", cut)
+    with httpx.stream("POST", f"{BASE}/vllm/v1/completions", timeout=120,
+                      json={**cut, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = sse_data(list(r.iter_lines()))
+    assert whole["choices"][0]["finish_reason"] == chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"] == long[:6]
+    assert chunks[-1]["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] < 16
 
 
 async def post_all(bodies: list[dict]) -> list:

@@ -114,9 +114,12 @@ def test_a_stream_closes_with_the_backends_finish_reason_and_usage_when_asked():
     plain = sse_chunks(client.post("/v1/chat/completions", json=chat))
     assert [c["choices"][0]["finish_reason"] for c in plain] == [None, None, None, "length"]
     assert all("usage" not in c for c in plain)  # only when asked
+    off = sse_chunks(client.post("/v1/chat/completions", json={**chat, "stream_options": {"include_usage": False}}))
+    assert len(off) == len(plain) and all(c["choices"] for c in off)
     asked = sse_chunks(client.post("/v1/chat/completions", json={**chat, "stream_options": {"include_usage": True}}))
     assert asked[:-1] == [{**c, "created": a["created"], "id": a["id"]} for c, a in zip(plain, asked)]
     assert asked[-1]["choices"] == [] and asked[-1]["object"] == "chat.completion.chunk"
+    assert len({c["id"] for c in asked}) == 1  # the usage chunk belongs to the same stream
     assert asked[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
     text = sse_chunks(client.post("/v1/completions", json={"prompt": "x", "stream": True,
                                                            "stream_options": {"include_usage": True}}))

@@ -194,8 +194,18 @@ class TransformersEngine:
         for row, x, p in zip(out[:, width:], ids, rows):
             toks, ended = self.completion_tokens(row.tolist())
             text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), p.stop)
-            results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), len(toks)))
+            used = self.tokens_through_stop(toks, p.stop) if stopped else len(toks)
+            results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), used))
         return results
+
+    def tokens_through_stop(self, generated: list[int], stop: Optional[list[str]]) -> int:
+        """How many generated ids it took to complete the first stop string: the count vLLM reports
+        for an answer a stop string cut, and the same for a stream and a whole answer (the whole
+        answer generates past the stop, a stream stops shortly after it)."""
+        for k in range(1, len(generated) + 1):
+            if apply_stop(self.tokenizer.decode(generated[:k], skip_special_tokens=True), stop)[1]:
+                return k
+        return len(generated)
 
     def completion_tokens(self, generated: list[int]) -> tuple[list[int], bool]:
         """A row's generated ids up to its EOS (or without the padding of a row that ended early
@@ -207,8 +217,7 @@ class TransformersEngine:
 
     def stream(self, prompt: str, params: GenParams) -> Iterator[Union[str, StreamEnd]]:
         """Text deltas as they are generated (TextIteratorStreamer fed by a worker thread), then a
-        StreamEnd. Its token count is what the model generated before it stopped: up to EOS, or
-        up to where a stop string's cut cancelled the generation.
+        StreamEnd with the finish reason and the token counts `generate` gives the same request.
 
         A failure in the worker ends the stream and is raised here; a worker that stalls raises
         TimeoutError after `stream_timeout_s`; closing this iterator cancels the generation."""
@@ -244,7 +253,8 @@ class TransformersEngine:
         if failure:
             raise failure[0]
         toks, ended = self.completion_tokens(generated[0] if generated else [])
-        yield StreamEnd("stop" if ended or cut_by_stop else "length", ids.shape[1], len(toks))
+        used = self.tokens_through_stop(toks, params.stop) if cut_by_stop else len(toks)
+        yield StreamEnd("stop" if ended or cut_by_stop else "length", ids.shape[1], used)
 
     @staticmethod
     def _deltas(streamer, stop: Optional[list[str]]) -> Generator[str, None, bool]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -108,35 +110,38 @@ def resolve_adapters(adapters: dict[str, str], base_name: str, base_dir: Optiona
 
 
 def adapter_shape_errors(adapter_dir: Path, base_dir: Path) -> list[str]:
-    """Where the adapter's LoRA matrices do not fit the base: A is (r, in) and B (out, r) of the
-    layer they adapt, whose weight is (out, in). Reads only the safetensors headers. An adapter
-    without adapter_model.safetensors is refused: a .bin adapter is a pickle, which we never load."""
+    """Where the adapter cannot serve on this base: a lora_A that does not take its layer's inputs
+    or a lora_B that does not give its outputs (a layer's weight is (out, in), or (in, out) with
+    peft's fan_in_fan_out), or a kind vLLM does not serve (DoRA). Reads only the safetensors
+    headers. A layer the base's files do not name as the adapter does (quantised weights, another
+    naming) is left to vLLM rather than refused. A pickled .bin adapter is refused: we never load
+    one."""
     from safetensors import safe_open
 
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         return [f"no adapter_model.safetensors in {adapter_dir} (pickled .bin adapters are not loaded)"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        return ["it is a DoRA adapter, which vLLM does not serve; merge it (the stage's model/) instead"]
     base: dict[str, list[int]] = {}
     for f in sorted(base_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             base.update({k: st.get_slice(k).get_shape() for k in st.keys()})
-    if not base:
-        return []  # a base without safetensors (e.g. a GGUF import): vLLM checks when it loads
     problems = []
     with safe_open(str(weights), "pt") as st:
         for key in st.keys():
             module, _, part = key.rpartition(".lora_")
-            if part not in ("A.weight", "B.weight"):
-                continue
             layer = module.removeprefix("base_model.model.")
             target = base.get(layer + ".weight")
+            if part not in ("A.weight", "B.weight") or target is None or len(target) != 2:
+                continue
+            out_features, in_features = target[::-1] if config.get("fan_in_fan_out") else target
             shape = st.get_slice(key).get_shape()
-            if target is None:
-                problems.append(f"{layer}: the base model has no such layer")
-            elif part == "A.weight" and shape[1] != target[1]:
-                problems.append(f"{layer}: lora_A takes {shape[1]} inputs, the layer has {target[1]}")
-            elif part == "B.weight" and shape[0] != target[0]:
-                problems.append(f"{layer}: lora_B gives {shape[0]} outputs, the layer has {target[0]}")
+            if part == "A.weight" and shape[1] != in_features:
+                problems.append(f"{layer}: lora_A takes {shape[1]} inputs, the layer has {in_features}")
+            elif part == "B.weight" and shape[0] != out_features:
+                problems.append(f"{layer}: lora_B gives {shape[0]} outputs, the layer has {out_features}")
     return sorted(set(problems))
 
 
@@ -154,8 +159,8 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 
 
 def enable_direct_ingress(port: int, address: Optional[str]) -> None:
-    """Set direct ingress up for the local cluster about to start; refused where Serve is already
-    running or the cluster is not ours to start (there it is the nodes' environment, docs/cluster.md)."""
+    """Check that direct ingress can be set up: only for the local cluster about to start (on an
+    existing one it is the nodes' environment, docs/cluster.md), with room for the replica ports."""
     import ray
 
     from madpo_ray.runtime import cluster_address
@@ -163,7 +168,25 @@ def enable_direct_ingress(port: int, address: Optional[str]) -> None:
     if ray.is_initialized() or cluster_address(address) != "local":
         raise ValueError("--direct-ingress applies to the local cluster madpo serve starts; on an existing "
                          "cluster start its nodes with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead")
-    os.environ.update(direct_ingress_env(port))
+    if not 1024 <= port <= 65535 - 100:
+        raise ValueError(f"--direct-ingress needs --port between 1024 and {65535 - 100} (replicas take the 100 "
+                         f"ports above it), got {port}")
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """These environment variables for the block, then the previous ones again: a local cluster's
+    processes take the driver's environment when ray.init starts them, and keep it."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
@@ -182,6 +205,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     model = resolve_model_folder(model)
     backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
+    started_here = not ray.is_initialized() and cluster_address(address) == "local"
     if direct_ingress:
         enable_direct_ingress(port, address)
     if not ray.is_initialized():
@@ -190,7 +214,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
         if address != "local":
             ray.init(address=address, runtime_env=env)
         else:
-            ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
+            with environ(direct_ingress_env(port) if direct_ingress else {}):  # the cluster's processes keep them
+                ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
 
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
         signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -202,15 +227,19 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
         handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
         log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)
         if direct_ingress:
-            log.info("direct ingress: replica 1 also serves at http://%s:%d (replica k at port %d+k on its node), "
-                     "without the proxy hop", host, port + 1, port)
+            log.info("direct ingress: the replica also serves at http://%s:%d without the proxy hop (more replicas "
+                     "on a node take the next free ports up to %d)", host, port + 1, port + 100)
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
         if not blocking:
             raise
-        log.info("shutting down")
-        serve.shutdown()
+        if started_here:
+            log.info("shutting down Serve and the local cluster")
+            serve.shutdown()
+        else:  # a shared cluster: take down our app only, not every Serve app on it
+            log.info("deleting the app %s from the cluster", app_name)
+            serve.delete(app_name)
         ray.shutdown()
         return None
     return handle
