@@ -205,12 +205,12 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     model = resolve_model_folder(model)
     backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
-    started_here = not ray.is_initialized() and cluster_address(address) == "local"
+    address = cluster_address(address)
+    started_here = not ray.is_initialized() and address == "local"
     if direct_ingress:
         enable_direct_ingress(port, address)
     if not ray.is_initialized():
         env = serve_runtime_env()
-        address = cluster_address(address)
         if address != "local":
             ray.init(address=address, runtime_env=env)
         else:
