@@ -67,6 +67,26 @@ def test_a_stream_ends_like_the_whole_answer_ends(engine):
     assert stop in engine.tokenizer.decode(greedy[:k]) and stop not in engine.tokenizer.decode(greedy[:k - 1])
 
 
+def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes_streamed_or_not(engine):
+    """A random model samples byte tokens, so max_tokens often ends an answer inside a UTF-8
+    character, which decoding shows as U+FFFD. Both paths drop it, as vLLM's detokenizer does:
+    the text is the raw decoding without its trailing U+FFFD, and stream and whole agree."""
+    ids = engine.encode("Zorblex is")
+    cut_inside = 0
+    for seed in range(24):
+        params = dict(max_tokens=3, temperature=1.0, top_p=1.0, seed=seed)
+        whole = engine.generate(["Zorblex is"], GenParams(**params))[0]
+        *deltas, end = engine.stream("Zorblex is", GenParams(**params))
+        torch.manual_seed(seed)
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=True, temperature=1.0,
+                                    top_p=1.0, top_k=0, pad_token_id=engine.tokenizer.pad_token_id)
+        raw = engine.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        cut_inside += raw.endswith("\ufffd")
+        assert whole.text == raw.rstrip("\ufffd") and not whole.text.endswith("\ufffd"), seed
+        assert "".join(deltas) == whole.text and end.completion_tokens == whole.completion_tokens, seed
+    assert cut_inside >= 3  # the case happened, so the assertions above tested it
+
+
 def test_a_stream_that_reaches_eos_ends_with_stop_like_the_whole_answer(engine):
     """EOS, not only a stop string, makes `stop`: a greedy token that first appears at position j
     is made the EOS, so both ways end there after j tokens."""

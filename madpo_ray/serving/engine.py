@@ -122,6 +122,13 @@ def render_chat(tokenizer, messages: list[dict]) -> ChatPrompt:
     return prompt
 
 
+def complete_characters(text: str) -> str:
+    """The text without a trailing U+FFFD: what decoding shows for a UTF-8 character whose last
+    bytes were never generated (max_tokens cut it, or the answer ended inside it). vLLM's
+    detokenizer holds such bytes back, so both backends give a client the same text."""
+    return text.rstrip("\ufffd")
+
+
 class CancelCriteria:
     """Stop a `generate` call once every row's caller has gone away."""
 
@@ -194,6 +201,7 @@ class TransformersEngine:
         for row, x, p in zip(out[:, width:], ids, rows):
             toks, ended = self.completion_tokens(row.tolist())
             text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), p.stop)
+            text = complete_characters(text)
             used = self.tokens_through_stop(toks, p.stop) if stopped else len(toks)
             results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), used))
         return results
@@ -258,13 +266,15 @@ class TransformersEngine:
 
     @staticmethod
     def _deltas(streamer, stop: Optional[list[str]]) -> Generator[str, None, bool]:
-        """The streamer's text with stop strings applied; returns whether a stop string cut it."""
-        sent = ""
+        """The streamer's text with stop strings applied and a trailing incomplete character held
+        back (see `complete_characters`); returns whether a stop string cut it."""
+        text, shown = "", 0
         for piece in streamer:
-            candidate, stopped = apply_stop(sent + piece, stop)
-            if candidate[len(sent):]:
-                yield candidate[len(sent):]
-            sent = candidate
+            text, stopped = apply_stop(text + piece, stop)
+            visible = complete_characters(text)
+            if len(visible) > shown:
+                yield visible[shown:]
+                shown = len(visible)
             if stopped:
                 return True
         return False
