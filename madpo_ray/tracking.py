@@ -114,6 +114,31 @@ def ensure_experiment(target: Optional[dict]) -> None:
         log.warning("MLflow experiment %s at %s: %s", target["experiment"], target["mlflow_uri"], e)
 
 
+def end_stopped_trials(target) -> int:
+    """After a search: mark the search's trial runs that are still RUNNING as KILLED, and return
+    how many. A trial the scheduler stops early (ASHA) ends with its actor, before `tracked` can
+    close its MLflow run, which would otherwise show RUNNING forever. A resumed search reopens
+    them (`MlflowRun.unfinished`)."""
+    target = TrackTarget.of(target)
+    if target is None or not target.mlflow_uri:
+        return 0
+    if target.mlflow_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=target.mlflow_uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment is None:
+        return 0
+    prefix = f"{target.training}/"
+    runs = client.search_runs([experiment.experiment_id], max_results=10_000,
+                              filter_string=f"tags.`{TRAINING_TAG}` LIKE '{prefix}%' and attributes.status = 'RUNNING'")
+    stopped = [r for r in runs if r.data.tags.get(TRAINING_TAG, "").startswith(prefix)]  # LIKE's _ is a wildcard
+    for run in stopped:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(stopped)
+
+
 class MlflowRun:
     """One MLflow run per training, through MlflowClient (no global active-run state, so trials
     in one process never log into each other's runs)."""
@@ -233,11 +258,13 @@ class TrackedSession:
         return getattr(self.inner, name)
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
-        self.inner.report(metrics, checkpoint_dir)
+        """Tracked first: a Tune scheduler may stop the trial inside the report, and its last
+        metrics (the ones it was judged on) would be lost."""
         try:
             self.tracker.log(metrics)
         except Exception as e:  # a tracking server that is down must not stop a training
             log.warning("tracking %s failed at step %s: %s", self.tracker.target.training, metrics.get("step"), e)
+        self.inner.report(metrics, checkpoint_dir)
 
 
 @contextlib.contextmanager
@@ -251,6 +278,9 @@ def tracked(session, target):
     tracker = Tracker(target)
     try:
         yield TrackedSession(session, tracker)
+    except SystemExit as e:  # how Ray Tune ends a trial its scheduler stopped: sys.exit(0) in the report
+        tracker.close("FAILED" if e.code else "KILLED")
+        raise
     except BaseException:
         tracker.close("FAILED")
         raise

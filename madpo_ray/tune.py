@@ -192,19 +192,21 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
     from ray import tune
 
     from madpo_ray.runtime import init_ray
+    from madpo_ray.tracking import end_stopped_trials
 
     init_ray(pipeline.cfg.ray)
     lay = pipeline.layout
     out_dir = lay.tune_dir / space.name
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = lay.tune_dir.resolve()
+    tracking = search_tracking(pipeline.cfg, space.name)
     trainable = tune.with_parameters(
         trial, base_config=pipeline.cfg.model_dump(mode="json"),
         scored_train=str(lay.scored_path("train")), scored_validation=str(lay.scored_path("validation")),
         validation_docs=str(lay.docs_path("validation")) if pipeline.is_testbed else None,
         model_dir=str(lay.model_dir("sft")), loss=space.loss, objective=space.objective,
         eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
-        reward_dir=str(lay.model_dir("reward")), tracking=search_tracking(pipeline.cfg, space.name))
+        reward_dir=str(lay.model_dir("reward")), tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     path = storage / space.name
     if resume and tune.Tuner.can_restore(str(path)):
@@ -214,7 +216,12 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
         if resume:
             log.warning("nothing to resume at %s; starting a new search", path)
         tuner = new_tuner(trainable, space, storage, num_samples, cpus_per_trial, fail_once)
-    return write_results(pipeline, space, tuner.fit(), out_dir)
+    results = tuner.fit()
+    stopped = end_stopped_trials(tracking)
+    if stopped:
+        log.info("search %s: %d trial(s) stopped early by the scheduler; their MLflow runs are marked KILLED",
+                 space.name, stopped)
+    return write_results(pipeline, space, results, out_dir)
 
 
 def write_results(pipeline, space: SearchSpace, results, out_dir: Path) -> dict:

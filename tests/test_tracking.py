@@ -143,3 +143,29 @@ def test_tracking_off_writes_nothing(tmp_path, tiny_base_dir, scored_train):
     assert tracking_target(cfg, "policy/madpo") is None
     _train(cfg, scored_train, tiny_base_dir, target=tracking_target(cfg, "policy/madpo"))
     assert not (cfg.run_dir / "mlruns").exists() and not (cfg.run_dir / "tensorboard").exists()
+
+
+def test_after_a_search_its_runs_left_running_are_killed_and_nothing_else_is(tmp_path):
+    """A trial whose actor died mid-report leaves its MLflow run RUNNING; the search ends those,
+    and only its own: another search's run, a finished trial and the stage runs stay as they are."""
+    from mlflow.tracking import MlflowClient
+
+    from madpo_ray.tracking import TrackTarget, end_stopped_trials
+
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("run")
+    status = {}
+    for training, end in [("tune/a/t1", None), ("tune/a/t2", "FINISHED"), ("tune/a/t3", None), ("tune/ab/t4", None),
+                          ("tune/a_b/t5", None), ("tune/aXb/t6", None), ("reward", None)]:
+        run = client.create_run(experiment, run_name=training, tags={TRAINING_TAG: training})
+        if end:
+            client.set_terminated(run.info.run_id, status=end)
+        status[training] = run.info.run_id
+    assert end_stopped_trials(TrackTarget("tune/a", "run", mlflow_uri=uri)) == 2
+    assert end_stopped_trials(TrackTarget("tune/a_b", "run", mlflow_uri=uri)) == 1  # "_" is literal here
+    got = {name: client.get_run(run_id).info.status for name, run_id in status.items()}
+    assert got == {"tune/a/t1": "KILLED", "tune/a/t2": "FINISHED", "tune/a/t3": "KILLED", "tune/ab/t4": "RUNNING",
+                   "tune/a_b/t5": "KILLED", "tune/aXb/t6": "RUNNING", "reward": "RUNNING"}
+    assert end_stopped_trials(TrackTarget("tune/a", "run")) == 0  # MLflow off: nothing to do
+    assert end_stopped_trials(None) == 0

@@ -107,3 +107,39 @@ def _trial_runs(cfg):
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert {"sft", "reward"} <= {r.info.run_name for r in runs}
     return [r for r in runs if r.info.run_name.startswith("tune/two/")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(tmp_path):
+    """ASHA ends a stopped trial inside its report, before the trial can close its MLflow run:
+    the search marks those KILLED, and only those (the trials that ran to the end stay FINISHED).
+    The report it was stopped on is tracked too."""
+    import csv
+
+    import ray
+
+    from madpo_ray.pipeline import Pipeline
+    from madpo_ray.tune import run_search
+
+    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=8"])
+    p = Pipeline(cfg)
+    try:
+        p.run(("data", "sft", "pairs", "reward", "score"))
+        # A continuous objective (the reward model's score of greedy summaries) and learning rates
+        # far apart, so the trials differ at the first rung (accuracies on 16 pairs tie).
+        space = load_search_space(_space(tmp_path, "name: two\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
+                                                   "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+                                                   "params:\n  lr: {type: grid, values: [1.0e-1, 1.0e-4, 3.0e-2, 1.0e-3]}\n"))
+        run_search(p, space, cpus_per_trial=2)  # one trial at a time: the later ones meet a full rung
+        with open(p.run_dir / "tune" / "two" / "trials.csv") as fh:
+            steps = {r["trial_id"]: int(r["steps"]) for r in csv.DictReader(fh)}
+    finally:
+        ray.shutdown()
+    status = {r.info.run_name.split("/")[-1]: r.info.status for r in _trial_runs(p.cfg)}
+    stopped = [t for t, s in steps.items() if s < 8]
+    assert stopped and status.keys() == steps.keys()  # ASHA stopped some, so the case happened
+    assert all(status[t] == "KILLED" for t in stopped)
+    # A trial the scheduler stops at its last report is KILLED too, so only "nothing else" is exact:
+    assert set(status.values()) <= {"FINISHED", "KILLED"}
+    assert all(len(r.data.metrics) > 0 for r in _trial_runs(p.cfg))  # the stopping report was tracked
