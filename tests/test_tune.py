@@ -52,13 +52,10 @@ def test_presets_load():
 def test_two_trial_search_then_resume(tmp_path):
     import ray
 
-    from madpo_ray.pipeline import Pipeline
     from madpo_ray.tune import run_search
 
-    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=4"])
-    p = Pipeline(cfg)
     try:
-        p.run(("data", "sft", "pairs", "reward", "score"))
+        p = _scored_pipeline(tmp_path, max_steps=4)
         space = load_search_space(_space(tmp_path, "name: two\nsearch: random\nnum_samples: 1\neval_every: 2\n"
                                                    "objective: rm_reward\n"
                                                    "scheduler: {type: none}\n"
@@ -96,6 +93,17 @@ def test_two_trial_search_then_resume(tmp_path):
         ray.shutdown()
 
 
+def _scored_pipeline(tmp_path, max_steps: int):
+    """A CI-sized run with every stage a search needs done (it starts the local Ray cluster)."""
+    from madpo_ray.pipeline import Pipeline
+
+
+    p = Pipeline(load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune",
+                                                  f"policy.optim.max_steps={max_steps}"]))
+    p.run(("data", "sft", "pairs", "reward", "score"))
+    return p
+
+
 def _trial_runs(cfg):
     """MLflow runs of the run's experiment that are Tune trials, read with MLflow's client."""
     import os
@@ -112,20 +120,16 @@ def _trial_runs(cfg):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(tmp_path):
-    """ASHA ends a stopped trial inside its report, before the trial can close its MLflow run:
-    the search marks those KILLED, and only those (the trials that ran to the end stay FINISHED).
-    The report it was stopped on is tracked too."""
+    """Ray Tune stops a trial with sys.exit(0) inside its report: the trial's MLflow run ends
+    KILLED (not FAILED, not left RUNNING) and holds the report the scheduler judged it on."""
     import csv
 
     import ray
 
-    from madpo_ray.pipeline import Pipeline
     from madpo_ray.tune import run_search
 
-    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=8"])
-    p = Pipeline(cfg)
     try:
-        p.run(("data", "sft", "pairs", "reward", "score"))
+        p = _scored_pipeline(tmp_path, max_steps=8)
         # A continuous objective (the reward model's score of greedy summaries) and learning rates
         # far apart, so the trials differ at the first rung (accuracies on 16 pairs tie).
         space = load_search_space(_space(tmp_path, "name: two\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
