@@ -114,14 +114,23 @@ def ensure_experiment(target: Optional[dict]) -> None:
         log.warning("MLflow experiment %s at %s: %s", target["experiment"], target["mlflow_uri"], e)
 
 
-def end_stopped_trials(target) -> int:
-    """After a search: mark the search's trial runs that are still RUNNING as KILLED, and return
-    how many. A trial the scheduler stops early (ASHA) ends with its actor, before `tracked` can
-    close its MLflow run, which would otherwise show RUNNING forever. A resumed search reopens
-    them (`MlflowRun.unfinished`)."""
+def end_stopped_trials(target, errored: frozenset = frozenset()) -> int:
+    """After a search: end the search's trial runs still RUNNING, and return how many: FAILED
+    for a trial id in `errored` (its actor died: out of memory, a lost node), KILLED otherwise
+    (stopped early by the scheduler). A trial run normally ends itself (`tracked`); one whose
+    actor was killed mid-report cannot. A resumed search reopens them (`MlflowRun.unfinished`).
+    A tracking server that is down is a warning here too, never a lost search result."""
     target = TrackTarget.of(target)
     if target is None or not target.mlflow_uri:
         return 0
+    try:
+        return end_running_runs(target, errored)
+    except Exception as e:
+        log.warning("could not end the open MLflow runs of %s at %s: %s", target.training, target.mlflow_uri, e)
+        return 0
+
+
+def end_running_runs(target: TrackTarget, errored: frozenset) -> int:
     if target.mlflow_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
@@ -130,13 +139,16 @@ def end_stopped_trials(target) -> int:
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
         return 0
-    prefix = f"{target.training}/"
-    runs = client.search_runs([experiment.experiment_id], max_results=10_000,
-                              filter_string=f"tags.`{TRAINING_TAG}` LIKE '{prefix}%' and attributes.status = 'RUNNING'")
-    stopped = [r for r in runs if r.data.tags.get(TRAINING_TAG, "").startswith(prefix)]  # LIKE's _ is a wildcard
-    for run in stopped:
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(stopped)
+    prefix = f"{target.training}/"  # matched here, not in the filter: no quoting of the search's name
+    running = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                 max_results=10_000)
+    ended = 0
+    for run in running:
+        training = run.data.tags.get(TRAINING_TAG, "")
+        if training.startswith(prefix):
+            client.set_terminated(run.info.run_id, status="FAILED" if training[len(prefix):] in errored else "KILLED")
+            ended += 1
+    return ended
 
 
 class MlflowRun:
@@ -258,13 +270,19 @@ class TrackedSession:
         return getattr(self.inner, name)
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
-        """Tracked first: a Tune scheduler may stop the trial inside the report, and its last
-        metrics (the ones it was judged on) would be lost."""
+        """Tracked before the report: a Tune scheduler stops a trial inside its report
+        (sys.exit(0)) and tears the actor down, leaving no time to track the metrics it was
+        judged on afterwards (measured: the run of a trial stopped at its first report was never
+        created). The cost: a report that then fails is tracked, and tracked again when a resume
+        replays its step, as the steps after the last checkpoint always are."""
+        self.track(metrics)
+        self.inner.report(metrics, checkpoint_dir)
+
+    def track(self, metrics: dict) -> None:
         try:
             self.tracker.log(metrics)
         except Exception as e:  # a tracking server that is down must not stop a training
             log.warning("tracking %s failed at step %s: %s", self.tracker.target.training, metrics.get("step"), e)
-        self.inner.report(metrics, checkpoint_dir)
 
 
 @contextlib.contextmanager

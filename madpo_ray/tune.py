@@ -217,10 +217,9 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
             log.warning("nothing to resume at %s; starting a new search", path)
         tuner = new_tuner(trainable, space, storage, num_samples, cpus_per_trial, fail_once)
     results = tuner.fit()
-    stopped = end_stopped_trials(tracking)
-    if stopped:
-        log.info("search %s: %d trial(s) stopped early by the scheduler; their MLflow runs are marked KILLED",
-                 space.name, stopped)
+    errored = frozenset((r.metrics or {}).get("trial_id") for r in results if r.error)
+    if end_stopped_trials(tracking, errored):
+        log.info("search %s: trial runs left open in MLflow ended (KILLED: stopped early; FAILED: errored)", space.name)
     return write_results(pipeline, space, results, out_dir)
 
 

@@ -87,6 +87,18 @@ def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes_streamed_or
     assert cut_inside >= 3  # the case happened, so the assertions above tested it
 
 
+def test_only_a_trailing_incomplete_character_is_held_back():
+    """Mid-answer U+FFFD is text the model produced (an invalid byte): kept. A trailing one is
+    held back while the stream may still complete it, and kept when a stop string ends the text
+    right after it (the bytes after it were the stop, so it is final: vLLM keeps it too)."""
+    from madpo_ray.serving.engine import complete_characters, visible_deltas
+
+    assert complete_characters("a\ufffdb\ufffd\ufffd") == "a\ufffdb"
+    assert list(visible_deltas(iter(["a\ufffd", " b"]), None)) == ["a", "\ufffd b"]
+    assert list(visible_deltas(iter(["x\ufffd\nmore"]), ["\n"])) == ["x\ufffd"]
+    assert list(visible_deltas(iter(["x\ufffd", "\ufffd"]), None)) == ["x"]
+
+
 def test_a_stream_that_reaches_eos_ends_with_stop_like_the_whole_answer(engine):
     """EOS, not only a stop string, makes `stop`: a greedy token that first appears at position j
     is made the EOS, so both ways end there after j tokens."""

@@ -147,7 +147,8 @@ def test_tracking_off_writes_nothing(tmp_path, tiny_base_dir, scored_train):
 
 def test_after_a_search_its_runs_left_running_are_killed_and_nothing_else_is(tmp_path):
     """A trial whose actor died mid-report leaves its MLflow run RUNNING; the search ends those,
-    and only its own: another search's run, a finished trial and the stage runs stay as they are."""
+    and only its own (FAILED where Tune says the trial errored, KILLED otherwise): another
+    search's run, ended trials and the stage runs stay as they are."""
     from mlflow.tracking import MlflowClient
 
     from madpo_ray.tracking import TrackTarget, end_stopped_trials
@@ -157,15 +158,47 @@ def test_after_a_search_its_runs_left_running_are_killed_and_nothing_else_is(tmp
     experiment = client.create_experiment("run")
     status = {}
     for training, end in [("tune/a/t1", None), ("tune/a/t2", "FINISHED"), ("tune/a/t3", None), ("tune/ab/t4", None),
-                          ("tune/a_b/t5", None), ("tune/aXb/t6", None), ("reward", None)]:
+                          ("tune/a_b/t5", None), ("tune/aXb/t6", None), ("reward", None), ("tune/a/t7", "FAILED")]:
         run = client.create_run(experiment, run_name=training, tags={TRAINING_TAG: training})
         if end:
             client.set_terminated(run.info.run_id, status=end)
         status[training] = run.info.run_id
-    assert end_stopped_trials(TrackTarget("tune/a", "run", mlflow_uri=uri)) == 2
+    assert end_stopped_trials(TrackTarget("tune/a", "run", mlflow_uri=uri), errored=frozenset({"t3"})) == 2
     assert end_stopped_trials(TrackTarget("tune/a_b", "run", mlflow_uri=uri)) == 1  # "_" is literal here
     got = {name: client.get_run(run_id).info.status for name, run_id in status.items()}
-    assert got == {"tune/a/t1": "KILLED", "tune/a/t2": "FINISHED", "tune/a/t3": "KILLED", "tune/ab/t4": "RUNNING",
-                   "tune/a_b/t5": "KILLED", "tune/aXb/t6": "RUNNING", "reward": "RUNNING"}
+    assert got == {"tune/a/t1": "KILLED", "tune/a/t2": "FINISHED", "tune/a/t3": "FAILED", "tune/ab/t4": "RUNNING",
+                   "tune/a_b/t5": "KILLED", "tune/aXb/t6": "RUNNING", "reward": "RUNNING", "tune/a/t7": "FAILED"}
+    (tmp_path / "not-a-folder").write_text("")
+    broken = (tmp_path / "not-a-folder" / "mlruns").as_uri()
+    assert end_stopped_trials(TrackTarget("tune/a", "run", mlflow_uri=broken)) == 0  # a store that fails: a warning
     assert end_stopped_trials(TrackTarget("tune/a", "run")) == 0  # MLflow off: nothing to do
     assert end_stopped_trials(None) == 0
+
+
+class StoppedInReport(LocalSession):
+    """Ray Tune's way of stopping a trial its scheduler judged: sys.exit(code) inside the report."""
+
+    def __init__(self, code):
+        super().__init__()
+        self.code = code
+
+    def report(self, metrics: dict, checkpoint_dir=None) -> None:
+        super().report(metrics, checkpoint_dir)
+        raise SystemExit(self.code)
+
+
+@pytest.mark.parametrize("code,status", [(0, "KILLED"), (None, "KILLED"), (3, "FAILED")])
+def test_a_trial_stopped_inside_its_report_ends_killed_with_that_report_tracked(tmp_path, code, status):
+    from madpo_ray.tracking import TrackTarget
+
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(SystemExit):
+        with tracked(StoppedInReport(code), TrackTarget("tune/s/t1", "run", mlflow_uri=uri)) as session:
+            session.report({"step": 2, "loss": 0.5})
+            session.report({"step": 4, "loss": 0.25})  # never reached: the first report ended the trial
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert run.info.status == status
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 0.5)]

@@ -97,21 +97,24 @@ def _scored_pipeline(tmp_path, max_steps: int):
     """A CI-sized run with every stage a search needs done (it starts the local Ray cluster)."""
     from madpo_ray.pipeline import Pipeline
 
-
     p = Pipeline(load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune",
                                                   f"policy.optim.max_steps={max_steps}"]))
     p.run(("data", "sft", "pairs", "reward", "score"))
     return p
 
 
-def _trial_runs(cfg):
-    """MLflow runs of the run's experiment that are Tune trials, read with MLflow's client."""
+def _mlflow_client(cfg):
     import os
 
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(cfg.run_dir.resolve() / "mlruns").as_uri())
+    return MlflowClient(tracking_uri=(cfg.run_dir.resolve() / "mlruns").as_uri())
+
+
+def _trial_runs(cfg):
+    """MLflow runs of the run's experiment that are Tune trials, read with MLflow's client."""
+    client = _mlflow_client(cfg)
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert {"sft", "reward"} <= {r.info.run_name for r in runs}
     return [r for r in runs if r.info.run_name.startswith("tune/two/")]
@@ -146,4 +149,7 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(tmp_path):
     assert all(status[t] == "KILLED" for t in stopped)
     # A trial the scheduler stops at its last report is KILLED too, so only "nothing else" is exact:
     assert set(status.values()) <= {"FINISHED", "KILLED"}
-    assert all(len(r.data.metrics) > 0 for r in _trial_runs(p.cfg))  # the stopping report was tracked
+    client = _mlflow_client(p.cfg)
+    for run in _trial_runs(p.cfg):  # every trial's last tracked step is its last report, the stopping one included
+        history = client.get_metric_history(run.info.run_id, "rm_reward")
+        assert max(m.step for m in history) == steps[run.info.run_name.split("/")[-1]]

@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Optional, Sequence, Union
+from typing import Generator, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -125,8 +125,27 @@ def render_chat(tokenizer, messages: list[dict]) -> ChatPrompt:
 def complete_characters(text: str) -> str:
     """The text without a trailing U+FFFD: what decoding shows for a UTF-8 character whose last
     bytes were never generated (max_tokens cut it, or the answer ended inside it). vLLM's
-    detokenizer holds such bytes back, so both backends give a client the same text."""
+    detokenizer holds such bytes back, so a client gets the same text from both backends.
+    (vLLM holds back the rest of that token's text too, e.g. a space before the bytes, in
+    vocabularies with such tokens; that part is kept here.)"""
     return text.rstrip("\ufffd")
+
+
+def visible_deltas(pieces: Iterable[str], stop: Optional[list[str]]) -> Generator[str, None, bool]:
+    """The deltas a client sees of streamed text pieces: stop strings applied, and a trailing
+    incomplete character held back unless a stop string ended the text there (then it is part
+    of the answer, as in vLLM). Returns whether a stop string cut the text. The deltas always
+    join to the final text: what is shown only grows."""
+    text, shown = "", 0
+    for piece in pieces:
+        text, stopped = apply_stop(text + piece, stop)
+        visible = text if stopped else complete_characters(text)
+        if len(visible) > shown:
+            yield visible[shown:]
+            shown = len(visible)
+        if stopped:
+            return True
+    return False
 
 
 class CancelCriteria:
@@ -201,7 +220,7 @@ class TransformersEngine:
         for row, x, p in zip(out[:, width:], ids, rows):
             toks, ended = self.completion_tokens(row.tolist())
             text, stopped = apply_stop(self.tokenizer.decode(toks, skip_special_tokens=True), p.stop)
-            text = complete_characters(text)
+            text = text if stopped else complete_characters(text)
             used = self.tokens_through_stop(toks, p.stop) if stopped else len(toks)
             results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), used))
         return results
@@ -252,7 +271,7 @@ class TransformersEngine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         try:
-            cut_by_stop = yield from self._deltas(streamer, params.stop)
+            cut_by_stop = yield from visible_deltas(streamer, params.stop)
         except queue.Empty:
             raise TimeoutError(f"no token for {self.stream_timeout_s}s") from None
         finally:
@@ -264,17 +283,3 @@ class TransformersEngine:
         used = self.tokens_through_stop(toks, params.stop) if cut_by_stop else len(toks)
         yield StreamEnd("stop" if ended or cut_by_stop else "length", ids.shape[1], used)
 
-    @staticmethod
-    def _deltas(streamer, stop: Optional[list[str]]) -> Generator[str, None, bool]:
-        """The streamer's text with stop strings applied and a trailing incomplete character held
-        back (see `complete_characters`); returns whether a stop string cut it."""
-        text, shown = "", 0
-        for piece in streamer:
-            text, stopped = apply_stop(text + piece, stop)
-            visible = complete_characters(text)
-            if len(visible) > shown:
-                yield visible[shown:]
-                shown = len(visible)
-            if stopped:
-                return True
-        return False
