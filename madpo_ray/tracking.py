@@ -99,17 +99,23 @@ def experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient for `uri`. MLflow 3 put the file store in maintenance mode: opening one
+    needs MLFLOW_ALLOW_FILE_STORE (set here unless the user set it)."""
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def ensure_experiment(target: Optional[dict]) -> None:
     """On the driver, before parallel trainings: their experiment exists, so none of them creates
     it (two would create two experiments of one name in a file store). A failure is a warning."""
     if not target or not target.get("mlflow_uri"):
         return
-    if target["mlflow_uri"].startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
-        from mlflow.tracking import MlflowClient
-
-        experiment_id(MlflowClient(tracking_uri=target["mlflow_uri"]), target["experiment"])
+        experiment_id(mlflow_client(target["mlflow_uri"]), target["experiment"])
     except Exception as e:
         log.warning("MLflow experiment %s at %s: %s", target["experiment"], target["mlflow_uri"], e)
 
@@ -131,11 +137,7 @@ def end_stopped_trials(target, errored: frozenset = frozenset()) -> int:
 
 
 def end_running_runs(target: TrackTarget, errored: frozenset) -> int:
-    if target.mlflow_uri.startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=target.mlflow_uri)
+    client = mlflow_client(target.mlflow_uri)
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
         return 0
@@ -156,11 +158,7 @@ class MlflowRun:
     in one process never log into each other's runs)."""
 
     def __init__(self, target: TrackTarget, resumed: bool):
-        if target.mlflow_uri.startswith("file:"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=target.mlflow_uri)
+        self.client = mlflow_client(target.mlflow_uri)
         experiment_id = self.experiment_id(target.experiment)
         previous = self.unfinished(experiment_id, target.training) if resumed else None
         if previous is not None:

@@ -104,12 +104,9 @@ def _scored_pipeline(tmp_path, max_steps: int):
 
 
 def _mlflow_client(cfg):
-    import os
+    from madpo_ray.tracking import mlflow_client
 
-    from mlflow.tracking import MlflowClient
-
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=(cfg.run_dir.resolve() / "mlruns").as_uri())
+    return mlflow_client((cfg.run_dir.resolve() / "mlruns").as_uri())
 
 
 def _trial_runs(cfg):
