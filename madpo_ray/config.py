@@ -95,6 +95,9 @@ class DataConfig(_Strict):
     samples_per_document: int = Field(2, ge=1, le=16)  # SFT samples drawn per prompt for the testbed
     label_sharpness: float = Field(1.0, gt=0)  # Bradley-Terry: P(a > b) = sigmoid(sharpness * (gold_a - gold_b))
     label_noise: float = Field(0.0, ge=0, lt=0.5)  # testbed: share of labels flipped regardless of the gap
+    # generated corpus: share of demonstrations (SFT targets) that leave out the language, which the
+    # gold reward prefers in (madpo_ray/data/corpus/generated.py)
+    terse_share: float = Field(0.0, ge=0, le=1)
     pairs_per_document: int = Field(1, ge=1, le=8)  # testbed: pairs drawn per document (distinct when possible)
     max_pairs: Optional[int] = Field(None, ge=1)
     max_prompt_length: int = Field(192, ge=4)

@@ -212,7 +212,8 @@ class Pipeline:
         if c.source == "generated":
             from madpo_ray.data.corpus.generated import generate_splits
 
-            splits = generate_splits(c.num_documents, c.num_validation_documents, c.num_eval_documents, c.corpus_seed)
+            splits = generate_splits(c.num_documents, c.num_validation_documents, c.num_eval_documents, c.corpus_seed,
+                                     c.terse_share)
             for split in SPLITS:
                 write_jsonl([x.to_dict() for x in splits[split]], lay.docs_path(split))
         elif c.source == "debian":

@@ -4,6 +4,7 @@ TINY_SETS = [
     "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
     "model.intermediate_size=64", "data.num_documents=64", "data.num_validation_documents=16",
     "data.num_eval_documents=16",
+    "data.pairs_per_document=1", "sft.optim.epochs=4",  # the preset's 3 pairs and 12 epochs are sized for its models
     "data.max_prompt_length=96", "data.max_length=128", "eval.num_prompts=4", "eval.max_new_tokens=8",
     "sft.optim.per_device_batch_size=8", "sft.optim.effective_batch_size=16", "sft.optim.report_every=2",
     "reward.optim.per_device_batch_size=8", "reward.optim.effective_batch_size=16", "reward.optim.report_every=2",

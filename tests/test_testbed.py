@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from madpo_ray.data.corpus.generated import generate_corpus, generate_splits
-from madpo_ray.data.testbed import build_pairs, gold_reward, make_candidate, mean_gold_by_kind
+from madpo_ray.data.testbed import build_pairs, document_gold, gold_reward, make_candidate, mean_gold_by_kind
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,49 @@ def test_several_pairs_per_document_are_distinct(docs):
     for p in pairs:
         by_doc.setdefault(p["doc_id"], set()).add(frozenset((p["chosen"], p["rejected"])))
     assert all(len(v) == 3 for v in by_doc.values())
+
+
+def test_each_document_has_three_valid_synopses_and_demonstrates_one_of_them():
+    plain = [d.to_dict() for d in generate_corpus(200, seed=5)]
+    for d in plain:
+        f = d["facts"]
+        assert d["references"] == [f"{f['language']} {f['kind']} for {f['purpose']}",
+                                   f"{f['kind']} for {f['purpose']} written in {f['language']}",
+                                   f"{f['kind']} for {f['purpose']}"]
+        assert d["reference"] in d["references"][:2]  # no terse demonstrations unless asked for
+    terse = [d.to_dict() for d in generate_corpus(200, seed=5, terse_share=0.6)]
+    share = statistics.mean(d["reference"] == d["references"][2] for d in terse)
+    assert 0.5 < share < 0.7
+    assert all(d["reference"] == d["references"][2] for d in generate_splits(5, 5, 5, terse_share=1.0)["test"]
+               for d in [d.to_dict()])
+
+
+def test_gold_scores_a_summary_against_its_closest_valid_synopsis(docs):
+    d = docs[0]
+    informative, other_wording, terse = d["references"]
+    against = {r: gold_reward(other_wording, d["document"], r, d["facts"]) for r in d["references"]}
+    assert document_gold(other_wording, d) == max(against.values()) == against[other_wording]
+    assert against[informative] < against[other_wording]  # one reference alone would penalise the wording
+    # By hand: a synopsis equal to a reference scores 1.5 + 1.0 (ROUGE) + 1.5 * coverage + 0.5
+    # (faithful) - 1.5, and the terse one covers two facts of three: 3.0 against 2.5.
+    assert document_gold(informative, d) == pytest.approx(3.0)
+    assert document_gold(terse, d) == pytest.approx(2.5)
+    assert document_gold(informative, {**d, "references": None}) == gold_reward(
+        informative, d["document"], d["reference"], d["facts"])  # a corpus without the list: its one reference
+
+
+def test_a_repeated_synopsis_costs_ten_times_its_repeated_bigram_share():
+    d = {"document": "Foo is a Python library. It helps with parsing TOML files.",
+         "facts": {"kind": "library", "language": "Python", "purpose": "parsing TOML files"},
+         "references": ["Python library for parsing TOML files", "library for parsing TOML files written in Python",
+                        "library for parsing TOML files"], "reference": "Python library for parsing TOML files"}
+    doubled = "Python library for parsing TOML files Python library for parsing TOML files"
+    # All facts, every word faithful, 5 of 11 bigrams repeated; ROUGE and the length error by reference:
+    # first wording: ROUGE-L F 2/3 (LCS 6 of 12 and 6), ROUGE-2 F 0.625 (5 of 11 and 5), length error 1;
+    # second: ROUGE-L F 0.6 (LCS 6 of 12 and 8), ROUGE-2 F 4/9 (4 of 11 and 7), length error 0.5 (closest);
+    # terse: ROUGE-L F 10/17 (5 of 12 and 5), ROUGE-2 F 8/15 (4 of 11 and 4), length error 1.4.
+    shared = 1.5 + 0.5 - 10.0 * 5 / 11 - 1.5
+    by_hand = [1.5 * 2 / 3 + 0.625 - 1.0, 1.5 * 0.6 + 4 / 9 - 0.5, 1.5 * 10 / 17 + 8 / 15 - 1.4]
+    assert document_gold(doubled, d) == pytest.approx(shared + max(by_hand))
+    assert [gold_reward(doubled, d["document"], r, d["facts"]) for r in d["references"]] == pytest.approx(
+        [shared + x for x in by_hand])

@@ -1,16 +1,19 @@
 """The controlled testbed: an offline stand-in for human preference data.
 
-A *gold reward* scores a summary given its document and reference. Preference labels are
+A *gold reward* scores a summary given its document and its valid reference synopses (the
+closest one counts, as multi-reference ROUGE does: which wording a writer happened to pick is
+not something a reward model reading the document could know). Preference labels are
 drawn Bradley-Terry style from gold scores, so every pair carries its true margin, and the
 data-quality tiers mix hard (small-gap) and easy (large-gap) pairs like the paper's.
 
 Gold reward (roughly in [-3, 3], like the paper's 6 * (p_pos - 0.5)):
-    1.5 * ROUGE-L F  + 1.0 * ROUGE-2 F            (against the reference; word order matters)
+    1.5 * ROUGE-L F  + 1.0 * ROUGE-2 F            (against a reference; word order matters)
   + 1.5 * key-fact coverage - 1.0 * hallucinated facts   (generated corpus only)
   + 0.5 * faithfulness  (share of summary words found in the document or reference)
   - 1.0 * length error  (|len - len_ref| / len_ref, capped at 2)
-  - 5.0 * repetition    (share of repeated word bigrams: degenerate loops are the classic failure)
+  - 10.0 * repetition   (share of repeated word bigrams: degenerate loops are the classic failure)
   - 1.5                 (centring)
+taken at the reference that gives the highest score.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 from rouge_score import rouge_scorer
 
@@ -61,7 +64,11 @@ def repetition(summary_words: list[str]) -> float:
     return 1.0 - len(set(bigrams)) / len(bigrams)
 
 
-def gold_reward(summary: str, document: str, reference: str, facts: Optional[dict[str, str]] = None) -> float:
+def gold_reward(summary: str, document: str, reference: Union[str, Sequence[str]],
+                facts: Optional[dict[str, str]] = None) -> float:
+    """The gold reward against one reference, or the highest against several."""
+    if not isinstance(reference, str):
+        return max(gold_reward(summary, document, r, facts) for r in reference)
     sw = words(summary)
     if not sw:
         return -3.0
@@ -74,8 +81,14 @@ def gold_reward(summary: str, document: str, reference: str, facts: Optional[dic
     score += 0.5 * sum(w in source for w in sw) / len(sw)
     n_ref = max(1, len(words(reference)))
     score -= 1.0 * min(abs(len(sw) - n_ref) / n_ref, 2.0)
-    score -= 5.0 * repetition(sw)
+    score -= 10.0 * repetition(sw)
     return score - 1.5
+
+
+def document_gold(summary: str, doc: dict) -> float:
+    """The gold reward of `summary` for a corpus document (a dict with document, reference and
+    optionally references and facts), against every valid synopsis the document has."""
+    return gold_reward(summary, doc["document"], doc.get("references") or doc["reference"], doc.get("facts"))
 
 
 # --------------------------------------------------------------------------- candidates
@@ -178,7 +191,7 @@ def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: floa
         facts = doc.get("facts")
 
         def cand(text: str, kind: str) -> Candidate:
-            return Candidate(text, kind, gold_reward(text, doc["document"], doc["reference"], facts))
+            return Candidate(text, kind, document_gold(text, doc))
 
         cands: dict[str, list[Candidate]] = {
             k: [cand(make_candidate(k, rng, doc["document"], doc["reference"], other["reference"]), k)]
@@ -224,5 +237,5 @@ def mean_gold_by_kind(documents: Iterable[dict], seed: int = 0) -> dict[str, flo
         other = documents[(i + 1) % len(documents)]
         for k in CANDIDATE_KINDS:
             text = make_candidate(k, rng, doc["document"], doc["reference"], other["reference"])
-            totals[k] += gold_reward(text, doc["document"], doc["reference"], doc.get("facts"))
+            totals[k] += document_gold(text, doc)
     return {k: v / len(documents) for k, v in totals.items()}

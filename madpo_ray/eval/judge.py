@@ -60,11 +60,10 @@ def win_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- scoring rows
 def add_gold(rows: list[dict], docs_by_id: dict[str, dict]) -> None:
     """Testbed gold reward of each generation, in place (`gold` column)."""
-    from madpo_ray.data.testbed import gold_reward
+    from madpo_ray.data.testbed import document_gold
 
     for r in rows:
-        d = docs_by_id[r["prompt_id"]]
-        r["gold"] = gold_reward(r["text"], d["document"], d["reference"], d.get("facts"))
+        r["gold"] = document_gold(r["text"], docs_by_id[r["prompt_id"]])
 
 
 def add_reward_model(rows: list[dict], prompts_by_id: dict[str, str], score: Callable[[list[str], list[str]], list[float]]) -> None:

@@ -58,7 +58,7 @@ def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, 
     """Mean testbed gold reward of greedy summaries of `docs`, and the summaries.
 
     One definition for the run summary and the Tune objective, so both prompt and truncate alike."""
-    from madpo_ray.data.testbed import gold_reward
+    from madpo_ray.data.testbed import document_gold
     from madpo_ray.eval.generate import generate_transformers
 
     from madpo_ray.data.prompts import generation_prompts
@@ -66,7 +66,7 @@ def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, 
     prompts = generation_prompts(cfg.data, tokenizer, [d["document"] for d in docs])
     texts = generate_transformers(model, tokenizer, prompts, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
                                   max_prompt_length=cfg.data.max_prompt_length)
-    golds = [gold_reward(t, d["document"], d["reference"], d.get("facts")) for t, d in zip(texts, docs)]
+    golds = [document_gold(t, d) for t, d in zip(texts, docs)]
     return sum(golds) / len(golds), texts
 
 
@@ -132,7 +132,7 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
 
 def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -> dict:
     """Mean gold reward of greedy summaries (SFT, policy, the references) and three examples."""
-    from madpo_ray.data.testbed import gold_reward
+    from madpo_ray.data.testbed import document_gold
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm
 
@@ -141,8 +141,7 @@ def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -
     for label, model in (("sft", load_causal_lm(str(layout.model_dir("sft")))), ("policy", policy_model)):
         out[f"{label}_greedy_gold_reward"], texts = greedy_gold_reward(model, tok, docs, cfg)
         out["examples"][label] = texts[:3]
-    out["reference_gold_reward"] = sum(gold_reward(d["reference"], d["document"], d["reference"], d.get("facts"))
-                                       for d in docs) / len(docs)
+    out["reference_gold_reward"] = sum(document_gold(d["reference"], d) for d in docs) / len(docs)
     out["example_references"] = [d["reference"] for d in docs[:3]]
     return out
 

@@ -3,6 +3,11 @@ one-line synopses, generated from sampled attributes by seeded code (no copied t
 
 Because the generator knows which facts a document states (kind, language, purpose), the
 testbed's gold reward can check a summary's key-fact coverage and spot hallucinated facts.
+Every document has the same three valid synopses, written from its facts (`references`): two
+informative ones and a terse one without the language. Its demonstration (`reference`, what SFT
+imitates) is one of them; with `terse_share` > 0 that share of demonstrations is the terse one,
+so the SFT policy often leaves the language out while the gold reward prefers it in: preference
+data then carries what the demonstrations do not, as in RLHF.
 The distractor sentences deliberately mention *other* languages and kinds, so copying
 words from the document is not enough to be right.
 """
@@ -46,6 +51,11 @@ class PackageDoc:
     reference: str
 
     @property
+    def references(self) -> list[str]:
+        """Every valid synopsis of this document (the gold reward scores against the closest)."""
+        return synopses(self.kind, self.language, self.purpose)
+
+    @property
     def facts(self) -> dict[str, str]:
         """The key facts a good synopsis states (what the gold reward checks)."""
         return {"kind": self.kind, "language": self.language, "purpose": self.purpose}
@@ -53,7 +63,13 @@ class PackageDoc:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["facts"] = self.facts
+        d["references"] = self.references
         return d
+
+
+def synopses(kind: str, language: str, purpose: str) -> list[str]:
+    """Two informative synopses and a terse one (no language), in that order."""
+    return [f"{language} {kind} for {purpose}", f"{kind} for {purpose} written in {language}", f"{kind} for {purpose}"]
 
 
 def _sentence_pool(rng: random.Random, d: dict) -> tuple[list[str], list[str]]:
@@ -96,7 +112,7 @@ def _sentence_pool(rng: random.Random, d: dict) -> tuple[list[str], list[str]]:
     return [intro, job, feats, licence], rng.sample(distractors, k=rng.randint(2, 4))
 
 
-def make_document(rng: random.Random, index: int, prefix: str = "gen") -> PackageDoc:
+def make_document(rng: random.Random, index: int, prefix: str = "gen", terse_share: float = 0.0) -> PackageDoc:
     name = "".join(rng.sample(_SYLLABLES, k=rng.choice([2, 2, 3]))).capitalize()
     attrs = {
         "name": name,
@@ -111,21 +127,21 @@ def make_document(rng: random.Random, index: int, prefix: str = "gen") -> Packag
     rest = facts[1:] + distractors
     rng.shuffle(rest)
     document = " ".join([facts[0]] + rest)
-    reference = rng.choice([
-        f"{attrs['language']} {attrs['kind']} for {attrs['purpose']}",
-        f"{attrs['kind']} for {attrs['purpose']} written in {attrs['language']}",
-    ])
+    *informative, terse = synopses(attrs["kind"], attrs["language"], attrs["purpose"])
+    reference = rng.choice(informative)
+    if terse_share and rng.random() < terse_share:  # no draw at 0: the corpus stays as it was
+        reference = terse
     return PackageDoc(doc_id=f"{prefix}-{index:06d}", document=document, reference=reference, **attrs)
 
 
-def generate_corpus(num_documents: int, seed: int = 0, prefix: str = "gen") -> list[PackageDoc]:
-    """Deterministic for a given (num_documents, seed, prefix)."""
+def generate_corpus(num_documents: int, seed: int = 0, prefix: str = "gen", terse_share: float = 0.0) -> list[PackageDoc]:
+    """Deterministic for a given (num_documents, seed, prefix, terse_share)."""
     rng = random.Random(f"{prefix}:{seed}")
-    return [make_document(rng, i, prefix) for i in range(num_documents)]
+    return [make_document(rng, i, prefix, terse_share) for i in range(num_documents)]
 
 
-def generate_splits(num_train: int, num_validation: int, num_test: int, seed: int = 0) -> dict[str, list[PackageDoc]]:
+def generate_splits(num_train: int, num_validation: int, num_test: int, seed: int = 0,
+                    terse_share: float = 0.0) -> dict[str, list[PackageDoc]]:
     """Train/validation/test documents drawn from separate seeded streams (no shared documents)."""
-    return {"train": generate_corpus(num_train, seed, "train"),
-            "validation": generate_corpus(num_validation, seed, "validation"),
-            "test": generate_corpus(num_test, seed, "test")}
+    return {split: generate_corpus(n, seed, split, terse_share)
+            for split, n in (("train", num_train), ("validation", num_validation), ("test", num_test))}
