@@ -475,14 +475,16 @@ def weights(c_max: List[float] = typer.Option([2.0, 4.0], help="c_max values (re
 
 @data_app.command("generate")
 def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output JSONL."),
-                  num_documents: int = typer.Option(1000), seed: int = typer.Option(0)):
+                  num_documents: int = typer.Option(1000), seed: int = typer.Option(0),
+                  terse_share: float = typer.Option(0.0, min=0.0, max=1.0,
+                                                    help="Share of demonstrations that leave the language out.")):
     """Write the embedded generated corpus (documents, reference synopses, key facts) to JSONL."""
     from pathlib import Path
 
     from madpo_ray.data.corpus.generated import generate_corpus
     from madpo_ray.data.preference import write_jsonl
 
-    write_jsonl([d.to_dict() for d in generate_corpus(num_documents, seed)], Path(out))
+    write_jsonl([d.to_dict() for d in generate_corpus(num_documents, seed, terse_share=terse_share)], Path(out))
     console.print(f"wrote {num_documents} documents to {out}")
 
 
