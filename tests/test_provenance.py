@@ -26,6 +26,14 @@ def test_every_stage_declares_settings_that_exist_in_the_config():
         settings_of(raw, keys)  # a misspelt key raises KeyError here
 
 
+def test_every_data_setting_belongs_to_a_stage():
+    """A data key no stage lists would let a changed corpus or label setting reuse stale stages."""
+    listed = {key for keys in STAGE_SETTINGS.values() for key in keys}
+    unlisted = [f"data.{name}" for name in load_config("tiny").data.model_dump()
+                if f"data.{name}" not in listed and "data" not in listed]
+    assert unlisted == []
+
+
 def test_unchanged_rerun_skips_changed_setting_redoes_and_names_it(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="madpo_ray.pipeline")
     p = _pipeline(tmp_path)

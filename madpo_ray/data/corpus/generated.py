@@ -129,7 +129,9 @@ def make_document(rng: random.Random, index: int, prefix: str = "gen", terse_sha
     document = " ".join([facts[0]] + rest)
     *informative, terse = synopses(attrs["kind"], attrs["language"], attrs["purpose"])
     reference = rng.choice(informative)
-    if terse_share and rng.random() < terse_share:  # no draw at 0: the corpus stays as it was
+    # No draw at 0: the corpus stays as it was. A share above 0 draws from the corpus's stream, so
+    # the documents after the first differ too: each terse_share is a corpus of its own.
+    if terse_share and rng.random() < terse_share:
         reference = terse
     return PackageDoc(doc_id=f"{prefix}-{index:06d}", document=document, reference=reference, **attrs)
 
