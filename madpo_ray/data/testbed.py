@@ -22,7 +22,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 from rouge_score import rouge_scorer
 
@@ -64,11 +64,7 @@ def repetition(summary_words: list[str]) -> float:
     return 1.0 - len(set(bigrams)) / len(bigrams)
 
 
-def gold_reward(summary: str, document: str, reference: Union[str, Sequence[str]],
-                facts: Optional[dict[str, str]] = None) -> float:
-    """The gold reward against one reference, or the highest against several."""
-    if not isinstance(reference, str):
-        return max(gold_reward(summary, document, r, facts) for r in reference)
+def gold_reward(summary: str, document: str, reference: str, facts: Optional[dict[str, str]] = None) -> float:
     sw = words(summary)
     if not sw:
         return -3.0
@@ -88,7 +84,8 @@ def gold_reward(summary: str, document: str, reference: Union[str, Sequence[str]
 def document_gold(summary: str, doc: dict) -> float:
     """The gold reward of `summary` for a corpus document (a dict with document, reference and
     optionally references and facts), against every valid synopsis the document has."""
-    return gold_reward(summary, doc["document"], doc.get("references") or doc["reference"], doc.get("facts"))
+    references = doc.get("references") or [doc["reference"]]
+    return max(gold_reward(summary, doc["document"], r, doc.get("facts")) for r in references)
 
 
 # --------------------------------------------------------------------------- candidates
