@@ -127,7 +127,7 @@ class OptimConfig(_Strict):
     per_device_batch_size: int = Field(8, ge=1)
     effective_batch_size: int = Field(32, ge=1)  # global; gradient accumulation fills the gap
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
-    report_every: int = Field(10, ge=1)  # ray.train.report costs ~1.5 s: not every step
+    report_every: int = Field(10, ge=1)  # steps between log lines and tracked metrics (Ray Train gets checkpoints only)
     # Held-out evaluation every eval_every optimiser steps (and at the end) where the stage has a
     # validation split; None: off. Training stops after `patience` evaluations in a row without a
     # lower held-out loss, and the best evaluation's weights are kept.

@@ -182,7 +182,7 @@ class Pipeline:
         (from the parquet itself when there is one: the scored pairs)."""
         import ray.data
 
-        from madpo_ray.runtime import init_ray, run_trainer
+        from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
         from madpo_ray.stages.worker import train_loop_per_worker
 
         lay = self.layout
@@ -191,7 +191,7 @@ class Pipeline:
         ray.data.DataContext.get_current().enable_progress_bars = False
         if parquet is not None:
             columns = list(examples[0]) if examples else []
-            dataset, order_by = ray.data.read_parquet(parquet).select_columns(columns), "row_id"
+            dataset, order_by = parquet_dataset(parquet, columns), "row_id"
         else:
             dataset, order_by = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]), "index"
         config = {"pipeline": self.cfg.model_dump(mode="json"), "stage": stage, "model_dir": str(model_dir),

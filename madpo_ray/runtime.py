@@ -12,11 +12,15 @@ from madpo_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Defaults every Ray worker gets: quiet tokenizers, one OpenMP pool per worker, Train V2.
+# Defaults every Ray worker gets: quiet tokenizers, one OpenMP pool per worker, Train V2, and a
+# Train controller that looks at its workers every 0.5 s instead of 2 s: it takes their reports
+# (a checkpoint report waits for it) and notices a finished training only then (measured on the
+# default run's policy stage: 8 s less, of which 3 s between the workers' end and fit() returning).
 WORKER_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
@@ -73,6 +77,24 @@ def latest_checkpoint(storage_path: Path, name: str):
 
     best = newest_checkpoint(find_checkpoints(str(Path(storage_path) / name)))
     return ray.train.Checkpoint.from_directory(str(best)) if best else None
+
+
+# Below this size a parquet input is read by the driver and handed to Ray as one Arrow table:
+# Ray Data's read tasks took about 6 s to start and finish on the default run's 7.5 MiB of scored
+# pairs (2 cores), several times the read itself. Larger inputs are read by Ray Data's tasks.
+DRIVER_READ_MAX_BYTES = 256 * 2**20
+
+
+def parquet_dataset(path: str, columns: list[str]):
+    """A Ray Dataset of `columns` of a parquet file or folder of files."""
+    import ray.data
+
+    files = [path] if Path(path).is_file() else [p for p in Path(path).rglob("*.parquet")]
+    if sum(Path(f).stat().st_size for f in files) <= DRIVER_READ_MAX_BYTES:
+        import pyarrow.parquet as pq
+
+        return ray.data.from_arrow(pq.read_table(path, columns=columns))
+    return ray.data.read_parquet(path).select_columns(columns)
 
 
 def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, *, name: str,

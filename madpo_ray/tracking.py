@@ -276,6 +276,10 @@ class TrackedSession:
         self.track(metrics)
         self.inner.report(metrics, checkpoint_dir)
 
+    def report_metrics(self, metrics: dict) -> None:
+        self.track(metrics)
+        self.inner.report_metrics(metrics)
+
     def track(self, metrics: dict) -> None:
         try:
             self.tracker.log(metrics)

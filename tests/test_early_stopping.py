@@ -156,7 +156,7 @@ def test_reward_stage_stops_when_the_held_out_loss_rises_and_keeps_the_best(tiny
     after `patience` worse evaluations and the model handed back scores the validation split
     exactly as the best evaluation recorded (and as that step's checkpoint)."""
     from madpo_ray.config import load_config
-    from madpo_ray.engine.sessions import LocalSession
+    from madpo_ray.engine.sessions import LocalSession, WorkerInfo
     from madpo_ray.pair_forward import pair_collator
     from madpo_ray.stages.reward import reward_validator, train_reward
 
@@ -177,10 +177,45 @@ def test_reward_stage_stops_when_the_held_out_loss_rises_and_keeps_the_best(tiny
     model = result.model.eval()
     collate = pair_collator(model, tiny_tokenizer.pad_token_id, cfg.model.pair_forward)
     with torch.no_grad():
-        again = reward_validator(validation, collate, 8, torch.device("cpu"))(model)
+        again = reward_validator(validation, collate, 8, WorkerInfo())(model)
     assert again["eval_loss"] == pytest.approx(m["best_eval_loss"], rel=1e-5)
     best = _checkpoint_model(root, m["best_step"])
     assert all(torch.equal(result.model.state_dict()[k], best[k]) for k in best)
+
+
+def test_workers_score_disjoint_shares_of_the_validation_split_in_as_many_forwards(tiny_base_dir, tiny_tokenizer,
+                                                                                 corpus_docs):
+    """9 held-out pairs, batches of 4, 2 workers: rank 0 scores pairs 0, 2, ..., 8 (2 batches),
+    rank 1 the other 4 (1 batch, then one it does not count, so both run 2 forwards, as a sharded
+    model's gathers need). Their counts and sums add up to the one-worker figures, which equal a
+    hand computation of the Bradley-Terry loss from single-pair forwards."""
+    from madpo_ray.engine.sessions import WorkerInfo
+    from madpo_ray.models import load_reward_model
+    from madpo_ray.pair_forward import pair_collator, pair_rewards
+    from madpo_ray.stages.reward import reward_validator
+
+    pad = tiny_tokenizer.pad_token_id
+    validation = _pairs(tiny_tokenizer, corpus_docs, 0, 9)
+    torch.manual_seed(0)
+    model = load_reward_model(str(tiny_base_dir), pad_token_id=pad).eval()
+    collate = pair_collator(model, pad, "shared_prompt")
+    forwards = []
+    model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    with torch.no_grad():
+        one = reward_validator(validation, collate, 4, WorkerInfo())(model)
+        assert len(forwards) == 3
+        halves = []
+        for rank in (0, 1):
+            forwards.clear()
+            halves.append(reward_validator(validation, collate, 4, WorkerInfo(rank, 2))(model))
+            assert len(forwards) == 2, rank
+        singles = [pair_rewards(model, collate([pair])) for pair in validation]
+    hand = [-math.log(1 / (1 + math.exp(-(float(c) - float(r))))) for c, r in singles]
+    assert one["eval_loss"] == pytest.approx(sum(hand) / 9, rel=1e-5)
+    assert one["eval_accuracy"] == sum(float(c) > float(r) for c, r in singles) / 9
+    for key in ("eval_loss", "eval_accuracy"):
+        assert (5 * halves[0][key] + 4 * halves[1][key]) / 9 == pytest.approx(one[key], rel=1e-6)
+    assert halves[0]["eval_loss"] == pytest.approx(sum(hand[0::2]) / 5, rel=1e-5)
 
 
 def test_sessions_name_a_missing_split_and_offer_it_as_optional():

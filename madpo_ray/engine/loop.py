@@ -62,15 +62,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over data-parallel workers (themselves on one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def global_mean(value: float, device: torch.device) -> float:
     """Average a scalar over data-parallel workers (identity on one worker)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return float(global_sum(torch.tensor([value], dtype=torch.float64, device=device))) / world
 
 
 # --------------------------------------------------------------------------- setup pieces
@@ -409,12 +417,13 @@ def optimizer_step(state: TrainState, optim: OptimConfig) -> float:
 
 def held_out(state: TrainState, stopper: EarlyStopping, validate: Callable, info: WorkerInfo,
              optim: OptimConfig) -> dict:
-    """Held-out metrics of the current weights (eval mode, no_grad, the training's autocast),
-    averaged over workers so that every rank takes the same early-stopping decision; the
+    """Held-out metrics of the current weights (eval mode, no_grad, the training's autocast). They
+    are the whole validation split's, the same on every rank (a validator that shares the split
+    out adds up over workers itself), so every rank takes the same early-stopping decision; the
     weights are kept when they are the best so far."""
     state.model.eval()
     with torch.no_grad(), autocast_context(info.device, optim.bf16):
-        metrics = {k: global_mean(float(v), info.device) for k, v in validate(unwrap(state.model)).items()}
+        metrics = {k: float(v) for k, v in validate(unwrap(state.model)).items()}
     state.model.train()
     if MONITOR not in metrics:
         raise KeyError(f"the held-out evaluation must return {MONITOR!r}; it returned {sorted(metrics)}")
@@ -443,7 +452,8 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
     """Train `model` on `examples` in `session`; returns the unwrapped model and the metrics.
 
     `eval_fn(model)` adds held-out metrics to every report (what Tune's ASHA prunes on).
-    `validate(model)` returns held-out metrics with "eval_loss"; with `optim.eval_every` set it
+    `validate(model)` returns the validation split's metrics with "eval_loss", the same on every
+    worker; with `optim.eval_every` set it
     runs every `eval_every` steps and at the end, training stops after `optim.patience`
     evaluations without improvement, and the returned model has the best evaluation's weights."""
     info = session.info
@@ -496,4 +506,4 @@ def report(state: TrainState, session, metrics: dict, stage: str, eval_fn, *, ch
     if checkpoint:
         save_checkpoint(state, session, metrics, stage)
     else:
-        session.report(metrics)
+        session.report_metrics(metrics)

@@ -80,7 +80,13 @@ class LocalSession:
         """A context giving the folder of the checkpoint the framework offers (None here)."""
         return contextlib.nullcontext(None)
 
+    def report_metrics(self, metrics: dict) -> None:
+        """A report between checkpoints (the curves; what a Tune scheduler prunes on)."""
+        self.report(metrics)
+
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        """A report, with a checkpoint folder to keep or without (every worker calls it at a
+        checkpoint: it is collective under Ray Train)."""
         self.reports.append(dict(metrics))
         if checkpoint_dir is None or self.checkpoint_root is None:
             return
@@ -151,6 +157,13 @@ class RayTrainSession(RaySession):
         if shard is None:
             raise MissingSplit(f"no {name!r} dataset was passed to this trainer")
         return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
+
+    def report_metrics(self, metrics: dict) -> None:
+        """Not sent to Ray Train: its controller takes one report per worker at each health check
+        (every 2 s, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a worker's next report waits until
+        then, so reports every 10 steps held the default run's 0.1-s steps to 0.2 s (measured: both
+        workers about 35% idle). The curves and progress come from the tracking wrapper
+        (tracking.py) and the log lines; Ray gets every checkpoint report, with its metrics."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP (Ray's prepare_model) or FSDP2 (engine/parallel.py) over gloo (CPU) / NCCL (GPU)."""

@@ -5,11 +5,13 @@ A "validation" split, where the session has one, drives early stopping on its he
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
 
-from madpo_ray.engine.loop import FitResult, fit
+from madpo_ray.engine.loop import FitResult, example_length, fit, global_sum
+from madpo_ray.engine.sessions import WorkerInfo
 from madpo_ray.losses import bradley_terry_loss
 from madpo_ray.models import load_reward_model, load_tokenizer, prepare_for_training
 from madpo_ray.pair_forward import pair_collator, pair_rewards
@@ -25,19 +27,30 @@ def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
                   "margin_mean": float((chosen - rejected).detach().mean())}
 
 
-def reward_validator(examples: list[dict], collate, batch_size: int, device: torch.device) -> Callable:
-    """Bradley-Terry loss and accuracy of the reward model on held-out pairs, in batches of the
-    training's per-device size with its collator: what early stopping watches (`fit` calls it
-    in eval mode, under no_grad)."""
+def reward_validator(examples: list[dict], collate, batch_size: int, info: WorkerInfo) -> Callable:
+    """Bradley-Terry loss and accuracy of the reward model on the held-out pairs: what early
+    stopping watches (`fit` calls it in eval mode, under no_grad).
+
+    Each worker scores its share of the pairs (every world_size-th) and the sums are added over
+    workers, so N workers score the split once, not N times each; a share is batched by length, as
+    training is, so little of it is padding. Every worker runs the same number of forwards (a
+    sharded model gathers its weights in each one): a worker with a batch fewer scores one more
+    that it does not count."""
+    share = sorted(examples[info.rank::info.world_size], key=example_length)
+    batches = [share[start:start + batch_size] for start in range(0, len(share), batch_size)]
+    rounds = math.ceil(math.ceil(len(examples) / info.world_size) / batch_size)
+    uncounted = [examples[:batch_size]] * (rounds - len(batches))
 
     def evaluate(model) -> dict:
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        totals = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, pairs
+        for i, pairs in enumerate(batches + uncounted):
+            batch = {k: v.to(info.device) for k, v in collate(pairs).items()}
             chosen, rejected = pair_rewards(model, batch)
-            loss_sum += float(bradley_terry_loss(chosen.float(), rejected.float()).sum())
-            correct += int((chosen > rejected).sum())
-        return {"eval_loss": loss_sum / len(examples), "eval_accuracy": correct / len(examples)}
+            if i < len(batches):
+                totals += torch.stack([bradley_terry_loss(chosen.float(), rejected.float()).sum().double(),
+                                       (chosen > rejected).sum().double(), torch.tensor(len(pairs), dtype=torch.float64)])
+        loss_sum, correct, count = global_sum(totals).tolist()
+        return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
     return evaluate
 
@@ -58,7 +71,7 @@ def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = N
     validation = session.optional_examples("validation")
     validate = None
     if validation:
-        validate = reward_validator(validation, collate, cfg.reward.optim.per_device_batch_size, session.info.device)
+        validate = reward_validator(validation, collate, cfg.reward.optim.per_device_batch_size, session.info)
         if cfg.reward.optim.eval_every is None and session.info.rank == 0:
             log.warning("[reward] a validation split is given but reward.optim.eval_every is not set: "
                         "no held-out evaluation, no early stopping")
