@@ -34,17 +34,20 @@ def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> Pipeline
 
 
 # --------------------------------------------------------------------------- the trial
+BY_TEMPERATURE = ("gold_reward_temperatures", "gold_reward_worst_temperature")  # objectives that sample at every temperature
+
+
 def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str, validation_docs: Optional[str],
                     reward_dir: Optional[str], tok):
     """The held-out metrics a trial reports (what ASHA prunes on and the search selects by), on the
     validation split only: the test split is for reports (`madpo compare`), never for selection."""
     from madpo_ray.data.scored import read_scored
-    from madpo_ray.eval.summary import greedy_gold_reward, pair_logprobs, preference_metrics
+    from madpo_ray.eval.summary import gold_reward_by_temperature, greedy_gold_reward, pair_logprobs, preference_metrics
     from madpo_ray.stages.score import ComputePolicy
 
     eval_rows = read_scored(scored_validation)
     docs, rm, rm_prompts = None, None, []
-    if objective == "gold_reward" and validation_docs:
+    if objective in ("gold_reward", *BY_TEMPERATURE) and validation_docs:
         from madpo_ray.io import read_jsonl
 
         docs = read_jsonl(Path(validation_docs))[:cfg.eval.num_prompts]
@@ -61,7 +64,9 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
                "implicit_reward_accuracy": m["policy_implicit_reward_accuracy"]}
         if "policy_gold_preference_accuracy" in m:
             out["gold_preference_accuracy"] = m["policy_gold_preference_accuracy"]
-        if docs is not None:
+        if docs is not None and objective in BY_TEMPERATURE:
+            out.update(gold_reward_by_temperature(model, tok, docs, cfg))
+        elif docs is not None:
             out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)
         if rm is not None:
             from madpo_ray.eval.generate import generate_transformers

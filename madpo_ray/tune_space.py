@@ -18,7 +18,7 @@ LOSS_PARAMS = frozenset(LossConfig.model_fields)  # "name" included: a search ma
 OPTIM_PARAMS = frozenset({"lr", "epochs", "weight_decay", "warmup_ratio"})
 TUNABLE = LOSS_PARAMS | OPTIM_PARAMS
 OBJECTIVES = ("heldout_preference_accuracy", "gold_preference_accuracy", "implicit_reward_accuracy", "gold_reward",
-              "rm_reward")
+              "gold_reward_temperatures", "gold_reward_worst_temperature", "rm_reward")
 
 
 class ParamSpec(BaseModel):
@@ -69,7 +69,9 @@ class SearchSpace(BaseModel):
     loss: str = "madpo"
     # heldout_preference_accuracy: policy likelihood ranks the labelled-chosen response first (eval pairs)
     # gold_preference_accuracy: the same against the testbed's true margins
-    # gold_reward: testbed gold reward of greedy summaries of test documents
+    # gold_reward: testbed gold reward of greedy summaries of validation documents
+    # gold_reward_temperatures: its mean over eval.temperatures (one summary per document each);
+    # gold_reward_worst_temperature: its lowest over them (a policy that holds up at every temperature)
     # rm_reward: the frozen reward model's score of greedy completions of held-out prompts (any dataset)
     objective: Literal[OBJECTIVES] = "heldout_preference_accuracy"  # type: ignore[valid-type]
     search: Literal["random", "grid", "optuna"] = "random"

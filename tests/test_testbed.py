@@ -152,3 +152,33 @@ def test_a_repeated_synopsis_costs_ten_times_its_repeated_bigram_share():
     assert document_gold(doubled, d) == pytest.approx(shared + max(by_hand))
     assert [gold_reward(doubled, d["document"], r, d["facts"]) for r in d["references"]] == pytest.approx(
         [shared + x for x in by_hand])
+
+
+def test_the_temperature_objective_averages_seeded_samples_at_every_evaluation_temperature(tiny_model, tiny_tokenizer,
+                                                                                          corpus_docs):
+    """`gold_reward_temperatures` (a Tune objective) is the mean of one summary per document at each
+    of eval.temperatures, `gold_reward_worst_temperature` the lowest: its T=0 entry is the greedy gold, each entry equals a hand mean of
+    document_gold over the texts generated at that temperature with eval.seed, a repeat draws the
+    same, and sampling is not greedy (the tiny untrained model samples other words at T=2)."""
+    from madpo_ray.config import load_config
+    from madpo_ray.data.prompts import generation_prompts
+    from madpo_ray.eval.generate import generate_transformers
+    from madpo_ray.eval.summary import gold_reward_by_temperature, greedy_gold_reward
+
+    from helpers import TINY_SETS
+
+    cfg = load_config("tiny", TINY_SETS + ["eval.temperatures=[0,2]", "eval.seed=3", "eval.max_new_tokens=8"])
+    docs = corpus_docs[:6]
+    got = gold_reward_by_temperature(tiny_model, tiny_tokenizer, docs, cfg)
+    assert set(got) == {"gold_reward_t0", "gold_reward_t2", "gold_reward_temperatures", "gold_reward_worst_temperature"}
+    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(tiny_model, tiny_tokenizer, docs, cfg)[0])
+    prompts = generation_prompts(cfg.data, tiny_tokenizer, [d["document"] for d in docs])
+    sampled = generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=2.0, seed=3, max_new_tokens=8,
+                                    max_prompt_length=cfg.data.max_prompt_length)
+    greedy = generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=0.0, max_new_tokens=8,
+                                   max_prompt_length=cfg.data.max_prompt_length)
+    assert sampled != greedy
+    assert got["gold_reward_t2"] == pytest.approx(sum(document_gold(t, d) for t, d in zip(sampled, docs)) / 6)
+    assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t2"]) / 2)
+    assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t2"])
+    assert gold_reward_by_temperature(tiny_model, tiny_tokenizer, docs, cfg) == got

@@ -40,9 +40,16 @@ def test_bad_search_space_names_the_key(tmp_path, params, needle):
 
 
 def test_presets_load():
-    for name in ("madpo_default", "madpo_grid", "baselines"):
+    from madpo_ray.tune_space import TUNE_CONFIGS_DIR
+
+    names = sorted(p.stem for p in TUNE_CONFIGS_DIR.glob("*.yaml"))
+    assert {"madpo_default", "madpo_grid", "baselines", "dpo_gold", "madpo_gold"} <= set(names)
+    for name in names:
         space = load_search_space(name)
-        assert space.params
+        assert space.params and space.name == name
+    gold = [load_search_space(n) for n in ("dpo_gold", "madpo_gold")]
+    assert [(s.loss, s.objective) for s in gold] == [("dpo", "gold_reward_worst_temperature"),
+                                                     ("madpo", "gold_reward_worst_temperature")]
     grid = load_search_space("madpo_grid")
     assert grid.params["c_max"].values == [2, 3, 4] and grid.params["tau"].values == [2, 4, 7, 10]
 

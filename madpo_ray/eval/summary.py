@@ -57,17 +57,34 @@ def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: 
 def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, list[str]]:
     """Mean testbed gold reward of greedy summaries of `docs`, and the summaries.
 
-    One definition for the run summary and the Tune objective, so both prompt and truncate alike."""
+    One definition for the run summary and the Tune objectives, so both prompt and truncate alike."""
+    return mean_gold_reward(model, tokenizer, docs, cfg, temperature=0.0)
+
+
+def mean_gold_reward(model, tokenizer, docs: list[dict], cfg, temperature: float) -> tuple[float, list[str]]:
+    """Mean testbed gold reward of one summary per document at `temperature` (seeded by
+    eval.seed above 0), and the summaries."""
+    from madpo_ray.data.prompts import generation_prompts
     from madpo_ray.data.testbed import document_gold
     from madpo_ray.eval.generate import generate_transformers
 
-    from madpo_ray.data.prompts import generation_prompts
-
     prompts = generation_prompts(cfg.data, tokenizer, [d["document"] for d in docs])
-    texts = generate_transformers(model, tokenizer, prompts, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
-                                  max_prompt_length=cfg.data.max_prompt_length)
+    texts = generate_transformers(model, tokenizer, prompts, temperature=temperature, seed=cfg.eval.seed,
+                                  max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.data.max_prompt_length)
     golds = [document_gold(t, d) for t, d in zip(texts, docs)]
     return sum(golds) / len(golds), texts
+
+
+def gold_reward_by_temperature(model, tokenizer, docs: list[dict], cfg) -> dict[str, float]:
+    """Mean gold reward at each of eval.temperatures (`gold_reward_t<T>`), their mean
+    (`gold_reward_temperatures`) and their lowest (`gold_reward_worst_temperature`): Tune objectives
+    for a policy that must hold up sampled as well as greedy, as `madpo compare` judges it at every
+    temperature (one summary per document and temperature here)."""
+    out = {f"gold_reward_t{t:g}": mean_gold_reward(model, tokenizer, docs, cfg, t)[0] for t in cfg.eval.temperatures}
+    by_temperature = list(out.values())
+    out["gold_reward_temperatures"] = sum(by_temperature) / len(by_temperature)
+    out["gold_reward_worst_temperature"] = min(by_temperature)
+    return out
 
 
 def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
