@@ -89,8 +89,8 @@ def parquet_dataset(path: str, columns: list[str]):
     """A Ray Dataset of `columns` of a parquet file or folder of files."""
     import ray.data
 
-    files = [path] if Path(path).is_file() else [p for p in Path(path).rglob("*.parquet")]
-    if sum(Path(f).stat().st_size for f in files) <= DRIVER_READ_MAX_BYTES:
+    files = [Path(path)] if Path(path).is_file() else list(Path(path).rglob("*.parquet"))
+    if sum(f.stat().st_size for f in files) <= DRIVER_READ_MAX_BYTES:
         import pyarrow.parquet as pq
 
         return ray.data.from_arrow(pq.read_table(path, columns=columns))

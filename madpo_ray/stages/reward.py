@@ -41,14 +41,18 @@ def reward_validator(examples: list[dict], collate, batch_size: int, info: Worke
     rounds = math.ceil(math.ceil(len(examples) / info.world_size) / batch_size)
     uncounted = [examples[:batch_size]] * (rounds - len(batches))
 
+    def scores(model, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_rewards(model, {k: v.to(info.device) for k, v in collate(pairs).items()})
+
     def evaluate(model) -> dict:
         totals = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, pairs
-        for i, pairs in enumerate(batches + uncounted):
-            batch = {k: v.to(info.device) for k, v in collate(pairs).items()}
-            chosen, rejected = pair_rewards(model, batch)
-            if i < len(batches):
-                totals += torch.stack([bradley_terry_loss(chosen.float(), rejected.float()).sum().double(),
-                                       (chosen > rejected).sum().double(), torch.tensor(len(pairs), dtype=torch.float64)])
+        for pairs in batches:
+            chosen, rejected = scores(model, pairs)
+            totals[0] += bradley_terry_loss(chosen.float(), rejected.float()).sum().double()
+            totals[1] += (chosen > rejected).sum().double()
+            totals[2] += len(pairs)
+        for pairs in uncounted:
+            scores(model, pairs)
         loss_sum, correct, count = global_sum(totals).tolist()
         return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
