@@ -43,13 +43,16 @@ def test_presets_load():
     from madpo_ray.tune_space import TUNE_CONFIGS_DIR
 
     names = sorted(p.stem for p in TUNE_CONFIGS_DIR.glob("*.yaml"))
-    assert {"madpo_default", "madpo_grid", "baselines", "dpo_gold", "madpo_gold"} <= set(names)
+    gold_searches = ("dpo_gold", "ipo_gold", "beta_dpo_gold", "madpo_gold")
+    assert {"madpo_default", "madpo_grid", "baselines", *gold_searches} <= set(names)
     for name in names:
         space = load_search_space(name)
         assert space.params and space.name == name
-    gold = [load_search_space(n) for n in ("dpo_gold", "madpo_gold")]
-    assert [(s.loss, s.objective) for s in gold] == [("dpo", "gold_reward_worst_temperature"),
-                                                     ("madpo", "gold_reward_worst_temperature")]
+    gold = [load_search_space(n) for n in gold_searches]
+    assert [(s.loss, s.objective) for s in gold] == [(n.removesuffix("_gold"), "gold_reward_worst_temperature")
+                                                     for n in gold_searches]
+    # one grid for every method, so `madpo compare --tuned` compares like with like
+    assert len({tuple((k, tuple(p.values)) for k, p in sorted(s.params.items())) for s in gold}) == 1
     grid = load_search_space("madpo_grid")
     assert grid.params["c_max"].values == [2, 3, 4] and grid.params["tau"].values == [2, 4, 7, 10]
 
