@@ -256,8 +256,8 @@ class MethodConfig(_Strict):
 class CompareConfig(_Strict):
     """`madpo compare`. Five seeds by default: a training can collapse (one beta-DPO seed of five in the
     README's run), and with three a single collapse moves its method's mean by a third of the drop
-    (not a fifth) and leaves too few seeds to see the spread. Measured on 2 cores: 21 min per tier after its run's
-    stages (20 trainings 15 min, generation and judging 5 min), 25 min with them."""
+    (not a fifth) and leaves too few seeds to see the spread. Measured on 2 cores: 20 min per tier after its run's
+    stages (20 trainings 15 min, generation and judging 5 min), 24 min with them."""
 
     methods: list[MethodConfig] = [MethodConfig(loss=x) for x in ("dpo", "ipo", "beta_dpo", "madpo")]
     seeds: list[int] = [0, 1, 2, 3, 4]
