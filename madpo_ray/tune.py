@@ -18,7 +18,7 @@ from typing import Optional
 
 from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
 from madpo_ray.plotting import pyplot, save
-from madpo_ray.tune_space import LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
+from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
 log = logging.getLogger("madpo_ray.tune")
 
@@ -34,9 +34,6 @@ def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> Pipeline
 
 
 # --------------------------------------------------------------------------- the trial
-BY_TEMPERATURE = ("gold_reward_temperatures", "gold_reward_worst_temperature")  # objectives that sample at every temperature
-
-
 def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str, validation_docs: Optional[str],
                     reward_dir: Optional[str], tok):
     """The held-out metrics a trial reports (what ASHA prunes on and the search selects by), on the
@@ -47,7 +44,7 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
 
     eval_rows = read_scored(scored_validation)
     docs, rm, rm_prompts = None, None, []
-    if objective in ("gold_reward", *BY_TEMPERATURE) and validation_docs:
+    if objective in ("gold_reward", *GOLD_BY_TEMPERATURE) and validation_docs:
         from madpo_ray.io import read_jsonl
 
         docs = read_jsonl(Path(validation_docs))[:cfg.eval.num_prompts]
@@ -64,7 +61,7 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
                "implicit_reward_accuracy": m["policy_implicit_reward_accuracy"]}
         if "policy_gold_preference_accuracy" in m:
             out["gold_preference_accuracy"] = m["policy_gold_preference_accuracy"]
-        if docs is not None and objective in BY_TEMPERATURE:
+        if docs is not None and objective in GOLD_BY_TEMPERATURE:
             out.update(gold_reward_by_temperature(model, tok, docs, cfg))
         elif docs is not None:
             out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)

@@ -17,8 +17,10 @@ TUNE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 LOSS_PARAMS = frozenset(LossConfig.model_fields)  # "name" included: a search may pick the loss
 OPTIM_PARAMS = frozenset({"lr", "epochs", "weight_decay", "warmup_ratio"})
 TUNABLE = LOSS_PARAMS | OPTIM_PARAMS
+# objectives that sample a summary per validation document at every one of eval.temperatures
+GOLD_BY_TEMPERATURE = ("gold_reward_temperatures", "gold_reward_worst_temperature")
 OBJECTIVES = ("heldout_preference_accuracy", "gold_preference_accuracy", "implicit_reward_accuracy", "gold_reward",
-              "gold_reward_temperatures", "gold_reward_worst_temperature", "rm_reward")
+              *GOLD_BY_TEMPERATURE, "rm_reward")
 
 
 class ParamSpec(BaseModel):
