@@ -314,14 +314,16 @@ class Comparison:
         trainings = self.train_all()
         t_gen = time.time()
         ids, prompts, _ = eval_prompts(self.cfg, self.layout)
-        rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts,
-                                               self.out_dir / "generations")
+        sft_sets = len(self.cfg.compare.seeds)  # the SFT policy draws as often as a method's seeds together
+        rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts, self.out_dir / "generations",
+                                               draws_multiplier={SFT_LABEL: sft_sets})
         t_judge = time.time()
         judged = judge_rows(self.cfg, self.layout, rows, [m.name for m in self.methods])
         col = judged["column"]
         paired = paired_analysis(rows, col, ids, self.cfg.eval.bootstrap_samples) if rows and col in rows[0] else {}
         self.rows, self.prompt_ids = rows, ids
         return write_report(self.cfg, self.out_dir, judged, prompts=len(ids),
+                            sft_samples_per_prompt=self.cfg.eval.samples_per_prompt * sft_sets,
                             seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.methods],
                             method_settings=method_settings(self.cfg, self.methods, self.origin), paired=paired,
                             trainings=trainings, generation=generation,

@@ -228,12 +228,15 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     n_prompts = results["prompts"]
     assert table[("madpo", 1.0)]["samples"] == 2 * n_prompts * 2  # 2 seeds x prompts x 2 samples
     assert table[("madpo", 0.0)]["samples"] == 2 * n_prompts
+    # the SFT policy draws once per method seed: its per-prompt mean averages as many draws as a method's
+    assert table[("sft", 1.0)]["samples"] == n_prompts * 2 * 2 and table[("sft", 0.0)]["samples"] == n_prompts
     for r in results["table"]:
         g = r["gold"]
         assert g["ci_low"] <= g["mean"] <= g["ci_high"] and "rm" in r
     assert [d["temperature"] for d in results["madpo_minus"]["dpo"]] == [0.0, 1.0]
     md = (out / "table.md").read_text()
     assert "tier **medium**" in md and "| madpo |" in md and "T=1" in md
+    assert "2 samples per prompt" in md and "4 for the sft policy" in md
     assert (out / "gold_vs_temperature.png").stat().st_size > 5000
     assert results["generation"][0]["backend"] == "transformers"
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -277,22 +277,29 @@ class GenerationActor:
 
 
 def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str], prompts: list[str],
-                        out_dir: Path) -> tuple[list[dict], list[dict]]:
+                        out_dir: Path, draws_multiplier: Optional[dict[str, int]] = None) -> tuple[list[dict], list[dict]]:
     """Samples of every (label, seed, folder) at every temperature in one generation actor;
-    each model's cached in its own parquet, reused while the settings and weights match."""
-    spec = SampleSpec.from_config(cfg)
+    each model's cached in its own parquet, reused while the settings and weights match.
+
+    draws_multiplier: label -> how many times `eval.samples_per_prompt` that model draws at
+    temperature > 0. `madpo compare` gives the SFT policy one set per training seed, so its
+    per-prompt mean averages as many draws as a method's seeds together and the SFT side of a
+    paired difference is no noisier than the method's."""
+    base = SampleSpec.from_config(cfg)
+    spec = {m: replace(base, samples_per_prompt=base.samples_per_prompt * (draws_multiplier or {}).get(m, 1))
+            for m, _, _ in models}
     path = {(m, s): Path(out_dir) / f"{m}__seed{s}.parquet" for m, s, _ in models}
 
-    def cache_key(model_dir: Path) -> dict:
+    def cache_key(m: str, model_dir: Path) -> dict:
         """What a cached parquet must match: the sampling settings, the prompts, the weights' mtime."""
         weights = sorted(Path(model_dir).glob("*.safetensors"))
-        return {"spec": asdict(spec), "prompt_ids": ids, "backend": cfg.eval.backend,
+        return {"spec": asdict(spec[m]), "prompt_ids": ids, "backend": cfg.eval.backend,
                 "weights_mtime": [w.stat().st_mtime for w in weights]}
 
     def cached(m, s, d) -> bool:
         key_file = path[(m, s)].with_suffix(".key.json")
         return path[(m, s)].exists() and key_file.exists() and json.loads(key_file.read_text()) == json.loads(
-            json.dumps(cache_key(d)))
+            json.dumps(cache_key(m, d)))
 
     todo = [(m, s, d) for m, s, d in models if not cached(m, s, d)]
     timings = []
@@ -300,11 +307,11 @@ def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str]
         actor, call = generation_actor(cfg)
         backend = call(actor.backend)
         log.info("generating %d models x %d prompts at temperatures %s (%d samples each above 0) with %s",
-                 len(todo), len(ids), list(spec.temperatures), spec.samples_per_prompt, backend)
+                 len(todo), len(ids), list(base.temperatures), base.samples_per_prompt, backend)
         for m, s, d in todo:
-            rows, t = call(actor.sample_model, str(d), m, ids, prompts, spec)
+            rows, t = call(actor.sample_model, str(d), m, ids, prompts, spec[m])
             write_generations(rows, path[(m, s)])
-            path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(d)))
+            path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(m, d)))
             timings.append(t)
             log.info("  %s%s: %d completions, %.0f tok/s, load %.1fs (%s)", m, "" if s < 0 else f" seed {s}",
                      len(rows), t["tokens_per_s"], t["load_seconds"], backend)

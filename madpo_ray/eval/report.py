@@ -177,13 +177,22 @@ def temperature_header(temps: list[float], first: str) -> list[str]:
     return [f"| {first} | " + " | ".join(f"T={t:g}" for t in temps) + " |", "|---|" + "---|" * len(temps)]
 
 
+def sft_draws_note(results: dict) -> str:
+    """Where the SFT policy drew more samples than each method's model (`madpo compare`), say so."""
+    n = results.get("sft_samples_per_prompt")
+    if not n or n == results["samples_per_prompt"]:
+        return ""
+    return (f", {n} for the {SFT_LABEL} policy (as many as a method's seeds together, so both sides of a "
+            f"difference average the same number of draws)")
+
+
 def render_markdown(results: dict, heading: str = "#") -> str:
     """The table of one comparison; `heading` "##" nests it in the tiers report."""
     col, temps = results["column"], results["temperatures"]
     lines = [f"{heading} madpo compare: mean {column_name(col)} by decoding temperature", "",
              f"source `{results['source']}`" + (f", data-quality tier **{results['tier']}**" if results["tier"] else "")
              + f"; {results['prompts']} held-out prompts; {results['samples_per_prompt']} samples per prompt at "
-             f"temperature > 0 (1 greedy at 0); "
+             f"temperature > 0 (1 greedy at 0){sft_draws_note(results)}; "
              + ("one model per row; 95% bootstrap CIs over prompts." if results["seeds"] == [-1] else
                 f"training seeds {results['seeds']}; 95% bootstrap CIs over seeds and prompts."),
              ""]
