@@ -189,6 +189,15 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
         return search_locked(pipeline, space, resume, num_samples, cpus_per_trial, fail_once)
 
 
+def trial_inputs(pipeline) -> dict[str, Optional[str]]:
+    """The files every trial reads: it trains from the SFT model on the scored train pairs, and
+    reports (what the search selects by) on the validation split only, never on test."""
+    lay = pipeline.layout
+    return {"scored_train": str(lay.scored_path("train")), "scored_validation": str(lay.scored_path("validation")),
+            "validation_docs": str(lay.docs_path("validation")) if pipeline.is_testbed else None,
+            "model_dir": str(lay.model_dir("sft")), "reward_dir": str(lay.model_dir("reward"))}
+
+
 def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optional[int], cpus_per_trial: float,
                   fail_once: bool) -> dict:
     from ray import tune
@@ -203,12 +212,10 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
     storage = lay.tune_dir.resolve()
     tracking = search_tracking(pipeline.cfg, space.name)
     trainable = tune.with_parameters(
-        trial, base_config=pipeline.cfg.model_dump(mode="json"),
-        scored_train=str(lay.scored_path("train")), scored_validation=str(lay.scored_path("validation")),
-        validation_docs=str(lay.docs_path("validation")) if pipeline.is_testbed else None,
-        model_dir=str(lay.model_dir("sft")), loss=space.loss, objective=space.objective,
+        trial, base_config=pipeline.cfg.model_dump(mode="json"), **trial_inputs(pipeline),
+        loss=space.loss, objective=space.objective,
         eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
-        reward_dir=str(lay.model_dir("reward")), tracking=tracking)
+        tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     path = storage / space.name
     if resume and tune.Tuner.can_restore(str(path)):

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -251,6 +252,34 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     assert len(resampled["generation"]) == 5  # sft + 2 methods x 2 seeds, sampled again
     assert {r["temperature"] for r in resampled["table"]} == {0.5}
     assert resampled["trainings"] == again["trainings"]
+
+
+def test_tune_trial_scores_the_temperature_objective_on_validation_documents(full_run):
+    """What a gold_*_temperature search selects by: a trial's evaluator, given the files the search
+    hands every trial, samples the validation documents (never test) at every eval temperature; the
+    worst is the lowest, T=0 is the greedy gold."""
+    from madpo_ray.config import config_from_dict
+    from madpo_ray.eval.summary import greedy_gold_reward, mean_gold_reward
+    from madpo_ray.io import read_jsonl
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.tune import trial_evaluator, trial_inputs
+
+    p, _ = full_run
+    cfg = config_from_dict(p.cfg.model_dump(mode="json"), ["eval.temperatures=[0,1]", "eval.num_prompts=6"])
+    lay, sft = p.layout, str(p.layout.model_dir("sft"))
+    tok, model = load_tokenizer(sft), load_causal_lm(sft).eval()
+    given = trial_inputs(p)
+    assert Path(given["scored_validation"]).name == "split=validation"
+    got = trial_evaluator(cfg, "gold_reward_worst_temperature", given["scored_validation"], given["validation_docs"],
+                          given["reward_dir"], tok)(model)
+    validation = read_jsonl(lay.docs_path("validation"))[:6]
+    test = read_jsonl(lay.docs_path("test"))[:6]
+    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(model, tok, validation, cfg)[0])
+    assert got["gold_reward_t1"] == pytest.approx(mean_gold_reward(model, tok, validation, cfg, 1.0)[0])
+    assert got["gold_reward_t0"] != pytest.approx(greedy_gold_reward(model, tok, test, cfg)[0])
+    assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t1"])
+    assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t1"]) / 2)
+    assert 0.0 <= got["heldout_preference_accuracy"] <= 1.0 and "rm_reward" not in got
 
 
 def test_rm_noise_study_trains_dpo_once_and_madpo_per_noise_level(full_run, tmp_path):
