@@ -65,6 +65,27 @@ def test_per_prompt_and_paired_win_hand():
     assert J.reference_win(rows, {"p1": 2.0, "p2": -1.0}, "gold", ["p1", "p2"]).tolist() == [0.5, 1.0]
 
 
+def test_paired_win_offset_picks_the_baselines_draws_and_wraps():
+    base = [_row("sft", -1, 1.0, "p1", j, g) for j, g in enumerate((0.0, 1.0, 2.0, 3.0))]
+    mine = [_row("a", 0, 1.0, "p1", j, 1.5) for j in range(2)]
+    assert J.paired_win(mine, base, "gold", ["p1"], offset=0).tolist() == [1.0]  # meets 0.0, 1.0
+    assert J.paired_win(mine, base, "gold", ["p1"], offset=2).tolist() == [0.0]  # meets 2.0, 3.0
+    assert J.paired_win(mine, base, "gold", ["p1"], offset=3).tolist() == [0.5]  # meets 3.0, then 0.0
+    greedy = [_row("sft", -1, 0.0, "p1", 0, 1.0)]
+    assert J.paired_win(mine, greedy, "gold", ["p1"], offset=7).tolist() == [1.0]  # one draw: every sample meets it
+
+
+def test_win_rate_gives_each_seed_its_own_share_of_the_baselines_draws():
+    """The SFT policy drew 2 samples per seed (4): seed 0 meets draws 0-1 (gold 0, beaten), seed 1
+    draws 2-3 (gold 10, not beaten), so the win rate is 0.5, not seed 0's draws twice (1.0)."""
+    rows = [_row("sft", -1, 1.0, "p1", j, g) for j, g in enumerate((0.0, 0.0, 10.0, 10.0))]
+    rows += [_row("madpo", s, 1.0, "p1", j, 5.0) for s in (0, 1) for j in (0, 1)]
+    rows += [_row("sft", -1, 0.0, "p1", 0, 0.0)] + [_row("madpo", s, 0.0, "p1", 0, 5.0) for s in (0, 1)]
+    by = {(r["method"], r["temperature"]): r for r in J.judge(rows, ["p1"], n_boot=50)}
+    assert by[("madpo", 1.0)]["win_vs_sft_gold"]["mean"] == pytest.approx(0.5)
+    assert by[("madpo", 0.0)]["win_vs_sft_gold"]["mean"] == 1.0  # both seeds meet the one greedy draw
+
+
 def test_judge_table_hand_values():
     rows = []
     for pid, sft_gold in (("p1", 1.0), ("p2", 2.0)):

@@ -82,15 +82,27 @@ def per_prompt(rows: list[dict], column: str, prompt_ids: Sequence[str]) -> np.n
     return np.array([np.mean(acc[p]) if acc.get(p) else np.nan for p in prompt_ids])
 
 
-def paired_win(rows: list[dict], other: list[dict], column: str, prompt_ids: Sequence[str]) -> np.ndarray:
-    """Per-prompt win rate of `rows` against `other`, sample j against sample j of the same prompt."""
-    theirs = {(r["prompt_id"], r["sample"]): r[column] for r in other}
+def paired_win(rows: list[dict], other: list[dict], column: str, prompt_ids: Sequence[str],
+               offset: int = 0) -> np.ndarray:
+    """Per-prompt win rate of `rows` against `other`: sample j meets the other's sample
+    (offset + j) mod (the other's draws of that prompt), so seed k of a method (offset k x its
+    draws) meets its own share of a baseline that drew once per seed, and a baseline with a single
+    draw (greedy) is met by every sample."""
+    theirs: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in other:
+        theirs[r["prompt_id"]][r["sample"]] = r[column]
     acc: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        key = (r["prompt_id"], r["sample"])
-        if key in theirs:
-            acc[r["prompt_id"]].append(float(win_values(r[column], theirs[key])))
+        draws = theirs.get(r["prompt_id"])
+        j = (offset + r["sample"]) % len(draws) if draws else None
+        if j is not None and j in draws:
+            acc[r["prompt_id"]].append(float(win_values(r[column], draws[j])))
     return np.array([np.mean(acc[p]) if acc.get(p) else np.nan for p in prompt_ids])
+
+
+def draws_per_prompt(rows: list[dict]) -> int:
+    """How many samples a model drew per prompt (the most of any prompt)."""
+    return 1 + max((r["sample"] for r in rows), default=0)
 
 
 def reference_win(rows: list[dict], reference: dict[str, float], column: str, prompt_ids: Sequence[str]) -> np.ndarray:
@@ -133,9 +145,9 @@ def judge(rows: list[dict], prompt_ids: Sequence[str], *, baseline: Optional[str
                 base_seeds = sorted({s for (mm, _, s) in groups if mm == baseline})
                 if baseline and m != baseline and base_seeds:  # the baseline is one model: its first seed
                     base = groups[(baseline, t, base_seeds[0])]
-                    entry[f"win_vs_{baseline}_{col}"] = bootstrap_mean(np.stack(
-                        [paired_win(groups[(m, t, s)], base, col, prompt_ids) for s in seeds]),
-                        n_boot, seed).to_dict()
+                    wins = [paired_win(groups[(m, t, s)], base, col, prompt_ids,
+                                       offset=k * draws_per_prompt(groups[(m, t, s)])) for k, s in enumerate(seeds)]
+                    entry[f"win_vs_{baseline}_{col}"] = bootstrap_mean(np.stack(wins), n_boot, seed).to_dict()
             out.append(entry)
     return out
 

@@ -237,8 +237,9 @@ def win_table(results: dict) -> list[str]:
     win = f"win_vs_{SFT_LABEL}_{col}"
     if not any(win in r for r in results["table"]):
         return []
-    lines = ["", f"Win rate against the {SFT_LABEL} policy (by {column_name(col)}; sample j vs sample j of the same "
-             "prompt):", ""] + temperature_header(temps, "method")
+    lines = ["", f"Win rate against the {SFT_LABEL} policy (by {column_name(col)}; each sample against one of the "
+             f"{SFT_LABEL} policy's on the same prompt, each training seed against its own share of them; ties count "
+             "half):", ""] + temperature_header(temps, "method")
     for m in methods:
         if m != SFT_LABEL:
             lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)][win]['mean']:.3f}" if (m, t) in by and win in by[(m, t)]
