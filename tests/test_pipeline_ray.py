@@ -82,6 +82,18 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
     for key in ("sft_preference_accuracy", "policy_preference_accuracy",
                 "sft_greedy_gold_reward", "policy_greedy_gold_reward"):
         assert key in summary
+    # one summary per test document sampled at the hottest eval temperature, beside the greedy figure
+    from madpo_ray.eval.summary import mean_gold_reward
+    from madpo_ray.io import read_jsonl
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+
+    hottest = max(p.cfg.eval.temperatures)
+    docs = read_jsonl(p.layout.docs_path("test"))[:p.cfg.eval.num_prompts]
+    tok = load_tokenizer(str(p.layout.model_dir("sft")))
+    for label in ("sft", "policy"):
+        model = load_causal_lm(str(p.layout.model_dir(label)), p.cfg.model.dtype if label == "policy" else "float32")
+        want, _ = mean_gold_reward(model, tok, docs, p.cfg, hottest)
+        assert summary[f"{label}_sampled_gold_reward_t{hottest:g}"] == pytest.approx(want)
     margins = summary["margins"]
     for split in ("train", "validation", "test"):  # reward-model agreement and margin shares of every split
         for key in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true",

@@ -108,7 +108,7 @@ def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tenso
 
 def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """The run summary: held-out preference metrics of the policy, the reward model's accuracy,
-    and (testbed) the gold reward of greedy summaries of the SFT policy and the policy."""
+    and (testbed) the gold reward of greedy and of sampled summaries of the SFT policy and the policy."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.eval.heldout import test_split
     from madpo_ray.models import load_causal_lm, load_tokenizer
@@ -148,16 +148,21 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
 
 
 def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -> dict:
-    """Mean gold reward of greedy summaries (SFT, policy, the references) and three examples."""
+    """Mean gold reward of greedy summaries (SFT, policy, the references) and three examples, and
+    of one summary per document sampled at the hottest of eval.temperatures: a policy can gain
+    greedy and still ramble when sampled, which the greedy figure alone would hide."""
     from madpo_ray.data.testbed import document_gold
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm
 
     docs = read_jsonl(layout.docs_path("test"))[:cfg.eval.num_prompts]
+    hottest = max(cfg.eval.temperatures)
     out: dict = {"examples": {}}
     for label, model in (("sft", load_causal_lm(str(layout.model_dir("sft")))), ("policy", policy_model)):
         out[f"{label}_greedy_gold_reward"], texts = greedy_gold_reward(model, tok, docs, cfg)
         out["examples"][label] = texts[:3]
+        if hottest > 0:
+            out[f"{label}_sampled_gold_reward_t{hottest:g}"] = mean_gold_reward(model, tok, docs, cfg, hottest)[0]
     out["reference_gold_reward"] = sum(document_gold(d["reference"], d) for d in docs) / len(docs)
     out["example_references"] = [d["reference"] for d in docs[:3]]
     return out
