@@ -128,7 +128,8 @@ def _png_size(path):
 
 
 def _results(tmp_path, tier, n_prompts):
-    cfg = load_config("tiny", [f"data.tier={tier}", "eval.temperatures=[0,1]", "compare.seeds=[0]"])
+    cfg = load_config("tiny", [f"data.tier={tier}", "eval.temperatures=[0,1]", "compare.seeds=[0]",
+                               "policy.loss.beta=0.1", "policy.optim.lr=2.0e-4"])  # the run's own settings
     rows, ids = _family(n_prompts)
     judged = {"table": J.judge(rows, ids, baseline="sft", n_boot=200), "madpo_minus": {}, "column": "gold",
               "reference": {}}
@@ -223,6 +224,7 @@ def test_tuned_settings_come_from_the_newest_finished_search_of_each_loss(tmp_pa
     (tune / "broken" / "best_config.yaml").write_text("policy: {loss: {name: ipo, betta: 1}}\n")
     (tune / "unfinished").mkdir()  # no best_config.yaml yet
     cfg = load_config("tiny", ["compare.use_tuned=true", "name=exp", f"runs_dir={tmp_path / 'runs'}",
+                               "policy.loss.beta=0.1", "policy.optim.lr=2.0e-4",  # the run's own settings
                                "compare.methods=[{loss: dpo}, {loss: ipo}, {loss: madpo, overrides: {lam: 2.0}}]"])
     methods, origin = compared_methods(cfg, [tune], run_dir)
     by = {m.name: m for m in methods}

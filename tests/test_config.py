@@ -11,7 +11,7 @@ def test_tiny_preset_and_overrides(tmp_path):
     cfg = load_config("tiny", ["policy.loss.beta=0.2", "ray.num_workers=1", "policy.loss.name=dpo"])
     assert cfg.policy.loss.beta == 0.2 and cfg.ray.num_workers == 1 and cfg.policy.loss.name == "dpo"
     assert cfg.policy.loss.tau is None  # unset: dpo takes no tau, and madpo would use its own default
-    assert load_config("tiny").policy.loss.kwargs() == {"beta": 0.1}
+    assert load_config("tiny").policy.loss.kwargs() == {"beta": 2.0}
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg  # round trip
 

@@ -120,7 +120,7 @@ def test_a_fresh_start_is_a_new_run_with_fresh_curves(tmp_path, tiny_base_dir, s
     second = _train(_cfg(tmp_path, 2, "policy.optim.lr=1e-3"), scored_train, tiny_base_dir)
     _, runs = _mlflow_runs(_cfg(tmp_path, 2))
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    assert [r.data.params["policy.optim.lr"] for r in runs] == ["0.0002", "0.001"]
+    assert [r.data.params["policy.optim.lr"] for r in runs] == ["5e-05", "0.001"]
     losses, _ = _board(_cfg(tmp_path, 2), "loss")
     assert losses == {r["step"]: pytest.approx(r["loss"]) for r in second}  # none of the first training's 3 steps
     assert len(first) == 3
