@@ -13,7 +13,7 @@ from madpo_ray.layout import RunLayout
 from madpo_ray.models import ModelLoadError, build_tiny_base
 
 SETS = ["model.vocab_size=300", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-        "model.intermediate_size=64", "policy.loss.name=madpo", "policy.loss.tau=3.0"]
+        "model.intermediate_size=64", "policy.loss.name=madpo", "policy.loss.beta=0.3", "policy.loss.tau=3.0"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_model_card_names_loss_parameters_metrics_and_license(run, tmp_path):
     card = (export_run(run.run_dir, out=tmp_path / "c") / "README.md").read_text()
     meta = read_front_matter(tmp_path / "c" / "README.md")
     assert meta["license"] == "apache-2.0" and "madpo" in meta["tags"]
-    assert "`madpo` with beta = 0.1, c_max = 4, lam = 1, tau = 3" in card  # defaults and the run's own tau
+    assert "`madpo` with beta = 0.3, c_max = 4, lam = 1, tau = 3" in card  # the run's beta and tau, the loss defaults
     assert "| policy_greedy_gold_reward | 1.2500 |" in card and "| test_spearman_rm_vs_true | 0.5000 |" in card
     assert "```yaml" in card and "name: exp" in card
 
