@@ -94,8 +94,10 @@ def paired_win(rows: list[dict], other: list[dict], column: str, prompt_ids: Seq
     acc: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         draws = theirs.get(r["prompt_id"])
-        j = (offset + r["sample"]) % len(draws) if draws else None
-        if j is not None and j in draws:
+        if not draws:
+            continue
+        j = (offset + r["sample"]) % len(draws)
+        if j in draws:
             acc[r["prompt_id"]].append(float(win_values(r[column], draws[j])))
     return np.array([np.mean(acc[p]) if acc.get(p) else np.nan for p in prompt_ids])
 
