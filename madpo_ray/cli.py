@@ -262,7 +262,7 @@ def compare_sets(tiers: Optional[str], ablations: bool, tuned: bool) -> list[str
     if ablations:
         sets.append("compare.ablations=true")
     if tuned:
-        sets.append("compare.use_tuned=true")
+        sets.append("compare.settings=tuned")
     return sets
 
 
@@ -270,6 +270,8 @@ def print_verdicts(results: dict) -> None:
     from madpo_ray.eval.report import verdicts
 
     tests = (results.get("paired") or {}).get("tests") or {}
+    if results.get("protocol"):
+        console.print(f"[bold]{results['protocol']['title']}[/bold]")
     if tests:
         console.print(f"Holm-adjusted p, family of {tests['family']} tests:", highlight=False)
         for line in verdicts(results):
@@ -283,8 +285,10 @@ def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG
                                                 "high,medium,low: one comparison per tier in runs/<name>-<tier>, "
                                                 "and a combined report in runs/<name>/compare_tiers/."),
             ablations: bool = typer.Option(False, "--ablations", help="Also train madpo_amplify and madpo_regularize."),
-            tuned: bool = typer.Option(False, "--tuned", help="Each method takes the best settings of a finished "
-                                       "`madpo tune` search of its loss (tune/<search>/best_config.yaml).")):
+            tuned: bool = typer.Option(False, "--tuned", help="Each method takes the best settings of its own "
+                                       "finished `madpo tune` search (tune/<search>/best_config.yaml); a method "
+                                       "without one is an error. Without --tuned every method trains at the same "
+                                       "untuned reference settings (compare.reference_beta, compare.reference_lr).")):
     """DPO vs IPO vs beta-DPO vs MADPO over seeds, judged at every decoding temperature.
 
     Trains each method from the same SFT model and scored pairs (parallel Ray tasks), samples
@@ -381,7 +385,9 @@ def parse_floats(text: str, option: str) -> list[float]:
 def study_rm_noise(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT,
                    address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
                    noise: str = typer.Option("0,1,2,4", "--noise", help="Standard deviations of the Gaussian noise "
-                                             "added to the reward-model margins, comma-separated.")):
+                                             "added to the reward-model margins, comma-separated."),
+                   tuned: bool = typer.Option(False, "--tuned", help="DPO and MADPO each at its own finished "
+                                              "search's settings, as `madpo compare --tuned`.")):
     """Robustness to reward-model error: MADPO trained on margins plus N(0, sd^2) at each --noise
     level, against DPO (which reads no margins, so it is trained once), over compare.seeds, judged
     on the test prompts at every eval.temperatures. Writes runs/<name>/study/rm-noise/ (table.md,
@@ -392,7 +398,7 @@ def study_rm_noise(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str =
     levels = parse_floats(noise, "--noise")
     if not levels or min(levels) < 0 or len(set(levels)) != len(levels):
         fail(f"--noise {noise!r}: give distinct standard deviations >= 0, e.g. 0,1,2,4", 2)
-    cfg = _load(config, overrides, address, name)
+    cfg = _load(config, list(overrides or []) + compare_sets(None, False, tuned), address, name)
     _setup_logging()
     try:
         results = run_rm_noise(cfg, levels)

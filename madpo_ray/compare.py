@@ -15,7 +15,7 @@ for; one whose DONE record matches its settings and the current scored pairs is 
 and an interrupted one resumes from its last checkpoint.
 
 `compare.ablations` adds MADPO's two ablations (with MADPO's settings, so only the clipping of
-c differs); `compare.use_tuned` gives each method the best settings of a finished `madpo tune`
+c differs); `compare.settings=tuned` gives each method the best settings of its own finished `madpo tune`
 search of its loss. `compare.tiers` repeats everything once per data-quality tier, each in its
 own run folder `<name>-<tier>` (a tier is other pairs, so another reward model and scores), and
 writes a combined report:
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from madpo_ray.config import ConfigError, MethodConfig, PipelineConfig, config_from_dict, load_config
+from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, config_from_dict, load_config
 from madpo_ray.eval.heldout import SFT_LABEL
 from madpo_ray.layout import BEFORE_POLICY, RunLayout, StageRecord, begin_training, model_folder, settings_of
 
@@ -42,15 +42,27 @@ log = logging.getLogger("madpo_ray.compare")
 
 ABLATIONS = ("madpo_amplify", "madpo_regularize")  # the paper's "amplify only" and "regularise only"
 POLICY_KEYS = ("margin_noise",)  # method overrides that are policy settings, not loss parameters
-TUNED_OPTIM = ("lr",)  # optimiser settings a search's best config hands on, when the search varied them
+SEARCH_HINT = "madpo tune --config {loss}_gold"  # the shipped validation search of each loss (tune_configs/)
+
+
+def loss_for_method(cfg: PipelineConfig, loss: str) -> LossConfig:
+    """The loss config a method starts from before its overrides. With the reference settings
+    (the default) every method takes its loss's defaults and the shared reference beta, never the
+    run config's loss parameters, which may have been tuned for one method; with the tuned settings
+    the overrides carry everything the method's own search chose."""
+    if cfg.compare.settings == "reference":
+        return LossConfig(name=loss, beta=cfg.compare.reference_beta)
+    return LossConfig(name=loss)
 
 
 def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> PipelineConfig:
-    """The pipeline config of one (method, seed) training: the method's loss (keeping the base
-    config's loss parameters it also takes), its overrides, and the seed."""
+    """The pipeline config of one (method, seed) training: the method's loss at the comparison's
+    settings (`loss_for_method`), the reference lr unless an override sets one, its overrides, the seed."""
     raw = cfg.model_dump(mode="json")
-    raw["policy"]["loss"] = cfg.policy.loss.switched_to(method.loss).model_dump()
+    raw["policy"]["loss"] = loss_for_method(cfg, method.loss).model_dump()
     sets = [f"policy.optim.seed={seed}"]
+    if cfg.compare.settings == "reference":
+        sets.append(f"policy.optim.lr={cfg.compare.reference_lr!r}")
     for key, value in method.overrides.items():
         path = key if key.startswith(("optim.", "loss.")) or key in POLICY_KEYS else f"loss.{key}"
         sets.append(f"policy.{path}={json.dumps(value)}")
@@ -75,21 +87,11 @@ class TunedSettings:
     source: Path  # its best_config.yaml
 
 
-def searched_columns(search_dir: Path) -> set[str]:
-    """The columns of a search's trials.csv: the parameters it varied (and its bookkeeping)."""
-    import csv
-
-    f = Path(search_dir) / "trials.csv"
-    if not f.exists():
-        return set()
-    with open(f, newline="") as fh:
-        return set(next(csv.reader(fh), []))
-
-
 def tuned_settings(loss: str, tune_dirs: Sequence[Path]) -> Optional[TunedSettings]:
     """The newest finished search (one with a best_config.yaml) whose best config trains `loss`:
-    its loss parameters, and lr if the search varied it. `tune_dirs` are tried in order (the run's
-    own searches first); a best_config.yaml this version cannot read is skipped with a warning."""
+    every loss parameter and the learning rate its best trial trained with. `tune_dirs` are tried
+    in order (the run's own searches first); a best_config.yaml this version cannot read is
+    skipped with a warning."""
     for tune_dir in tune_dirs:
         found = []
         for f in sorted(Path(tune_dir).glob("*/best_config.yaml")):
@@ -102,9 +104,7 @@ def tuned_settings(loss: str, tune_dirs: Sequence[Path]) -> Optional[TunedSettin
                 found.append((f.stat().st_mtime, str(f), best))
         if found:
             _, f, best = max(found, key=lambda x: (x[0], x[1]))
-            overrides = dict(best.policy.loss.kwargs())
-            varied = searched_columns(Path(f).parent)
-            overrides.update({f"optim.{k}": getattr(best.policy.optim, k) for k in TUNED_OPTIM if k in varied})
+            overrides = {**best.policy.loss.kwargs(), "optim.lr": best.policy.optim.lr}
             return TunedSettings(overrides, Path(f))
     return None
 
@@ -120,24 +120,38 @@ def source_label(path: Path, run_dir: Path) -> str:
     return str(path)
 
 
+def unused_run_settings(cfg: PipelineConfig) -> list[str]:
+    """The run config's policy settings a reference comparison does not hand to its methods."""
+    given = [f"policy.loss.{k}={v}" for k, v in cfg.policy.loss.kwargs().items()]
+    return given + [f"policy.optim.lr={cfg.policy.optim.lr:g}"]
+
+
 def compared_methods(cfg: PipelineConfig, tune_dirs: Sequence[Path] = (),
                      run_dir: Optional[Path] = None) -> tuple[list[MethodConfig], dict[str, dict[str, str]]]:
     """The methods a comparison trains, and per method where each override came from.
 
-    With compare.use_tuned a method's tuned settings fill in under its own overrides (which win);
-    with compare.ablations the two ablations take MADPO's resolved overrides, so they differ from
-    it only in how c is clipped."""
+    With compare.settings=tuned every method takes its own search's settings under its own
+    overrides (which win), and a method without a finished search is an error that names the
+    search to run: never a silent fallback to another method's settings. With compare.ablations
+    the two ablations take MADPO's resolved overrides, so they differ from it only in how c is clipped."""
     c, run_dir = cfg.compare, Path(run_dir or cfg.run_dir)
-    methods, origin = [], {}
+    methods, origin, missing = [], {}, []
     for m in c.methods:
         overrides = {canonical_key(k): v for k, v in m.overrides.items()}
         origin[m.name] = {k: "compare.methods overrides" for k in overrides}
-        tuned = tuned_settings(m.loss, tune_dirs) if c.use_tuned else None
+        tuned = tuned_settings(m.loss, tune_dirs) if c.settings == "tuned" else None
+        if c.settings == "tuned" and tuned is None:
+            missing.append(m.loss)
         for k, v in (tuned.overrides.items() if tuned else ()):
             if k not in overrides:
                 overrides[k] = v
                 origin[m.name][k] = source_label(tuned.source, run_dir)
         methods.append(m.model_copy(update={"overrides": overrides}))
+    if missing:
+        searched = ", ".join(str(d) for d in tune_dirs) or "no tune folder"
+        raise ConfigError(f"compare.settings=tuned: no finished search for {', '.join(sorted(set(missing)))} in "
+                          f"{searched}; run {'; '.join(SEARCH_HINT.format(loss=x) for x in sorted(set(missing)))} "
+                          "(validation only), or compare at the reference settings without --tuned")
     if c.ablations:
         ref = next((m for m in methods if m.name == "madpo"), None)
         for loss in ABLATIONS:
@@ -145,6 +159,13 @@ def compared_methods(cfg: PipelineConfig, tune_dirs: Sequence[Path] = (),
                 methods.append(MethodConfig(loss=loss, overrides=dict(ref.overrides) if ref else {}))
                 origin[loss] = {k: f"{v}, as madpo" for k, v in origin.get("madpo", {}).items()} if ref else {}
     return methods, origin
+
+
+def default_source(cfg: PipelineConfig, key: str) -> str:
+    """Where a setting that no override names comes from."""
+    if cfg.compare.settings == "reference" and key in ("beta", "lr"):
+        return f"compare.reference_{key} (untuned, shared by every method)"
+    return "policy.optim (run config)" if key == "lr" else "loss defaults"
 
 
 def method_settings(cfg: PipelineConfig, methods: list[MethodConfig], origin: dict[str, dict[str, str]]) -> list[dict]:
@@ -156,13 +177,25 @@ def method_settings(cfg: PipelineConfig, methods: list[MethodConfig], origin: di
         mc = method_config(cfg, m, cfg.compare.seeds[0])
         given, src = mc.policy.loss.kwargs(), origin.get(m.name, {})
         settings = {k: given.get(k, default) for k, default in get_policy_loss(m.loss).params.items()}
-        sources = {k: src.get(k) or ("policy.loss (run config)" if k in given else "loss defaults") for k in settings}
-        for key in ["optim.lr"] + sorted(k for k in src if k.startswith("optim.") and k != "optim.lr"):
-            name = key[len("optim."):]
-            settings[name] = getattr(mc.policy.optim, name)
-            sources[name] = src.get(key) or "policy.optim (run config)"
+        sources = {k: src.get(k) or default_source(cfg, k) for k in settings}
+        settings["lr"] = mc.policy.optim.lr
+        sources["lr"] = src.get("optim.lr") or default_source(cfg, "lr")
         out.append({"method": m.name, "loss": m.loss, "settings": settings, "sources": sources})
     return out
+
+
+def protocol(cfg: PipelineConfig) -> dict:
+    """What the report says, above every table and in the plot, about how settings were chosen."""
+    c = cfg.compare
+    if c.settings == "tuned":
+        return {"mode": "tuned", "title": "tuned: each method at its own validation-tuned settings",
+                "text": "every method trains at the best settings of its own loss's finished `madpo tune` search "
+                        "(selected on the validation split); the settings list below names each search."}
+    return {"mode": "reference", "title": "untuned: every method at the same reference settings",
+            "text": f"beta {c.reference_beta:g} and lr {c.reference_lr:g} for every method (compare.reference_beta, "
+                    "compare.reference_lr: the MADPO paper's shared recipe), every other loss parameter at its "
+                    "loss's default; nothing was tuned for any method, and an untuned difference can be a step-size "
+                    "effect. Each method at its own validation-tuned settings: `madpo compare --tuned`."}
 
 
 def train_method(base_config: dict, method: dict, seed: int, scored_train: str, sft_dir: str, out_dir: str,
@@ -200,7 +233,7 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
 
 class Comparison:
     def __init__(self, pipeline, tune_dirs: Optional[Sequence[Path]] = None, out_dir: Optional[Path] = None):
-        """tune_dirs: where `compare.use_tuned` looks for finished searches (default: this run's tune/);
+        """tune_dirs: where `compare.settings=tuned` looks for finished searches (default: this run's tune/);
         out_dir: where trainings, generations and the report go (default: the run's compare/)."""
         self.p = pipeline
         self.cfg: PipelineConfig = pipeline.cfg
@@ -318,13 +351,14 @@ class Comparison:
         rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts, self.out_dir / "generations",
                                                draws_multiplier={SFT_LABEL: sft_sets})
         t_judge = time.time()
-        judged = judge_rows(self.cfg, self.layout, rows, [m.name for m in self.methods])
+        judged = judge_rows(self.cfg, self.layout, rows)
         col = judged["column"]
-        paired = paired_analysis(rows, col, ids, self.cfg.eval.bootstrap_samples) if rows and col in rows[0] else {}
+        paired = paired_analysis(rows, col, ids) if rows and col in rows[0] else {}
         self.rows, self.prompt_ids = rows, ids
         return write_report(self.cfg, self.out_dir, judged, prompts=len(ids),
                             sft_samples_per_prompt=self.cfg.eval.samples_per_prompt * sft_sets,
                             seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.methods],
+                            protocol=protocol(self.cfg),
                             method_settings=method_settings(self.cfg, self.methods, self.origin), paired=paired,
                             trainings=trainings, generation=generation,
                             seconds={"pipeline": t_train - t0, "train": t_gen - t_train, "generate": t_judge - t_gen,

@@ -266,9 +266,16 @@ class CompareConfig(_Strict):
     # scores); null: only this run's data.tier, in this run's folder.
     tiers: Optional[list[Literal["high", "medium", "low"]]] = None
     ablations: bool = False  # also train MADPO's ablations madpo_amplify and madpo_regularize (madpo's settings)
-    # Each method takes the loss parameters (and lr, if searched) of the newest finished `madpo tune`
-    # search of its loss (tune/<search>/best_config.yaml); a method's own overrides still win.
-    use_tuned: bool = False
+    # How every method's beta and learning rate are chosen, the same way for all of them:
+    # reference: the untuned reference settings below (and each loss's own defaults), never the run
+    #   config's policy settings, which may be tuned for one method (the preset's are MADPO's);
+    # tuned: each method's own finished `madpo tune` search (its best_config.yaml; selected on
+    #   validation); a method without one is an error that names the search to run.
+    # A method's own overrides win in both.
+    settings: Literal["reference", "tuned"] = "reference"
+    # The MADPO paper's shared recipe (spec: beta 0.1, lr 1e-5 for every method).
+    reference_beta: float = Field(0.1, gt=0)
+    reference_lr: float = Field(1e-5, gt=0)
 
     @field_validator("tiers")
     @classmethod

@@ -45,33 +45,30 @@ def study_config(cfg: PipelineConfig, noise_levels: Sequence[float]) -> Pipeline
     raw = cfg.model_dump(mode="json")
     madpo = next((m for m in cfg.compare.methods if m.loss == "madpo"), None)
     raw["compare"]["methods"] = [m.model_dump() for m in noise_methods(noise_levels, madpo.overrides if madpo else {})]
-    return config_from_dict(raw, ["compare.ablations=false", "compare.tiers=null", "compare.use_tuned=false"])
+    return config_from_dict(raw, ["compare.ablations=false", "compare.tiers=null"])
 
 
 def noise_table(rows: list[dict], column: str, prompt_ids: list[str], noise_levels: Sequence[float],
                 temperatures: Sequence[float], n_boot: int) -> list[dict]:
-    """Per noise level and temperature: MADPO's and DPO's mean (95% CI over prompts, seeds averaged)
-    and their paired difference."""
-    import numpy as np
-
+    """Per noise level and temperature: MADPO's and DPO's mean (95% CI over seeds and prompts) and
+    their paired difference (eval.stats: seeds and prompts as sources of variance)."""
     from madpo_ray.eval.judge import bootstrap_mean
-    from madpo_ray.eval.report import paired_difference, prompt_means, seed_average
+    from madpo_ray.eval.report import paired_difference, prompt_means, seed_matrix
 
     means = prompt_means(rows, column, prompt_ids)
     out = []
     for sd in noise_levels:
         for t in temperatures:
-            madpo, dpo = seed_average(means, noise_label(sd), t), seed_average(means, BASELINE, t)
-            diff = paired_difference(means, noise_label(sd), BASELINE, t, n_boot)
+            diff = paired_difference(means, noise_label(sd), BASELINE, t)
             out.append({"noise_sd": sd, "temperature": t,
-                        "madpo": bootstrap_mean(madpo[~np.isnan(madpo)], n_boot).to_dict(),
-                        "dpo": bootstrap_mean(dpo[~np.isnan(dpo)], n_boot).to_dict(),
-                        "madpo_minus_dpo": {k: v for k, v in diff.items() if k not in ("diffs", "per_seed")}})
+                        "madpo": bootstrap_mean(seed_matrix(means, noise_label(sd), t), n_boot).to_dict(),
+                        "dpo": bootstrap_mean(seed_matrix(means, BASELINE, t), n_boot).to_dict(),
+                        "madpo_minus_dpo": {k: v for k, v in diff.items() if k != "per_seed"}})
     return out
 
 
 def render_noise_table(table: list[dict], column: str) -> list[str]:
-    lines = [f"## MADPO under reward-model noise ({column}; 95% CIs over test prompts, seeds averaged)", "",
+    lines = [f"## MADPO under reward-model noise ({column}; 95% CIs over seeds and prompts)", "",
              "DPO does not read margins: one DPO training serves every noise level.", "",
              "| noise sd | T | MADPO | DPO | MADPO - DPO |", "|---|---|---|---|---|"]
     for r in table:
@@ -111,7 +108,7 @@ def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
     if not p.is_testbed:
         log.warning("no gold reward outside the testbed: the study judges by the reward model's score")
     out_dir = p.layout.study_dir("rm-noise")
-    comparison = Comparison(p, tune_dirs=[], out_dir=out_dir)
+    comparison = Comparison(p, out_dir=out_dir)
     results = comparison.run()
     column = results["column"]
     table = noise_table(comparison.rows, column, comparison.prompt_ids, noise_levels, cfg.eval.temperatures,

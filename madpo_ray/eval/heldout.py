@@ -47,7 +47,7 @@ def test_split(layout: RunLayout) -> Path:
     return path
 
 
-def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], methods: list[str]) -> dict:
+def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict]) -> dict:
     """Gold reward (testbed) and reward-model score of every row, then the per-temperature table."""
     from madpo_ray.eval import judge as J
 
@@ -67,9 +67,7 @@ def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], methods
     n_boot = cfg.eval.bootstrap_samples
     table = J.judge(rows, ids, baseline=SFT_LABEL, reference=reference, n_boot=n_boot)
     column = "gold" if is_testbed(cfg) else "rm"
-    diffs = {m: J.difference(rows, "madpo", m, column, ids, n_boot) for m in methods if m not in ("madpo", SFT_LABEL)} \
-        if "madpo" in methods else {}
-    return {"table": table, "madpo_minus": diffs, "column": column,
+    return {"table": table, "column": column,
             "reference": {k: float(sum(v.values()) / len(v)) for k, v in reference.items()}}
 
 
@@ -90,7 +88,7 @@ def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[s
     entries = [(SFT_LABEL, -1, layout.model_dir("sft"))] + [(label, -1, Path(d)) for label, d in models]
     ids, prompts, _ = eval_prompts(cfg, layout)
     rows, timings = generate_for_models(cfg, entries, ids, prompts, Path(out_dir) / "generations")
-    judged = judge_rows(cfg, layout, rows, [label for label, _ in models])
+    judged = judge_rows(cfg, layout, rows)
     return write_report(cfg, Path(out_dir), judged, prompts=len(ids), seeds=[-1],
                         models={label: str(d) for label, d in models}, generation=timings)
 

@@ -153,20 +153,3 @@ def judge(rows: list[dict], prompt_ids: Sequence[str], *, baseline: Optional[str
             out.append(entry)
     return out
 
-
-def difference(rows: list[dict], a: str, b: str, column: str, prompt_ids: Sequence[str], n_boot: int = 2000,
-               seed: int = 0) -> list[dict]:
-    """Mean `column` of method a minus method b at each temperature, with a bootstrap CI.
-
-    Paired by prompt; seeds are paired by position (seed k of a with seed k of b: both trained
-    from the same SFT model with the same data order)."""
-    out = []
-    for t in sorted({r["temperature"] for r in rows}):
-        mats = []
-        for m in (a, b):
-            seeds = sorted({r["seed"] for r in rows if r["method"] == m})
-            mats.append(np.stack([per_prompt([r for r in rows if r["method"] == m and r["temperature"] == t
-                                              and r["seed"] == s], column, prompt_ids) for s in seeds]))
-        n = min(len(mats[0]), len(mats[1]))
-        out.append({"temperature": t, **bootstrap_mean(mats[0][:n] - mats[1][:n], n_boot, seed).to_dict()})
-    return out

@@ -2,19 +2,18 @@
 plot of each method's mean reward against decoding temperature, beside (compare) each method's
 paired difference from the SFT policy.
 
-Paired statistics (`paired_analysis`): the unit is the prompt. Each prompt's samples and the
-method's training seeds are averaged first, then the SFT policy's (or a baseline's) value on the
-same prompt is subtracted, so prompt difficulty, which dominates the spread of raw rewards,
-cancels out. The differences get a bootstrap CI over prompts; MADPO-vs-baseline differences
-also get a two-sided sign-flip permutation test, Holm-corrected across every (baseline,
-temperature) of one comparison: with 3 baselines x 5 temperatures, 15 uncorrected tests at 5%
-would report a false "win" about half the time (1 - 0.95**15 = 0.54).
+Paired statistics (`paired_analysis`) come from `eval.stats`, the one definition of "method minus
+baseline": per prompt, the method's mean over its samples and seeds minus the baseline's, with an
+interval and a test that count the training seeds as a source of variance, not only the prompts.
+MADPO-vs-baseline tests are Holm-corrected over everything one report states (every baseline and
+ablation at every temperature, and every tier in the tiers report); a test whose sides have fewer
+than `stats.MIN_SEEDS_FOR_VERDICT` seeds is reported without a verdict.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -23,16 +22,14 @@ import numpy as np
 
 from madpo_ray.config import PipelineConfig
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.eval.judge import bootstrap_mean, per_prompt
+from madpo_ray.eval import stats
+from madpo_ray.eval.judge import per_prompt
 from madpo_ray.layout import is_testbed
 from madpo_ray.plotting import pyplot, save
 
 ALPHA = 0.05  # family-wise error rate of the Holm-corrected MADPO-vs-baseline tests
-PERMUTATIONS = 10_000  # Monte Carlo sign flips: the smallest p is 1/10,001, far below 0.05 / a 30-test family
-EXACT_MAX_PROMPTS = 16  # up to 2**16 sign patterns are enumerated: an exact p
 REFERENCE_METHOD = "madpo"
 DISPLAY = {"madpo": "MADPO", "dpo": "DPO", "ipo": "IPO", "beta_dpo": "beta-DPO", SFT_LABEL: "SFT"}
-TEST_NAME = "two-sided sign-flip permutation test on per-prompt differences (samples and seeds averaged)"
 
 
 def display(method: str) -> str:
@@ -41,43 +38,6 @@ def display(method: str) -> str:
 
 
 # --------------------------------------------------------------------------- paired statistics
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the input order.
-
-    The i-th smallest p (i from 1) is multiplied by (m - i + 1), capped at 1, and made monotone
-    with a running maximum so a larger raw p never gets a smaller adjusted one. It controls the
-    family-wise error rate like Bonferroni (every p times m) but rejects more often."""
-    p = [float(x) for x in pvalues]
-    m = len(p)
-    out = [0.0] * m
-    running = 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda k: p[k])):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
-    return out
-
-
-def sign_flip_pvalue(diffs: Sequence[float], n_resamples: int = PERMUTATIONS, seed: int = 0) -> float:
-    """Two-sided paired randomisation test of mean(diffs) = 0.
-
-    Under the null each prompt's difference is as likely negative as positive, so flipping signs
-    draws from the null distribution of the mean. Exact (all 2**n sign patterns) for at most
-    EXACT_MAX_PROMPTS prompts, else Monte Carlo with the +1 correction (p is never 0). Needs
-    neither normal per-prompt differences nor scipy's t distribution (scipy is no dependency)."""
-    d = np.asarray(diffs, dtype=float)
-    d = d[~np.isnan(d)]
-    n = len(d)
-    if n == 0:
-        return 1.0
-    observed = abs(d.sum())
-    tol = 1e-9 * (np.abs(d).sum() + 1e-300)  # the identity pattern must count, whatever the rounding
-    if n <= EXACT_MAX_PROMPTS:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(np.abs(signs @ d) >= observed - tol))
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_resamples, n))
-    return float((1 + np.sum(np.abs(signs @ d) >= observed - tol)) / (1 + n_resamples))
-
-
 def prompt_means(rows: list[dict], column: str, prompt_ids: Sequence[str]) -> dict[tuple, np.ndarray]:
     """Per-prompt mean of `column` (over a prompt's samples) for every (method, temperature, seed)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -86,27 +46,22 @@ def prompt_means(rows: list[dict], column: str, prompt_ids: Sequence[str]) -> di
     return {key: per_prompt(g, column, prompt_ids) for key, g in groups.items()}
 
 
-def seed_average(means: dict[tuple, np.ndarray], method: str, temperature: float) -> np.ndarray:
-    """A method's per-prompt values at one temperature, averaged over its training seeds."""
-    mats = [v for (m, t, _), v in means.items() if m == method and t == temperature]
+def seed_matrix(means: dict[tuple, np.ndarray], method: str, temperature: float) -> np.ndarray:
+    """A method's [seeds, prompts] per-prompt values at one temperature, seeds in ascending order."""
+    mats = [v for (m, t, _), v in sorted(means.items(), key=lambda kv: kv[0][2]) if m == method and t == temperature]
     if not mats:
         raise ValueError(f"no judged samples of {method!r} at temperature {temperature:g}")
-    with warnings.catch_warnings():  # a prompt no seed answered stays NaN, and is dropped by the callers
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(mats), axis=0)
+    return np.stack(mats)
 
 
-def paired_difference(means: dict[tuple, np.ndarray], method: str, base: str, temperature: float,
-                      n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean over prompts of (method's seed-averaged value - base's), with a bootstrap CI over
-    prompts, and each seed's own mean difference (a collapsed seed shows here)."""
-    b = seed_average(means, base, temperature)
-    d = seed_average(means, method, temperature) - b
-    d = d[~np.isnan(d)]
-    per_seed = [{"seed": s, "mean": float(np.nanmean(v - b))}
-                for (m, t, s), v in sorted(means.items(), key=lambda kv: kv[0][2]) if m == method and t == temperature]
-    return {"temperature": temperature, **bootstrap_mean(d, n_boot, seed).to_dict(), "prompts": int(len(d)),
-            "per_seed": per_seed, "diffs": d}
+def paired_difference(means: dict[tuple, np.ndarray], method: str, base: str, temperature: float) -> dict:
+    """`method` minus `base` at one temperature (eval.stats.paired_difference), and each of the
+    method's seeds' own mean difference from the base's seed average (a collapsed seed shows here)."""
+    a, b = seed_matrix(means, method, temperature), seed_matrix(means, base, temperature)
+    base_mean = np.nanmean(b, axis=0)
+    seeds = sorted(s for (m, t, s) in means if m == method and t == temperature)
+    per_seed = [{"seed": s, "mean": float(np.nanmean(row - base_mean))} for s, row in zip(seeds, a)]
+    return {"temperature": temperature, **stats.paired_difference(a, b).to_dict(), "per_seed": per_seed}
 
 
 def verdict(reference: str, baseline: str, temperature: float, mean: float, p_adj: float,
@@ -118,40 +73,46 @@ def verdict(reference: str, baseline: str, temperature: float, mean: float, p_ad
     return f"{a} vs {b} at T={temperature:g}: not significant (p_adj={p_adj:.2g})"
 
 
-def baseline_tests(means: dict[tuple, np.ndarray], methods: list[str], temps: list[float], n_boot: int = 2000,
-                   seed: int = 0, reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> dict:
-    """`reference` (MADPO) against every other compared method at every temperature: the paired
-    difference, its raw p, and Holm's adjusted p over that whole family."""
+def too_few_seeds(row: dict) -> str:
+    return (f"no verdict: {min(row['seeds'])} seed(s), a verdict needs {stats.MIN_SEEDS_FOR_VERDICT} per method")
+
+
+def apply_holm(rows: list[dict], reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> int:
+    """Holm's adjusted p and the verdict of every testable row (enough seeds on both sides), as
+    one family; rows with too few seeds get no p_adj. Returns the family's size."""
+    tested = [r for r in rows if min(r["seeds"]) >= stats.MIN_SEEDS_FOR_VERDICT]
+    for r, p_adj in zip(tested, stats.holm([r["p"] for r in tested])):
+        r["p_adj"] = p_adj
+        r["verdict"] = verdict(reference, r["baseline"], r["temperature"], r["mean"], p_adj, alpha)
+    for r in rows:
+        if r not in tested:
+            r["p_adj"], r["verdict"] = None, too_few_seeds(r)
+    return len(tested)
+
+
+def baseline_tests(means: dict[tuple, np.ndarray], methods: list[str], temps: list[float],
+                   reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> dict:
+    """`reference` (MADPO) against every other compared method (ablations included) at every
+    temperature: the paired difference, its raw p, and Holm's adjusted p over that whole family."""
     others = [m for m in methods if m not in (reference, SFT_LABEL)]
     if reference not in methods or not others:
         return {}
-    rows = []
-    for b in others:
-        for t in temps:
-            d = paired_difference(means, reference, b, t, n_boot, seed)
-            rows.append({"baseline": b, **{k: v for k, v in d.items() if k not in ("per_seed", "diffs")},
-                         "p": sign_flip_pvalue(d["diffs"], seed=seed)})
-    for r, p_adj in zip(rows, holm([r["p"] for r in rows])):
-        r["p_adj"] = p_adj
-        r["verdict"] = verdict(reference, r["baseline"], r["temperature"], r["mean"], p_adj, alpha)
-    return {"reference": reference, "family": len(rows), "alpha": alpha, "test": TEST_NAME,
-            "correction": "holm", "rows": rows}
+    rows = [{"baseline": b, **{k: v for k, v in paired_difference(means, reference, b, t).items() if k != "per_seed"}}
+            for b in others for t in temps]
+    family = apply_holm(rows, reference, alpha)
+    return {"reference": reference, "family": family, "alpha": alpha, "test": stats.TEST_NAME,
+            "correction": "holm", "min_seeds": stats.MIN_SEEDS_FOR_VERDICT, "rows": rows}
 
 
-def paired_analysis(rows: list[dict], column: str, prompt_ids: Sequence[str], n_boot: int = 2000,
-                    seed: int = 0) -> dict:
+def paired_analysis(rows: list[dict], column: str, prompt_ids: Sequence[str]) -> dict:
     """Every method's paired difference from the SFT policy, and MADPO's Holm-corrected tests
     against the other methods, from judged rows (method, seed, temperature, prompt_id, column)."""
     means = prompt_means(rows, column, prompt_ids)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     temps = sorted({r["temperature"] for r in rows})
-    vs_sft = {}
-    if SFT_LABEL in methods:
-        for m in methods:
-            if m != SFT_LABEL:
-                vs_sft[m] = [{k: v for k, v in paired_difference(means, m, SFT_LABEL, t, n_boot, seed).items()
-                              if k != "diffs"} for t in temps]
-    return {"column": column, "vs_sft": vs_sft, "tests": baseline_tests(means, methods, temps, n_boot, seed)}
+    vs_sft = {m: [paired_difference(means, m, SFT_LABEL, t) for t in temps]
+              for m in methods if SFT_LABEL in methods and m != SFT_LABEL}
+    return {"column": column, "vs_sft": vs_sft, "tests": baseline_tests(means, methods, temps)}
 
 
 # --------------------------------------------------------------------------- one comparison
@@ -195,7 +156,7 @@ def render_markdown(results: dict, heading: str = "#") -> str:
              f"temperature > 0 (1 greedy at 0){sft_draws_note(results)}; "
              + ("one model per row; 95% bootstrap CIs over prompts." if results["seeds"] == [-1] else
                 f"training seeds {results['seeds']}; 95% bootstrap CIs over seeds and prompts."),
-             ""]
+             ""] + protocol_lines(results)
     if col in results["reference"]:
         lines += [f"Reference summaries score {results['reference'][col]:.3f}.", ""]
     lines += level_table(results) + win_table(results)
@@ -203,6 +164,14 @@ def render_markdown(results: dict, heading: str = "#") -> str:
     lines += vs_sft_table(results, paired.get("vs_sft") or {}) + tests_section(paired.get("tests") or {})
     lines += minus_table(results) + settings_section(results.get("method_settings") or [])
     return "\n".join(lines) + "\n"
+
+
+def protocol_lines(results: dict) -> list[str]:
+    """Which settings the methods trained at: the first thing a reader of a verdict needs."""
+    protocol = results.get("protocol")
+    if not protocol:
+        return []
+    return [f"**{protocol['title']}**: {protocol['text']}", ""]
 
 
 def by_cell(results: dict) -> tuple[dict, list[str]]:
@@ -247,12 +216,15 @@ def win_table(results: dict) -> list[str]:
     return lines
 
 
+DIFFERENCE_NOTE = ("per prompt, the method's mean over samples and seeds minus the baseline's on the same prompt at "
+                   "the same temperature; mean over prompts with a 95% interval that counts both the prompts and "
+                   "the training seeds (eval/stats.py)")
+
+
 def vs_sft_table(results: dict, vs_sft: dict) -> list[str]:
     if not vs_sft:
         return []
-    lines = ["", f"Difference from the {SFT_LABEL} policy ({column_name(results['column'])}; per prompt: the method's "
-             f"mean over samples and seeds minus the {SFT_LABEL} policy's on the same prompt at the same temperature; "
-             "mean over prompts with a 95% bootstrap CI over prompts, so seed-to-seed spread is not in the CI: "
+    lines = ["", f"Difference from the {SFT_LABEL} policy ({column_name(results['column'])}; {DIFFERENCE_NOTE}; "
              "each seed's own mean is in results.json under paired.vs_sft):", ""] + temperature_header(
         results["temperatures"], "method")
     for m, diffs in vs_sft.items():
@@ -261,30 +233,40 @@ def vs_sft_table(results: dict, vs_sft: dict) -> list[str]:
     return lines
 
 
+def family_text(tests: dict) -> str:
+    scope = tests.get("family_scope", "every baseline and ablation x temperature of this comparison")
+    return f"Holm-adjusted p, one family of {tests['family']} tests ({scope})"
+
+
 def tests_section(tests: dict) -> list[str]:
-    """MADPO against each baseline: the difference, raw and Holm-adjusted p, and the verdict."""
+    """MADPO against each baseline: the difference (the effect size), raw and Holm-adjusted p, verdict."""
     if not tests:
         return []
     ref = display(tests["reference"])
-    lines = ["", f"{ref} against each other method, per temperature: {tests['test']}. "
-             f"Holm-adjusted p, family of {tests['family']} tests (every method x temperature below); "
-             f"significant at family-wise alpha {tests['alpha']:g}.", "",
-             "| comparison | mean difference [95% CI] | p | p_adj (Holm) | verdict |", "|---|---|---|---|---|"]
+    lines = ["", f"{ref} against each other method, per temperature: {tests['test']}; {DIFFERENCE_NOTE}. "
+             f"{family_text(tests)}; significant at family-wise alpha {tests['alpha']:g}. A verdict needs "
+             f"{tests['min_seeds']} training seeds per method.", "",
+             "| comparison | mean difference [95% CI] | seeds | p | p_adj (Holm) | verdict |", "|---|---|---|---|---|---|"]
     for r in tests["rows"]:
+        p_adj = "" if r["p_adj"] is None else f"{r['p_adj']:.2g}"
         lines.append(f"| {ref} - {display(r['baseline'])}, T={r['temperature']:g} | {r['mean']:+.3f} "
-                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['p']:.2g} | {r['p_adj']:.2g} | {r['verdict']} |")
+                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['seeds'][0]} vs {r['seeds'][1]} | {r['p']:.2g} "
+                     f"| {p_adj} | {r['verdict']} |")
     return lines
 
 
 def minus_table(results: dict) -> list[str]:
-    if not results.get("madpo_minus"):
+    """MADPO minus each baseline by temperature: the tests' own differences, laid out as a grid."""
+    tests = (results.get("paired") or {}).get("tests") or {}
+    if not tests:
         return []
     temps, best = results["temperatures"], best_method(results)
-    lines = ["", f"MADPO minus each baseline ({column_name(results['column'])}, seeds paired by index and prompts "
-             "paired, 95% bootstrap CI over seeds and prompts):", ""] + temperature_header(temps, "baseline")
-    for b, diffs in results["madpo_minus"].items():
-        lines.append(f"| {b} | " + " | ".join(f"{d['mean']:+.3f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-                                              for d in diffs) + " |")
+    by = {(r["baseline"], r["temperature"]): r for r in tests["rows"]}
+    lines = ["", f"MADPO minus each baseline ({column_name(results['column'])}; the differences tested above):", ""] \
+        + temperature_header(temps, "baseline")
+    for b in dict.fromkeys(r["baseline"] for r in tests["rows"]):
+        lines.append(f"| {b} | " + " | ".join(f"{by[(b, t)]['mean']:+.3f} [{by[(b, t)]['ci_low']:+.2f}, "
+                                              f"{by[(b, t)]['ci_high']:+.2f}]" if (b, t) in by else "" for t in temps) + " |")
     ahead = [t for t in temps if best.get(t) == "madpo"]
     return lines + ["", f"MADPO has the highest mean at {len(ahead)} of {len(temps)} temperatures"
                     + (f" ({', '.join(f'{t:g}' for t in ahead)})." if ahead else ".")]
@@ -328,7 +310,9 @@ def draw_levels(ax, results: dict) -> None:
     ax.set_xlabel("decoding temperature")
     ax.set_ylabel({"gold": "mean gold reward", "rm": "mean reward-model score"}[col])
     tier = f", tier {results['tier']}" if results.get("tier") else ""
-    ax.set_title(f"{len(results['seeds'])} seeds x {results['prompts']} prompts{tier} (95% CI)", fontsize=9)
+    protocol = (results.get("protocol") or {}).get("title")
+    ax.set_title(f"{len(results['seeds'])} seeds x {results['prompts']} prompts{tier} (95% CI)"
+                 + (f"\n{protocol}" if protocol else ""), fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -377,7 +361,8 @@ def draw_differences(ax, results: dict) -> None:
     ax.set_ylim(lo, hi)
     ax.set_xlabel("decoding temperature")
     ax.set_ylabel(f"minus {SFT_LABEL} ({results['column']}), paired by prompt")
-    ax.set_title(f"difference from the {SFT_LABEL} policy (95% CI over prompts)", fontsize=9)
+    untuned = " (untuned)" if (results.get("protocol") or {}).get("mode") == "reference" else ""
+    ax.set_title(f"difference from the {SFT_LABEL} policy{untuned} (95% CI, seeds and prompts)", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -397,10 +382,13 @@ def plot_comparison(results: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- several tiers
 def write_tier_report(out_dir: Path, per_tier: dict[str, dict]) -> dict:
     """results.json, table.md and one plot for the comparisons of several data-quality tiers
-    (each tier's own report stays in its own run folder)."""
+    (each tier's own report stays in its own run folder). The tests of every tier form one Holm
+    family here, since this report states all of them."""
     first = next(iter(per_tier.values()))
+    per_tier = copy.deepcopy(per_tier)
+    family = joint_holm([(t, (r.get("paired") or {}).get("tests") or {}) for t, r in per_tier.items()])
     combined = {"tiers": list(per_tier), "column": first["column"], "temperatures": first["temperatures"],
-                "per_tier": per_tier}
+                "family": family, "per_tier": per_tier}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(combined, indent=2))
@@ -409,13 +397,27 @@ def write_tier_report(out_dir: Path, per_tier: dict[str, dict]) -> dict:
     return combined
 
 
+def joint_holm(tier_tests: list[tuple[str, dict]]) -> int:
+    """Holm over the tests of every tier at once, in place; each tier's tests then name that family."""
+    rows = [r for _, tests in tier_tests for r in tests.get("rows", [])]
+    family = apply_holm(rows)
+    scope = f"every baseline and ablation x temperature x tier of this report ({', '.join(t for t, _ in tier_tests)})"
+    for _, tests in tier_tests:
+        if tests:
+            tests.update(family=family, family_scope=scope)
+    return family
+
+
 def tier_summary(tests: dict, baseline: str) -> str:
     """One cell of the tiers summary: at which temperatures MADPO is significantly ahead/behind."""
     rows = [r for r in tests.get("rows", []) if r["baseline"] == baseline]
     if not rows:
         return ""
-    ahead = [f"{r['temperature']:g}" for r in rows if r["p_adj"] < tests["alpha"] and r["mean"] > 0]
-    behind = [f"{r['temperature']:g}" for r in rows if r["p_adj"] < tests["alpha"] and r["mean"] < 0]
+    if all(r["p_adj"] is None for r in rows):
+        return too_few_seeds(rows[0])
+    significant = [r for r in rows if r["p_adj"] is not None and r["p_adj"] < tests["alpha"]]
+    ahead = [f"{r['temperature']:g} ({r['mean']:+.3f})" for r in significant if r["mean"] > 0]
+    behind = [f"{r['temperature']:g} ({r['mean']:+.3f})" for r in significant if r["mean"] < 0]
     text = f"ahead at {len(ahead)}/{len(rows)}" + (f" (T={', '.join(ahead)})" if ahead else "")
     return text + (f"; behind at T={', '.join(behind)}" if behind else "")
 
@@ -425,12 +427,10 @@ def render_tier_markdown(combined: dict) -> str:
     tiers = combined["tiers"]
     tests = {t: (combined["per_tier"][t].get("paired") or {}).get("tests") or {} for t in tiers}
     baselines = list(dict.fromkeys(r["baseline"] for t in tiers for r in tests[t].get("rows", [])))
-    families = ", ".join(f"{t}: {tests[t]['family']}" for t in tiers if tests[t])
     lines = [f"# madpo compare across data-quality tiers: {', '.join(tiers)}", "",
              f"Where MADPO's mean {column_name(combined['column'])} is significantly above (or below) each baseline "
-             f"after Holm's correction within each tier (Holm-adjusted p, family of N tests per tier: "
-             f"{families or 'none'}"
-             f"; {TEST_NAME}).", ""]
+             f"(mean difference in brackets) after Holm's correction over one family of {combined['family']} tests: "
+             f"every baseline and ablation x temperature x tier ({stats.TEST_NAME}).", ""]
     if baselines:
         lines += ["| baseline | " + " | ".join(f"tier {t}" for t in tiers) + " |", "|---|" + "---|" * len(tiers)]
         lines += [f"| {display(b)} | " + " | ".join(tier_summary(tests[t], b) for t in tiers) + " |" for b in baselines]
