@@ -40,6 +40,10 @@ def test_ipo_is_length_normalised():
     x = _inputs([-10.0], [-12.0], [-11.0], [-11.0], chosen_lengths=[4.0], rejected_lengths=[2.0])
     out = L.get_policy_loss("ipo")(x, beta=0.1)
     assert out.losses.item() == pytest.approx((0.75 - 5.0) ** 2)  # 18.0625
+    # asymmetric: chosen log-ratio 3 over 2 tokens (1.5), rejected -1 over 4 (-0.25): h_ipo = 1.75.
+    # Swapping the two lengths would give 3/4 + 1/2 = 1.25, dividing by the summed length 0.5.
+    x = _inputs([-8.0], [-12.0], [-11.0], [-11.0], chosen_lengths=[2.0], rejected_lengths=[4.0])
+    assert L.get_policy_loss("ipo")(x, beta=0.1).losses.item() == pytest.approx((1.75 - 5.0) ** 2)  # 10.5625
     with pytest.raises(ValueError, match="lengths"):
         L.get_policy_loss("ipo")(_inputs([-1.0], [-2.0], [-1.0], [-1.0]), beta=0.1)
 
