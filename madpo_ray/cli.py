@@ -142,6 +142,10 @@ def print_summary(summary: dict, run_dir=None) -> None:
     console.print(table)
     if "margins" in summary:
         print_margin_line(summary["margins"])
+    for split, comp in (summary.get("pair_composition") or {}).items():
+        console.print(f"{split} pairs: {comp['pairs']} by design {comp['by_design']}; duplicates {comp['duplicates']}, "
+                      f"off design {comp['off_design']}, skipped draws {sum(comp['skipped'].values())}",
+                      highlight=False, soft_wrap=True)
     examples = summary.get("examples", {})
     for label, texts in list(examples.items())[-1:]:
         ref = (summary.get("example_references") or [""])[0]

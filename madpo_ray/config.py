@@ -93,6 +93,10 @@ class DataConfig(_Strict):
     corpus_seed: int = 0
     tier: Literal["high", "medium", "low"] = "medium"
     samples_per_document: int = Field(2, ge=1, le=16)  # SFT samples drawn per prompt for the testbed
+    # More rounds of one SFT sample each, only for documents with fewer distinct samples than their
+    # policy-vs-policy pairs need (identical samples make no pair; a draw that still cannot be
+    # filled is skipped and counted in pairs/metrics.json, never replaced by another kind of pair).
+    max_extra_sample_rounds: int = Field(6, ge=0, le=32)
     label_sharpness: float = Field(1.0, gt=0)  # Bradley-Terry: P(a > b) = sigmoid(sharpness * (gold_a - gold_b))
     label_noise: float = Field(0.0, ge=0, lt=0.5)  # testbed: share of labels flipped regardless of the gap
     # generated corpus: share of demonstrations (SFT targets) that leave out the language, which the

@@ -54,8 +54,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                                 "sft.optim.seed"),
     "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
             "data.prompt_template", "data.chat"),
-    "pairs": ("data.tier", "data.samples_per_document", "data.label_sharpness", "data.label_noise", "data.pairs_per_document",
-              "eval.max_new_tokens"),
+    "pairs": ("data.tier", "data.samples_per_document", "data.max_extra_sample_rounds", "data.label_sharpness",
+              "data.label_noise", "data.pairs_per_document", "eval.max_new_tokens"),
     "reward": ("reward", "data.overlong", "model.pair_forward", "score.margins_from"),
     "score": ("policy.optim.bf16", "ray.use_gpu", "score.margins_from"),  # scoring runs under the policy's autocast
     "policy": ("policy",),

@@ -310,36 +310,57 @@ class Pipeline:
         return {split: self.testbed_pairs(model, tok, split) for split in SPLITS}
 
     def testbed_pairs(self, model, tok, split: str) -> dict:
-        from madpo_ray.data.testbed import build_pairs
-        from madpo_ray.eval.generate import generate_transformers
+        from collections import Counter
+
+        from madpo_ray.data.prompts import generation_prompts
+        from madpo_ray.data.testbed import build_pairs, pair_composition
 
         c = self.cfg.data
         docs = read_jsonl(self.layout.docs_path(split))
-        from madpo_ray.data.prompts import generation_prompts
-
-        prompts = generation_prompts(c, tok, [x["document"] for x in docs])
+        prompts = dict(zip((x["doc_id"] for x in docs), generation_prompts(c, tok, [x["document"] for x in docs])))
         t0 = time.time()
-        samples: dict[str, list[str]] = {x["doc_id"]: [] for x in docs}
-        for k in range(c.samples_per_document):
-            texts = generate_transformers(model, tok, prompts, temperature=1.0, seed=c.corpus_seed * 100 + k,
-                                          max_new_tokens=self.cfg.eval.max_new_tokens, batch_size=64,
-                                          max_prompt_length=c.max_prompt_length)
-            for x, t in zip(docs, texts):
-                samples[x["doc_id"]].append(t)
-        log.info("pairs/%s: sampled %d summaries in %.1fs", split, len(docs) * c.samples_per_document,
-                 time.time() - t0)
+        samples, draws = self.sft_samples(model, tok, prompts)
+        log.info("pairs/%s: sampled %d summaries in %.1fs", split, draws, time.time() - t0)
+        skipped = Counter()
         pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
                             policy_samples=samples, prompt_for=self.prompt_for, label_noise=c.label_noise,
-                            pairs_per_document=c.pairs_per_document)
+                            pairs_per_document=c.pairs_per_document, skipped=skipped)
         report = ValidationReport(source=f"testbed/{split}")
         pairs = validate_rows(list(enumerate(pairs)), report, c.strict)
         if split == "train" and c.max_pairs:
             pairs = pairs[:c.max_pairs]
         write_jsonl(pairs, self.layout.pairs_path(split))
+        composition = pair_composition(pairs, skipped)
+        if skipped:
+            log.warning("pairs/%s: %d draws skipped (no new distinct pair of their design): %s", split,
+                        sum(skipped.values()), dict(skipped))
         n = max(1, len(pairs))
-        return {"pairs": len(pairs), "validation": report.to_metrics(),
-                "label_agrees_with_gold": sum(p["true_margin"] > 0 for p in pairs) / n,
+        return {"pairs": len(pairs), "validation": report.to_metrics(), "sft_samples": draws,
+                "composition": composition, "label_agrees_with_gold": sum(p["true_margin"] > 0 for p in pairs) / n,
                 "mean_abs_true_margin": sum(abs(p["true_margin"]) for p in pairs) / n}
+
+    def sft_samples(self, model, tok, prompts: dict[str, str]) -> tuple[dict[str, list[str]], int]:
+        """data.samples_per_document SFT samples per document at T=1, then more draws (at most
+        data.max_extra_sample_rounds rounds) for documents with fewer distinct samples than
+        pairs_per_document policy-vs-policy pairs need: identical samples make no pair."""
+        from madpo_ray.data.testbed import distinct_samples_needed
+        from madpo_ray.eval.generate import generate_transformers
+
+        c = self.cfg.data
+        samples: dict[str, list[str]] = {d: [] for d in prompts}
+        need, todo, draws = distinct_samples_needed(c.pairs_per_document), list(prompts), 0
+        for k in range(c.samples_per_document + c.max_extra_sample_rounds):
+            if k >= c.samples_per_document:
+                todo = [d for d in todo if len({s.strip() for s in samples[d] if s.strip()}) < need]
+            if not todo:
+                break
+            texts = generate_transformers(model, tok, [prompts[d] for d in todo], temperature=1.0,
+                                          seed=c.corpus_seed * 100 + k, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                          batch_size=64, max_prompt_length=c.max_prompt_length)
+            for d, t in zip(todo, texts):
+                samples[d].append(t)
+            draws += len(todo)
+        return samples, draws
 
     def tokenized_pairs(self, split: str) -> tuple[list[dict], dict]:
         c = self.cfg.data
@@ -348,7 +369,7 @@ class Pipeline:
         exs = tokenize_pairs(self.tokenizer(), rows, c.max_prompt_length, c.max_length, c.overlong, report, c.strict)
         by_id = {r.get("row_id", i): r for i, r in enumerate(rows)}
         keep = ("pair_id", "gold_chosen", "gold_rejected", "true_margin", "chosen_kind", "rejected_kind",
-                "label_flipped")
+                "pair_design", "label_flipped")
         for ex in exs:
             src = by_id[ex["row_id"]]
             ex.update({k: src[k] for k in keep if k in src and k not in ex})

@@ -101,6 +101,16 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
             assert key in margins[split], (split, key)
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
     assert summary["curves_plot"] == str(p.layout.curves_plot) and p.layout.curves_plot.stat().st_size > 10_000
+    # each split's pairs by design, as written, with nothing off design or repeated
+    from madpo_ray.data.testbed import pair_composition
+
+    pairs_metrics = p.layout.read_metrics("pairs")
+    for split in ("train", "validation", "test"):
+        comp = summary["pair_composition"][split]
+        assert comp == pairs_metrics[split]["composition"]
+        assert comp["pairs"] == pair_composition(read_jsonl(p.layout.pairs_path(split)))["pairs"] > 0
+        assert comp["duplicates"] == 0 and comp["off_design"] == 0 and comp["stand_ins"] == 0
+    assert "Testbed pairs by design" in (p.run_dir / "summary.md").read_text()
 
 
 def test_scored_parquet_contract(full_run):
@@ -246,8 +256,14 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     for r in results["table"]:
         g = r["gold"]
         assert g["ci_low"] <= g["mean"] <= g["ci_high"] and "rm" in r
-    assert [d["temperature"] for d in results["madpo_minus"]["dpo"]] == [0.0, 1.0]
+    tests = results["paired"]["tests"]
+    assert [(r["baseline"], r["temperature"]) for r in tests["rows"]] == [("dpo", 0.0), ("dpo", 1.0)]
+    assert tests["family"] == 0 and all(r["p_adj"] is None for r in tests["rows"])  # 2 seeds: no verdict
+    for m in ("dpo", "madpo"):  # the plain comparison: the reference settings, not the run's policy settings
+        trained = json.loads((out / m / "seed0" / "metrics.json").read_text())["policy"]
+        assert (trained["loss"]["beta"], trained["optim"]["lr"]) == (0.1, 1e-5)
     md = (out / "table.md").read_text()
+    assert "**untuned: every method at the same reference settings**" in md
     assert "tier **medium**" in md and "| madpo |" in md and "T=1" in md
     assert "2 samples per prompt" in md and "4 for the sft policy" in md
     assert (out / "gold_vs_temperature.png").stat().st_size > 5000

@@ -182,3 +182,60 @@ def test_the_temperature_objective_averages_seeded_samples_at_every_evaluation_t
     assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t2"]) / 2)
     assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t2"])
     assert gold_reward_by_temperature(tiny_model, tiny_tokenizer, docs, cfg) == got
+
+
+@pytest.mark.parametrize("tier", ["high", "medium", "low"])
+def test_each_tiers_composition_matches_its_definition(docs, tier):
+    """Every pair is of one of the tier's designs, with the kinds that design names, in the
+    shares the tier promises; nothing off design and no duplicates when every document has
+    enough distinct samples."""
+    from collections import Counter
+
+    from madpo_ray.data.testbed import TIER_DESIGNS, fits_design, pair_composition
+
+    samples = {d["doc_id"]: [f"summary {k} of {d['doc_id']}" for k in range(4)] for d in docs}
+    skipped = Counter()
+    pairs = build_pairs(docs, tier=tier, policy_samples=samples, pairs_per_document=3, skipped=skipped)
+    comp = pair_composition(pairs, skipped)
+    draws = comp["pairs"] + sum(skipped.values())
+    assert draws == 3 * len(docs) and comp["duplicates"] == 0
+    # only the reference-vs-surface-garbage design runs out: one reference, two garbage kinds, so a
+    # document that draws it three times has no third distinct pair
+    assert set(skipped) <= {"reference_vs_surface_garbage"} and sum(skipped.values()) < 0.06 * draws
+    assert comp["off_design"] == 0 and comp["stand_ins"] == 0 and all(fits_design(p) for p in pairs)
+    for design, share in TIER_DESIGNS[tier]:
+        drawn = comp["by_design"].get(design, 0) + skipped.get(design, 0)
+        assert abs(drawn / draws - share) < 0.05, (design, comp)
+    assert set(comp["by_design"]) == {d for d, _ in TIER_DESIGNS[tier]}
+
+
+def test_identical_samples_are_skipped_and_counted_never_replaced(docs):
+    """Two identical SFT samples cannot make a policy-vs-policy pair: the draw is skipped and
+    counted, not silently turned into a reference-vs-perturbed pair; a third distinct sample
+    lets every draw through without repeating a pair."""
+    from collections import Counter
+
+    from madpo_ray.data.testbed import pair_composition
+
+    same = {d["doc_id"]: ["the same words", "the same words "] for d in docs[:30]}
+    skipped = Counter()
+    pairs = build_pairs(docs[:30], tier="high", policy_samples=same, pairs_per_document=3, skipped=skipped)
+    assert pairs == [] and skipped == Counter({"policy_vs_policy": 90})
+    two = {d["doc_id"]: ["one summary", "two summary"] for d in docs[:30]}
+    skipped = Counter()
+    pairs = build_pairs(docs[:30], tier="high", policy_samples=two, pairs_per_document=3, skipped=skipped)
+    comp = pair_composition(pairs, skipped)
+    assert comp["pairs"] == 30 and comp["skipped"] == {"policy_vs_policy": 60} and comp["duplicates"] == 0
+    three = {d["doc_id"]: ["one summary", "two summary", "three summary"] for d in docs[:30]}
+    pairs = build_pairs(docs[:30], tier="high", policy_samples=three, pairs_per_document=3)
+    assert pair_composition(pairs)["pairs"] == 90 and pair_composition(pairs)["duplicates"] == 0
+
+
+def test_composition_counts_duplicates_and_off_design_pairs():
+    from madpo_ray.data.testbed import pair_composition
+
+    p = {"doc_id": "d1", "chosen": " a", "rejected": " b", "chosen_kind": "reference", "rejected_kind": "word_dropped",
+         "pair_design": "policy_vs_policy"}
+    comp = pair_composition([p, {**p, "chosen": " b", "rejected": " a"}])
+    assert comp["duplicates"] == 1 and comp["off_design"] == 2
+    assert comp["by_kinds"] == {"reference vs word_dropped": 2}

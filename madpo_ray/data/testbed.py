@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -137,92 +138,153 @@ GARBAGE = ("repeated", "other_doc", "shuffled")
 SURFACE_GARBAGE = ("repeated", "shuffled")
 
 
-def _pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]]) -> tuple[Candidate, Candidate]:
-    """Two distinct-text candidates for one document, by data-quality tier.
+# What each tier promises: the designs of its pairs and their shares (the rest of the roll goes
+# to the last design). A test checks the built pairs against these.
+TIER_DESIGNS = {
+    "high": (("policy_vs_policy", 1.0),),
+    "medium": (("reference_vs_surface_garbage", 1 / 3), ("policy_vs_perturbed", 1 / 3), ("policy_vs_policy", 1 / 3)),
+    "low": (("reference_vs_garbage", 0.8), ("policy_vs_policy", 0.2)),
+}
+DESIGN_POOLS = {  # candidate kinds of each side of a design
+    "policy_vs_policy": (("policy",), ("policy",)),
+    "policy_vs_perturbed": (("policy",), PERTURBED),
+    "reference_vs_surface_garbage": (("reference",), SURFACE_GARBAGE),
+    "reference_vs_garbage": (("reference",), GARBAGE),
+}
 
-    high:   two policy samples (hard, small true gap)
-    medium: a third each: high-style, a policy sample against a perturbed reference, and the
-            reference against a repeated or shuffled one (a wide spread of gaps, as in real data)
-    low:    mostly (80%) large-gap pairs: the reference against a garbage candidate
-    Without policy samples, perturbed references stand in for them.
-    """
-    policy = cands.get("policy") or [c for k in PERTURBED for c in cands.get(k, [])]
-    perturbed = [c for k in PERTURBED for c in cands.get(k, [])]
-    garbage = [c for k in GARBAGE for c in cands.get(k, [])]
-    roll = rng.random()
-    if tier == "low" and roll < 0.8:
-        pool_a, pool_b = cands["reference"], garbage
-    elif tier == "medium" and roll < 1 / 3:
-        pool_a, pool_b = cands["reference"], [c for k in SURFACE_GARBAGE for c in cands.get(k, [])]
-    elif tier == "medium" and roll < 2 / 3:
-        pool_a, pool_b = policy, perturbed
-    else:
-        pool_a, pool_b = policy, policy
-    for _ in range(20):
-        a, b = rng.choice(pool_a), rng.choice(pool_b)
-        if a.text.strip() != b.text.strip():
-            return a, b
-    # Fall back to reference vs. a distinct candidate so no document is dropped silently.
-    a = cands["reference"][0]
-    b = next(c for c in perturbed + garbage if c.text.strip() != a.text.strip())
-    return a, b
+
+def distinct_samples_needed(pairs_per_document: int) -> int:
+    """The fewest distinct SFT samples that give `pairs_per_document` different policy-vs-policy
+    pairs: k samples give k (k - 1) / 2."""
+    k = 2
+    while k * (k - 1) // 2 < pairs_per_document:
+        k += 1
+    return k
+
+
+def tier_design(tier: str, roll: float) -> str:
+    """The design of one pair of `tier` for a uniform roll in [0, 1)."""
+    designs = TIER_DESIGNS[tier]
+    edge = 0.0
+    for design, share in designs:
+        edge += share
+        if roll < edge:
+            return design
+    return designs[-1][0]
+
+
+def distinct(cands: list[Candidate]) -> list[Candidate]:
+    """One candidate per distinct text (two identical SFT samples are one candidate)."""
+    return list({c.text.strip(): c for c in cands}.values())
+
+
+def pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]],
+              seen: set) -> tuple[str, Optional[tuple[Candidate, Candidate]]]:
+    """One pair of the tier's design for a document: two candidates of distinct text that this
+    document has not paired yet, or None (the caller skips and counts it: never another design
+    in its place). Where no policy samples were given, perturbed references stand in for them and
+    the pair says so (`stand_in`)."""
+    design = tier_design(tier, rng.random())
+    kinds_a, kinds_b = DESIGN_POOLS[design]
+    pool = {k: [c for kind in kinds for c in cands.get(kind, [])] for k, kinds in (("a", kinds_a), ("b", kinds_b))}
+    if "policy" not in cands:
+        pool = {k: v or [c for kind in PERTURBED for c in cands.get(kind, [])] for k, v in pool.items()}
+    options = []
+    for a in distinct(pool["a"]):
+        for b in distinct(pool["b"]):
+            key = frozenset((a.text.strip(), b.text.strip()))
+            if len(key) == 2 and key not in seen and not any(key == frozenset(o[2]) for o in options):
+                options.append((a, b, key))
+    if not options:
+        return design, None
+    a, b, _ = rng.choice(options)
+    return design, (a, b)
 
 
 def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
                 policy_samples: Optional[dict[str, list[str]]] = None, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                pairs_per_document: int = 1, prompt_for=None, label_noise: float = 0.0) -> list[dict]:
+                pairs_per_document: int = 1, prompt_for=None, label_noise: float = 0.0,
+                skipped: Optional[Counter] = None) -> list[dict]:
     """Preference pairs with gold scores and the true margin (labelled chosen minus rejected).
 
     `documents` are dicts with doc_id, document, reference and optionally facts. `prompt_for(document)`
     (e.g. data/prompts.py's, for chat prompts) overrides `prompt_template`. `label_noise` is the share
     of labels then flipped regardless of the gap (annotator mistakes): the strongly contradicted
     pairs (m <= -tau) that MADPO's stability cap exists for; such pairs say `label_flipped`.
+    Each pair names its design (`pair_design`); a draw whose design this document cannot fill with
+    a new distinct pair is skipped and counted in `skipped` by design.
     """
     prompt_for = prompt_for or (lambda document: prompt_template.format(document=document))
-    if tier not in ("high", "medium", "low"):
+    if tier not in TIER_DESIGNS:
         raise ValueError(f"tier must be high, medium or low, got {tier!r}")
     rng = random.Random(f"pairs:{seed}:{tier}")
+    skipped = Counter() if skipped is None else skipped
     pairs = []
     for i, doc in enumerate(documents):
         other = documents[(i + 1 + rng.randrange(max(1, len(documents) - 1))) % len(documents)]
-        facts = doc.get("facts")
-
-        def cand(text: str, kind: str) -> Candidate:
-            return Candidate(text, kind, document_gold(text, doc))
-
-        cands: dict[str, list[Candidate]] = {
-            k: [cand(make_candidate(k, rng, doc["document"], doc["reference"], other["reference"]), k)]
-            for k in CANDIDATE_KINDS
-        }
-        samples = [s for s in (policy_samples or {}).get(doc["doc_id"], []) if s.strip()]
-        if samples:
-            cands["policy"] = [cand(s, "policy") for s in samples]
+        cands = document_candidates(doc, other, rng, (policy_samples or {}).get(doc["doc_id"]) if policy_samples
+                                    is not None else None)
         seen: set = set()
         for j in range(pairs_per_document):
-            for _ in range(10):  # another pair of this document when there is one
-                a, b = _pick_pair(tier, rng, cands)
-                if frozenset((a.text, b.text)) not in seen:
-                    break
-            seen.add(frozenset((a.text, b.text)))
-            if not bradley_terry_label(a.gold, b.gold, sharpness, rng):
-                a, b = b, a
-            flipped = rng.random() < label_noise
-            if flipped:
-                a, b = b, a
-            pairs.append({
-                "pair_id": f"{doc['doc_id']}#{j}",
-                "doc_id": doc["doc_id"],
-                "prompt": prompt_for(doc["document"]),
-                "chosen": " " + a.text.strip(),
-                "rejected": " " + b.text.strip(),
-                "chosen_kind": a.kind,
-                "rejected_kind": b.kind,
-                "gold_chosen": a.gold,
-                "gold_rejected": b.gold,
-                "true_margin": sharpness * (a.gold - b.gold),
-                "label_flipped": flipped,
-            })
+            design, picked = pick_pair(tier, rng, cands, seen)
+            if picked is None:
+                skipped[design] += 1
+                continue
+            a, b = picked
+            seen.add(frozenset((a.text.strip(), b.text.strip())))
+            pairs.append(labelled_pair(doc, j, design, a, b, sharpness, label_noise, rng, prompt_for,
+                                       stand_in=policy_samples is None and "policy" in design))
     return pairs
+
+
+def document_candidates(doc: dict, other: dict, rng: random.Random,
+                        samples: Optional[list[str]]) -> dict[str, list[Candidate]]:
+    """Every constructed candidate kind of one document, and its SFT samples as `policy` (absent
+    when no samples were given; empty when the given ones were all blank)."""
+    def cand(text: str, kind: str) -> Candidate:
+        return Candidate(text, kind, document_gold(text, doc))
+
+    cands = {k: [cand(make_candidate(k, rng, doc["document"], doc["reference"], other["reference"]), k)]
+             for k in CANDIDATE_KINDS}
+    if samples is not None:
+        cands["policy"] = [cand(s, "policy") for s in samples if s.strip()]
+    return cands
+
+
+def labelled_pair(doc: dict, j: int, design: str, a: Candidate, b: Candidate, sharpness: float,
+                  label_noise: float, rng: random.Random, prompt_for, stand_in: bool) -> dict:
+    """One pair, labelled Bradley-Terry by gold (then flipped with probability label_noise)."""
+    if not bradley_terry_label(a.gold, b.gold, sharpness, rng):
+        a, b = b, a
+    flipped = rng.random() < label_noise
+    if flipped:
+        a, b = b, a
+    return {"pair_id": f"{doc['doc_id']}#{j}", "doc_id": doc["doc_id"], "prompt": prompt_for(doc["document"]),
+            "chosen": " " + a.text.strip(), "rejected": " " + b.text.strip(), "chosen_kind": a.kind,
+            "rejected_kind": b.kind, "pair_design": design, "stand_in": stand_in, "gold_chosen": a.gold,
+            "gold_rejected": b.gold, "true_margin": sharpness * (a.gold - b.gold), "label_flipped": flipped}
+
+
+def pair_composition(pairs: Sequence[dict], skipped: Optional[Counter] = None) -> dict:
+    """What a split holds: pairs by design and by the kinds actually paired, stand-ins, exact
+    duplicates (the same two texts twice for one document) and the draws skipped by design."""
+    seen, duplicates = set(), 0
+    for p in pairs:
+        key = (p["doc_id"], frozenset((p["chosen"].strip(), p["rejected"].strip())))
+        duplicates += key in seen
+        seen.add(key)
+    by_kinds = Counter(" vs ".join(sorted((p["chosen_kind"], p["rejected_kind"]))) for p in pairs)
+    return {"pairs": len(pairs), "by_design": dict(Counter(p.get("pair_design", "?") for p in pairs)),
+            "by_kinds": dict(by_kinds), "stand_ins": sum(bool(p.get("stand_in")) for p in pairs),
+            "duplicates": duplicates, "skipped": dict(skipped or {}),
+            "off_design": sum(not fits_design(p) for p in pairs if not p.get("stand_in"))}
+
+
+def fits_design(pair: dict) -> bool:
+    """Whether a pair's two kinds are the two sides of its design (in either order)."""
+    kinds_a, kinds_b = DESIGN_POOLS.get(pair.get("pair_design"), ((), ()))
+    x, y = pair["chosen_kind"], pair["rejected_kind"]
+    return (x in kinds_a and y in kinds_b) or (y in kinds_a and x in kinds_b)
 
 
 def mean_gold_by_kind(documents: Iterable[dict], seed: int = 0) -> dict[str, float]:

@@ -106,6 +106,13 @@ def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tenso
     return out
 
 
+def pair_compositions(layout: RunLayout) -> dict:
+    """Each split's testbed pairs by design and kind, with duplicates, off-design pairs and skipped
+    draws, as the pairs stage recorded them."""
+    metrics = layout.read_metrics("pairs") if layout.metrics_path("pairs").exists() else {}
+    return {split: m["composition"] for split, m in metrics.items() if isinstance(m, dict) and "composition" in m}
+
+
 def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """The run summary: held-out preference metrics of the policy, the reward model's accuracy,
     and (testbed) the gold reward of greedy and of sampled summaries of the SFT policy and the policy."""
@@ -123,6 +130,7 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     summary = {"loss": cfg.policy.loss.name, "test_pairs": len(rows), "margins": reward_margin_report(cfg, layout),
                **preference_metrics(rows, pol_c, pol_r)}
     if is_testbed(cfg):
+        summary["pair_composition"] = pair_compositions(layout)
         summary.update(greedy_examples(cfg, layout, tok, policy_model))
     write_summary(layout, summary)
     return summary
@@ -196,9 +204,24 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                       f"tau {w['tau']:.3f}); histograms: margins.png", "",
                   "| | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += composition_lines(summary.get("pair_composition") or {})
     lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
     layout.summary_md.write_text("\n".join(lines) + "\n")
+
+
+def composition_lines(compositions: dict) -> list[str]:
+    """The testbed pairs of each split by design, and what the designs could not fill."""
+    if not compositions:
+        return []
+    lines = ["", "Testbed pairs by design (skipped: draws with no new distinct pair of their design, never "
+                 "replaced by another kind):", "", "| split | pairs | by design | duplicates | off design | skipped |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for split, c in compositions.items():
+        designs = ", ".join(f"{k} {v}" for k, v in sorted(c["by_design"].items()))
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(c["skipped"].items())) or "0"
+        lines.append(f"| {split} | {c['pairs']} | {designs} | {c['duplicates']} | {c['off_design']} | {skipped} |")
+    return lines
 
 
 def plot_training_curves(layout: RunLayout, path) -> Optional[str]:
