@@ -19,8 +19,8 @@ import torch
 
 from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
-from madpo_ray.data.preference import (DataValidationError, ValidationReport, load_pairs, single_file_without,
-                                       validate_rows)
+from madpo_ray.data.preference import (DataValidationError, ValidationReport, hold_out_by_prompt, load_pairs,
+                                       prompt_key, single_file_without, validate_rows)
 from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.layout import (SPLITS, STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
@@ -243,13 +243,12 @@ class Pipeline:
         held = {"validation": self.optional_split(c.validation_split, metrics),
                 "test": self.optional_split(c.eval_split, metrics)}
         rng = random.Random(c.corpus_seed)
-        rng.shuffle(pairs)
         n_held = max(1, int(len(pairs) * c.validation_fraction))
-        for split in ("test", "validation"):  # a split the dataset lacks is held out of train
+        for split in ("test", "validation"):  # a split the dataset lacks is held out of train, whole prompts at a time
             if not held[split]:
-                held[split], pairs = pairs[:n_held], pairs[n_held:]
-                log.info("%s: held out %d train pairs (data.validation_fraction=%g)", split, n_held,
-                         c.validation_fraction)
+                held[split], pairs = hold_out_by_prompt(pairs, n_held, rng)
+                log.info("%s: held out %d train pairs of %d prompts (data.validation_fraction=%g)", split,
+                         len(held[split]), len({prompt_key(r) for r in held[split]}), c.validation_fraction)
         if c.max_pairs:
             pairs = pairs[:c.max_pairs]
         write_jsonl(pairs, self.layout.input_pairs_path("train"))

@@ -177,3 +177,19 @@ def test_named_splits_are_read_and_only_a_missing_one_is_held_out(tmp_path):
     assert [r["prompt"] for r in test] == [f"test prompt {i}" for i in range(6)]  # the file's own test split
     assert len(val) == 10 and all(r["prompt"].startswith("train") for r in val)  # 25% of train held out
     assert len(read_jsonl(p.layout.input_pairs_path("train"))) == 30
+
+
+def test_held_out_splits_take_whole_prompts():
+    """Several pairs per prompt: a prompt's pairs go to one side of the split, never both."""
+    import random
+
+    from madpo_ray.data.preference import hold_out_by_prompt, prompt_key
+
+    pairs = [{"prompt": f"prompt {i}", "chosen": f"a{j}", "rejected": f"b{j}"} for i in range(40) for j in range(3)]
+    pairs.append({"prompt": [{"role": "user", "content": "chat"}], "chosen": "x", "rejected": "y"})
+    held, rest = hold_out_by_prompt(pairs, 10, random.Random(0))
+    assert len(held) + len(rest) == len(pairs) and 10 <= len(held) <= 12
+    assert not {prompt_key(r) for r in held} & {prompt_key(r) for r in rest}
+    assert len({prompt_key(r) for r in held}) < len(held)  # whole groups moved, not single rows
+    again, _ = hold_out_by_prompt(pairs, 10, random.Random(0))
+    assert again == held  # seeded

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,3 +226,25 @@ def load_pairs(source: str, split: str = "train", strict: bool = False) -> tuple
     if not pairs:
         raise DataValidationError(f"{source}: no usable rows ({report.summary()})")
     return pairs, report
+
+
+def prompt_key(row: dict) -> str:
+    """A pair's prompt as one string (a conversational prompt is a message list)."""
+    p = row["prompt"]
+    return p if isinstance(p, str) else json.dumps(p, sort_keys=True)
+
+
+def hold_out_by_prompt(pairs: list[dict], n: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """About `n` pairs held out of `pairs` by whole prompts (in a shuffled prompt order), and the
+    rest: a dataset with several pairs per prompt must not put one prompt on both sides of a split."""
+    groups: dict[str, list[dict]] = {}
+    for r in pairs:
+        groups.setdefault(prompt_key(r), []).append(r)
+    order = list(groups)
+    rng.shuffle(order)
+    held, k = [], 0
+    while k < len(order) and len(held) < n:
+        held += groups[order[k]]
+        k += 1
+    rest = [r for key in order[k:] for r in groups[key]]
+    return held, rest
