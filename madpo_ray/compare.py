@@ -120,12 +120,6 @@ def source_label(path: Path, run_dir: Path) -> str:
     return str(path)
 
 
-def unused_run_settings(cfg: PipelineConfig) -> list[str]:
-    """The run config's policy settings a reference comparison does not hand to its methods."""
-    given = [f"policy.loss.{k}={v}" for k, v in cfg.policy.loss.kwargs().items()]
-    return given + [f"policy.optim.lr={cfg.policy.optim.lr:g}"]
-
-
 def compared_methods(cfg: PipelineConfig, tune_dirs: Sequence[Path] = (),
                      run_dir: Optional[Path] = None) -> tuple[list[MethodConfig], dict[str, dict[str, str]]]:
     """The methods a comparison trains, and per method where each override came from.

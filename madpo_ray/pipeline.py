@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from typing import Callable, Optional
 
 import torch
@@ -309,8 +310,6 @@ class Pipeline:
         return {split: self.testbed_pairs(model, tok, split) for split in SPLITS}
 
     def testbed_pairs(self, model, tok, split: str) -> dict:
-        from collections import Counter
-
         from madpo_ray.data.prompts import generation_prompts
         from madpo_ray.data.testbed import build_pairs, pair_composition
 

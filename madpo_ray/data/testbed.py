@@ -189,16 +189,16 @@ def pick_pair(tier: str, rng: random.Random, cands: dict[str, list[Candidate]],
     pool = {k: [c for kind in kinds for c in cands.get(kind, [])] for k, kinds in (("a", kinds_a), ("b", kinds_b))}
     if "policy" not in cands:
         pool = {k: v or [c for kind in PERTURBED for c in cands.get(kind, [])] for k, v in pool.items()}
-    options = []
+    options, keys = [], set(seen)
     for a in distinct(pool["a"]):
         for b in distinct(pool["b"]):
             key = frozenset((a.text.strip(), b.text.strip()))
-            if len(key) == 2 and key not in seen and not any(key == frozenset(o[2]) for o in options):
-                options.append((a, b, key))
+            if len(key) == 2 and key not in keys:
+                keys.add(key)
+                options.append((a, b))
     if not options:
         return design, None
-    a, b, _ = rng.choice(options)
-    return design, (a, b)
+    return design, rng.choice(options)
 
 
 def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: float = 1.0, seed: int = 0,
@@ -222,8 +222,8 @@ def build_pairs(documents: Sequence[dict], tier: str = "medium", sharpness: floa
     pairs = []
     for i, doc in enumerate(documents):
         other = documents[(i + 1 + rng.randrange(max(1, len(documents) - 1))) % len(documents)]
-        cands = document_candidates(doc, other, rng, (policy_samples or {}).get(doc["doc_id"]) if policy_samples
-                                    is not None else None)
+        samples = None if policy_samples is None else policy_samples.get(doc["doc_id"], [])
+        cands = document_candidates(doc, other, rng, samples)
         seen: set = set()
         for j in range(pairs_per_document):
             design, picked = pick_pair(tier, rng, cands, seen)

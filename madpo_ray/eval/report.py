@@ -80,13 +80,14 @@ def too_few_seeds(row: dict) -> str:
 def apply_holm(rows: list[dict], reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> int:
     """Holm's adjusted p and the verdict of every testable row (enough seeds on both sides), as
     one family; rows with too few seeds get no p_adj. Returns the family's size."""
-    tested = [r for r in rows if min(r["seeds"]) >= stats.MIN_SEEDS_FOR_VERDICT]
+    tested, untested = [], []
+    for r in rows:
+        (tested if min(r["seeds"]) >= stats.MIN_SEEDS_FOR_VERDICT else untested).append(r)
     for r, p_adj in zip(tested, stats.holm([r["p"] for r in tested])):
         r["p_adj"] = p_adj
         r["verdict"] = verdict(reference, r["baseline"], r["temperature"], r["mean"], p_adj, alpha)
-    for r in rows:
-        if r not in tested:
-            r["p_adj"], r["verdict"] = None, too_few_seeds(r)
+    for r in untested:
+        r["p_adj"], r["verdict"] = None, too_few_seeds(r)
     return len(tested)
 
 
