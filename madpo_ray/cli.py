@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -134,7 +135,7 @@ def summary_rows(summary: dict) -> list[tuple[str, ...]]:
 
 def print_summary(summary: dict, run_dir=None) -> None:
     """The key numbers at a glance; the margins table, examples and timings are in summary.md."""
-    table = Table(title=f"madpo run summary (loss: {summary.get('loss')}; test split)")
+    table = Table(title=f"madpo run summary (loss: {summary.get('loss')}; validation split)")
     for name in ("metric", "SFT", "reward model", "policy"):
         table.add_column(name, justify="left" if name == "metric" else "right")
     for row in summary_rows(summary):
@@ -257,9 +258,17 @@ def print_comparison(results: dict, title: str) -> None:
     console.print(table)
 
 
-def compare_sets(tiers: Optional[str], ablations: bool, tuned: bool) -> list[str]:
+FINAL_OPT = typer.Option(False, "--final", help="The explicit final step: judge the same trainings on the sealed "
+                         "test split (every other report reads validation), write the report in final/ and record "
+                         "the reading in the run's final_readings.jsonl.")
+
+
+def compare_sets(tiers: Optional[str], ablations: bool, tuned: bool, final: bool = False,
+                 lr_grid: Optional[str] = None) -> list[str]:
     """The config overrides that `madpo compare`'s options stand for."""
-    sets = []
+    sets = ["compare.final=true"] if final else []
+    if lr_grid:
+        sets.append(f"compare.lr_grid={json.dumps(parse_floats(lr_grid, '--lr-grid'))}")
     if tiers:
         names = [t.strip() for t in tiers.split(",") if t.strip()]
         sets.append(f"compare.tiers={json.dumps(names)}")
@@ -292,39 +301,52 @@ def compare(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG
             tuned: bool = typer.Option(False, "--tuned", help="Each method takes the best settings of its own "
                                        "finished `madpo tune` search (tune/<search>/best_config.yaml); a method "
                                        "without one is an error. Without --tuned every method trains at the same "
-                                       "untuned reference settings (compare.reference_beta, compare.reference_lr).")):
+                                       "untuned reference settings (compare.reference_beta, compare.reference_lr)."),
+            lr_grid: Optional[str] = typer.Option(None, "--lr-grid", help="Comma-separated learning rates, e.g. "
+                                                  "1e-5,5e-5,2e-4: the untuned comparison at each (every method at "
+                                                  "the same beta and that lr), one report over the grid."),
+            final: bool = FINAL_OPT):
     """DPO vs IPO vs beta-DPO vs MADPO over seeds, judged at every decoding temperature.
 
     Trains each method from the same SFT model and scored pairs (parallel Ray tasks), samples
-    every model at each temperature (vLLM or transformers), and judges with gold reward,
-    reward model and win rates, with 95% bootstrap CIs, each method's paired difference from the
-    SFT policy, and MADPO-vs-baseline tests Holm-corrected across temperatures and baselines.
-    Writes compare/table.md, results.json and a plot into the run folder. Methods, seeds and
-    temperatures are config keys: compare.seeds=[0,1,2,3,4] eval.temperatures=[0,0.5,1].
+    every model at each temperature (vLLM or transformers), and judges the validation split with
+    gold reward, reward model and win rates, with 95% CIs over seeds and prompts, each method's
+    paired difference from the SFT policy, and MADPO-vs-baseline tests Holm-corrected over
+    everything the report states. Writes compare/table.md, results.json and a plot into the run
+    folder. Test figures come only from --final. Methods, seeds and temperatures are config keys:
+    compare.seeds=[0,1,2,3,4] eval.temperatures=[0,0.5,1].
     """
-    from madpo_ray.compare import Comparison, compare_tiers
     from madpo_ray.config import ConfigError
-    from madpo_ray.pipeline import Pipeline
 
-    cfg = _load(config, list(overrides or []) + compare_sets(tiers, ablations, tuned), address, name)
+    cfg = _load(config, list(overrides or []) + compare_sets(tiers, ablations, tuned, final, lr_grid), address, name)
     _setup_logging()
     try:
-        if cfg.compare.tiers:
-            combined = compare_tiers(cfg)
-        else:
-            results = Comparison(Pipeline(cfg)).run()
+        run_comparisons(cfg)
     except _user_errors() + (ConfigError,) as e:
         fail(str(e))
-    if cfg.compare.tiers:
-        for tier, results in combined["per_tier"].items():
-            print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
+
+
+def run_comparisons(cfg) -> None:
+    """One comparison, or one per tier or lr grid point with a combined report; prints the tables."""
+    from madpo_ray.compare import Comparison, compare_lr_grid, compare_tiers
+    from madpo_ray.pipeline import Pipeline
+
+    if cfg.compare.tiers or cfg.compare.lr_grid:
+        combined = compare_tiers(cfg) if cfg.compare.tiers else compare_lr_grid(cfg)
+        for group, results in combined["per_group"].items():
+            print_comparison(results, f"{combined['kind']} {group}: mean {results['column']} reward by temperature, "
+                                      f"{len(results['seeds'])} seeds, {results['split']} split")
             print_verdicts(results)
-        out = Pipeline(cfg).layout.compare_tiers_dir
-        console.print(f"table: {out / 'table.md'}\nplot:  {out / (combined['column'] + '_vs_temperature_by_tier.png')}")
+        out = Path(combined["out_dir"])
+        plot = out / f"{combined['column']}_vs_temperature_by_{combined['kind']}.png"
+        console.print(f"table: {out / 'table.md'}\nplot:  {plot}")
         return
-    print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds")
+    comparison = Comparison(Pipeline(cfg))
+    results = comparison.run()
+    print_comparison(results, f"mean {results['column']} reward by temperature, {len(results['seeds'])} seeds, "
+                              f"{results['split']} split")
     print_verdicts(results)
-    out = Pipeline(cfg).layout.compare_dir
+    out = comparison.report_dir
     console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
 
 
@@ -344,7 +366,7 @@ def runs_cmd(runs_dir: str = typer.Argument("runs", help="The folder that holds 
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title=f"runs in {runs_dir} (gold: greedy gold reward, test split; RM acc: validation)")
+    table = Table(title=f"runs in {runs_dir} (gold: greedy gold reward and RM acc, validation split)")
     text_columns = ("run", "modified", "stages", "policies")
     for name in (*text_columns, "RM acc", *KEY_METRICS.values()):
         table.add_column(name, justify="left" if name in text_columns else "right")
@@ -362,8 +384,6 @@ def export_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/
                out: Optional[str] = typer.Option(None, "--out", help="Output folder; default <run>/export/<stage>[-<loss>].")):
     """Write a stage's model as a merged HF folder with a model card (README.md: base model and
     its license, data, loss and parameters, metrics, config), ready for any hub's upload client."""
-    from pathlib import Path
-
     from madpo_ray.config import ConfigError
     from madpo_ray.export import export_run
 
@@ -391,18 +411,20 @@ def study_rm_noise(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str =
                    noise: str = typer.Option("0,1,2,4", "--noise", help="Standard deviations of the Gaussian noise "
                                              "added to the reward-model margins, comma-separated."),
                    tuned: bool = typer.Option(False, "--tuned", help="DPO and MADPO each at its own finished "
-                                              "search's settings, as `madpo compare --tuned`.")):
+                                              "search's settings, as `madpo compare --tuned`."),
+                   final: bool = FINAL_OPT):
     """Robustness to reward-model error: MADPO trained on margins plus N(0, sd^2) at each --noise
     level, against DPO (which reads no margins, so it is trained once), over compare.seeds, judged
-    on the test prompts at every eval.temperatures. Writes runs/<name>/study/rm-noise/ (table.md,
-    results.json, noise.png). Stages up to score are the run's own, reused when up to date."""
+    on the validation prompts (the sealed test split with --final) at every eval.temperatures. Writes
+    runs/<name>/study/rm-noise/ (table.md, results.json, noise.png; final/ with --final). Stages up
+    to score are the run's own, reused when up to date."""
     from madpo_ray.config import ConfigError
     from madpo_ray.study import render_noise_table, run_rm_noise
 
     levels = parse_floats(noise, "--noise")
     if not levels or min(levels) < 0 or len(set(levels)) != len(levels):
         fail(f"--noise {noise!r}: give distinct standard deviations >= 0, e.g. 0,1,2,4", 2)
-    cfg = _load(config, list(overrides or []) + compare_sets(None, False, tuned), address, name)
+    cfg = _load(config, list(overrides or []) + compare_sets(None, False, tuned, final), address, name)
     _setup_logging()
     try:
         results = run_rm_noise(cfg, levels)
@@ -422,8 +444,6 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
 
     Against the run's SFT policy, held-out prompts, reward model and (testbed) gold reward;
     the run's stages up to score are reused, or run first."""
-    from pathlib import Path
-
     from madpo_ray.eval.heldout import evaluate_models
     from madpo_ray.layout import BEFORE_POLICY
     from madpo_ray.pipeline import Pipeline
@@ -489,8 +509,6 @@ def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output J
                   terse_share: float = typer.Option(0.0, min=0.0, max=1.0,
                                                     help="Share of demonstrations that leave the language out.")):
     """Write the embedded generated corpus (documents, reference synopses, key facts) to JSONL."""
-    from pathlib import Path
-
     from madpo_ray.data.corpus.generated import generate_corpus
     from madpo_ray.data.preference import write_jsonl
 
@@ -502,8 +520,6 @@ def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output J
 def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.cache/madpo-ray/debian."),
                 fetch: bool = typer.Option(True, help="Run apt-get update into a private lists dir first.")):
     """Build the Debian package-description corpus (local cache, never committed)."""
-    from pathlib import Path
-
     from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
 
     _setup_logging()
@@ -554,8 +570,6 @@ def model_import_gguf(gguf_file: str = typer.Argument(..., help="A .gguf file (a
     """Dequantise a GGUF causal LM into a normal HF folder that every stage, vLLM and `madpo serve` load.
 
     Needs the `gguf` extra. Then: madpo run model.name_or_path=OUT ..."""
-    from pathlib import Path
-
     from madpo_ray.models import ModelLoadError, import_gguf
 
     _setup_logging()
@@ -660,8 +674,6 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                        "experimental in Ray 2.60; the local cluster only)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
-    from pathlib import Path
-
     from madpo_ray.models import ModelLoadError, check_model_files
     from madpo_ray.serving.launch import resolve_model_folder
 

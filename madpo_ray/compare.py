@@ -21,6 +21,15 @@ own run folder `<name>-<tier>` (a tier is other pairs, so another reward model a
 writes a combined report:
 
     runs/<name>/compare_tiers/   results.json, table.md, gold_vs_temperature_by_tier.png
+
+`compare.lr_grid` repeats the untuned comparison at every learning rate of the grid (every method
+at compare.reference_beta and that lr, in compare/lr<lr>/), with one combined report in
+compare/lr_grid/: matched settings, one MADPO-minus-baseline difference per grid point.
+
+Every report reads the validation split. `compare.final` (`madpo compare --final`) is the one
+explicit final step: the same trainings judged on the sealed test split, written beside them in
+final/ (compare/final/, compare_tiers/final/, compare/lr_grid/final/) and recorded in the run's
+final_readings.jsonl.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from typing import Optional, Sequence
 
 from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, config_from_dict, load_config
 from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.layout import BEFORE_POLICY, RunLayout, StageRecord, begin_training, model_folder, settings_of
+from madpo_ray.layout import (BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, StageRecord, begin_training,
+                              model_folder, settings_of)
 
 log = logging.getLogger("madpo_ray.compare")
 
@@ -228,11 +238,15 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
 class Comparison:
     def __init__(self, pipeline, tune_dirs: Optional[Sequence[Path]] = None, out_dir: Optional[Path] = None):
         """tune_dirs: where `compare.settings=tuned` looks for finished searches (default: this run's tune/);
-        out_dir: where trainings, generations and the report go (default: the run's compare/)."""
+        out_dir: where trainings, generations and the report go (default: the run's compare/); with
+        compare.final the generations and report of the sealed test split go to out_dir/final/."""
         self.p = pipeline
         self.cfg: PipelineConfig = pipeline.cfg
         self.layout = pipeline.layout
         self.out_dir = Path(out_dir) if out_dir is not None else self.layout.compare_dir
+        self.final = self.cfg.compare.final
+        self.split = SEALED_SPLIT if self.final else DEVELOPMENT_SPLIT
+        self.report_dir = self.out_dir / "final" if self.final else self.out_dir
         self.rows: list[dict] = []  # the judged samples, for callers that analyse further (madpo study)
         self.prompt_ids: list[str] = []
         dirs = [self.layout.tune_dir] if tune_dirs is None else list(tune_dirs)
@@ -330,26 +344,28 @@ class Comparison:
 
     def run_locked(self) -> dict:
         from madpo_ray.eval.generate import generate_for_models
-        from madpo_ray.eval.heldout import eval_prompts, judge_rows
+        from madpo_ray.eval.heldout import eval_prompts, judge_rows, record_final_reading
         from madpo_ray.eval.report import paired_analysis, write_report
 
         t0 = time.time()
         self.p.run(BEFORE_POLICY)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        (self.report_dir / "config.yaml").write_text(self.cfg.to_yaml())
         t_train = time.time()
         trainings = self.train_all()
         t_gen = time.time()
-        ids, prompts, _ = eval_prompts(self.cfg, self.layout)
+        ids, prompts, _ = eval_prompts(self.cfg, self.layout, self.split)
         sft_sets = len(self.cfg.compare.seeds)  # the SFT policy draws as often as a method's seeds together
-        rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts, self.out_dir / "generations",
+        rows, generation = generate_for_models(self.cfg, self.models(), ids, prompts, self.report_dir / "generations",
                                                draws_multiplier={SFT_LABEL: sft_sets})
         t_judge = time.time()
-        judged = judge_rows(self.cfg, self.layout, rows)
+        judged = judge_rows(self.cfg, self.layout, rows, self.split)
         col = judged["column"]
         paired = paired_analysis(rows, col, ids) if rows and col in rows[0] else {}
         self.rows, self.prompt_ids = rows, ids
-        return write_report(self.cfg, self.out_dir, judged, prompts=len(ids),
+        final = record_final_reading(self.layout, self.report_dir, "madpo compare --final", ids, prompts) \
+            if self.final else None
+        return write_report(self.cfg, self.report_dir, judged, prompts=len(ids), final=final,
                             sft_samples_per_prompt=self.cfg.eval.samples_per_prompt * sft_sets,
                             seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.methods],
                             protocol=protocol(self.cfg),
@@ -373,9 +389,9 @@ def tier_config(cfg: PipelineConfig, tier: str) -> PipelineConfig:
 def compare_tiers(cfg: PipelineConfig) -> dict:
     """The comparison once per tier of compare.tiers, each in its own run `<name>-<tier>` (a tier's
     pairs differ, so its reward model and scores do too; every stage is reused when up to date),
-    then one report across tiers in this run's compare_tiers/. Tuned settings are looked up in the
-    tier's run first, then in this run."""
-    from madpo_ray.eval.report import write_tier_report
+    then one report across tiers in this run's compare_tiers/ (its final/ with compare.final).
+    Tuned settings are looked up in the tier's run first, then in this run."""
+    from madpo_ray.eval.report import write_grouped_report
     from madpo_ray.layout import is_testbed
     from madpo_ray.pipeline import Pipeline
     from madpo_ray.runlock import RunLock
@@ -392,4 +408,32 @@ def compare_tiers(cfg: PipelineConfig) -> dict:
             log.info("compare: tier %s in %s", tier, p.layout.run_dir)
             dirs = list(dict.fromkeys([p.layout.tune_dir, base.tune_dir]))
             per_tier[tier] = {**Comparison(p, tune_dirs=dirs).run(), "run_dir": str(p.layout.run_dir)}
-        return write_tier_report(base.compare_tiers_dir, per_tier)
+        return write_grouped_report(combined_dir(base.compare_tiers_dir, cfg), per_tier, "tier")
+
+
+def combined_dir(root: Path, cfg: PipelineConfig) -> Path:
+    """Where a report over several comparisons goes: root, or root/final for the sealed split."""
+    return root / "final" if cfg.compare.final else root
+
+
+def lr_label(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def compare_lr_grid(cfg: PipelineConfig) -> dict:
+    """The untuned comparison at every lr of compare.lr_grid, each in compare/lr<lr>/ of this run
+    (the stages before policy are shared), then one report across the grid in compare/lr_grid/."""
+    from madpo_ray.eval.report import write_grouped_report
+    from madpo_ray.pipeline import Pipeline
+    from madpo_ray.runlock import RunLock
+
+    layout = RunLayout.of(cfg)
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    per_lr = {}
+    with RunLock(layout.run_dir):
+        for lr in cfg.compare.lr_grid:
+            point = config_from_dict(cfg.model_dump(mode="json"), [f"compare.reference_lr={lr!r}", "compare.lr_grid=null"])
+            log.info("compare: lr %g (every method at beta %g)", lr, cfg.compare.reference_beta)
+            comparison = Comparison(Pipeline(point), out_dir=layout.compare_dir / f"lr{lr_label(lr)}")
+            per_lr[lr_label(lr)] = comparison.run_locked()
+        return write_grouped_report(combined_dir(layout.compare_dir / "lr_grid", cfg), per_lr, "lr")

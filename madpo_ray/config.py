@@ -84,12 +84,12 @@ class DataConfig(_Strict):
 
     source: str = "generated"
     split: str = "train"
-    eval_split: Optional[str] = "test"  # the test split: only reports read it
+    eval_split: Optional[str] = "test"  # the sealed test split: only `madpo compare --final` reads it
     validation_split: Optional[str] = None  # early stopping and tuning read it; null = hold out part of train
     validation_fraction: float = Field(0.05, gt=0, lt=0.5)  # share of train held out for a split the data lacks
     num_documents: int = Field(1500, ge=8)  # testbed: training documents
     num_validation_documents: int = Field(100, ge=4)  # testbed: documents for selection (early stopping, Tune)
-    num_eval_documents: int = Field(100, ge=4)  # testbed: test documents, read only by reports
+    num_eval_documents: int = Field(100, ge=4)  # testbed: sealed test documents, read only by the final step
     corpus_seed: int = 0
     tier: Literal["high", "medium", "low"] = "medium"
     samples_per_document: int = Field(2, ge=1, le=16)  # SFT samples drawn per prompt for the testbed
@@ -280,6 +280,20 @@ class CompareConfig(_Strict):
     # The MADPO paper's shared recipe (spec: beta 0.1, lr 1e-5 for every method).
     reference_beta: float = Field(0.1, gt=0)
     reference_lr: float = Field(1e-5, gt=0)
+    # The one explicit final step: judge on the sealed test split instead of validation, in a report
+    # folder of its own (compare/final/), recorded in the run's final_readings.jsonl. Trainings
+    # are the development comparison's (reused while their settings match).
+    final: bool = False
+    # Matched settings across a learning-rate grid: one comparison per lr (every method at
+    # reference_beta and that lr, in compare/lr<lr>/), one Holm family over every grid point.
+    lr_grid: Optional[list[float]] = None
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _lr_grid(cls, grid: Optional[list[float]]) -> Optional[list[float]]:
+        if grid is not None and (not grid or len(set(grid)) != len(grid) or min(grid) <= 0):
+            raise ValueError(f"lr_grid must be a non-empty list of distinct positive learning rates; got {grid}")
+        return grid
 
     @field_validator("tiers")
     @classmethod
@@ -305,6 +319,13 @@ class CompareConfig(_Strict):
         if not methods:
             raise ValueError("methods is empty")
         return methods
+
+    @model_validator(mode="after")
+    def _grid_is_matched(self) -> "CompareConfig":
+        if self.lr_grid is not None and (self.settings == "tuned" or self.tiers):
+            raise ValueError("lr_grid trains every method at the same reference settings at each lr: it cannot be "
+                             "combined with settings=tuned (each method its own lr) or with tiers")
+        return self
 
 
 class RayConfig(_Strict):

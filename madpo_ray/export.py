@@ -22,7 +22,7 @@ from madpo_ray.layout import RunLayout, is_testbed
 EXPORTABLE = ("sft", "reward", "policy")
 CARD_METRICS = ("sft_greedy_gold_reward", "policy_greedy_gold_reward", "reference_gold_reward",
                 "sft_preference_accuracy", "policy_preference_accuracy", "policy_implicit_reward_accuracy",
-                "policy_implicit_margin_mean", "test_pairs")
+                "policy_implicit_margin_mean", "pairs")
 
 
 def read_front_matter(readme: Path) -> dict:
@@ -49,15 +49,16 @@ def base_license(cfg: PipelineConfig) -> str:
 
 
 def card_metrics(layout: RunLayout) -> dict:
-    """The run summary's headline numbers (those the run has), and the test split's RM agreement."""
+    """The run summary's headline numbers (those the run has) and the validation split's RM agreement:
+    development figures (the summary never reads the sealed test split)."""
     if not layout.summary_json.exists():
         return {}
     summary = json.loads(layout.summary_json.read_text())
     out = {k: summary[k] for k in CARD_METRICS if k in summary}
-    test = (summary.get("margins") or {}).get("test") or {}
+    validation = (summary.get("margins") or {}).get("validation") or {}
     for k in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true"):
-        if k in test:
-            out[f"test_{k}"] = test[k]
+        if k in validation:
+            out[f"validation_{k}"] = validation[k]
     return out
 
 
@@ -87,7 +88,7 @@ def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
                                                                 for k, v in params.items()))
     metrics = card_metrics(layout)
     if metrics:
-        lines += ["", "## Metrics (the run summary; gold reward on the test split)", "", "| metric | value |", "|---|---|"]
+        lines += ["", "## Metrics (the run summary, on the validation split)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"
               if stage != "reward" else "from transformers import AutoModelForSequenceClassification, AutoTokenizer",

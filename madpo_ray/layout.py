@@ -10,7 +10,8 @@
       score/scored/split=train|eval/   scored parquet (reference log-probs, rewards, margins)
       policy/<loss>/model/    trained policy
       eval/                   the run summary's metrics; summary.json, summary.md beside it
-      compare/, tune/         `madpo compare` and `madpo tune`
+      compare/, tune/         `madpo compare` and `madpo tune` (compare/final/: the sealed test split's report)
+      final_readings.jsonl    every reading of the sealed test split by a final step
       ray/<trainer>/          Ray Train storage: checkpoints of interrupted trainings
       mlruns/                 MLflow file store: one run per training (stages, Tune trials, compare)
       tensorboard/<training>/ TensorBoard event files of each training
@@ -34,9 +35,11 @@ from typing import Any, Optional
 
 STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
 # Documents and pairs come in three splits. Training reads "train"; everything that selects
-# (early stopping, Tune objectives, calibration) reads "validation"; only reports (the run
-# summary, `madpo eval`, `madpo compare`) read "test".
+# (early stopping, Tune objectives, calibration) and every development figure (the run summary,
+# `madpo eval`, `madpo compare`, `madpo study`) reads "validation". "test" is sealed: only the
+# explicit final step (`madpo compare --final`) reads it, and it records each reading.
 SPLITS = ("train", "validation", "test")
+DEVELOPMENT_SPLIT, SEALED_SPLIT = "validation", "test"
 TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model folder each
 BEFORE_POLICY = STAGES[:STAGES.index("policy")]
 TESTBED_SOURCES = ("generated", "debian")
@@ -303,6 +306,11 @@ class RunLayout:
     def compare_tiers_dir(self) -> Path:
         """The combined report of `madpo compare --tiers`."""
         return self.run_dir / "compare_tiers"
+
+    @property
+    def final_ledger(self) -> Path:
+        """One line per reading of the sealed test split by a final step: what, when, where."""
+        return self.run_dir / "final_readings.jsonl"
 
     def study_dir(self, study: str) -> Path:
         """`madpo study <study>`: its trainings, generations and report."""

@@ -4,7 +4,8 @@ The paper claims MADPO is robust to reward-model error: a wrong margin moves a p
 O(|error|) and the weight stays in (0, 2). The study adds Gaussian noise of several standard
 deviations to the scored margins (`policy.margin_noise`, seeded per training seed), trains MADPO
 from each noisy copy and DPO once (DPO never reads margins, so every noise level would train the
-same DPO model), and judges them all on the test prompts like `madpo compare`:
+same DPO model), and judges them all on the validation prompts like `madpo compare` (with
+compare.final, on the sealed test split in final/):
 
     runs/<name>/study/rm-noise/
       madpo_noise<sd>/seed<k>/, dpo/seed<k>/    trainings (reused while their settings match)
@@ -114,8 +115,9 @@ def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
     table = noise_table(comparison.rows, column, comparison.prompt_ids, noise_levels, cfg.eval.temperatures,
                         cfg.eval.bootstrap_samples)
     results["noise"] = table
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    with open(out_dir / "table.md", "a") as f:
+    report_dir = comparison.report_dir  # out_dir, or out_dir/final for the sealed test split
+    (report_dir / "results.json").write_text(json.dumps(results, indent=2))
+    with open(report_dir / "table.md", "a") as f:
         f.write("\n" + "\n".join(render_noise_table(table, column)) + "\n")
-    plot_noise(table, out_dir / "noise.png", column)
+    plot_noise(table, report_dir / "noise.png", column)
     return results

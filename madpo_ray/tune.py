@@ -37,7 +37,7 @@ def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> Pipeline
 def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str, validation_docs: Optional[str],
                     reward_dir: Optional[str], tok):
     """The held-out metrics a trial reports (what ASHA prunes on and the search selects by), on the
-    validation split only: the test split is for reports (`madpo compare`), never for selection."""
+    validation split only: the sealed test split is for the final step (`madpo compare --final`), never for selection."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.eval.summary import gold_reward_by_temperature, greedy_gold_reward, pair_logprobs, preference_metrics
     from madpo_ray.stages.score import ComputePolicy

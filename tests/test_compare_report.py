@@ -149,18 +149,18 @@ def test_compare_report_says_untuned_and_shows_one_definition_of_the_difference(
 def test_combined_tier_report_is_one_holm_family(tmp_path):
     per_tier = {"high": {**_results(tmp_path, "high", 12), "run_dir": "runs/x-high"},
                 "low": {**_results(tmp_path, "low", 6), "run_dir": "runs/x-low"}}
-    combined = R.write_tier_report(tmp_path / "tiers", per_tier)
+    combined = R.write_grouped_report(tmp_path / "tiers", per_tier, "tier")
     md = (tmp_path / "tiers" / "table.md").read_text()
-    assert combined["tiers"] == ["high", "low"] and combined["family"] == 16
+    assert combined["groups"] == ["high", "low"] and combined["family"] == 16
     assert "one family of 16 tests: every baseline and ablation x temperature x tier" in md
-    rows = [r for t in ("high", "low") for r in combined["per_tier"][t]["paired"]["tests"]["rows"]]
+    rows = [r for t in ("high", "low") for r in combined["per_group"][t]["paired"]["tests"]["rows"]]
     assert [r["p_adj"] for r in rows] == pytest.approx(S.holm([r["p"] for r in rows]))
     # each tier's own report keeps its own family; the combined one does not change it
     assert per_tier["high"]["paired"]["tests"]["family"] == 8
     assert "| baseline | tier high | tier low |" in md and "| DPO | ahead at 2/2 (T=0 (+" in md
     assert "## madpo compare: mean gold reward" in md and "data-quality tier **low**" in md
     assert "`runs/x-low`" in md and md.count("one family of 16 tests") == 3  # the summary and both tiers
-    assert json.loads((tmp_path / "tiers" / "results.json").read_text())["per_tier"]["low"]["tier"] == "low"
+    assert json.loads((tmp_path / "tiers" / "results.json").read_text())["per_group"]["low"]["tier"] == "low"
     assert _png_size(tmp_path / "tiers" / "gold_vs_temperature_by_tier.png")[0] == 2 * 6 * 110
 
 

@@ -25,8 +25,9 @@ def run(tmp_path_factory):
     texts = ["a small tool written in Rust", "a library for parsing logs"] * 20
     build_tiny_base(texts, cfg.model, lay.model_dir("policy"))
     save_config(cfg, lay.config_path)
-    lay.summary_json.write_text(json.dumps({"policy_greedy_gold_reward": 1.25, "test_pairs": 7,
-                                            "margins": {"test": {"spearman_rm_vs_true": 0.5}}}))
+    lay.summary_json.write_text(json.dumps({"policy_greedy_gold_reward": 1.25, "pairs": 7,
+                                            "margins": {"validation": {"spearman_rm_vs_true": 0.5},
+                                                        "test": {"spearman_rm_vs_true": 0.9}}}))
     return lay
 
 
@@ -45,7 +46,8 @@ def test_model_card_names_loss_parameters_metrics_and_license(run, tmp_path):
     meta = read_front_matter(tmp_path / "c" / "README.md")
     assert meta["license"] == "apache-2.0" and "madpo" in meta["tags"]
     assert "`madpo` with beta = 0.3, c_max = 4, lam = 1, tau = 3" in card  # the run's beta and tau, the loss defaults
-    assert "| policy_greedy_gold_reward | 1.2500 |" in card and "| test_spearman_rm_vs_true | 0.5000 |" in card
+    assert "| policy_greedy_gold_reward | 1.2500 |" in card and "| validation_spearman_rm_vs_true | 0.5000 |" in card
+    assert "0.9000" not in card  # a test-split figure in a summary is never carried onto the card
     assert "```yaml" in card and "name: exp" in card
 
 

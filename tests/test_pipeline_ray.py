@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from madpo_ray.config import load_config
+from madpo_ray.config import config_from_dict, load_config
 from madpo_ray.pipeline import Pipeline
 
 from helpers import TINY_SETS
@@ -88,17 +88,20 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
     from madpo_ray.models import load_causal_lm, load_tokenizer
 
     hottest = max(p.cfg.eval.temperatures)
-    docs = read_jsonl(p.layout.docs_path("test"))[:p.cfg.eval.num_prompts]
+    docs = read_jsonl(p.layout.docs_path("validation"))[:p.cfg.eval.num_prompts]  # development: validation
     tok = load_tokenizer(str(p.layout.model_dir("sft")))
     for label in ("sft", "policy"):
         model = load_causal_lm(str(p.layout.model_dir(label)), p.cfg.model.dtype if label == "policy" else "float32")
         want, _ = mean_gold_reward(model, tok, docs, p.cfg, hottest)
         assert summary[f"{label}_sampled_gold_reward_t{hottest:g}"] == pytest.approx(want)
     margins = summary["margins"]
-    for split in ("train", "validation", "test"):  # reward-model agreement and margin shares of every split
+    for split in ("train", "validation"):  # reward-model agreement and margin shares of each development split
         for key in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true",
                     "share_abs_margin_above_tau", "share_margin_below_minus_tau", "weight_median"):
             assert key in margins[split], (split, key)
+    assert "test" not in margins and summary["split"] == "validation"  # the sealed split is the final step's
+    score_metrics = p.layout.read_metrics("score")
+    assert "rm_accuracy_vs_labels" not in score_metrics["test"] and score_metrics["test"]["scored"] > 0
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
     assert summary["curves_plot"] == str(p.layout.curves_plot) and p.layout.curves_plot.stat().st_size > 10_000
     # each split's pairs by design, as written, with nothing off design or repeated
@@ -280,6 +283,26 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     assert len(resampled["generation"]) == 5  # sft + 2 methods x 2 seeds, sampled again
     assert {r["temperature"] for r in resampled["table"]} == {0.5}
     assert resampled["trainings"] == again["trainings"]
+    from madpo_ray.io import read_jsonl
+
+    validation_ids = [d["doc_id"] for d in read_jsonl(q.layout.docs_path("validation"))]
+    assert resampled["split"] == "validation" and "**Validation split**" in (out / "table.md").read_text()
+    assert not (q.run_dir / "final_readings.jsonl").exists()  # development never reads the sealed split
+
+    # The final step: the same trainings judged on the sealed test split, in final/, and recorded.
+    q.cfg = config_from_dict(q.cfg.model_dump(mode="json"), ["compare.final=true"])
+    final = Comparison(q)
+    first = final.run()
+    test_ids = [d["doc_id"] for d in read_jsonl(q.layout.docs_path("test"))][:first["prompts"]]
+    assert final.prompt_ids == test_ids and not set(test_ids) & set(validation_ids)
+    assert first["split"] == "test" and first["trainings"] == again["trainings"]  # no training redone
+    record = json.loads((out / "final" / "final.json").read_text())
+    assert record["split"] == "test" and record["prompts"] == len(test_ids) and record["earlier_readings"] == []
+    assert "**Sealed test split**, final reading of " + record["computed_at"] in (out / "final" / "table.md").read_text()
+    assert (out / "table.md").read_text().count("Sealed") == 0  # the development report is left as it was
+    second = Comparison(q).run()
+    assert second["final"]["earlier_readings"] == 1
+    assert len((q.run_dir / "final_readings.jsonl").read_text().splitlines()) == 2
 
 
 def test_tune_trial_scores_the_temperature_objective_on_validation_documents(full_run):
@@ -304,7 +327,9 @@ def test_tune_trial_scores_the_temperature_objective_on_validation_documents(ful
     test = read_jsonl(lay.docs_path("test"))[:6]
     assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(model, tok, validation, cfg)[0])
     assert got["gold_reward_t1"] == pytest.approx(mean_gold_reward(model, tok, validation, cfg, 1.0)[0])
-    assert got["gold_reward_t0"] != pytest.approx(greedy_gold_reward(model, tok, test, cfg)[0])
+    # the trial reads the validation documents; an evaluator on the test ones scores other documents
+    assert Path(given["validation_docs"]) == lay.docs_path("validation")
+    assert not {d["doc_id"] for d in test} & {d["doc_id"] for d in validation}
     assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t1"])
     assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t1"]) / 2)
     assert 0.0 <= got["heldout_preference_accuracy"] <= 1.0 and "rm_reward" not in got
@@ -330,3 +355,25 @@ def test_rm_noise_study_trains_dpo_once_and_madpo_per_noise_level(full_run, tmp_
     assert [(r["noise_sd"], r["temperature"]) for r in results["noise"]] == [(0, 0.0), (8, 0.0)]
     assert "MADPO under reward-model noise" in (out / "table.md").read_text()
     assert (out / "noise.png").stat().st_size > 5000 and not (q.run_dir / "compare").exists()
+
+
+def test_lr_grid_trains_every_method_at_each_lr_and_reports_one_family(full_run, tmp_path):
+    """`madpo compare --lr-grid`: matched settings (every method at the reference beta and the grid's
+    lr), a comparison per grid point sharing the run's stages, one Holm family over the grid."""
+    from madpo_ray.compare import compare_lr_grid
+
+    p, _ = full_run
+    q = _clone_until_policy(p, tmp_path, "grid", "compare.methods=[{loss: dpo}, {loss: madpo}]", "compare.seeds=[0]",
+                            "eval.temperatures=[0]", "eval.backend=transformers", "policy.optim.max_steps=2",
+                            "eval.bootstrap_samples=100", "compare.lr_grid=[1e-5, 1e-3]", "ray.backend=local")
+    combined = compare_lr_grid(q.cfg)
+    assert (combined["kind"], combined["groups"], combined["split"]) == ("lr", ["1e-05", "0.001"], "validation")
+    for label, lr in (("1e-05", 1e-5), ("0.001", 1e-3)):
+        for m in ("dpo", "madpo"):
+            trained = json.loads((q.layout.compare_dir / f"lr{label}" / m / "seed0" / "metrics.json").read_text())
+            assert (trained["policy"]["loss"]["beta"], trained["policy"]["optim"]["lr"]) == (0.1, lr)
+        rows = combined["per_group"][label]["paired"]["tests"]["rows"]
+        assert [(r["baseline"], r["temperature"]) for r in rows] == [("dpo", 0.0)]
+    md = (q.layout.compare_dir / "lr_grid" / "table.md").read_text()
+    assert "across learning rates at matched settings" in md and "| baseline | lr 1e-05 | lr 0.001 |" in md
+    assert (q.layout.compare_dir / "lr_grid" / "gold_vs_temperature_by_lr.png").stat().st_size > 5000

@@ -5,8 +5,9 @@ import statistics
 
 import pytest
 
-from madpo_ray.data.corpus.generated import generate_corpus, generate_splits
-from madpo_ray.data.testbed import build_pairs, document_gold, gold_reward, make_candidate, mean_gold_by_kind
+from madpo_ray.data.corpus.generated import SEALED_TEST_STREAM, generate_corpus, generate_splits
+from madpo_ray.data.testbed import (DESIGN_FINGERPRINT, build_pairs, design_fingerprint, document_gold, gold_reward,
+                                    make_candidate, mean_gold_by_kind)
 from madpo_ray.eval.judge import add_gold
 
 
@@ -27,6 +28,31 @@ def test_corpus_is_deterministic_and_splits_disjoint():
     doc = a[0]
     for fact in doc["facts"].values():  # the document states every key fact
         assert fact in doc["document"]
+
+
+def test_test_documents_come_from_the_sealed_stream_none_from_the_one_development_read():
+    """The documents development figures were read on (stream "test") are not the test split."""
+    sealed = generate_splits(5, 5, 40)["test"]
+    read_in_development = {d.document for d in generate_corpus(400, 0, "test")}
+    assert all(d.doc_id.startswith(SEALED_TEST_STREAM + "-") for d in sealed)
+    assert not {d.document for d in sealed} & read_in_development
+
+
+def test_the_testbed_design_is_frozen_with_its_sealed_test_documents():
+    """Changing the corpus, candidates, gold reward or tiers breaks this on purpose: the sealed test
+    documents certify claims only under the design they were drawn for. Draw a new sealed stream
+    (corpus/generated.py's SEALED_TEST_STREAM) and record the new fingerprint together."""
+    assert design_fingerprint() == DESIGN_FINGERPRINT
+
+
+def test_the_fingerprint_sees_a_change_of_gold_reward_or_tier(monkeypatch):
+    import madpo_ray.data.testbed as tb
+
+    monkeypatch.setitem(tb.TIER_DESIGNS, "low", (("reference_vs_garbage", 0.7), ("policy_vs_policy", 0.3)))
+    assert tb.design_fingerprint() != DESIGN_FINGERPRINT
+    monkeypatch.undo()
+    monkeypatch.setattr(tb, "repetition", lambda words: 0.0)
+    assert tb.design_fingerprint() != DESIGN_FINGERPRINT
 
 
 def test_gold_orders_candidate_kinds(docs):

@@ -18,6 +18,8 @@ taken at the reference that gives the highest score.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import re
@@ -27,7 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 from rouge_score import rouge_scorer
 
-from madpo_ray.data.corpus.generated import KINDS, LANGUAGES
+from madpo_ray.data.corpus.generated import KINDS, LANGUAGES, generate_corpus
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9+\-.']*")
@@ -298,3 +300,31 @@ def mean_gold_by_kind(documents: Iterable[dict], seed: int = 0) -> dict[str, flo
             text = make_candidate(k, rng, doc["document"], doc["reference"], other["reference"])
             totals[k] += document_gold(text, doc)
     return {k: v / len(documents) for k, v in totals.items()}
+
+
+# --------------------------------------------------------------------------- the frozen design
+# The digest of design_fingerprint() when the test documents were drawn from the sealed stream
+# (corpus/generated.py's SEALED_TEST_STREAM). A test holds the two together: a change to the
+# corpus, the candidates, the gold reward or the tiers fails it, and the way on is a new sealed
+# stream (the old test documents were read under the old design) and a new fingerprint here.
+DESIGN_FINGERPRINT = "5697777ebe65a77aeaec1ed344583cc8aafc1f3fa5f252155dcd7370873f21df"
+
+
+def design_fingerprint(num_documents: int = 12) -> str:
+    """A digest of everything that decides what a testbed pair is: documents of the validation
+    stream, every candidate kind with its gold reward, and the pairs of every tier built from fixed
+    policy samples (gold rounded to 1e-6, so float noise across machines does not move it)."""
+    docs = [d.to_dict() for d in generate_corpus(num_documents, 0, "validation")]
+    samples = {d["doc_id"]: [d["reference"], " ".join(d["document"].split()[:8]), d["reference"] + " It is free."]
+               for d in docs}
+    pairs = {tier: build_pairs(docs, tier, seed=0, policy_samples=samples, pairs_per_document=3) for tier in TIER_DESIGNS}
+    record = {"tiers": TIER_DESIGNS, "pools": DESIGN_POOLS, "kinds": mean_gold_by_kind(docs), "docs": docs,
+              "pairs": pairs}
+    text = json.dumps(record, sort_keys=True, default=str,
+                      separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.sha256(round_floats(text)).hexdigest()
+
+
+def round_floats(text: bytes) -> bytes:
+    """The JSON text with every float rounded to 6 decimals."""
+    return re.sub(rb"-?\d+\.\d+(e-?\d+)?", lambda m: f"{float(m.group()):.6f}".encode(), text)

@@ -1,34 +1,46 @@
-"""Held-out evaluation shared by `madpo compare` and `madpo eval`: which prompts are judged,
-and the judging of generated rows (testbed gold reward, reward-model score, win rates, CIs)."""
+"""Held-out evaluation shared by `madpo compare`, `madpo eval` and `madpo study`: which prompts
+are judged, the judging of generated rows (testbed gold reward, reward-model score, win rates,
+CIs), and the record of every reading of the sealed test split.
+
+Development reads the validation split. The test split is sealed: it is read only by an explicit
+final step, which records what it read and when (`record_final_reading`), so a test figure in a
+report can be traced to one deliberate reading and a split read many times shows it."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
+import madpo_ray
 from madpo_ray.config import PipelineConfig
-from madpo_ray.layout import RunLayout, is_testbed
+from madpo_ray.layout import DEVELOPMENT_SPLIT, SEALED_SPLIT, SPLITS, RunLayout, is_testbed
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
 
 
-def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], list[str], list[Optional[dict]]]:
+def eval_prompts(cfg: PipelineConfig, layout: RunLayout,
+                 split: str = DEVELOPMENT_SPLIT) -> tuple[list[str], list[str], list[Optional[dict]]]:
     """Held-out prompt ids, prompt texts, and (testbed) their documents, eval.num_prompts of them.
 
-    Testbed runs use the test documents; any other dataset the distinct prompts of its test
-    pairs (the scored test split). Reports only: selection reads the validation split."""
+    Testbed runs use the split's documents; any other dataset the distinct prompts of the split's
+    pairs (its scored pairs). Development passes validation; only a final step passes test."""
     from madpo_ray.data.scored import read_scored
     from madpo_ray.io import read_jsonl
 
+    if split not in SPLITS[1:]:
+        raise ValueError(f"held-out prompts come from {SPLITS[1:]}, not {split!r}")
     n = cfg.eval.num_prompts
     if is_testbed(cfg):
-        docs = read_jsonl(layout.docs_path("test"))[:n]
+        docs = read_jsonl(layout.docs_path(split))[:n]
         from madpo_ray.data.prompts import generation_prompts
         from madpo_ray.models import load_tokenizer
 
         prompts = generation_prompts(cfg.data, load_tokenizer(str(layout.model_dir("sft"))), [d["document"] for d in docs])
         return [str(d["doc_id"]) for d in docs], prompts, docs
-    rows = read_scored(test_split(layout))
+    rows = read_scored(scored_split(layout, split))
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:n]
     refs = {}
     for r in rows:
@@ -37,21 +49,40 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout) -> tuple[list[str], lis
             [{"reference": refs[x]} for x in prompts])
 
 
-def test_split(layout: RunLayout) -> Path:
-    """The scored test pairs, or a clear error when there are none. Every run has a test split
-    (a dataset's own, or held out of train), so this means none of its pairs survived tokenising."""
-    path = layout.scored_path("test")
+def scored_split(layout: RunLayout, split: str) -> Path:
+    """The scored pairs of a held-out split, or a clear error when there are none. Every run has
+    validation and test splits (a dataset's own, or held out of train), so this means none of the
+    split's pairs survived tokenising."""
+    path = layout.scored_path(split)
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: no test pair was scored (all skipped when tokenised? see the "
-                                "score stage's metrics.json); reports never fall back to the validation split")
+        raise FileNotFoundError(f"{path} missing: no {split} pair was scored (all skipped when tokenised? see the "
+                                "score stage's metrics.json); a report never falls back to another split")
     return path
 
 
-def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict]) -> dict:
+def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prompt_ids: list[str],
+                         prompts: list[str]) -> dict:
+    """Write report_dir/final.json and append to the run's ledger: a reading of the sealed test split,
+    what it was computed on (the prompts' digest, the package version) and when. Returns the record,
+    with the earlier readings of this run's test split (a split read again is no longer fresh)."""
+    ledger = layout.final_ledger
+    earlier = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    digest = hashlib.sha256(json.dumps([prompt_ids, prompts]).encode()).hexdigest()
+    record = {"split": SEALED_SPLIT, "command": command, "report_dir": str(report_dir),
+              "computed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "prompts": len(prompt_ids), "prompts_sha256": digest, "madpo_ray_version": madpo_ray.__version__}
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    (Path(report_dir) / "final.json").write_text(json.dumps({**record, "earlier_readings": earlier}, indent=2))
+    with open(ledger, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return {**record, "earlier_readings": len(earlier)}
+
+
+def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], split: str = DEVELOPMENT_SPLIT) -> dict:
     """Gold reward (testbed) and reward-model score of every row, then the per-temperature table."""
     from madpo_ray.eval import judge as J
 
-    ids, prompts, docs = eval_prompts(cfg, layout)
+    ids, prompts, docs = eval_prompts(cfg, layout, split)
     ref_rows = [{"prompt_id": i, "text": d["reference"], "sample": 0} for i, d in zip(ids, docs)]
     reference: dict = {}
     if is_testbed(cfg):
@@ -67,7 +98,7 @@ def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict]) -> dict
     n_boot = cfg.eval.bootstrap_samples
     table = J.judge(rows, ids, baseline=SFT_LABEL, reference=reference, n_boot=n_boot)
     column = "gold" if is_testbed(cfg) else "rm"
-    return {"table": table, "column": column,
+    return {"table": table, "column": column, "split": split,
             "reference": {k: float(sum(v.values()) / len(v)) for k, v in reference.items()}}
 
 
@@ -81,7 +112,8 @@ def reward_model_scorer(rm_dir: str, tokenizer_dir: str):
 
 
 def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[str, Path]], out_dir: Path) -> dict:
-    """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare`."""
+    """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare` on the
+    validation split (a development figure; the sealed test split is `madpo compare --final`'s)."""
     from madpo_ray.eval.generate import generate_for_models
     from madpo_ray.eval.report import write_report
 

@@ -157,7 +157,7 @@ def render_markdown(results: dict, heading: str = "#") -> str:
              f"temperature > 0 (1 greedy at 0){sft_draws_note(results)}; "
              + ("one model per row; 95% bootstrap CIs over prompts." if results["seeds"] == [-1] else
                 f"training seeds {results['seeds']}; 95% bootstrap CIs over seeds and prompts."),
-             ""] + protocol_lines(results)
+             ""] + split_lines(results) + protocol_lines(results)
     if col in results["reference"]:
         lines += [f"Reference summaries score {results['reference'][col]:.3f}.", ""]
     lines += level_table(results) + win_table(results)
@@ -165,6 +165,20 @@ def render_markdown(results: dict, heading: str = "#") -> str:
     lines += vs_sft_table(results, paired.get("vs_sft") or {}) + tests_section(paired.get("tests") or {})
     lines += minus_table(results) + settings_section(results.get("method_settings") or [])
     return "\n".join(lines) + "\n"
+
+
+def split_lines(results: dict) -> list[str]:
+    """Which split was judged: validation for development, the sealed test split only in a final step."""
+    final = results.get("final")
+    if final:
+        earlier = final["earlier_readings"]
+        return [f"**Sealed test split**, final reading of {final['computed_at']} (recorded in the run's "
+                f"final_readings.jsonl; {earlier} earlier reading(s) of this run's test split"
+                + (": a split read before is no longer fresh" if earlier else "") + ").", ""]
+    if results.get("split"):
+        return [f"**Validation split** (a development figure; the sealed test split is read only by "
+                f"`madpo compare --final`).", ""]
+    return []
 
 
 def protocol_lines(results: dict) -> list[str]:
@@ -312,7 +326,7 @@ def draw_levels(ax, results: dict) -> None:
     ax.set_ylabel({"gold": "mean gold reward", "rm": "mean reward-model score"}[col])
     tier = f", tier {results['tier']}" if results.get("tier") else ""
     protocol = (results.get("protocol") or {}).get("title")
-    ax.set_title(f"{len(results['seeds'])} seeds x {results['prompts']} prompts{tier} (95% CI)"
+    ax.set_title(f"{len(results['seeds'])} seeds x {results['prompts']} {results.get('split', '')} prompts{tier} (95% CI)"
                  + (f"\n{protocol}" if protocol else ""), fontsize=9)
     ax.legend(fontsize=7)
 
@@ -380,37 +394,43 @@ def plot_comparison(results: dict, path: Path) -> None:
     save(fig, path, dpi=120)
 
 
-# --------------------------------------------------------------------------- several tiers
-def write_tier_report(out_dir: Path, per_tier: dict[str, dict]) -> dict:
-    """results.json, table.md and one plot for the comparisons of several data-quality tiers
-    (each tier's own report stays in its own run folder). The tests of every tier form one Holm
-    family here, since this report states all of them."""
-    first = next(iter(per_tier.values()))
-    per_tier = copy.deepcopy(per_tier)
-    family = joint_holm([(t, (r.get("paired") or {}).get("tests") or {}) for t, r in per_tier.items()])
-    combined = {"tiers": list(per_tier), "column": first["column"], "temperatures": first["temperatures"],
-                "family": family, "per_tier": per_tier}
+# --------------------------------------------------------------------------- several comparisons
+# A report over several comparisons of one kind: data-quality tiers (`--tiers`), or the points of a
+# learning-rate grid at matched settings (`compare.lr_grid`). GROUP_KINDS names a group in prose.
+GROUP_KINDS = {"tier": "tier", "lr": "lr"}
+
+
+def write_grouped_report(out_dir: Path, groups: dict[str, dict], kind: str) -> dict:
+    """results.json, table.md and one plot for several comparisons (each also keeps its own report).
+    The tests of every group form one Holm family here, since this report states all of them."""
+    if kind not in GROUP_KINDS:
+        raise ValueError(f"group kind must be one of {list(GROUP_KINDS)}, got {kind!r}")
+    first = next(iter(groups.values()))
+    groups = copy.deepcopy(groups)
+    family = joint_holm([(g, (r.get("paired") or {}).get("tests") or {}) for g, r in groups.items()], kind)
+    combined = {"kind": kind, "groups": list(groups), "column": first["column"], "temperatures": first["temperatures"],
+                "split": first.get("split"), "family": family, "out_dir": str(out_dir), "per_group": groups}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(combined, indent=2))
-    (out_dir / "table.md").write_text(render_tier_markdown(combined))
-    plot_tiers(combined, out_dir / f"{combined['column']}_vs_temperature_by_tier.png")
+    (out_dir / "table.md").write_text(render_grouped_markdown(combined))
+    plot_groups(combined, out_dir / f"{combined['column']}_vs_temperature_by_{kind}.png")
     return combined
 
 
-def joint_holm(tier_tests: list[tuple[str, dict]]) -> int:
-    """Holm over the tests of every tier at once, in place; each tier's tests then name that family."""
-    rows = [r for _, tests in tier_tests for r in tests.get("rows", [])]
+def joint_holm(group_tests: list[tuple[str, dict]], kind: str) -> int:
+    """Holm over the tests of every group at once, in place; each group's tests then name that family."""
+    rows = [r for _, tests in group_tests for r in tests.get("rows", [])]
     family = apply_holm(rows)
-    scope = f"every baseline and ablation x temperature x tier of this report ({', '.join(t for t, _ in tier_tests)})"
-    for _, tests in tier_tests:
+    scope = f"every baseline and ablation x temperature x {kind} of this report ({', '.join(g for g, _ in group_tests)})"
+    for _, tests in group_tests:
         if tests:
             tests.update(family=family, family_scope=scope)
     return family
 
 
-def tier_summary(tests: dict, baseline: str) -> str:
-    """One cell of the tiers summary: at which temperatures MADPO is significantly ahead/behind."""
+def group_summary(tests: dict, baseline: str) -> str:
+    """One cell of the summary: at which temperatures MADPO is significantly ahead/behind."""
     rows = [r for r in tests.get("rows", []) if r["baseline"] == baseline]
     if not rows:
         return ""
@@ -423,38 +443,40 @@ def tier_summary(tests: dict, baseline: str) -> str:
     return text + (f"; behind at T={', '.join(behind)}" if behind else "")
 
 
-def render_tier_markdown(combined: dict) -> str:
-    """A summary of MADPO against each baseline per tier, then each tier's full table."""
-    tiers = combined["tiers"]
-    tests = {t: (combined["per_tier"][t].get("paired") or {}).get("tests") or {} for t in tiers}
-    baselines = list(dict.fromkeys(r["baseline"] for t in tiers for r in tests[t].get("rows", [])))
-    lines = [f"# madpo compare across data-quality tiers: {', '.join(tiers)}", "",
+def render_grouped_markdown(combined: dict) -> str:
+    """A summary of MADPO against each baseline per group, then each group's full table."""
+    kind, groups = combined["kind"], combined["groups"]
+    tests = {g: (combined["per_group"][g].get("paired") or {}).get("tests") or {} for g in groups}
+    baselines = list(dict.fromkeys(r["baseline"] for g in groups for r in tests[g].get("rows", [])))
+    what = {"tier": "data-quality tiers", "lr": "learning rates at matched settings"}[kind]
+    lines = [f"# madpo compare across {what}: {', '.join(groups)}", "",
              f"Where MADPO's mean {column_name(combined['column'])} is significantly above (or below) each baseline "
              f"(mean difference in brackets) after Holm's correction over one family of {combined['family']} tests: "
-             f"every baseline and ablation x temperature x tier ({stats.TEST_NAME}).", ""]
+             f"every baseline and ablation x temperature x {kind} ({stats.TEST_NAME}).", ""]
     if baselines:
-        lines += ["| baseline | " + " | ".join(f"tier {t}" for t in tiers) + " |", "|---|" + "---|" * len(tiers)]
-        lines += [f"| {display(b)} | " + " | ".join(tier_summary(tests[t], b) for t in tiers) + " |" for b in baselines]
-    for t in tiers:
-        r = combined["per_tier"][t]
-        lines += [""] + ([f"Run folder of tier {t}: `{r['run_dir']}`", ""] if r.get("run_dir") else [])
+        lines += ["| baseline | " + " | ".join(f"{kind} {g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]
+        lines += [f"| {display(b)} | " + " | ".join(group_summary(tests[g], b) for g in groups) + " |" for b in baselines]
+    for g in groups:
+        r = combined["per_group"][g]
+        lines += [""] + ([f"Run folder of {kind} {g}: `{r['run_dir']}`", ""] if r.get("run_dir") else [])
         lines.append(render_markdown(r, heading="##"))
     return "\n".join(lines) + "\n"
 
 
-def plot_tiers(combined: dict, path: Path) -> None:
-    """One column per tier: levels on top, differences from the SFT policy below."""
+def plot_groups(combined: dict, path: Path) -> None:
+    """One column per group: levels on top, differences from the SFT policy below."""
     plt = pyplot()
 
-    tiers = combined["tiers"]
-    with_diff = [bool((combined["per_tier"][t].get("paired") or {}).get("vs_sft")) for t in tiers]
+    groups = combined["groups"]
+    with_diff = [bool((combined["per_group"][g].get("paired") or {}).get("vs_sft")) for g in groups]
     rows = 2 if any(with_diff) else 1
-    fig, axes = plt.subplots(rows, len(tiers), figsize=(6 * len(tiers), 4.2 * rows), squeeze=False)
-    for j, t in enumerate(tiers):
-        draw_levels(axes[0][j], combined["per_tier"][t])
+    fig, axes = plt.subplots(rows, len(groups), figsize=(6 * len(groups), 4.2 * rows), squeeze=False)
+    for j, g in enumerate(groups):
+        draw_levels(axes[0][j], combined["per_group"][g])
+        axes[0][j].set_title(f"{combined['kind']} {g}\n" + axes[0][j].get_title(), fontsize=9)
         if rows == 2:
             if with_diff[j]:
-                draw_differences(axes[1][j], combined["per_tier"][t])
+                draw_differences(axes[1][j], combined["per_group"][g])
             else:
                 axes[1][j].axis("off")
     fig.tight_layout()

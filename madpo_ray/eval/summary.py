@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.layout import BEFORE_POLICY, SPLITS, RunLayout, is_testbed
+from madpo_ray.layout import BEFORE_POLICY, DEVELOPMENT_SPLIT, SPLITS, RunLayout, is_testbed
 from madpo_ray.plotting import pyplot, save
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,12 @@ def pair_compositions(layout: RunLayout) -> dict:
 
 
 def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
-    """The run summary: held-out preference metrics of the policy, the reward model's accuracy,
-    and (testbed) the gold reward of greedy and of sampled summaries of the SFT policy and the policy."""
+    """The run summary, a development figure on the validation split (the sealed test split is read
+    only by `madpo compare --final`): held-out preference metrics of the policy, the reward model's
+    accuracy, and (testbed) the gold reward of greedy and of sampled summaries of the SFT policy and
+    the policy."""
     from madpo_ray.data.scored import read_scored
-    from madpo_ray.eval.heldout import test_split
+    from madpo_ray.eval.heldout import scored_split
     from madpo_ray.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -125,9 +127,10 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
 
     tok = load_tokenizer(str(layout.model_dir("sft")))
     policy_model = load_causal_lm(str(layout.model_dir("policy")), cfg.model.dtype)  # as the references were scored
-    rows = read_scored(test_split(layout))
+    rows = read_scored(scored_split(layout, DEVELOPMENT_SPLIT))
     pol_c, pol_r = pair_logprobs(policy_model, rows, tok.pad_token_id, policy=ComputePolicy.of(cfg))
-    summary = {"loss": cfg.policy.loss.name, "test_pairs": len(rows), "margins": reward_margin_report(cfg, layout),
+    summary = {"loss": cfg.policy.loss.name, "split": DEVELOPMENT_SPLIT, "pairs": len(rows),
+               "margins": reward_margin_report(cfg, layout),
                **preference_metrics(rows, pol_c, pol_r)}
     if is_testbed(cfg):
         summary["pair_composition"] = pair_compositions(layout)
@@ -144,7 +147,7 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
 
     params = weighting_params(cfg.policy.loss)
     report = {"weighting": params, "margins_from": cfg.score.margins_from}
-    for split in SPLITS:
+    for split in SPLITS[:2]:  # train and validation: development figures never read the sealed split
         path = layout.scored_path(split)
         if path.exists():
             rows = read_scored(path)
@@ -163,7 +166,7 @@ def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm
 
-    docs = read_jsonl(layout.docs_path("test"))[:cfg.eval.num_prompts]
+    docs = read_jsonl(layout.docs_path(DEVELOPMENT_SPLIT))[:cfg.eval.num_prompts]
     hottest = max(cfg.eval.temperatures)
     out: dict = {"examples": {}}
     for label, model in (("sft", load_causal_lm(str(layout.model_dir("sft")))), ("policy", policy_model)):

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.eval.margins import margin_diagnostics
+from madpo_ray.layout import SEALED_SPLIT
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs, pair_rewards
 
@@ -186,8 +187,10 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
     for split in tokenized:
         rows = read_partition(out, split)
         assert_no_nan(rows, f"{out}/split={split}")
-        # At MADPO's default weighting: the run summary repeats this with the run's own loss parameters.
-        metrics[split].update(margin_diagnostics(rows))
+        metrics[split]["scored"] = len(rows)
+        if split != SEALED_SPLIT:  # the sealed split's agreement is a final step's figure, not the stage's
+            # At MADPO's default weighting: the run summary repeats this with the run's own loss parameters.
+            metrics[split].update(margin_diagnostics(rows))
     return metrics
 
 
