@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 from madpo_ray.models import ModelLoadError
@@ -57,12 +58,12 @@ def fsync_dir(folder: Path) -> None:
 def replace_folder_atomically(tmp: Path | str, dest: Path | str) -> None:
     """Move the fully written `tmp` to `dest`. The contents are fsynced first; the old `dest` is
     renamed aside, the new one renamed in, then the old one deleted. At every instant `dest` is
-    absent only between two renames (a reader retries), and never partially written."""
+    absent only between two renames (a reader retries), and never partially written. The aside
+    name is fresh (never a sibling that happens to exist, which may be someone's backup); a crash
+    between the renames leaves it for a person to look at, never deleted by the next run."""
     tmp, dest = Path(tmp), Path(dest)
     fsync_tree(tmp)
-    old = dest.with_name(dest.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)  # left by a crash between the renames below: dest or tmp is the good copy
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
     if dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)

@@ -381,15 +381,18 @@ def runs_cmd(runs_dir: str = typer.Argument("runs", help="The folder that holds 
 def export_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/tiny."),
                stage: str = typer.Option("policy", "--stage", help="sft, reward or policy."),
                loss: Optional[str] = typer.Option(None, "--loss", help="Which policy/<loss>/ (default: the run's loss)."),
-               out: Optional[str] = typer.Option(None, "--out", help="Output folder; default <run>/export/<stage>[-<loss>].")):
+               out: Optional[str] = typer.Option(None, "--out", help="Output folder; default <run>/export/<stage>[-<loss>]. "
+                                                 "An existing folder is replaced only if an export wrote it."),
+               force: bool = typer.Option(False, "--force", help="Replace --out even if madpo did not write it.")):
     """Write a stage's model as a merged HF folder with a model card (README.md: base model and
     its license, data, loss and parameters, metrics, config), ready for any hub's upload client."""
     from madpo_ray.config import ConfigError
     from madpo_ray.export import export_run
+    from madpo_ray.io import OutputExistsError
 
     try:
-        folder = export_run(Path(run_dir), stage, loss, Path(out) if out else None)
-    except _user_errors() + (ConfigError, ValueError) as e:
+        folder = export_run(Path(run_dir), stage, loss, Path(out) if out else None, force=force)
+    except _user_errors() + (ConfigError, ValueError, OutputExistsError) as e:
         fail(str(e))
     console.print(f"exported {stage} to {folder}", highlight=False, soft_wrap=True)
 
@@ -566,16 +569,19 @@ app.add_typer(model_app, name="model")
 
 @model_app.command("import-gguf")
 def model_import_gguf(gguf_file: str = typer.Argument(..., help="A .gguf file (any llama.cpp quantisation)."),
-                      out: str = typer.Argument(..., help="Output HF folder (tokenizer, chat template, safetensors).")):
+                      out: str = typer.Argument(..., help="Output HF folder (tokenizer, chat template, safetensors); "
+                                                "an existing one is replaced only if this command wrote it."),
+                      force: bool = typer.Option(False, "--force", help="Replace OUT even if madpo did not write it.")):
     """Dequantise a GGUF causal LM into a normal HF folder that every stage, vLLM and `madpo serve` load.
 
     Needs the `gguf` extra. Then: madpo run model.name_or_path=OUT ..."""
+    from madpo_ray.io import OutputExistsError
     from madpo_ray.models import ModelLoadError, import_gguf
 
     _setup_logging()
     try:
-        info = import_gguf(Path(gguf_file), Path(out))
-    except ModelLoadError as e:
+        info = import_gguf(Path(gguf_file), Path(out), force=force)
+    except (ModelLoadError, OutputExistsError) as e:
         fail(str(e))
     console.print(f"wrote {out}: {info['architecture']}, {info['parameters']:,} parameters, vocab {info['vocab_size']}"
                   f"{', chat template' if info['chat_template'] else ''}")

@@ -3,20 +3,21 @@
 The folder is the stage's merged model (plus its LoRA adapter in `adapter/` when there is one)
 and a model card, README.md, that says what produced it: the base model and its license, the
 data, the loss and its parameters, the run's metrics, and the full config. It is written to a
-temporary sibling and renamed into place, so a reader never sees half an export.
+temporary sibling and renamed into place, so a reader never sees half an export. An existing
+folder is replaced only when an export wrote it (it carries io.OUTPUT_MARKER) or with --force.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from madpo_ray.config import PipelineConfig, load_config
+from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder
 from madpo_ray.layout import RunLayout, is_testbed
 
 EXPORTABLE = ("sft", "reward", "policy")
@@ -98,9 +99,21 @@ def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
     return "\n".join(lines)
 
 
-def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None, out: Optional[Path] = None) -> Path:
+def refuse_links(folders: list[Path]) -> None:
+    """An export is a self-contained copy: a symlink in a model folder would carry a pointer to a
+    file elsewhere (or copy what it points to, which the run never wrote), so it is refused."""
+    for folder in folders:
+        links = [p for p in Path(folder).rglob("*") if p.is_symlink()]
+        if links:
+            raise ValueError(f"{folder} holds symbolic links ({', '.join(str(x) for x in links[:3])}): an export copies "
+                             "only files the run wrote; replace the links with the files")
+
+
+def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None, out: Optional[Path] = None,
+               force: bool = False) -> Path:
     """Copy a run's stage model (merged weights, adapter, tokenizer) with a model card to `out`
-    (default: <run>/export/<stage>[-<loss>]); returns the folder."""
+    (default: <run>/export/<stage>[-<loss>]); returns the folder. An existing `out` is replaced only
+    when an earlier export wrote it (or `force`): see io.check_output_folder."""
     from madpo_ray.artifacts import replace_folder_atomically, verify_weights
     from madpo_ray.models import check_model_folder
 
@@ -117,11 +130,14 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
     check_model_folder(str(source))
     verify_weights(source)
     out = Path(out) if out else run_dir / "export" / (f"policy-{cfg.policy.loss.name}" if stage == "policy" else stage)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    check_output_folder(out, force)
+    sources = [source] + ([layout.adapter_dir(stage)] if layout.adapter_dir(stage).exists() else [])
+    refuse_links(sources)
+    tmp = fresh_sibling_dir(out, "partial")
     shutil.copytree(source, tmp, dirs_exist_ok=True)
-    if layout.adapter_dir(stage).exists():
-        shutil.copytree(layout.adapter_dir(stage), tmp / "adapter")
+    if len(sources) > 1:
+        shutil.copytree(sources[1], tmp / "adapter")
     (tmp / "README.md").write_text(model_card(cfg, layout, stage))
+    mark_output_folder(tmp, "madpo export")
     replace_folder_atomically(tmp, out)
     return out

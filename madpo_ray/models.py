@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 
 from madpo_ray.config import ModelConfig
+from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +173,24 @@ def build_tiny_base(texts: Iterable[str], cfg: ModelConfig, out_dir: Path, seed:
     return out_dir
 
 
-def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] = None) -> None:
+def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] = None,
+                          marker: Optional[str] = None) -> None:
     """save_pretrained into a temp sibling, then rename: a crash never leaves a half model folder.
 
     `meta` goes to madpo.json (e.g. the prompt template, so a server formats prompts as in training).
+    `marker` (a command's name) signs a folder the user named as that command's output (io.OUTPUT_MARKER).
     """
     import json
-    import os
-    import shutil
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_sibling_dir(out_dir, "partial")
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if meta:
         (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
+    if marker:
+        mark_output_folder(tmp, marker)
     from madpo_ray.artifacts import replace_folder_atomically
 
     replace_folder_atomically(tmp, out_dir)  # fsynced; a reader sees the old model or the new, never half
@@ -246,7 +247,7 @@ def save_trained(model, tokenizer, model_dir: Path, adapter_dir: Optional[Path],
 
 
 # --------------------------------------------------------------------------- GGUF
-def import_gguf(gguf_path: Path, out_dir: Path) -> dict:
+def import_gguf(gguf_path: Path, out_dir: Path, force: bool = False) -> dict:
     """A GGUF checkpoint (e.g. a llama.cpp quantisation) as a normal HF folder: tokenizer with its
     chat template, and the dequantised weights in float32 safetensors.
 
@@ -257,6 +258,7 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> dict:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelLoadError(f"{gguf_path}: no such GGUF file")
+    check_output_folder(out_dir, force)  # before the minutes of dequantising, not after
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
@@ -274,6 +276,7 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> dict:
     except RuntimeError as e:
         raise ModelLoadError(f"{gguf_path}: weights do not fit a {config.model_type} of this config: {e}") from e
     ensure_pad_token(tokenizer)
-    save_model_atomically(model, tokenizer, Path(out_dir), meta={"source": str(gguf_path), "format": "gguf"})
+    save_model_atomically(model, tokenizer, Path(out_dir), meta={"source": str(gguf_path), "format": "gguf"},
+                          marker="madpo model import-gguf")
     return {"parameters": count_parameters(model), "architecture": config.model_type,
             "vocab_size": len(tokenizer), "chat_template": bool(getattr(tokenizer, "chat_template", None))}

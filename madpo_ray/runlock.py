@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ class RunLock:
             HELD_HERE[self.key] += 1
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self.open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -65,6 +66,21 @@ class RunLock:
         self.fd = fd
         HELD_HERE[self.key] = 1
         return self
+
+    def open_lock_file(self) -> int:
+        """The lock file, opened without following a symlink and only if it is a regular file: the
+        lock is truncated and rewritten, so a link planted at .lock would otherwise clobber its target."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise RunLockedError(f"{self.path} is a symbolic link; a run's lock file must be a regular file "
+                                     "(remove the link)") from None
+            raise RunLockedError(f"cannot open the lock file {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunLockedError(f"{self.path} is not a regular file; a run's lock file must be one")
+        return fd
 
     def __exit__(self, *exc) -> None:
         HELD_HERE[self.key] = HELD_HERE.get(self.key, 1) - 1

@@ -9,6 +9,7 @@ import torch
 
 from madpo_ray.config import load_config, save_config
 from madpo_ray.export import base_license, export_run, read_front_matter
+from madpo_ray.io import OUTPUT_MARKER, OutputExistsError
 from madpo_ray.layout import RunLayout
 from madpo_ray.models import ModelLoadError, build_tiny_base
 
@@ -71,9 +72,48 @@ def test_export_errors_name_what_is_wrong(run, tmp_path):
         export_run(run.run_dir, stage="reward")
 
 
+def test_export_never_replaces_a_folder_it_did_not_write(run, tmp_path):
+    """The user's folder and its backup beside it survive; an export replaces only its own output."""
+    theirs = tmp_path / "mine"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    backup = tmp_path / "mine.old"
+    backup.mkdir()
+    (backup / "b.txt").write_text("backup")
+    with pytest.raises(OutputExistsError, match="not written by madpo.*--force"):
+        export_run(run.run_dir, out=theirs)
+    assert (theirs / "notes.txt").read_text() == "keep me" and (backup / "b.txt").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        export_run(run.run_dir, out=tmp_path / "afile", force=True)
+    ours = export_run(run.run_dir, out=tmp_path / "ours")
+    assert (ours / OUTPUT_MARKER).is_file()
+    assert export_run(run.run_dir, out=ours) == ours  # its own output: replaced without --force
+    export_run(run.run_dir, out=theirs, force=True)  # the user said so
+    assert not (theirs / "notes.txt").exists() and (backup / "b.txt").read_text() == "backup"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "mine.old", "ours"]  # no temp left
+
+
+def test_export_refuses_symlinks_in_the_model_folder(run, tmp_path):
+    link = run.model_dir("policy") / "extra.json"
+    link.symlink_to(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="symbolic links"):
+            export_run(run.run_dir, out=tmp_path / "x")
+    finally:
+        link.unlink()
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_version_and_export(run, tmp_path):
     v = subprocess.run([sys.executable, "-m", "madpo_ray", "--version"], capture_output=True, text=True, timeout=120)
     assert v.returncode == 0 and v.stdout.startswith("madpo-ray ")
     e = subprocess.run([sys.executable, "-m", "madpo_ray", "export", str(run.run_dir), "--loss", "nosuch"],
                        capture_output=True, text=True, timeout=120)
     assert e.returncode == 1 and "unknown loss 'nosuch'" in e.stdout + e.stderr and "Traceback" not in e.stdout + e.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("a")
+    r = subprocess.run([sys.executable, "-m", "madpo_ray", "export", str(run.run_dir), "--out", str(tmp_path / "full")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--force" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert (tmp_path / "full" / "a").read_text() == "a"

@@ -133,6 +133,14 @@ def test_import_gguf_round_trips_a_gguf_written_here(tmp_path, tiny_base_dir, ti
     bad = subprocess.run([sys.executable, "-m", "madpo_ray", "model", "import-gguf", str(tmp_path / "nope.gguf"),
                           str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "no such GGUF file" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("someone's")
+    refused = subprocess.run([sys.executable, "-m", "madpo_ray", "model", "import-gguf", str(tmp_path / "tiny.gguf"),
+                              str(theirs)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "--force" in refused.stdout + refused.stderr
+    assert (theirs / "weights.bin").read_text() == "someone's"
+    assert (tmp_path / "hf" / ".madpo-output").is_file()  # its own output: a second import may replace it
 
 
 @pytest.mark.slow

@@ -45,3 +45,27 @@ def test_lock_is_reusable_in_one_process_after_release(tmp_path):
         assert "pid" in lock.holder()
     with RunLock(tmp_path):
         pass
+
+
+def test_a_symlink_at_the_lock_path_is_refused_and_its_target_untouched(tmp_path):
+    """The lock file is truncated and rewritten; following a planted link would clobber its target."""
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(RunLockedError, match="symbolic link"):
+        with RunLock(run):
+            pass
+    assert victim.read_text() == "precious"
+
+
+def test_a_lock_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / ".lock")
+    with pytest.raises(RunLockedError, match="not a regular file"):
+        with RunLock(run):
+            pass
