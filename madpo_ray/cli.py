@@ -447,6 +447,7 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
 
     Against the run's SFT policy, held-out prompts, reward model and (testbed) gold reward;
     the run's stages up to score are reused, or run first."""
+    from madpo_ray.config import check_path_component
     from madpo_ray.eval.heldout import evaluate_models
     from madpo_ray.layout import BEFORE_POLICY
     from madpo_ray.pipeline import Pipeline
@@ -461,7 +462,10 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
             fail(f"{folder}: not a model folder (no config.json)", 2)
         if not label:  # runs/x/policy/madpo/model -> "madpo"
             label = folder_path.parent.name if folder_path.name == "model" else folder_path.name
-        pairs.append((label, folder_path))
+        try:
+            pairs.append((check_path_component(label, "label"), folder_path))
+        except ValueError as e:
+            fail(str(e), 2)
     p = Pipeline(cfg)
     try:
         p.run(BEFORE_POLICY)

@@ -142,6 +142,16 @@ class OptimConfig(_Strict):
     group_by_length: bool = True  # batches of similar lengths (less padding); false: plain shuffle
 
 
+def check_path_component(value: str, what: str) -> str:
+    """`value` as one folder name: run names and method/eval labels become folders under runs/, so a
+    '/', a '..' or a control character would write somewhere else or make a name no one can type."""
+    bad = [c for c in value if ord(c) < 32 or c == "\x7f"]
+    if not value or value in (".", "..") or "/" in value or "\\" in value or bad:
+        raise ValueError(f"{what} {value!r} must be one folder name: not empty, not '.' or '..', without '/', "
+                         "'\\' or control characters")
+    return value
+
+
 def check_loss_name(name: str) -> str:
     from madpo_ray.losses import POLICY_LOSSES
 
@@ -251,6 +261,11 @@ class MethodConfig(_Strict):
     @classmethod
     def _registered(cls, name: str) -> str:
         return check_loss_name(name)
+
+    @field_validator("label")
+    @classmethod
+    def _one_folder(cls, label: Optional[str]) -> Optional[str]:
+        return label if label is None else check_path_component(label, "method label")
 
     @property
     def name(self) -> str:
@@ -375,6 +390,11 @@ class PipelineConfig(_Strict):
     compare: CompareConfig = CompareConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        return check_path_component(name, "run name")
 
     @property
     def run_dir(self) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from madpo_ray.config import ConfigError, LossConfig
+from madpo_ray.config import ConfigError, LossConfig, check_path_component
 
 TUNE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 LOSS_PARAMS = frozenset(LossConfig.model_fields)  # "name" included: a search may pick the loss
@@ -82,6 +82,11 @@ class SearchSpace(BaseModel):
     eval_every: int = Field(10, ge=1)  # optimiser steps between held-out evaluations (ASHA's time unit)
     params: dict[str, ParamSpec]
     fixed: dict[str, Any] = {}  # pipeline overrides applied to every trial, e.g. policy.optim.epochs: 1
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        return check_path_component(name, "search name")  # tune/<name>/ in the run folder
 
     @field_validator("params")
     @classmethod

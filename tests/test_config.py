@@ -43,3 +43,37 @@ def test_bad_yaml_files(tmp_path):
         load_config(tmp_path / "broken.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("name=../elsewhere", "run name '../elsewhere' must be one folder name"),
+    ("name=a/b", "run name 'a/b'"),
+    ("name=..", "run name '..'"),
+    ("compare.methods=[{loss: dpo, label: ../../x}]", "method label '../../x'"),
+    ("compare.methods=[{loss: dpo, label: 'a\\tb'}]", "method label"),
+])
+def test_names_that_become_folders_are_one_path_component(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config("tiny", [override])
+
+
+def test_a_search_name_is_one_folder(tmp_path):
+    from madpo_ray.tune_space import load_search_space
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: ../../x\nparams:\n  beta: {type: choice, values: [0.1]}\n")
+    with pytest.raises(ConfigError, match="search name"):
+        load_search_space(str(f))
+
+
+def test_an_eval_label_is_one_folder(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "madpo_ray", "eval", f"../up={tmp_path / 'm'}",
+                           "--set", f"runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "label '../up' must be one folder name" in out and "Traceback" not in out
+    assert not (tmp_path / "runs").exists()

@@ -28,6 +28,11 @@ BAD_ROWS = [
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "not a number"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt", "needs string 'role' and 'content'"),
     ({"prompt": "p", "chosen": "\ud800", "rejected": "b"}, "chosen", "not UTF-8"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 10 ** 400}, "margin", "too large for a float"),
+    ({"prompt": "p\x00q", "chosen": "a", "rejected": "b"}, "prompt", "control character: U+0000 at position 1"),
+    ({"prompt": "p", "chosen": "a\x1b[31m", "rejected": "b"}, "chosen", "control character: U+001B"),
+    ({"prompt": [{"role": "user", "content": "x\x07"}], "chosen": "a", "rejected": "b"}, "prompt",
+     "message 0: control character: U+0007"),
 ]
 
 
@@ -52,6 +57,23 @@ def test_malformed_json_and_bad_utf8_lines(tmp_path):
     reasons = {i.row: i.reason for i in report.issues}
     assert "malformed JSON" in reasons[1] and "not UTF-8" in reasons[2]
     assert report.counts() == {"malformed JSON": 1, "not UTF-8": 1}
+
+
+def test_tabs_newlines_and_carriage_returns_are_text(tmp_path):
+    row = {"prompt": "a\tb\r\nc", "chosen": "x\ny", "rejected": "z"}
+    pairs, report = load_pairs(str(_write_jsonl(tmp_path / "p.jsonl", [json.dumps(row)])))
+    assert len(pairs) == 1 and report.skipped == 0
+
+
+def test_deeply_nested_json_is_a_skipped_row_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = _write_jsonl(tmp_path / "p.jsonl", [GOOD, deep, GOOD])
+    pairs, report = load_pairs(str(path))
+    assert len(pairs) == 2 and report.issues[0].row == 1 and "nested too deeply" in report.issues[0].reason
+    whole = tmp_path / "p.json"
+    whole.write_text(deep)
+    with pytest.raises(DataValidationError, match="nested too deeply"):
+        load_pairs(str(whole))
 
 
 def test_non_object_row_and_all_bad_file(tmp_path):

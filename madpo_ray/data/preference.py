@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ def _read_jsonl_rows(path: Path, report: ValidationReport, strict: bool) -> list
                 rows.append((i, json.loads(text)))
             except json.JSONDecodeError as e:
                 report.add(i, "*", f"malformed JSON: {e.msg} at column {e.colno}", strict)
+            except RecursionError:  # thousands of nested brackets exhaust the parser's stack
+                report.add(i, "*", "malformed JSON: nested too deeply", strict)
     return rows
 
 
@@ -118,6 +121,8 @@ def read_raw_rows(source: str, split: str = "train", strict: bool = False,
                 data = json.loads(path.read_bytes().decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataValidationError(f"{path}: cannot read JSON: {e}") from None
+            except RecursionError:
+                raise DataValidationError(f"{path}: cannot read JSON: nested too deeply") from None
             if isinstance(data, dict) and split in data:
                 data = data[split]
             if not isinstance(data, list):
@@ -156,6 +161,11 @@ def is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
+# C0 control characters other than tab, newline and carriage return (and DEL): never text a person
+# wrote, often a sign of a binary or mis-decoded file, and a NUL cuts strings short in C libraries.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _check_text(value: Any, fld: str) -> Optional[str]:
     """None if the field is a usable string or message list, else the reason."""
     if value is None:
@@ -178,11 +188,30 @@ def _check_text(value: Any, fld: str) -> Optional[str]:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return "not UTF-8 (lone surrogate)"
+    bad = CONTROL_CHARACTERS.search(value)
+    if bad:
+        return f"control character: U+{ord(bad.group()):04X} at position {bad.start()}"
     return None
 
 
 def _content(value: Any) -> str:
     return "\n".join(m["content"] for m in value) if is_messages(value) else value
+
+
+def margin_problem(row: dict) -> Optional[str]:
+    """Why a row's given margin is unusable, or None (absent and null margins are fine)."""
+    m = row.get("margin")
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        return f"not a number (got {type(m).__name__})"
+    try:
+        value = float(m)  # an integer of 400 digits does not fit a float
+    except OverflowError:
+        return "not finite: an integer too large for a float"
+    if not math.isfinite(value):
+        return f"not finite: {value}"
+    return None
 
 
 def validate_rows(rows: Iterable[tuple[int, Any]], report: ValidationReport, strict: bool = False) -> list[dict]:
@@ -204,14 +233,10 @@ def validate_rows(rows: Iterable[tuple[int, Any]], report: ValidationReport, str
         if _content(row["chosen"]).strip() == _content(row["rejected"]).strip():
             report.add(idx, "rejected", "identical to chosen", strict)
             continue
-        if "margin" in row and row["margin"] is not None:
-            m = row["margin"]
-            if isinstance(m, bool) or not isinstance(m, (int, float)):
-                report.add(idx, "margin", f"not a number (got {type(m).__name__})", strict)
-                continue
-            if not math.isfinite(m):
-                report.add(idx, "margin", f"not finite: {m}", strict)
-                continue
+        reason = margin_problem(row)
+        if reason:
+            report.add(idx, "margin", reason, strict)
+            continue
         out = dict(row)
         out.setdefault("row_id", idx)
         kept.append(out)
