@@ -6,17 +6,26 @@ on small clusters a TorchTrainer inside a trial adds ~20 s of start-up and a sec
 group per trial (the starvation of ray-project/ray#54305); one worker per trial lets
 `max_concurrent_trials` equal the free CPUs. Every trial reads the same scored parquet: nothing
 is re-scored. The search-space schema is in `tune_space.py`.
+
+Resuming never unpickles Tune's experiment state from the run folder (shared storage: a pickle
+there is code anyone with write access could plant). Each trial that finishes writes its
+parameters and last report as JSON under tune/<search>/finished_trials/; `--resume` runs the
+same search again, and a trial whose parameters match a record reports the recorded result at
+once instead of training (random and Optuna searches are seeded with the recorded points first).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Optional
 
 from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
+from madpo_ray.io import write_json
 from madpo_ray.plotting import pyplot, save
 from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
@@ -77,12 +86,52 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
     return evaluate
 
 
+FINISHED_TRIALS = "finished_trials"
+
+
+def params_key(params: dict) -> str:
+    """A trial's identity for resuming: its parameters (fault-injection ones included)."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def finished_trials(out_dir: Path) -> list[dict]:
+    """The records ({params, metrics}) of the search's finished trials: JSON, never a pickle."""
+    folder = Path(out_dir) / FINISHED_TRIALS
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+class LastReport:
+    """Wraps a session and keeps its last report, which becomes the trial's finished record."""
+
+    def __init__(self, inner):
+        self.inner, self.metrics = inner, None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        self.metrics = dict(metrics)
+        self.inner.report(metrics, checkpoint_dir)
+
+
+def replay_finished(params: dict, finished_dir: Optional[str]) -> bool:
+    """Report a finished trial's recorded result (a resumed search), or False when there is none."""
+    record = Path(finished_dir) / f"{params_key(params)}.json" if finished_dir else None
+    if record is None or not record.is_file():
+        return False
+    from ray import tune
+
+    tune.report(json.loads(record.read_text())["metrics"])
+    return True
+
+
 def trial(params: dict, *, base_config: dict, scored_train: str, scored_validation: str,
           validation_docs: Optional[str],
           model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
-          reward_dir: Optional[str] = None, tracking: Optional[dict] = None) -> None:
+          reward_dir: Optional[str] = None, tracking: Optional[dict] = None, finished_dir: Optional[str] = None) -> None:
     """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps,
-    tracked as the search's training named after the trial."""
+    tracked as the search's training named after the trial; its last report recorded in `finished_dir`
+    (a resumed search replays it instead of training again)."""
     import torch
 
     from madpo_ray.data.scored import load_policy_examples
@@ -93,6 +142,8 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     from madpo_ray.tracking import tracked
 
     quiet_libraries()
+    if replay_finished(params, finished_dir):
+        return
     torch.set_num_threads(1)
     cfg = apply_trial_params(PipelineConfig.model_validate(base_config), params, loss)
     if fail_marker and not Path(fail_marker).exists() and params.get("_fail_once"):
@@ -101,10 +152,12 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     cfg = config_from_dict(cfg.model_dump(mode="json"), [f"policy.optim.report_every={eval_every}",
                                                          f"policy.optim.checkpoint_every={eval_every}"])
     evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
-    session = RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
-                             torch.device("cpu"))
-    with tracked(session, trial_tracking(tracking, params)) as session:
-        train_policy(cfg, session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
+    session = LastReport(RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
+                                        torch.device("cpu")))
+    with tracked(session, trial_tracking(tracking, params)) as tracked_session:
+        train_policy(cfg, tracked_session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
+    if finished_dir and session.metrics is not None:
+        write_json(Path(finished_dir) / f"{params_key(params)}.json", {"params": params, "metrics": session.metrics})
 
 
 def trial_tracking(tracking: Optional[dict], params: dict) -> Optional[dict]:
@@ -144,20 +197,28 @@ def cluster_cpus() -> int:
 
 
 def new_tuner(trainable, space: SearchSpace, storage: Path, num_samples: Optional[int], cpus_per_trial: float,
-              fail_once: bool):
-    """A fresh Tuner: the param space, the search algorithm, ASHA, and as many trials at once as CPUs allow."""
+              fail_once: bool, finished: Optional[list[dict]] = None):
+    """A Tuner: the param space, the search algorithm, ASHA, and as many trials at once as CPUs allow.
+    `finished` (a resumed search): the recorded trials' parameters go first where the search samples,
+    so they are replayed; a grid repeats its points by itself."""
     from ray import tune
 
     param_space = {k: p.to_tune() for k, p in space.params.items()}
     if fail_once:  # tests: one extra trial that fails on its first attempt (an interrupted search)
         param_space["_fail_once"] = tune.grid_search([False, True])
+    sampled = space.search != "grid" and not any(isinstance(v, dict) and "grid_search" in v for v in param_space.values())
+    points = [r["params"] for r in finished or []] if sampled else None
     search_alg = None
     if space.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
             raise ConfigError("search: optuna needs `pip install optuna` (the `tune` extra)") from e
-        search_alg = OptunaSearch()
+        search_alg = OptunaSearch(points_to_evaluate=points or None)
+    elif points:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(points_to_evaluate=points)
     scheduler = None
     if space.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -211,25 +272,34 @@ def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = lay.tune_dir.resolve()
     tracking = search_tracking(pipeline.cfg, space.name)
+    finished = start_or_resume(out_dir, space.name, resume)
     trainable = tune.with_parameters(
         trial, base_config=pipeline.cfg.model_dump(mode="json"), **trial_inputs(pipeline),
         loss=space.loss, objective=space.objective,
         eval_every=space.eval_every, fail_marker=str(out_dir / ".fail_once") if fail_once else None,
-        tracking=tracking)
+        tracking=tracking, finished_dir=str(out_dir / FINISHED_TRIALS))
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
-    path = storage / space.name
-    if resume and tune.Tuner.can_restore(str(path)):
-        log.info("resuming search %s from %s", space.name, path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    else:
-        if resume:
-            log.warning("nothing to resume at %s; starting a new search", path)
-        tuner = new_tuner(trainable, space, storage, num_samples, cpus_per_trial, fail_once)
+    tuner = new_tuner(trainable, space, storage, num_samples, cpus_per_trial, fail_once, finished)
     results = tuner.fit()
     errored = frozenset((r.metrics or {}).get("trial_id") for r in results if r.error)
     if end_stopped_trials(tracking, errored):
         log.info("search %s: trial runs left open in MLflow ended (KILLED: stopped early; FAILED: errored)", space.name)
     return write_results(pipeline, space, results, out_dir)
+
+
+def start_or_resume(out_dir: Path, search: str, resume: bool) -> list[dict]:
+    """The finished trials a resumed search keeps; a new search first removes the records an
+    earlier search of this name wrote (only its own JSON files), so none of them is replayed."""
+    finished = finished_trials(out_dir)
+    if resume:
+        log.info("resuming search %s: %d finished trial(s) recorded in %s are kept, the rest run", search,
+                 len(finished), out_dir / FINISHED_TRIALS)
+        if not finished:
+            log.warning("nothing to resume in %s: every trial runs", out_dir / FINISHED_TRIALS)
+        return finished
+    for record in (out_dir / FINISHED_TRIALS).glob("*.json"):
+        record.unlink()
+    return []
 
 
 def write_results(pipeline, space: SearchSpace, results, out_dir: Path) -> dict:

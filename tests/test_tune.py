@@ -2,6 +2,7 @@
 table and best config; resuming an interrupted search reruns only the unfinished trial."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,33 @@ def test_two_trial_search_then_resume(tmp_path):
         last = json.loads((finished[0] / "result.json").read_text().splitlines()[-1])
         assert last["param_dtype"] == "torch.bfloat16"
         lines_before = (finished[0] / "result.json").read_text().count("\n")
+        # Every pickle Tune left in the run folder (shared storage) becomes one that would run code
+        # when loaded: resuming must read the project's own JSON records, never these.
+        pickles = list(out.rglob("*.pkl"))
+        assert pickles  # Tune did write some: the check below is not vacuous
+        canary = tmp_path / "unpickled"
+        for f in pickles:
+            f.write_bytes(pickle.dumps(PlantedPickle(str(canary))))
+        records = list((out / "finished_trials").glob("*.json"))
+        assert len(records) == 1 and json.loads(records[0].read_text())["params"]["_fail_once"] is False
         second = run_search(p, space, resume=True, fail_once=True)
+        assert not canary.exists()
         assert second["trials"] == 2 and second["errored"] == 0
         assert (finished[0] / "result.json").read_text().count("\n") == lines_before  # not rerun
         assert len(_trial_runs(p.cfg)) == 2  # the resumed search tracked the trial that failed before
+        assert len(list((out / "finished_trials").glob("*.json"))) == 2
     finally:
         ray.shutdown()
+
+
+class PlantedPickle:
+    """A pickle that writes a file when loaded: what an attacker with write access could plant."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "code ran"))
 
 
 def _scored_pipeline(tmp_path, max_steps: int):
