@@ -207,6 +207,7 @@ def prepare_for_training(model, cfg: ModelConfig, task: str = "causal"):
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
+    check_lora_targets(model, cfg.lora.target_modules)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules),
                       task_type=TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM,
@@ -216,6 +217,27 @@ def prepare_for_training(model, cfg: ModelConfig, task: str = "causal"):
     log.info("LoRA r=%d on %s: %d of %d parameters trainable (%.2f%%)", cfg.lora.r, ",".join(cfg.lora.target_modules),
              trainable, total, 100.0 * trainable / total)
     return model
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every LoRA target names linear layers of this model, or an error that lists the names it has.
+    The default (q/k/v/o_proj) fits Llama, Qwen, Mistral and Gemma; GPT-2, GPT-NeoX and Phi-3 fuse
+    or rename the projections, and peft's own error would not say what to set instead."""
+    linear = sorted({name.split(".")[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"} - {"score", "lm_head"})
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ModelLoadError(f"LoRA target modules {missing} are not layers of this {model_type} model; its linear "
+                             f"layers are named {linear}: set model.lora.target_modules to some of them "
+                             f"(the attention projections, e.g. {suggested_targets(linear)})")
+
+
+def suggested_targets(linear: list[str]) -> list[str]:
+    """The attention projections among a model's linear layer names (the usual LoRA targets)."""
+    attention = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense",
+                 "Wqkv", "out_proj", "query", "key", "value"}
+    return [n for n in linear if n in attention] or linear[:2]
 
 
 def trainable_parameters(model) -> tuple[int, int]:

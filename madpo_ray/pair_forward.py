@@ -9,12 +9,21 @@ responses, about 1.8x fewer.
 On CPU (and any backend taking a dense mask, e.g. SDPA or eager attention) the mask is an
 explicit boolean [B, 1, L, L]; attention implementations that cannot take a custom mask
 (flash-attention) use the two-sequence path instead (`uses_shared_prompt`).
+
+Sliding-window attention (Mistral, Phi-3, Qwen2's lower layers, Gemma-2/3's local layers) is
+part of the mask: transformers passes a custom 4-D mask through unchanged, so a window the mask
+does not carry is never applied. A windowed layer's key is visible when the pair mask allows it
+and it lies within the window counted in *logical* positions, along the query's own sequence (a
+rejected token counts the prompt as directly before it). Models that mix full and windowed
+layers get one mask per layer type (transformers' {layer type: mask} mapping) where their
+decoder takes it; any other attention layout falls back to two sequences, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +32,57 @@ from madpo_ray.logprobs import SequenceLogProbs, token_logprobs
 
 log = logging.getLogger(__name__)
 MASKABLE_ATTENTION = ("sdpa", "eager")  # both tested equal to the two-sequence forward
+FULL_LAYER, WINDOWED_LAYER = "full_attention", "sliding_attention"  # transformers' layer type names
+# Decoders (transformers 5.x) that take {layer type: mask} for models mixing full and windowed
+# layers; each is in the architecture matrix of tests/test_model_families.py.
+MASK_MAPPING_MODELS = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the pair mask must carry for a model: its layer types and the sliding window."""
+    model_type: str
+    layer_types: tuple[str, ...]  # the distinct types of its layers
+    window: Optional[int]  # tokens a windowed layer attends to (None: no windowed layer)
+
+    @property
+    def per_layer_type(self) -> bool:
+        return len(self.layer_types) > 1
+
+
+def attention_layout(model) -> AttentionLayout:
+    """From the config: `layer_types` where the model declares them (Qwen2, Gemma-2/3); a window
+    with no layer types windows every layer (Mistral, Phi-3)."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None) or None
+    types = tuple(dict.fromkeys(getattr(cfg, "layer_types", None) or ()))
+    if not types:
+        types = (WINDOWED_LAYER,) if window else (FULL_LAYER,)
+    return AttentionLayout(getattr(cfg, "model_type", "?"), types, window if WINDOWED_LAYER in types else None)
+
+
+def shared_prompt_problem(model) -> Optional[str]:
+    """Why the shared-prompt mask cannot express this model's attention, or None."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if impl not in MASKABLE_ATTENTION:
+        return f"attention {impl!r} cannot take the shared-prompt mask"
+    layout = attention_layout(model)
+    unknown = [t for t in layout.layer_types if t not in (FULL_LAYER, WINDOWED_LAYER)]
+    if unknown:
+        return f"layer types {unknown} of {layout.model_type!r} are neither full nor sliding-window attention"
+    if layout.per_layer_type and layout.model_type not in MASK_MAPPING_MODELS:
+        return (f"{layout.model_type!r} mixes full and sliding-window layers and is not known to take one mask "
+                f"per layer type (known: {', '.join(MASK_MAPPING_MODELS)})")
+    return None
 
 
 def uses_shared_prompt(model, wanted: str) -> bool:
-    """Whether to run the shared-prompt forward: asked for, and the model's attention takes a mask."""
+    """Whether to run the shared-prompt forward: asked for, and the mask can express the model's attention."""
     if wanted != "shared_prompt":
         return False
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    if impl not in MASKABLE_ATTENTION:
-        log.warning("attention %r cannot take the shared-prompt mask: using two sequences per pair", impl)
+    problem = shared_prompt_problem(model)
+    if problem:
+        log.warning("%s: using two sequences per pair (model.pair_forward=shared_prompt falls back)", problem)
         return False
     return True
 
@@ -85,7 +136,14 @@ class SharedPairCollator:
         return batch
 
 
-def model_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+def within_window(position_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, L, L]: the key lies fewer than `window` logical positions before the query (as
+    transformers' sliding window: q - k < window), along the query's own sequence."""
+    distance = position_ids[:, :, None] - position_ids[:, None, :]
+    return (distance < window)[:, None]
+
+
+def attention_input(model, allowed: torch.Tensor):
     """SDPA takes the boolean mask as it is; eager attention *adds* a 4-D mask to its scores, so it
     gets 0 where allowed and the dtype's minimum elsewhere (a boolean would add 1 and mask nothing)."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
@@ -95,8 +153,21 @@ def model_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def model_mask(model, batch: dict):
+    """The attention mask the model gets: the pair mask, windowed for windowed layers; one mask per
+    layer type for models that mix them."""
+    layout = attention_layout(model)
+    allowed = batch["pair_mask"]
+    masks = {FULL_LAYER: allowed}
+    if layout.window:
+        masks[WINDOWED_LAYER] = allowed & within_window(batch["position_ids"], layout.window)
+    if not layout.per_layer_type:
+        return attention_input(model, masks[layout.layer_types[0]])
+    return {t: attention_input(model, masks[t]) for t in layout.layer_types}
+
+
 def shared_forward(model, batch: dict):
-    return model(input_ids=batch["input_ids"], attention_mask=model_mask(model, batch["pair_mask"]),
+    return model(input_ids=batch["input_ids"], attention_mask=model_mask(model, batch),
                  position_ids=batch["position_ids"])
 
 
@@ -124,7 +195,7 @@ def shared_pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     """A reward model's scores of the chosen and the rejected response (each at its last token)."""
     from madpo_ray.models import per_position_scores
 
-    scores = per_position_scores(model, input_ids=batch["input_ids"], attention_mask=model_mask(model, batch["pair_mask"]),
+    scores = per_position_scores(model, input_ids=batch["input_ids"], attention_mask=model_mask(model, batch),
                                  position_ids=batch["position_ids"])  # [B, L]
     rows = torch.arange(scores.shape[0], device=scores.device)
     chosen_last = batch["rejected_start"] - 1
