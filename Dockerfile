@@ -10,11 +10,21 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
 ARG EXTRAS=vllm
 
-# The Ray base image runs as user "ray" (uid 1000, gid 100), matching the manifests' securityContext.
-WORKDIR /home/ray/madpo-ray
-COPY --chown=1000:100 . .
+# The code is owned by root and not writable by the user the image runs as ("ray", uid 1000, gid 100,
+# matching the manifests' securityContext): a compromised process cannot rewrite what later
+# processes import. It lives outside that user's home, whose folder the user could rename.
+# Only what the package and the manifests' entrypoints need is copied (the same allowlist as
+# `madpo submit`), so a key or credentials file in the build folder never lands in the image.
+USER root
+WORKDIR /opt/madpo-ray
+COPY --chown=0:0 pyproject.toml README.md ./
+COPY --chown=0:0 madpo_ray ./madpo_ray
+COPY --chown=0:0 configs ./configs
+COPY --chown=0:0 tune_configs ./tune_configs
+COPY --chown=0:0 serve ./serve
 
 RUN set -eux; \
+    export PIP_ROOT_USER_ACTION=ignore; \
     if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL"; \
     else \
@@ -22,8 +32,11 @@ RUN set -eux; \
     fi; \
     pip install --no-cache-dir -e ".[${EXTRAS}]"; \
     pip uninstall -y torchvision torchaudio torchcodec || true; \
+    chown -R 0:0 /opt/madpo-ray; \
+    chmod -R u=rwX,go=rX /opt/madpo-ray; \
     python -c "import madpo_ray, torch, ray; print('madpo-ray ready: torch', torch.__version__, 'ray', ray.__version__)"
 
+# Run unprivileged from here on (the last USER line: tests/test_k8s.py checks it).
 USER 1000:100
 ENV HF_HOME=/runs/.hf-cache \
     TOKENIZERS_PARALLELISM=false \

@@ -609,7 +609,9 @@ def _jobs_call(fn, *args, **kwargs):
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT,
            pip: List[str] = typer.Option([], "--pip", help="Extra pip requirement for the job's runtime_env (repeatable)."),
-           env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)."),
+           env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable). Names that "
+                                  "look like secrets (TOKEN, KEY, PASSWORD...) are refused: job settings are readable "
+                                  "by anyone who can list jobs; mount the secret as a file instead."),
            job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: generated)."),
            follow: bool = typer.Option(False, "--follow/--no-follow", help="Stream logs until the job ends.")):
     """Submit a madpo command to a Ray cluster: `madpo submit --address URL -- run data.num_documents=500`."""
@@ -622,7 +624,7 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
         k, v = item.split("=", 1)
         env_vars[k] = v
     jid = _jobs_call(sub.submit, ctx.args, address=address, token=token, pip=pip or None, env_vars=env_vars,
-                     job_id=job_id)
+                     job_id=job_id, notify=lambda m: console.print(f"[yellow]{m}[/yellow]", soft_wrap=True))
     console.print(f"submitted job [bold]{jid}[/bold]")
     console.print(f"follow it:  madpo jobs logs {jid} --follow   |   stop it:  madpo jobs stop {jid}")
     if follow:

@@ -92,18 +92,106 @@ def test_stop_a_running_job(head, tmp_path):
     assert not (tmp_path / "job2" / "sft" / "DONE").exists()
 
 
-def test_secrets_are_never_uploaded(tmp_path):
-    """The working_dir's excludes, matched the way Ray matches them (gitignore patterns)."""
-    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's packaging uses
+def _fake_tree(root: Path, files: list[str]) -> None:
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
 
-    from madpo_ray.submit import build_runtime_env
 
-    spec = PathSpec.from_lines("gitwildmatch", build_runtime_env(tmp_path)["excludes"])
-    secret = [".env", "configs/.env", ".env.prod", "tls/server.pem", "server.key", ".netrc", "kubeconfig",
-              "deploy/kubeconfig", ".ray/auth_token", ".kube/config"]
-    kept = ["madpo_ray/cli.py", "configs/tiny.yaml", "k8s/base/rayservice.yaml", "keys.py"]
-    assert [p for p in secret if not spec.match_file(p)] == []
-    assert [p for p in kept if spec.match_file(p)] == []
+CHECKOUT_KEPT = ["madpo_ray/__init__.py", "madpo_ray/cli.py", "madpo_ray/data/corpus/a.txt", "configs/tiny.yaml",
+                 "tune_configs/madpo_default.yaml", "serve/app.py", "serve/config.yaml", "README.md", "pyproject.toml"]
+CHECKOUT_SECRETS = ["api-key", "api_key", ".git-credentials", ".aws/credentials", ".config/gcloud/creds.json",
+                    "mlruns/0/meta.yaml", "runs/tiny/summary.json", ".env", "notes/secret.txt", "credentials.json",
+                    "configs/api-key", "configs/.env", "configs/server.key", "madpo_ray/__pycache__/cli.cpython-311.pyc",
+                    ".git/config", "madpo_ray.egg-info/PKG-INFO", "k8s/base/rayservice.yaml"]
+
+
+def _uploaded(plan, tmp_path: Path) -> set[str]:
+    """What Ray itself would zip from the staged working_dir (its own packaging code)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    from madpo_ray.submit import stage_working_dir
+
+    staged = stage_working_dir(plan, tmp_path / "staged")
+    create_package(str(staged), tmp_path / "upload.zip", include_gitignore=True)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "upload.zip") as z:
+        return {n for n in z.namelist() if not n.endswith("/")}
+
+
+def test_working_dir_is_an_allowlist_of_the_checkout(tmp_path):
+    """A key, cloud credentials, .git-credentials and mlruns/ beside the code never go up."""
+    from madpo_ray.submit import plan_upload
+
+    root = tmp_path / "checkout"
+    _fake_tree(root, CHECKOUT_KEPT + CHECKOUT_SECRETS)
+    (root / "pyproject.toml").write_text('[project]\nname = "madpo-ray"\nreadme = "README.md"\n')
+    (root / "configs" / "linked.yaml").symlink_to(root / ".aws" / "credentials")
+    plan = plan_upload(root / "madpo_ray")
+    assert plan.missing == [] and plan.missing_message() is None
+    assert _uploaded(plan, tmp_path) == set(CHECKOUT_KEPT)
+
+
+def test_installed_package_uploads_only_itself_and_says_what_is_missing(tmp_path):
+    """After a wheel install the package's parent is site-packages: neither it nor another
+    distribution's top-level configs/ or serve/ is uploaded, and the gap is named."""
+    from madpo_ray.submit import plan_upload
+
+    site = tmp_path / "site-packages"
+    _fake_tree(site, ["madpo_ray/__init__.py", "madpo_ray/cli.py", "configs/other.yaml", "serve/app.py",
+                      "requests/__init__.py", "pyproject.toml"])
+    plan = plan_upload(site / "madpo_ray")
+    assert plan.entries == [site / "madpo_ray"]
+    assert plan.missing == ["configs/", "tune_configs/", "serve/", "pyproject.toml"]
+    assert "configs/, tune_configs/, serve/, pyproject.toml" in plan.missing_message()
+    assert _uploaded(plan, tmp_path) == {"madpo_ray/__init__.py", "madpo_ray/cli.py"}
+
+
+def test_submit_sends_the_staged_allowlist_and_no_excluded_folder(tmp_path, monkeypatch):
+    """The whole submit path without a cluster: the runtime_env Ray receives names a staged folder
+    holding only the allowlist (read while submit_job runs; the folder is removed after)."""
+    from madpo_ray import submit as sub
+
+    root = tmp_path / "checkout"
+    _fake_tree(root, CHECKOUT_KEPT + CHECKOUT_SECRETS)
+    (root / "pyproject.toml").write_text('[project]\nname = "madpo-ray"\nreadme = "README.md"\n')
+    seen = {}
+
+    class FakeClient:
+        def submit_job(self, entrypoint, submission_id, runtime_env, metadata):
+            wd = Path(runtime_env["working_dir"])
+            seen.update(env=runtime_env, files={str(f.relative_to(wd)) for f in wd.rglob("*") if f.is_file()})
+            return "raysubmit_fake"
+
+    monkeypatch.setattr(sub, "client", lambda address, token: FakeClient())
+    assert sub.submit(["run"], package_dir=root / "madpo_ray", env_vars={"HF_HUB_OFFLINE": "1"}) == "raysubmit_fake"
+    assert seen["files"] == set(CHECKOUT_KEPT)
+    assert seen["env"]["env_vars"] == {"HF_HUB_OFFLINE": "1"} and not Path(seen["env"]["working_dir"]).exists()
+
+
+SECRET_NAMES = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MADPO_API_KEY",
+                "WANDB_API_KEY", "OPENAI_APIKEY", "db-password", "PGPASSWORD", "GITHUB_PAT", "MY_CREDENTIALS", "SECRET"]
+PLAIN_NAMES = ["HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "MADPO_API_KEY_FILE", "RAY_AUTH_MODE", "KEYBOARD_LAYOUT",
+               "SSL_CERT_FILE", "OMP_NUM_THREADS", "MONKEY"]
+
+
+def test_secret_looking_env_names_are_refused():
+    from madpo_ray.submit import SubmitError, build_runtime_env, secret_env_names
+
+    assert secret_env_names(dict.fromkeys(SECRET_NAMES + PLAIN_NAMES, "v")) == SECRET_NAMES
+    with pytest.raises(SubmitError, match=r"refusing --env HF_TOKEN: .*Kubernetes Secret") as e:
+        build_runtime_env(Path("."), env_vars={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_value"})
+    assert "hf_value" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_refuses_a_secret_env_in_one_line_before_contacting_a_cluster():
+    out = _madpo("submit", "--address", "http://127.0.0.1:9", "--env", "HF_TOKEN=hf_do_not_print", "--", "run",
+                 timeout=60)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert "refusing --env HF_TOKEN" in text and "hf_do_not_print" not in text
+    assert "Traceback" not in text and "cannot reach" not in text
 
 
 def test_token_over_plain_http_to_another_host_warns():
