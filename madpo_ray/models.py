@@ -269,6 +269,14 @@ def save_trained(model, tokenizer, model_dir: Path, adapter_dir: Optional[Path],
 
 
 # --------------------------------------------------------------------------- GGUF
+def gguf_flag(gguf_path: Path, key: str) -> bool:
+    """A boolean metadata field of a GGUF file (False when absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get(key)
+    return bool(field is not None and field.data and field.parts[field.data[0]][0])
+
+
 def import_gguf(gguf_path: Path, out_dir: Path, force: bool = False) -> dict:
     """A GGUF checkpoint (e.g. a llama.cpp quantisation) as a normal HF folder: tokenizer with its
     chat template, and the dequantised weights in float32 safetensors.
@@ -298,6 +306,8 @@ def import_gguf(gguf_path: Path, out_dir: Path, force: bool = False) -> dict:
     except RuntimeError as e:
         raise ModelLoadError(f"{gguf_path}: weights do not fit a {config.model_type} of this config: {e}") from e
     ensure_pad_token(tokenizer)
+    if gguf_flag(gguf_path, "tokenizer.ggml.add_bos_token") and not getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = True  # transformers drops the flag; Gemma without <bos> writes gibberish
     save_model_atomically(model, tokenizer, Path(out_dir), meta={"source": str(gguf_path), "format": "gguf"},
                           marker="madpo model import-gguf")
     return {"parameters": count_parameters(model), "architecture": config.model_type,

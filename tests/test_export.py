@@ -94,6 +94,25 @@ def test_export_never_replaces_a_folder_it_did_not_write(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "mine.old", "ours"]  # no temp left
 
 
+def test_a_base_models_terms_travel_with_the_export(run, tmp_path):
+    """A model derived from Gemma comes with Gemma's terms: the base folder's terms files are copied
+    beside the card, and the card says so and carries the license its front matter declares."""
+    base = tmp_path / "gemma-base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: gemma\n---\n")
+    (base / "GEMMA_TERMS.html").write_text("<html>Gemma Terms of Use</html>")
+    cfg = load_config(run.run_dir / "config.yaml", [f"model.name_or_path={base}"])
+    save_config(cfg, run.config_path)
+    try:
+        out = export_run(run.run_dir, out=tmp_path / "derived")
+    finally:
+        save_config(load_config(run.run_dir / "config.yaml", ["model.name_or_path=null"]), run.config_path)
+    card = (out / "README.md").read_text()
+    assert (out / "GEMMA_TERMS.html").read_text() == "<html>Gemma Terms of Use</html>"
+    assert read_front_matter(out / "README.md")["license"] == "gemma"
+    assert "comes with the base model's terms, carried beside this card: GEMMA_TERMS.html" in card
+
+
 def test_export_refuses_symlinks_in_the_model_folder(run, tmp_path):
     link = run.model_dir("policy") / "extra.json"
     link.symlink_to(tmp_path)
