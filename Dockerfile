@@ -19,8 +19,6 @@ USER root
 WORKDIR /opt/madpo-ray
 COPY --chown=0:0 pyproject.toml README.md ./
 COPY --chown=0:0 madpo_ray ./madpo_ray
-COPY --chown=0:0 configs ./configs
-COPY --chown=0:0 tune_configs ./tune_configs
 COPY --chown=0:0 serve ./serve
 
 RUN set -eux; \

@@ -17,8 +17,8 @@ help:
 	@echo "make test       install everything and run the test suite (what .ci/run calls)"
 	@echo "make test-fast  the suite without Ray/slow tests"
 	@echo "make bench      benchmarks (bench/README.md)"
-	@echo "make smollm2    a real pretrained model offline (SmolLM2-135M-Instruct) for configs/smollm2-debian.yaml"
-	@echo "make gemma3     the paper's model offline (gemma-3-270m, Gemma terms) for configs/gemma3-270m.yaml"
+	@echo "make smollm2    a real pretrained model offline (SmolLM2-135M-Instruct) for the smollm2-debian preset"
+	@echo "make gemma3     the paper's model offline (gemma-3-270m, Gemma terms) for the gemma3-270m preset"
 
 install: $(VENV)/.installed
 

@@ -1,6 +1,6 @@
 """`madpo`: the command-line entry point.
 
-    madpo run                                  # whole pipeline, embedded default (configs/tiny.yaml)
+    madpo run                                  # whole pipeline, embedded default (the tiny preset)
     madpo run policy.loss.beta=0.2 ray.num_workers=1
     madpo train --loss dpo                     # another loss from the same scored pairs
     madpo weights                              # the MADPO weight table
@@ -48,7 +48,7 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
     """Margin-Adaptive DPO on Ray: SFT -> reward model -> scoring -> policy training."""
 
 
-CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="Preset name in configs/ or a YAML path.")
+CONFIG_OPT = typer.Option("tiny", "--config", "-c", help="A shipped preset's name (madpo init writes them out) or a YAML path.")
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. policy.loss.beta=0.2 ray.num_workers=1")
 ADDRESS_OPT = typer.Option(None, "--address", help="Join this Ray cluster (host:port, ray://host:port, or 'auto' "
                            "for the `ray start` cluster on this machine) instead of starting a local one.")
@@ -350,6 +350,35 @@ def run_comparisons(cfg) -> None:
     console.print(f"table: {out / 'table.md'}\nplot:  {out / (results['column'] + '_vs_temperature.png')}")
 
 
+@app.command("init")
+def init_cmd(folder: str = typer.Argument(".", help="Where to write configs/ and tune_configs/ (default: here)."),
+             force: bool = typer.Option(False, "--force", help="Overwrite files of the same name.")):
+    """Write the shipped presets and search spaces into FOLDER/configs/ and FOLDER/tune_configs/ for
+    editing; run an edited one by path: `madpo run -c configs/tiny.yaml`. Existing files are kept
+    unless --force."""
+    from madpo_ray.config import PRESETS
+    from madpo_ray.tune_space import SEARCH_SPACES
+
+    written, kept = [], []
+    for source, sub in ((PRESETS, "configs"), (SEARCH_SPACES, "tune_configs")):
+        out = Path(folder) / sub
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(source.iterdir(), key=lambda f: f.name):
+            if not f.name.endswith(".yaml"):
+                continue
+            target = out / f.name
+            if target.exists() and not force:
+                kept.append(str(target))
+                continue
+            target.write_text(f.read_text())
+            written.append(str(target))
+    console.print(f"wrote {len(written)} files into {folder}/configs and {folder}/tune_configs", highlight=False)
+    if kept:
+        console.print(f"kept {len(kept)} existing files (--force overwrites them): {', '.join(kept[:4])}"
+                      + (" ..." if len(kept) > 4 else ""), highlight=False, soft_wrap=True)
+    console.print(f"run one:  madpo run -c {Path(folder) / 'configs' / 'tiny.yaml'}", highlight=False)
+
+
 @app.command("runs")
 def runs_cmd(runs_dir: str = typer.Argument("runs", help="The folder that holds run folders (runs_dir)."),
              as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")):
@@ -536,8 +565,8 @@ def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.c
 
 @app.command()
 def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
-         config: str = typer.Option("madpo_default", "--config", help="Search space: a tune_configs/ name or YAML path."),
-         pipeline: str = typer.Option("tiny", "--pipeline", "-p", help="Pipeline preset (configs/) the trials start from."),
+         config: str = typer.Option("madpo_default", "--config", help="Search space: a shipped one's name or a YAML path."),
+         pipeline: str = typer.Option("tiny", "--pipeline", "-p", help="Pipeline preset (name or YAML path) the trials start from."),
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search (finished trials are kept)."),
          num_samples: Optional[int] = typer.Option(None, help="Override the search space's num_samples."),
          cpus_per_trial: float = typer.Option(1.0, help="CPUs per trial; concurrent trials = cluster CPUs / this."),

@@ -52,7 +52,7 @@ log = logging.getLogger("madpo_ray.compare")
 
 ABLATIONS = ("madpo_amplify", "madpo_regularize")  # the paper's "amplify only" and "regularise only"
 POLICY_KEYS = ("margin_noise",)  # method overrides that are policy settings, not loss parameters
-SEARCH_HINT = "madpo tune --config {loss}_gold"  # the shipped validation search of each loss (tune_configs/)
+SEARCH_HINT = "madpo tune --config {loss}_gold"  # the shipped validation search of each loss (madpo_ray/tune_configs/)
 
 
 def loss_for_method(cfg: PipelineConfig, loss: str) -> LossConfig:

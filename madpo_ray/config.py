@@ -1,6 +1,6 @@
 """Typed pipeline configuration: pydantic models, YAML presets, dotted CLI overrides.
 
-    cfg = load_config("configs/tiny.yaml", ["policy.loss.beta=0.2", "ray.num_workers=1"])
+    cfg = load_config("tiny", ["policy.loss.beta=0.2", "ray.num_workers=1"])
 
 Every model forbids unknown keys, so a typo fails before any Ray work starts, with a
 message that names the dotted key and the value it was given.
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import math
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped presets, package data (found in a wheel as in a checkout); `madpo init` copies them out.
+PRESETS = resources.files("madpo_ray") / "configs"
 # How a document becomes a prompt, unless data.prompt_template says otherwise. Saved with every
 # model (madpo.json) so a server formats prompts as the policy was trained.
 DEFAULT_PROMPT_TEMPLATE = "{document}\nTL;DR:"
@@ -453,15 +455,17 @@ def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Pipeli
         raise ConfigError(_format_validation_error(e, raw)) from None
 
 
-def resolve_preset(path_or_name: str | Path) -> Path:
-    """A path, or a preset name from configs/ ("tiny" -> configs/tiny.yaml)."""
+def resolve_preset(path_or_name: str | Path):
+    """A path (a user's own file wins), or the name of a shipped preset ("tiny": the package's
+    configs/tiny.yaml). Returns something with read_text()."""
     p = Path(path_or_name)
     if p.exists():
         return p
-    candidate = CONFIGS_DIR / f"{path_or_name}.yaml"
-    if candidate.exists():
+    candidate = PRESETS / f"{path_or_name}.yaml"
+    if candidate.is_file():
         return candidate
-    raise ConfigError(f"config {str(path_or_name)!r} not found (nor {candidate})")
+    names = sorted(f.name[:-5] for f in PRESETS.iterdir() if f.name.endswith(".yaml"))
+    raise ConfigError(f"config {str(path_or_name)!r} is neither a file nor a shipped preset ({', '.join(names)})")
 
 
 def load_config(path_or_name: str | Path | None = None, overrides: Optional[list[str]] = None) -> PipelineConfig:

@@ -4,7 +4,7 @@ Ray 2.60 clusters use token authentication by default: the token comes from `--t
 `RAY_AUTH_TOKEN`, or the cluster's `~/.ray/auth_token` on this machine, travels only in
 the Authorization header, and is never printed or put in the job's metadata.
 
-The job's working_dir is an allowlist (the package, configs/, tune_configs/, serve/, pyproject.toml
+The job's working_dir is an allowlist (the package with its presets and search spaces, serve/, pyproject.toml
 and the README it names) staged in a temporary folder, never the folder the command runs from;
 `--env` names that look like secrets are refused, since job settings are readable by anyone who
 can list the cluster's jobs.
@@ -29,8 +29,8 @@ PROJECT_NAME = "madpo-ray"
 # What a job needs besides the package, looked up beside it in a source checkout. An allowlist,
 # not a denylist: whatever else lies in the folder (keys, cloud credentials, mlruns/, runs/) never
 # goes up, since a working_dir lands on every node and in the cluster's package cache.
-UPLOAD_ALLOWLIST = ("configs", "tune_configs", "serve", "pyproject.toml")
-# Never copied even from inside an allowlisted folder (a key dropped into configs/, a stray cache).
+UPLOAD_ALLOWLIST = ("serve", "pyproject.toml")  # presets and search spaces are package data
+# Never copied even from inside an allowlisted folder (a key dropped into serve/, a stray cache).
 NEVER_UPLOAD = ("__pycache__", "*.pyc", ".git", ".git-credentials", ".env", ".env.*", "*.pem", "*.key", "*.p12",
                 "*.pfx", "id_rsa*", "id_ed25519*", ".netrc", "kubeconfig", ".kube", ".ray", ".aws", ".gcloud",
                 "*credentials*", "api_key", "api-key", "*.token", "mlruns", "runs", ".venv")

@@ -1,10 +1,11 @@
-"""The Tune search-space schema (tune_configs/*.yaml): which parameters, how each is sampled,
+"""The Tune search-space schema (madpo_ray/tune_configs/*.yaml): which parameters, how each is sampled,
 the objective, the scheduler. Pure pydantic, no Ray: a bad search space fails with the key named
 before any cluster starts. The tunable loss parameters are LossConfig's fields, so a loss that
 gains a parameter is tunable without editing this file."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -13,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from madpo_ray.config import ConfigError, LossConfig, check_path_component
 
-TUNE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+# The shipped search spaces, package data; `madpo init` copies them out.
+SEARCH_SPACES = resources.files("madpo_ray") / "tune_configs"
 LOSS_PARAMS = frozenset(LossConfig.model_fields)  # "name" included: a search may pick the loss
 OPTIM_PARAMS = frozenset({"lr", "epochs", "weight_decay", "warmup_ratio"})
 TUNABLE = LOSS_PARAMS | OPTIM_PARAMS
@@ -120,12 +122,13 @@ class SearchSpace(BaseModel):
 
 
 def load_search_space(path: Union[str, Path]) -> SearchSpace:
+    """A YAML path (a user's own file wins), or the name of a shipped search space."""
     p = Path(path)
     if not p.exists():
-        candidate = TUNE_CONFIGS_DIR / f"{path}.yaml"
-        if not candidate.exists():
-            raise ConfigError(f"search space {str(path)!r} not found (nor {candidate})")
-        p = candidate
+        p = SEARCH_SPACES / f"{path}.yaml"
+        if not p.is_file():
+            names = sorted(f.name[:-5] for f in SEARCH_SPACES.iterdir() if f.name.endswith(".yaml"))
+            raise ConfigError(f"search space {str(path)!r} is neither a file nor a shipped one ({', '.join(names)})")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -41,7 +41,7 @@ def test_bad_yaml_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped preset .*tiny"):
         load_config("no-such-preset")
 
 

@@ -12,6 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
+from madpo_ray.config import resolve_preset
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = Path(__file__).resolve().parent / "k8s_schemas"
 KIND_TO_SCHEMA = {"RayJob": "rayjob_v1.json", "RayService": "rayservice_v1.json", "RayCluster": "raycluster_v1.json"}
@@ -286,7 +288,7 @@ def test_tune_cannot_race_the_pipeline_and_serve_reads_what_the_pipeline_writes(
     docs = {d["metadata"]["name"]: d for d in render(overlay)}
     assert docs["madpo-tune"]["spec"]["suspend"] is True and not docs["madpo-pipeline"]["spec"].get("suspend")
     entry = docs["madpo-pipeline"]["spec"]["entrypoint"]
-    config = yaml.safe_load((ROOT / entry.split(" -c ")[1].split()[0]).read_text())
+    config = yaml.safe_load(resolve_preset(entry.split(" -c ")[1].split()[0]).read_text())  # a shipped preset's name
     serve_cfg = yaml.safe_load(docs["madpo-serve"]["spec"]["serveConfigV2"])
     model = serve_cfg["applications"][0]["args"]["model"]
     assert model == f"/runs/{config['name']}/policy/{config['policy']['loss']['name']}/model", (overlay, model)

@@ -98,11 +98,11 @@ def _fake_tree(root: Path, files: list[str]) -> None:
         (root / rel).write_text("x")
 
 
-CHECKOUT_KEPT = ["madpo_ray/__init__.py", "madpo_ray/cli.py", "madpo_ray/data/corpus/a.txt", "configs/tiny.yaml",
-                 "tune_configs/madpo_default.yaml", "serve/app.py", "serve/config.yaml", "README.md", "pyproject.toml"]
+CHECKOUT_KEPT = ["madpo_ray/__init__.py", "madpo_ray/cli.py", "madpo_ray/data/corpus/a.txt", "madpo_ray/configs/tiny.yaml",
+                 "madpo_ray/tune_configs/madpo_default.yaml", "serve/app.py", "serve/config.yaml", "README.md", "pyproject.toml"]
 CHECKOUT_SECRETS = ["api-key", "api_key", ".git-credentials", ".aws/credentials", ".config/gcloud/creds.json",
                     "mlruns/0/meta.yaml", "runs/tiny/summary.json", ".env", "notes/secret.txt", "credentials.json",
-                    "configs/api-key", "configs/.env", "configs/server.key", "madpo_ray/__pycache__/cli.cpython-311.pyc",
+                    "madpo_ray/configs/api-key", "madpo_ray/configs/.env", "serve/server.key", "madpo_ray/__pycache__/cli.cpython-311.pyc",
                     ".git/config", "madpo_ray.egg-info/PKG-INFO", "k8s/base/rayservice.yaml"]
 
 
@@ -127,7 +127,7 @@ def test_working_dir_is_an_allowlist_of_the_checkout(tmp_path):
     root = tmp_path / "checkout"
     _fake_tree(root, CHECKOUT_KEPT + CHECKOUT_SECRETS)
     (root / "pyproject.toml").write_text('[project]\nname = "madpo-ray"\nreadme = "README.md"\n')
-    (root / "configs" / "linked.yaml").symlink_to(root / ".aws" / "credentials")
+    (root / "madpo_ray" / "configs" / "linked.yaml").symlink_to(root / ".aws" / "credentials")
     plan = plan_upload(root / "madpo_ray")
     assert plan.missing == [] and plan.missing_message() is None
     assert _uploaded(plan, tmp_path) == set(CHECKOUT_KEPT)
@@ -143,8 +143,8 @@ def test_installed_package_uploads_only_itself_and_says_what_is_missing(tmp_path
                       "requests/__init__.py", "pyproject.toml"])
     plan = plan_upload(site / "madpo_ray")
     assert plan.entries == [site / "madpo_ray"]
-    assert plan.missing == ["configs/", "tune_configs/", "serve/", "pyproject.toml"]
-    assert "configs/, tune_configs/, serve/, pyproject.toml" in plan.missing_message()
+    assert plan.missing == ["serve/", "pyproject.toml"]
+    assert "serve/, pyproject.toml" in plan.missing_message()
     assert _uploaded(plan, tmp_path) == {"madpo_ray/__init__.py", "madpo_ray/cli.py"}
 
 

@@ -41,9 +41,9 @@ def test_bad_search_space_names_the_key(tmp_path, params, needle):
 
 
 def test_presets_load():
-    from madpo_ray.tune_space import TUNE_CONFIGS_DIR
+    from madpo_ray.tune_space import SEARCH_SPACES
 
-    names = sorted(p.stem for p in TUNE_CONFIGS_DIR.glob("*.yaml"))
+    names = sorted(p.name[:-5] for p in SEARCH_SPACES.iterdir() if p.name.endswith(".yaml"))
     gold_searches = ("dpo_gold", "ipo_gold", "beta_dpo_gold", "madpo_gold")
     assert {"madpo_default", "madpo_grid", "baselines", *gold_searches} <= set(names)
     for name in names:
