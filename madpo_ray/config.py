@@ -63,6 +63,9 @@ class ModelConfig(_Strict):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(256, ge=8)
     max_position_embeddings: int = Field(512, ge=32)
+    # The from-scratch model with sliding-window attention of this many tokens (a Mistral-shaped
+    # model): the windowed path of the pair forward, end to end. None: a plain Llama.
+    sliding_window: Optional[int] = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: Optional[LoraConfig] = None  # null: full fine-tuning
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute

@@ -44,7 +44,8 @@ TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model fold
 BEFORE_POLICY = STAGES[:STAGES.index("policy")]
 TESTBED_SOURCES = ("generated", "debian")
 MODEL_SHAPE_KEYS = ("model.name_or_path", "model.tokenizer", "model.vocab_size", "model.hidden_size",
-                    "model.num_layers", "model.num_heads", "model.intermediate_size", "model.max_position_embeddings")
+                    "model.num_layers", "model.num_heads", "model.intermediate_size", "model.max_position_embeddings",
+                    "model.sliding_window")
 
 # The config keys each stage's output depends on (a section name covers all its keys). Ray
 # placement (ray.*), scoring batch sizes and actor counts change speed, not results: not listed.

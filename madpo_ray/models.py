@@ -53,17 +53,21 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def build_tiny_causal_lm(tokenizer, cfg: ModelConfig, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A small Llama; with `sliding_window`, the same shape as a Mistral (every layer windowed),
+    so the windowed attention path runs end to end without a download."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config)
+    if cfg.sliding_window:
+        return MistralForCausalLM(MistralConfig(sliding_window=cfg.sliding_window, **shape))
+    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def _dtype(name: str) -> torch.dtype:

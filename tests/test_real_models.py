@@ -198,3 +198,29 @@ def test_chat_prompts_keep_template_markup_special_and_document_text_plain(tiny_
     assert encode_prompt(tok, generation_prompts(data, tok, [doc])[0]) == ids  # generation sees the same ids
     plain = load_config("tiny").data
     assert prompt_for(plain, doc) == doc + "\nTL;DR:" and tok.eos_token_id not in encode_prompt(tok, prompt_text(tok, doc))
+
+
+@pytest.mark.slow
+def test_a_run_with_a_windowed_model_scores_as_two_separate_sequences_would(tmp_path):
+    """`madpo run` with sliding-window attention (a Mistral-shaped tiny model, window 16 < the
+    96-token prompts): the reference log-probs the score stage stored through the shared-prompt
+    forward equal those of two separate sequences."""
+    from madpo_ray.data.collate import PairCollator
+    from madpo_ray.data.scored import load_policy_examples
+    from madpo_ray.models import load_causal_lm
+    from madpo_ray.pair_forward import attention_layout, pair_response_logprobs, uses_shared_prompt
+    from madpo_ray.pipeline import Pipeline
+
+    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "ray.backend=local", "sft.optim.max_steps=2",
+                                           "reward.optim.max_steps=2", "policy.optim.max_steps=2",
+                                           "model.sliding_window=16"])
+    p = Pipeline(cfg)
+    p.run(("data", "sft", "pairs", "reward", "score"))
+    sft = load_causal_lm(str(p.layout.model_dir("sft"))).eval()
+    assert attention_layout(sft).window == 16 and uses_shared_prompt(sft, cfg.model.pair_forward)
+    rows = load_policy_examples(str(p.layout.scored_path("train")), "dpo")[:16]
+    assert max(len(r["prompt_ids"]) for r in rows) > 16  # the window matters
+    with torch.no_grad():
+        chosen, rejected = pair_response_logprobs(sft, PairCollator(0)(rows))
+    stored = torch.tensor([[r["ref_logp_chosen"], r["ref_logp_rejected"]] for r in rows])
+    assert torch.allclose(torch.stack([chosen.summed, rejected.summed], 1), stored, atol=1e-3)
