@@ -211,6 +211,17 @@ class _GlooSession:
         return session
 
 
+def close_process_group() -> None:
+    """Both ranks meet before the group goes, so neither exits while gloo still has work in flight
+    for it (a rank leaving early has aborted its peer at teardown: "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def ddp_worker(rank: int, world: int, init_file: str, examples, model_dir: str, pad_id: int, out: str):
     """One of two spawned workers: beta-DPO with per-device 8 and accumulation 2."""
     import torch.distributed as dist
@@ -225,7 +236,7 @@ def ddp_worker(rank: int, world: int, init_file: str, examples, model_dir: str, 
         if rank == 0:
             torch.save(_summary(result, step), out)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 @pytest.mark.slow

@@ -87,7 +87,9 @@ def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage=
                 {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"],
                  "best_step": result.metrics.get("best_step")}))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()  # neither rank leaves while gloo has work in flight for it (SIGABRT at teardown)
+            dist.destroy_process_group()
 
 
 def free_port() -> int:
