@@ -1,14 +1,11 @@
-"""Model folders on shared storage: refuse corrupt weights with one clear line, and replace a
-folder so that a reader (a restarting Serve replica) sees the old model or the new, never half.
+"""Model folders on shared storage: refuse corrupt weights with one clear line. (Replacing a
+folder so that a reader sees the old model or the new, never half: io.replace_folder_atomically.)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import uuid
 from pathlib import Path
 
 from madpo_ray.models import ModelLoadError
@@ -36,37 +33,3 @@ def verify_weights(folder: Path | str) -> None:
                 list(st.keys())
         except (struct.error, ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
             raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file and directory under `folder` to disk (a rename is durable only after)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(root))
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_folder_atomically(tmp: Path | str, dest: Path | str) -> None:
-    """Move the fully written `tmp` to `dest`. The contents are fsynced first; the old `dest` is
-    renamed aside, the new one renamed in, then the old one deleted. At every instant `dest` is
-    absent only between two renames (a reader retries), and never partially written. The aside
-    name is fresh (never a sibling that happens to exist, which may be someone's backup); a crash
-    between the renames leaves it for a person to look at, never deleted by the next run."""
-    tmp, dest = Path(tmp), Path(dest)
-    fsync_tree(tmp)
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
-    if old.exists():
-        shutil.rmtree(old)

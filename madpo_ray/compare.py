@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 
 from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, config_from_dict, load_config
 from madpo_ray.eval.heldout import SFT_LABEL
+from madpo_ray.io import write_text_atomically
 from madpo_ray.layout import (BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, StageRecord, begin_training,
                               model_folder, settings_of)
 
@@ -350,7 +351,7 @@ class Comparison:
         t0 = time.time()
         self.p.run(BEFORE_POLICY)
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        (self.report_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        write_text_atomically(self.report_dir / "config.yaml", self.cfg.to_yaml())
         t_train = time.time()
         trainings = self.train_all()
         t_gen = time.time()

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from madpo_ray.io import write_text_atomically
+
 # The shipped presets, package data (found in a wheel as in a checkout); `madpo init` copies them out.
 PRESETS = resources.files("madpo_ray") / "configs"
 # How a document becomes a prompt, unless data.prompt_template says otherwise. Saved with every
@@ -485,5 +487,4 @@ def load_config(path_or_name: str | Path | None = None, overrides: Optional[list
 
 
 def save_config(cfg: PipelineConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg.to_yaml())
+    write_text_atomically(path, cfg.to_yaml())

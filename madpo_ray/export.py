@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from madpo_ray.config import PipelineConfig, load_config
-from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder
+from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder, replace_folder_atomically
 from madpo_ray.layout import RunLayout, is_testbed
 
 EXPORTABLE = ("sft", "reward", "policy")
@@ -130,7 +130,7 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
     """Copy a run's stage model (merged weights, adapter, tokenizer) with a model card to `out`
     (default: <run>/export/<stage>[-<loss>]); returns the folder. An existing `out` is replaced only
     when an earlier export wrote it (or `force`): see io.check_output_folder."""
-    from madpo_ray.artifacts import replace_folder_atomically, verify_weights
+    from madpo_ray.artifacts import verify_weights
     from madpo_ray.models import check_model_folder
 
     if stage not in EXPORTABLE:

@@ -1,43 +1,104 @@
-"""Small file helpers. Every write goes to a temp name and is renamed into place, so a crash
-(or a full disk) never leaves a half-written artifact that a later stage would trust."""
+"""File writes with one guarantee, and the helpers around them.
+
+Every write, of a file or of a folder, goes to a fresh temporary sibling, is flushed to disk
+(fsync), and is renamed into place; the parent folder is fsynced after the rename. A crash, a
+full disk or an interrupt therefore leaves either the old artifact or the new one, never half of
+one that a later stage (or a Serve replica) would trust, and never a name that already held
+something else: temporary names are fresh, so no write deletes what it did not create.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        with open(tmp, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    except BaseException:  # a full disk or an interrupt: leave neither the target nor the temp half-written
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def write_json(path: Path, data: dict) -> Path:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and directory under `folder` to disk (a rename is durable only after)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(root))
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path`; write it inside the block. On success it is
+    fsynced and renamed to `path`; on any error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=float))
-        tmp.replace(path)
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return write_text_atomically(path, json.dumps(data, indent=2, default=float))
+
+
+def replace_folder_atomically(tmp: Path | str, dest: Path | str) -> None:
+    """Move the fully written folder `tmp` (from fresh_sibling_dir) to `dest`. The contents are
+    fsynced first; the old `dest` is renamed aside, the new one renamed in, then the old one deleted.
+    At every instant `dest` is absent only between two renames (a reader retries), and never
+    partially written. The aside name is fresh (never a sibling that happens to exist, which may be
+    someone's backup); a crash between the renames leaves it for a person to look at."""
+    tmp, dest = Path(tmp), Path(dest)
+    fsync_tree(tmp)
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------- output folders a user names
@@ -68,17 +129,12 @@ def mark_output_folder(folder: Path, command: str) -> None:
     (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"written_by": command}) + "\n")
 
 
-def fresh_sibling_dir(path: Path, tag: str) -> Path:
-    """A new, empty hidden folder beside `path` (".<name>.<tag>-XXXX") to write into before a rename:
-    never a name that may already hold something. Made with the usual permissions (mkdtemp's 0700
-    would make a model folder unreadable to a server running as another user)."""
-    import os
-    import tempfile
-
+def fresh_sibling_dir(path: Path, tag: str = "partial") -> Path:
+    """A new, empty hidden folder beside `path` (".<name>.<tag>-XXXX") to write into before
+    replace_folder_atomically: never a name that may already hold something. Made with the usual
+    permissions (mkdtemp's 0700 would make a model folder unreadable to a server running as another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~current_umask())
     return tmp

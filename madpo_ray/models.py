@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 
 from madpo_ray.config import ModelConfig
-from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder
+from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder, replace_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,6 @@ def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] 
         (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
     if marker:
         mark_output_folder(tmp, marker)
-    from madpo_ray.artifacts import replace_folder_atomically
-
     replace_folder_atomically(tmp, out_dir)  # fsynced; a reader sees the old model or the new, never half
 
 

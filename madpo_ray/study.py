@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
+from madpo_ray.io import write_json
 from madpo_ray.plotting import pyplot, save
 
 log = logging.getLogger("madpo_ray.study")
@@ -116,7 +117,7 @@ def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
                         cfg.eval.bootstrap_samples)
     results["noise"] = table
     report_dir = comparison.report_dir  # out_dir, or out_dir/final for the sealed test split
-    (report_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(report_dir / "results.json", results)
     with open(report_dir / "table.md", "a") as f:
         f.write("\n" + "\n".join(render_noise_table(table, column)) + "\n")
     plot_noise(table, report_dir / "noise.png", column)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
-from madpo_ray.io import write_json
+from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.plotting import pyplot, save
 from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
@@ -323,13 +323,13 @@ def write_results(pipeline, space: SearchSpace, results, out_dir: Path) -> dict:
 
     md = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     md += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in ok + [r for r in rows if r not in ok]]
-    (out_dir / "trials.md").write_text("\n".join(md) + "\n")
+    write_text_atomically(out_dir / "trials.md", "\n".join(md) + "\n")
     summary = {"search": space.name, "objective": space.objective, "trials": len(rows),
                "errored": sum(r["status"] == "ERROR" for r in rows)}
     if ok:
         best = {k: ok[0][k] for k in space.params if k in ok[0]}
         cfg = apply_trial_params(pipeline.cfg, best, space.loss)
-        (out_dir / "best_config.yaml").write_text(
+        write_text_atomically(out_dir / "best_config.yaml", 
             f"# best trial of search {space.name}: {space.objective} = {ok[0][space.objective]:.4f}\n"
             f"# run it:  madpo run -c {out_dir / 'best_config.yaml'} --name best\n" + cfg.to_yaml())
         summary.update(best=best, best_value=ok[0][space.objective])

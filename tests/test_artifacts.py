@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from madpo_ray.artifacts import replace_folder_atomically, verify_weights
+from madpo_ray.artifacts import verify_weights
+from madpo_ray.io import replace_folder_atomically
 from madpo_ray.models import ModelLoadError
 
 
@@ -41,11 +42,31 @@ def test_replace_swaps_the_whole_folder(tmp_path):
     assert not new.exists() and not (tmp_path / "model.old").exists()
 
 
-def test_replace_into_a_new_place_and_after_a_crash_between_renames(tmp_path):
+def test_replace_into_a_new_place_never_touches_a_sibling_it_did_not_make(tmp_path):
     dest = tmp_path / "model"
-    (tmp_path / "model.old").mkdir()  # a crash left the old copy aside
+    (tmp_path / "model.old").mkdir()  # someone's backup (or an old version's leftover): not ours to delete
+    (tmp_path / "model.old" / "keep").write_text("theirs")
     new = tmp_path / "t"
     new.mkdir()
     (new / "w").write_text("new")
     replace_folder_atomically(new, dest)
-    assert (dest / "w").read_text() == "new" and not (tmp_path / "model.old").exists()
+    assert (dest / "w").read_text() == "new" and (tmp_path / "model.old" / "keep").read_text() == "theirs"
+    again = tmp_path / "t2"
+    again.mkdir()
+    (again / "w").write_text("newer")
+    replace_folder_atomically(again, dest)  # the old copy goes aside under a fresh name, then away
+    assert (dest / "w").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old"]
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from madpo_ray.io import atomic_file, write_json
+
+    target = write_json(tmp_path / "metrics.json", {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text('{"a": ')  # half written, then the disk fills
+            raise RuntimeError("disk full")
+    assert target.read_text() == '{\n  "a": 1\n}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    write_json(target, {"a": 2})
+    assert '"a": 2' in target.read_text() and oct(target.stat().st_mode & 0o777) != "0o600"  # not mkstemp's 0600

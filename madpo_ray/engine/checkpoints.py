@@ -10,12 +10,13 @@ shared storage is data, never code.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from madpo_ray.io import atomic_file
 
 CHECKPOINT_META = "meta.json"
 STATE_FILE = "state.pt"
@@ -43,9 +44,8 @@ def set_rng_state(state, rank: int = 0) -> None:
 
 def save_atomically(obj, path: Path) -> int:
     """torch.save under a temporary name, then renamed; returns the file's size."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
     return path.stat().st_size
 
 

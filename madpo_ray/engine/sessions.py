@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.engine.checkpoints import find_checkpoints
+from madpo_ray.io import fresh_sibling_dir, replace_folder_atomically
 
 log = logging.getLogger("madpo_ray.train")
 
@@ -93,11 +94,9 @@ class LocalSession:
         root = Path(self.checkpoint_root)
         root.mkdir(parents=True, exist_ok=True)
         dest = root / f"checkpoint_{int(metrics['step']):06d}"
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        tmp = fresh_sibling_dir(dest)
+        shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+        replace_folder_atomically(tmp, dest)
         for old in find_checkpoints(str(root))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

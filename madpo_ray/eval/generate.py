@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from madpo_ray.data.collate import encode_prompt
+from madpo_ray.io import atomic_file, write_json
 
 log = logging.getLogger("madpo_ray.generate")
 COLUMNS = ("model", "prompt_id", "temperature", "sample", "text", "num_tokens")
@@ -246,9 +247,8 @@ def write_generations(rows: list[dict], path: Path) -> None:
     table = pa.Table.from_pylist([{k: r[k] for k in COLUMNS} for r in rows], schema=schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_generations(path: Path) -> list[dict]:
@@ -311,7 +311,7 @@ def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str]
         for m, s, d in todo:
             rows, t = call(actor.sample_model, str(d), m, ids, prompts, spec[m])
             write_generations(rows, path[(m, s)])
-            path[(m, s)].with_suffix(".key.json").write_text(json.dumps(cache_key(m, d)))
+            write_json(path[(m, s)].with_suffix(".key.json"), cache_key(m, d))
             timings.append(t)
             log.info("  %s%s: %d completions, %.0f tok/s, load %.1fs (%s)", m, "" if s < 0 else f" seed {s}",
                      len(rows), t["tokens_per_s"], t["load_seconds"], backend)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import madpo_ray
 from madpo_ray.config import PipelineConfig
+from madpo_ray.io import write_json
 from madpo_ray.layout import DEVELOPMENT_SPLIT, SEALED_SPLIT, SPLITS, RunLayout, is_testbed
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
@@ -72,7 +73,7 @@ def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prom
               "computed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "prompts": len(prompt_ids), "prompts_sha256": digest, "madpo_ray_version": madpo_ray.__version__}
     Path(report_dir).mkdir(parents=True, exist_ok=True)
-    (Path(report_dir) / "final.json").write_text(json.dumps({**record, "earlier_readings": earlier}, indent=2))
+    write_json(Path(report_dir) / "final.json", {**record, "earlier_readings": earlier})
     with open(ledger, "a") as f:
         f.write(json.dumps(record) + "\n")
     return {**record, "earlier_readings": len(earlier)}

@@ -13,7 +13,6 @@ than `stats.MIN_SEEDS_FOR_VERDICT` seeds is reported without a verdict.
 from __future__ import annotations
 
 import copy
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.eval.heldout import SFT_LABEL
 from madpo_ray.eval import stats
+from madpo_ray.eval.heldout import SFT_LABEL
 from madpo_ray.eval.judge import per_prompt
+from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.layout import is_testbed
 from madpo_ray.plotting import pyplot, save
 
@@ -125,8 +125,8 @@ def write_report(c: PipelineConfig, out_dir: Path, judged: dict, **extra) -> dic
                "temperatures": c.eval.temperatures,
                "samples_per_prompt": c.eval.samples_per_prompt, "backend": c.eval.backend, **extra, **judged}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "table.md").write_text(render_markdown(results))
+    write_json(out_dir / "results.json", results)
+    write_text_atomically(out_dir / "table.md", render_markdown(results))
     plot_comparison(results, out_dir / f"{judged['column']}_vs_temperature.png")
     return results
 
@@ -412,8 +412,8 @@ def write_grouped_report(out_dir: Path, groups: dict[str, dict], kind: str) -> d
                 "split": first.get("split"), "family": family, "out_dir": str(out_dir), "per_group": groups}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(combined, indent=2))
-    (out_dir / "table.md").write_text(render_grouped_markdown(combined))
+    write_json(out_dir / "results.json", combined)
+    write_text_atomically(out_dir / "table.md", render_grouped_markdown(combined))
     plot_groups(combined, out_dir / f"{combined['column']}_vs_temperature_by_{kind}.png")
     return combined
 

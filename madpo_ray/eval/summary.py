@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.config import PipelineConfig
+from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.layout import BEFORE_POLICY, DEVELOPMENT_SPLIT, SPLITS, RunLayout, is_testbed
 from madpo_ray.plotting import pyplot, save
 
@@ -191,7 +192,7 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                     summary[f"{stage}_{key}"] = m[key]
     summary["stage_seconds"] = timings
     summary["curves_plot"] = plot_training_curves(layout, layout.curves_plot)
-    layout.summary_json.write_text(json.dumps(summary, indent=2))
+    write_json(layout.summary_json, summary)
     lines = ["| metric | value |", "| --- | --- |"]
     for k, v in summary.items():
         if isinstance(v, float):
@@ -210,7 +211,7 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
     lines += composition_lines(summary.get("pair_composition") or {})
     lines += ["", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items() if v is not None]
-    layout.summary_md.write_text("\n".join(lines) + "\n")
+    write_text_atomically(layout.summary_md, "\n".join(lines) + "\n")
 
 
 def composition_lines(compositions: dict) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.eval.margins import margin_diagnostics
+from madpo_ray.io import fresh_sibling_dir, replace_folder_atomically
 from madpo_ray.layout import SEALED_SPLIT
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs, pair_rewards
@@ -103,14 +104,9 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Optional[Pat
     One Dataset for every split (the actors load their models once), written partitioned by
     `partition_col`: out_dir/split=train/, out_dir/split=eval/.
     """
-    import shutil
-
     import ray.data
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    for d in (out_dir, tmp):
-        if d.exists():
-            shutil.rmtree(d)
+    tmp = fresh_sibling_dir(out_dir)
     # ~4 batches per block: enough blocks to keep every actor busy, few enough to avoid overhead.
     blocks = max(num_actors, len(examples) // (4 * batch_size))
     ds = ray.data.from_items(examples, override_num_blocks=blocks)
@@ -121,7 +117,7 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Optional[Pat
                         batch_size=batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor)
     ds.write_parquet(str(tmp), partition_cols=[partition_col])
-    tmp.replace(out_dir)  # readers never see a half-written folder
+    replace_folder_atomically(tmp, out_dir)  # readers never see a half-written folder
     return out_dir
 
 
@@ -130,7 +126,6 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
                   partition_col: str = "split", precision: ComputePolicy = ComputePolicy()) -> Path:
     """The same scoring in this process (ray.backend=local), written in the same partitioned layout."""
     import os
-    import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -138,14 +133,12 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
     scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1),
                         precision=precision)
     rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    for d in (out_dir, tmp):
-        shutil.rmtree(d, ignore_errors=True)
+    tmp = fresh_sibling_dir(out_dir)
     for value in dict.fromkeys(r[partition_col] for r in rows):
         part = [{k: v for k, v in r.items() if k != partition_col} for r in rows if r[partition_col] == value]
         (tmp / f"{partition_col}={value}").mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(part), tmp / f"{partition_col}={value}" / "part-0.parquet")
-    tmp.replace(out_dir)
+    replace_folder_atomically(tmp, out_dir)
     return out_dir
 
 
