@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, config_from_dict, load_config
+from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, load_config
 from madpo_ray.eval.heldout import SFT_LABEL
 from madpo_ray.io import write_text_atomically
 from madpo_ray.layout import (BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, StageRecord, begin_training,
@@ -69,15 +69,13 @@ def loss_for_method(cfg: PipelineConfig, loss: str) -> LossConfig:
 def method_config(cfg: PipelineConfig, method: MethodConfig, seed: int) -> PipelineConfig:
     """The pipeline config of one (method, seed) training: the method's loss at the comparison's
     settings (`loss_for_method`), the reference lr unless an override sets one, its overrides, the seed."""
-    raw = cfg.model_dump(mode="json")
-    raw["policy"]["loss"] = loss_for_method(cfg, method.loss).model_dump()
-    sets = [f"policy.optim.seed={seed}"]
+    sets: dict = {"policy.loss": loss_for_method(cfg, method.loss), "policy.optim.seed": seed}
     if cfg.compare.settings == "reference":
-        sets.append(f"policy.optim.lr={cfg.compare.reference_lr!r}")
+        sets["policy.optim.lr"] = cfg.compare.reference_lr
     for key, value in method.overrides.items():
         path = key if key.startswith(("optim.", "loss.")) or key in POLICY_KEYS else f"loss.{key}"
-        sets.append(f"policy.{path}={json.dumps(value)}")
-    return config_from_dict(raw, sets)
+        sets[f"policy.{path}"] = value
+    return cfg.derive(sets)
 
 
 def training_settings(cfg: PipelineConfig) -> dict:
@@ -175,13 +173,10 @@ def default_source(cfg: PipelineConfig, key: str) -> str:
 
 def method_settings(cfg: PipelineConfig, methods: list[MethodConfig], origin: dict[str, dict[str, str]]) -> list[dict]:
     """Per method, every loss parameter and the learning rate it trains with, and each one's source."""
-    from madpo_ray.losses import get_policy_loss
-
     out = []
     for m in methods:
         mc = method_config(cfg, m, cfg.compare.seeds[0])
-        given, src = mc.policy.loss.kwargs(), origin.get(m.name, {})
-        settings = {k: given.get(k, default) for k, default in get_policy_loss(m.loss).params.items()}
+        settings, src = mc.policy.loss.resolved(), origin.get(m.name, {})
         sources = {k: src.get(k) or default_source(cfg, k) for k in settings}
         settings["lr"] = mc.policy.optim.lr
         sources["lr"] = src.get("optim.lr") or default_source(cfg, "lr")
@@ -383,8 +378,7 @@ def tier_run_name(name: str, tier: str) -> str:
 
 def tier_config(cfg: PipelineConfig, tier: str) -> PipelineConfig:
     """One tier's run: this config with data.tier set, its own run name, and no tiers of its own."""
-    sets = [f"data.tier={tier}", f"name={json.dumps(tier_run_name(cfg.name, tier))}", "compare.tiers=null"]
-    return config_from_dict(cfg.model_dump(mode="json"), sets)
+    return cfg.derive({"data.tier": tier, "name": tier_run_name(cfg.name, tier), "compare.tiers": None})
 
 
 def compare_tiers(cfg: PipelineConfig) -> dict:
@@ -433,7 +427,7 @@ def compare_lr_grid(cfg: PipelineConfig) -> dict:
     per_lr = {}
     with RunLock(layout.run_dir):
         for lr in cfg.compare.lr_grid:
-            point = config_from_dict(cfg.model_dump(mode="json"), [f"compare.reference_lr={lr!r}", "compare.lr_grid=null"])
+            point = cfg.derive({"compare.reference_lr": lr, "compare.lr_grid": None})
             log.info("compare: lr %g (every method at beta %g)", lr, cfg.compare.reference_beta)
             comparison = Comparison(Pipeline(point), out_dir=layout.compare_dir / f"lr{lr_label(lr)}")
             per_lr[lr_label(lr)] = comparison.run_locked()

@@ -199,6 +199,13 @@ class LossConfig(_Strict):
         """The parameters set for this loss (unset ones are left to the loss's defaults)."""
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
 
+    def resolved(self) -> dict[str, Any]:
+        """Every parameter this loss trains with: its registered defaults, then the ones set here.
+        The one answer to "which beta / tau did it use" (reports, model cards, margin diagnostics)."""
+        from madpo_ray.losses import get_policy_loss
+
+        return {**get_policy_loss(self.name).params, **self.kwargs()}
+
     def switched_to(self, name: str, **params: Any) -> "LossConfig":
         """This config for another loss: keeps the parameters that loss also takes, sets `params`."""
         from madpo_ray.losses import get_policy_loss
@@ -402,6 +409,21 @@ class PipelineConfig(_Strict):
     @classmethod
     def _one_folder(cls, name: str) -> str:
         return check_path_component(name, "run name")
+
+    def derive(self, overrides: "list[str] | dict[str, Any]" = ()) -> "PipelineConfig":
+        """A new, validated config: this one with dotted overrides, given as CLI-style strings
+        (["policy.optim.lr=1e-5"]) or as {dotted key: value} (values taken as they are, a whole
+        section as a dict). The one way code derives a config; errors name the key."""
+        raw = self.model_dump(mode="json")
+        if isinstance(overrides, dict):
+            for key, value in overrides.items():
+                *parents, leaf = key.split(".")
+                node = raw
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            return config_from_dict(raw)
+        return config_from_dict(raw, list(overrides))
 
     @property
     def run_dir(self) -> Path:

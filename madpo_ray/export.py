@@ -78,9 +78,7 @@ def card_metrics(layout: RunLayout) -> dict:
 
 def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
     loss = cfg.policy.loss
-    from madpo_ray.losses import get_policy_loss
-
-    params = {**get_policy_loss(loss.name).params, **loss.kwargs()}  # the values it trained with, defaults too
+    params = loss.resolved()  # the values it trained with, defaults too
     license_ = base_license(cfg)
     front = {"license": license_, "library_name": "transformers",
              "tags": ["madpo-ray", "preference-optimization", loss.name if stage == "policy" else stage]}
@@ -140,7 +138,7 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     if loss:
-        cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"loss": cfg.policy.loss.switched_to(loss)})})
+        cfg = cfg.derive({"policy.loss": cfg.policy.loss.switched_to(loss)})
     layout = RunLayout(run_dir, cfg.policy.loss.name)
     source = layout.model_dir(stage)
     check_model_folder(str(source))

@@ -15,12 +15,11 @@ compare.final, on the sealed test split in final/):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
-from madpo_ray.config import MethodConfig, PipelineConfig, config_from_dict
+from madpo_ray.config import MethodConfig, PipelineConfig
 from madpo_ray.io import write_json
 from madpo_ray.plotting import pyplot, save
 
@@ -44,10 +43,9 @@ def noise_methods(noise_levels: Sequence[float], base_overrides: dict) -> list[M
 
 def study_config(cfg: PipelineConfig, noise_levels: Sequence[float]) -> PipelineConfig:
     """The run's config with the study's methods as the comparison (no ablations, tiers or tuning)."""
-    raw = cfg.model_dump(mode="json")
     madpo = next((m for m in cfg.compare.methods if m.loss == "madpo"), None)
-    raw["compare"]["methods"] = [m.model_dump() for m in noise_methods(noise_levels, madpo.overrides if madpo else {})]
-    return config_from_dict(raw, ["compare.ablations=false", "compare.tiers=null"])
+    methods = [m.model_dump() for m in noise_methods(noise_levels, madpo.overrides if madpo else {})]
+    return cfg.derive({"compare.methods": methods, "compare.ablations": False, "compare.tiers": None})
 
 
 def noise_table(rows: list[dict], column: str, prompt_ids: list[str], noise_levels: Sequence[float],

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from madpo_ray.config import ConfigError, PipelineConfig, config_from_dict
+from madpo_ray.config import ConfigError, PipelineConfig
 from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.plotting import pyplot, save
 from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
@@ -35,11 +35,10 @@ log = logging.getLogger("madpo_ray.tune")
 def apply_trial_params(cfg: PipelineConfig, params: dict, loss: str) -> PipelineConfig:
     """The pipeline config a trial trains with: the searched loss parameters on `loss` (or on the
     searched loss `name`), keeping the base config's parameters that loss also takes."""
-    raw = cfg.model_dump(mode="json")
     loss_params = {k: v for k, v in params.items() if k in LOSS_PARAMS and k != "name"}
-    raw["policy"]["loss"] = cfg.policy.loss.switched_to(params.get("name", loss), **loss_params).model_dump()
-    raw["policy"]["optim"].update({k: v for k, v in params.items() if k in OPTIM_PARAMS})
-    return config_from_dict(raw)
+    sets = {"policy.loss": cfg.policy.loss.switched_to(params.get("name", loss), **loss_params)}
+    sets.update({f"policy.optim.{k}": v for k, v in params.items() if k in OPTIM_PARAMS})
+    return cfg.derive(sets)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -149,8 +148,7 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     if fail_marker and not Path(fail_marker).exists() and params.get("_fail_once"):
         Path(fail_marker).write_text("failed once")
         raise RuntimeError("fault injection: this trial fails on its first attempt")
-    cfg = config_from_dict(cfg.model_dump(mode="json"), [f"policy.optim.report_every={eval_every}",
-                                                         f"policy.optim.checkpoint_every={eval_every}"])
+    cfg = cfg.derive({"policy.optim.report_every": eval_every, "policy.optim.checkpoint_every": eval_every})
     evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
     session = LastReport(RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                                         torch.device("cpu")))

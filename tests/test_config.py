@@ -77,3 +77,23 @@ def test_an_eval_label_is_one_folder(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "label '../up' must be one folder name" in out and "Traceback" not in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_derive_is_the_one_way_to_make_a_derived_config():
+    from madpo_ray.config import LossConfig
+
+    base = load_config("tiny")
+    a = base.derive({"policy.optim.lr": 1e-5, "policy.loss": LossConfig(name="dpo", beta=0.3), "compare.tiers": None})
+    b = base.derive(["policy.optim.lr=1e-5", "policy.loss={name: dpo, beta: 0.3}"])
+    assert a == b and (a.policy.optim.lr, a.policy.loss.name, a.policy.loss.beta) == (1e-5, "dpo", 0.3)
+    assert base.policy.loss.name == "madpo"  # the original is untouched
+    with pytest.raises(ConfigError, match="policy.optim.lr"):
+        base.derive({"policy.optim.lr": -1})
+
+
+def test_resolved_gives_every_parameter_a_loss_trains_with():
+    from madpo_ray.config import LossConfig
+    from madpo_ray.losses import DEFAULT_TAU
+
+    assert LossConfig(name="madpo", beta=2.0).resolved() == {"beta": 2.0, "c_max": 4.0, "lam": 1.0, "tau": DEFAULT_TAU}
+    assert LossConfig(name="dpo").resolved() == {"beta": 0.1, "label_smoothing": 0.0}

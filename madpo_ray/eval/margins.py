@@ -46,10 +46,9 @@ def spearman(x, y) -> float:
 def weighting_params(loss_cfg) -> dict:
     """c_max, lam, tau of the run's loss when it is a MADPO variant, else MADPO's defaults (so a
     DPO run still says what MADPO would have done with its margins)."""
-    name = loss_cfg.name if loss_cfg.name.startswith("madpo") else "madpo"
-    params = dict(get_policy_loss(name).params)
-    params.update({k: v for k, v in loss_cfg.kwargs().items() if k in ("c_max", "lam", "tau")})
-    return {k: float(params[k]) for k in ("c_max", "lam", "tau")}
+    params = loss_cfg.resolved() if loss_cfg.name.startswith("madpo") else {}
+    defaults = get_policy_loss("madpo").params
+    return {k: float(params.get(k, defaults[k])) for k in ("c_max", "lam", "tau")}
 
 
 def quantiles(values: torch.Tensor, prefix: str) -> dict:
