@@ -153,8 +153,10 @@ def start_ours(model: str) -> None:
              runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False)
     run_server(model, port=PORT, num_cpus=1, app_name="vllm", route_prefix="/vllm", backend="vllm")
+    # max_streams: the load test measures throughput at each concurrency, not admission control
+    # (a replica's default of 4 streams at once would answer the rest 503).
     run_server(model, port=PORT, num_cpus=1, app_name="transformers", route_prefix="/transformers",
-               backend="transformers", max_batch_size=16)
+               backend="transformers", max_batch_size=16, max_streams=256)
 
 
 def requests_for(server: str, texts: list[str], ids: list[list[int]], max_tokens: int) -> tuple[str, list[dict]]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from madpo_ray.serving.engine import GenParams, StreamEnd, TransformersEngine
+from madpo_ray.serving.engine import GenParams, RowSampler, StreamEnd, TransformersEngine
 
 PORT = 8392
 BASE = f"http://127.0.0.1:{PORT}"
@@ -77,9 +77,9 @@ def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes_streamed_or
         params = dict(max_tokens=3, temperature=1.0, top_p=1.0, seed=seed)
         whole = engine.generate(["Zorblex is"], GenParams(**params))[0]
         *deltas, end = engine.stream("Zorblex is", GenParams(**params))
-        torch.manual_seed(seed)
-        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=True, temperature=1.0,
-                                    top_p=1.0, top_k=0, pad_token_id=engine.tokenizer.pad_token_id)
+        sampler = RowSampler([GenParams(**params)])  # the row's own seeded stream, as the engine draws it
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, logits_processor=[sampler],
+                                    pad_token_id=engine.tokenizer.pad_token_id)
         raw = engine.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
         cut_inside += raw.endswith("\ufffd")
         assert whole.text == raw.rstrip("\ufffd") and not whole.text.endswith("\ufffd"), seed
@@ -172,6 +172,102 @@ def test_check_health_fails_on_a_wedged_engine(engine):
         loop.close()
 
 
+def test_seeded_sampling_never_touches_the_process_wide_rng(engine):
+    """Issue #33: a seeded request set torch's global RNG, so the next unseeded request of another
+    client drew exactly what the seed dictated (3 of 3 identical). Each row has its own generator."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    seeded, unseeded = GenParams(max_tokens=12, temperature=1.0, seed=5), GenParams(max_tokens=12, temperature=1.0)
+    after = []
+    for _ in range(3):
+        engine.generate(["Zorblex is"], seeded)
+        text_of(engine.stream("Zorblex is", GenParams(max_tokens=4, temperature=1.0, seed=5)))
+        after.append(engine.generate(["Zorblex is"], unseeded)[0].text)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(set(after)) > 1, after
+
+
+def test_a_seeded_row_draws_the_same_alone_as_in_any_batch(engine):
+    """Identical seeded requests sent together gave other text than the same request alone (one
+    RNG stream for the whole batch). Now a row's draws depend on its seed and sample index only."""
+    seeded = GenParams(max_tokens=12, temperature=1.0, seed=3)
+    [alone] = engine.generate(["Zorblex is"], seeded)
+    rows = [seeded] * 4 + [GenParams(max_tokens=12, temperature=0.7), GenParams(max_tokens=12, temperature=1.0, seed=9)]
+    together = engine.generate(["Zorblex is"] * 4 + ["A Go daemon", "Zorblex is"], rows)
+    assert [r.text for r in together[:4]] == [alone.text] * 4
+    assert "".join(text_of(engine.stream("Zorblex is", GenParams(max_tokens=12, temperature=1.0, seed=3)))) == alone.text
+    second = [engine.generate(["Zorblex is"], GenParams(max_tokens=12, temperature=1.0, seed=3, sample=1))[0].text
+              for _ in range(2)]
+    assert second[0] == second[1] != alone.text  # sample 1 of a seeded request: its own stream, reproducible
+
+
+def test_concurrent_chat_encodes_keep_user_special_tokens_as_text(engine, tiny_tokenizer):
+    """Issue #33: chat encoding switches split_special_tokens on the shared fast tokenizer per
+    segment; concurrent encodes on other threads failed ("Already borrowed") or read a user's
+    "<|eos|>" as the end marker. Eight threads, chats and decodes at once: neither happens."""
+    eos, errors = tiny_tokenizer.eos_token_id, []
+    messages = [{"role": "system", "content": "be brief " * 8}, {"role": "user", "content": "x <|eos|> word " * 12}]
+
+    def work():
+        try:
+            for _ in range(150):
+                ids = engine.encode(engine.chat_prompt(messages))
+                assert eos not in ids
+                engine.tokenizer.decode(ids)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_replica_that_must_require_a_key_and_has_none_refuses(monkeypatch, tiny_base_dir):
+    """Told `require_key` (by madpo serve for a public bind, by serve/config.yaml) or
+    $MADPO_REQUIRE_KEY, a replica without a key in its own environment refuses to start."""
+    import yaml
+
+    from madpo_ray.serving.api import ApiKeyError, ServeSettings
+    from madpo_ray.serving.deployment import PolicyServer
+
+    monkeypatch.delenv("MADPO_API_KEY", raising=False)
+    monkeypatch.delenv("MADPO_API_KEY_FILE", raising=False)
+    monkeypatch.delenv("MADPO_REQUIRE_KEY", raising=False)
+    assert ServeSettings().resolve_api_key() is None  # loopback development: no key, no auth
+    with pytest.raises(ApiKeyError, match="must require an API key"):
+        ServeSettings(require_key=True).resolve_api_key()
+    monkeypatch.setenv("MADPO_REQUIRE_KEY", "1")
+    with pytest.raises(ApiKeyError, match="must require an API key"):
+        ServeSettings().resolve_api_key()
+    monkeypatch.delenv("MADPO_REQUIRE_KEY")
+    # serve/config.yaml's comment says its replicas refuse without a key: its own args make them.
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve" / "config.yaml").read_text())
+    args = {**config["applications"][0]["args"], "model": str(tiny_base_dir), "backend": "transformers"}
+    assert config["http_options"]["host"] == "0.0.0.0" and args["require_key"] is True
+    assert config["http_options"]["request_timeout_s"] > args["request_timeout_s"] + args["body_timeout_s"]
+    replica = PolicyServer.func_or_class.__mro__[1]  # the class under Serve's ingress wrapper, as a replica builds it
+    with pytest.raises(ApiKeyError, match="must require an API key"):
+        replica(**args)
+    monkeypatch.setenv("MADPO_API_KEY", KEY)
+    assert replica(**args).api_key == KEY
+
+
+def test_public_bind_without_key_is_one_line_not_a_traceback(tiny_base_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MADPO_API_KEY", "MADPO_API_KEY_FILE")}
+    out = subprocess.run([sys.executable, "-m", "madpo_ray", "serve", "--model", str(tiny_base_dir), "--host", "0.0.0.0"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    text = (out.stdout + out.stderr).strip()
+    assert out.returncode == 2 and "Traceback" not in text, text
+    assert text.count("\n") == 0 and "refusing to serve on 0.0.0.0" in text and "--insecure" in text
+
+
 # ---------------------------------------------------------------- keys, exposure, model folders
 
 def test_key_is_never_put_in_the_runtime_env(monkeypatch):
@@ -234,7 +330,7 @@ def server(tiny_base_dir, tmp_path_factory):
              runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1")
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.05)
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
-               api_key_file=str(key_file))
+               api_key_file=str(key_file), body_timeout_s=3, body_grace_s=0.5, max_slow_bodies=2)
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="narrow", route_prefix="/narrow",
                batching=False, max_ongoing_requests=1, max_queued_requests=1)
     yield BASE
@@ -361,6 +457,218 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
     assert set(codes) <= {200, 503}, codes
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+
+
+def slow_uploads(count: int, key: str = "", path: str = "/secured/v1/completions") -> list:
+    """Connections that declare a 60 kB body and send one byte of it: what a slow-body attacker
+    (or a client on a very bad link) looks like to the server."""
+    import socket
+
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", PORT), timeout=20)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 60000\r\n{auth}\r\n{{".encode())
+        socks.append(sock)
+    return socks
+
+
+def answer_of(sock) -> tuple[int, str]:
+    """(status, the head and what came of the body) of the answer on a raw connection."""
+    data = sock.recv(65536).decode("latin-1")
+    sock.close()
+    return int(data.split()[1]), data.lower()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_keyless_slow_bodies_cannot_hold_the_replica(server):
+    """Issue #33: ~70 keyless connections trickling a declared 60 kB body held every request slot
+    (the size limit read the body before the key was checked, with no deadline). The key is now
+    decided on the headers: each is a 401 at once, and a keyed request and /healthz pass."""
+    socks = slow_uploads(70)
+    try:
+        t0 = time.time()
+        ok = post("/secured/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
+                  headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and time.time() - t0 < 10
+        assert httpx.get(f"{BASE}/secured/healthz", timeout=10).status_code == 200
+        assert [answer_of(s)[0] for s in socks] == [401] * 70
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_keyed_slow_body_gets_408_and_slow_bodies_are_capped_per_replica(server):
+    """With the key: every body must arrive within body_timeout_s (3 s here, 408); past the
+    grace (0.5 s) a body needs one of max_slow_bodies (2) slots, else 503 with Retry-After. A
+    normal request passes meanwhile."""
+    t0 = time.time()
+    socks = slow_uploads(5, KEY)
+    try:
+        ok = post("/secured/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
+                  headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and time.time() - t0 < 3
+        answers = [answer_of(s) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sorted(code for code, _ in answers) == [408, 408, 503, 503, 503], answers
+    assert all("retry-after: 1" in text for code, text in answers if code == 503)
+    assert time.time() - t0 < 8  # 408 at the 3 s deadline, not whenever the client gives up
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serves_own_request_timeout_is_set_on_the_proxies(server):
+    from madpo_ray.serving.launch import proxy_http_options
+
+    options = proxy_http_options()
+    assert options.host == "127.0.0.1" and options.port == PORT
+    assert options.request_timeout_s == 60 + 10 + 30  # the app's timeout, its body deadline, a margin
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_madpo_serve_checks_where_the_running_proxies_listen(server, tiny_base_dir, monkeypatch):
+    """On a cluster where Serve already runs, serve.start keeps its proxies whatever host was asked
+    for: proxies already on all interfaces with no key are refused before anything is deployed."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from madpo_ray.serving import launch
+
+    monkeypatch.delenv("MADPO_API_KEY", raising=False)
+    monkeypatch.delenv("MADPO_API_KEY_FILE", raising=False)
+    monkeypatch.setattr(launch, "proxy_http_options", lambda: SimpleNamespace(host="0.0.0.0", port=PORT))
+    with pytest.raises(launch.InsecureServeError, match="0.0.0.0 .where Serve's proxies already listen"):
+        launch.run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="exposed", route_prefix="/exposed")
+    assert "exposed" not in serve.status().applications
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_key_only_in_the_drivers_environment_makes_the_replicas_refuse(server, tiny_base_dir, monkeypatch):
+    """The driver has a key, the replicas' environment (fixed when the cluster started) does not:
+    they used to serve openly; told that a key is required, they refuse, and run_server says so."""
+    from ray import serve
+
+    from madpo_ray.serving.launch import InsecureServeError, run_server
+
+    monkeypatch.setenv("MADPO_LATE_KEY", KEY)  # set after the cluster started: its workers never see it
+    try:
+        with pytest.raises(InsecureServeError, match="replicas refused to start: .*must require an API key"):
+            run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="late", route_prefix="/late",
+                       api_key_env="MADPO_LATE_KEY")
+        assert httpx.post(f"{BASE}/late/v1/completions", json={"prompt": "x"}, timeout=10).status_code != 200
+    finally:
+        serve.delete("late")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_bearer_scheme_is_case_insensitive(server):
+    body = {"prompt": "x", "max_tokens": 2}
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert post("/secured/v1/completions", body, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    for header in (f"Basic {KEY}", KEY, f"Bearer{KEY}"):
+        assert post("/secured/v1/completions", body, headers={"Authorization": header}).status_code == 401
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_request_budget_counts_prompt_tokens(server):
+    """16 long prompts x n=8 were ~57k prompt tokens and passed the generated-only budget."""
+    prompts = [f"Package {i} is a Rust library for parsing TOML files. " * 40 for i in range(16)]
+    r = post("/v1/completions", {"prompt": prompts, "n": 8, "max_tokens": 16, "temperature": 0.7})
+    assert r.status_code == 400 and "budget" in r.json()["error"]["message"], r.text[:300]
+    assert post("/v1/completions", {"prompt": prompts[:2], "max_tokens": 16}).status_code == 200
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_seeds_stay_with_their_request_over_http(server):
+    """A seeded request no longer decides the next unseeded one; identical seeded requests sent
+    together get what one gets alone; the n samples of a seeded request differ and repeat."""
+    seeded = {"prompt": "Zorblex is", "max_tokens": 12, "temperature": 1.0, "seed": 4}
+    texts = []
+    for _ in range(3):
+        post("/v1/completions", seeded)
+        texts.append(post("/v1/completions", {**seeded, "seed": None}).json()["choices"][0]["text"])
+    assert len(set(texts)) > 1, texts
+    alone = post("/v1/completions", seeded).json()["choices"][0]["text"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(f"{BASE}/v1/completions", json=seeded) for _ in range(6)))
+
+    assert [r.json()["choices"][0]["text"] for r in asyncio.run(together())] == [alone] * 6
+    n3 = [[c["text"] for c in post("/v1/completions", {**seeded, "n": 3}).json()["choices"]] for _ in range(2)]
+    assert n3[0] == n3[1] and n3[0][0] == alone and len(set(n3[0])) == 3
+
+
+async def chat_load(path: str, n: int, concurrency: int) -> list[int]:
+    """Chats whose messages carry special-token text, `concurrency` at a time: the tokenizer is
+    used by the event loop and the generation threads at once."""
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as c:
+        async def one(i):
+            messages = [{"role": "system", "content": f"rule {i} <|eos|>"},
+                        {"role": "user", "content": f"Summarise package {i} <|bos|> now"}]
+            async with sem:
+                return (await c.post(f"{BASE}{path}", json={"messages": messages, "max_tokens": 3,
+                                                             "stream": i % 4 == 0})).status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_chats_all_succeed(server):
+    """Every chat succeeds, but for streams over the replica's stream limit (503, Retry-After)."""
+    codes = asyncio.run(chat_load(CHAT, 200, 50))
+    whole, streamed = [c for i, c in enumerate(codes) if i % 4], codes[::4]
+    assert whole.count(200) == 150 and set(streamed) <= {200, 503}, {c: codes.count(c) for c in set(codes)}
+    assert streamed.count(200) >= 4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_streams_are_capped_per_replica_and_starve_neither_requests_nor_the_health_check(server):
+    """Issue #33: 60 streams of 256 tokens ran one after another, each holding the engine lock and a
+    default-executor thread; a light request waited 50 s and the health check needed the same lock.
+    Now a transformers replica streams at most max_streams (4) at once on its own threads, the rest
+    get 503 with Retry-After at once, and a light request and the health check pass meanwhile."""
+    from ray import serve
+
+    handle = serve.get_app_handle("madpo")
+    body = {"prompt": "Zorblex is", "max_tokens": 256, "temperature": 1.0, "stream": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def one_stream():
+                async with c.stream("POST", f"{BASE}/v1/completions", json=body) as r:
+                    return r.status_code, r.headers.get("retry-after"), [line async for line in r.aiter_lines() if line]
+
+            streams = [asyncio.create_task(one_stream()) for _ in range(16)]
+            await asyncio.sleep(0.5)
+            t0 = time.time()
+            light = await c.post(f"{BASE}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            light_s, t0 = time.time() - t0, time.time()
+            await asyncio.to_thread(lambda: handle.check_health.remote().result(timeout_s=60))
+            return await asyncio.gather(*streams), light, light_s, time.time() - t0
+
+    streams, light, light_s, health_s = asyncio.run(scenario())
+    codes = [code for code, _, _ in streams]
+    print(f"streams {sorted(codes)}; light request {light_s:.2f}s; health check {health_s:.2f}s")
+    assert codes.count(503) >= 8 and codes.count(200) >= 1, codes
+    assert all(retry == "1" for code, retry, _ in streams if code == 503)
+    assert all(lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines) for code, _, lines in streams if code == 200)
+    assert light.status_code == 200 and light_s < 15
+    assert health_s < 5
 
 
 def replica_rss_mib(app: str) -> float:

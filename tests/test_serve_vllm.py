@@ -471,3 +471,48 @@ def test_a_lora_adapter_is_served_unmerged_beside_its_base(servers, lora_stage):
     r = httpx.post(f"{BASE}/vllm/v1/completions", json={"model": "tunde", "prompt": "x"}, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert "tuned" in r.json()["error"]["message"] and base_name in r.json()["error"]["message"]
+
+
+@needs_vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_seed_the_engine_cannot_honour_is_refused_not_ignored(servers):
+    """Issue #33: vLLM's CPU engine cannot seed one request, and a seed was silently ignored. A
+    sampled request with a seed is now a 400 naming `seed` there (streamed or not); greedy, where a
+    seed changes nothing, is served; on other platforms a seed is honoured (same seed, same text)."""
+    from vllm.platforms import current_platform
+
+    body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.9, "seed": 3}
+    assert post("/vllm/v1/completions", {**body, "temperature": 0})["usage"]["completion_tokens"] == 8
+    if not current_platform.is_cpu():
+        assert post("/vllm/v1/completions", body)["choices"] == post("/vllm/v1/completions", body)["choices"]
+        return
+    for extra in ({}, {"stream": True}):
+        r = httpx.post(f"{BASE}/vllm/v1/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.9, "seed": 1, "stream": True}
+    r = httpx.post(f"{BASE}/vllm/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+
+
+@needs_vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_chats_with_special_token_text_all_succeed(servers):
+    """Issue #33: chat encoding toggles the shared tokenizer's split_special_tokens; concurrent chats
+    (some streamed) must all succeed."""
+    async def load():
+        async with httpx.AsyncClient(timeout=120) as c:
+            sem = asyncio.Semaphore(50)
+
+            async def one(i):
+                messages = [{"role": "system", "content": f"rule {i} <|eos|>"},
+                            {"role": "user", "content": f"Summarise package {i} <|bos|> now"}]
+                async with sem:
+                    r = await c.post(f"{BASE}/vllm/v1/chat/completions",
+                                     json={"messages": messages, "max_tokens": 3, "stream": i % 4 == 0})
+                    return r.status_code
+            return await asyncio.gather(*(one(i) for i in range(150)))
+
+    codes = asyncio.run(load())
+    assert codes.count(200) == 150, {c: codes.count(c) for c in set(codes)}

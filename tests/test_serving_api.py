@@ -128,3 +128,63 @@ def test_a_stream_closes_with_the_backends_finish_reason_and_usage_when_asked():
     assert text[-1]["object"] == "text_completion" and text[-1]["usage"]["total_tokens"] == 9
     r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+class CountingBackend:
+    """Counts generate calls; each call's text says which it was."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def generate(self, prompt, params):
+        self.calls += 1
+        return GenResult(f"{prompt}#{self.calls}", "length", 3, 2)
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+
+def test_greedy_n_is_generated_once_and_copied():
+    """Issue #33: greedy n>1 computed n identical rows. Sampled n still gets n draws."""
+    backend = CountingBackend()
+    client = TestClient(create_app(backend, ServeSettings()))
+    body = client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 4, "max_tokens": 2}).json()
+    assert backend.calls == 2 and [c["text"] for c in body["choices"]] == ["a#1"] * 4 + ["b#2"] * 4
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 16, "total_tokens": 22}
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "c"}], "n": 3, "temperature": 0.5})
+    assert backend.calls == 5
+
+
+class EngineBackend:
+    """A real engine's chat rendering behind the routes (what the replica hands on)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def generate(self, prompt, params):
+        return GenResult("ok", "stop", 1, 1)
+
+    def chat_prompt(self, messages):
+        return self.engine.chat_prompt(messages)
+
+
+def test_chat_template_errors_are_400_and_no_template_is_501(tiny_base_dir):
+    """A strict template (no system role) refusing the messages was a 500; so was a model without a
+    chat template. Now the client's 400 naming `messages`, and 501 for the missing template."""
+    from madpo_ray.serving.engine import TransformersEngine
+
+    engine = TransformersEngine(str(tiny_base_dir))
+    client = TestClient(create_app(EngineBackend(engine), ServeSettings()))
+    chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    engine.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                                      "{{ m['content'] }}{% endfor %}")
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "System role not supported" in r.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json={"messages": chat["messages"][1:]}).status_code == 200
+    engine.tokenizer.chat_template = None
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 501 and "no chat template" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "not_implemented"

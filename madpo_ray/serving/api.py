@@ -28,9 +28,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
-from madpo_ray.serving.engine import ClientInputError, GenParams, GenResult, RequestCancelled, StreamEnd
-from madpo_ray.serving.schemas import (ChatCompletionRequest, CompletionRequest, SummarizeRequest, chat_chunk,
-                                       chat_response, completion_chunk, completion_response, error_body,
+from madpo_ray.serving.engine import (ClientInputError, GenParams, GenResult, NoChatTemplate,
+                                     RequestCancelled, ServerBusy, StreamAdmitted, StreamEnd)
+from madpo_ray.serving.schemas import (MAX_REQUEST_TOKENS, ChatCompletionRequest, CompletionRequest, SummarizeRequest,
+                                       chat_chunk, chat_response, completion_chunk, completion_response, error_body,
                                        usage_chunk)
 
 log = logging.getLogger("madpo_ray.serve")
@@ -44,6 +45,9 @@ class ApiKeyError(RuntimeError):
     serve rather than silently serving without authentication."""
 
 
+REQUIRE_KEY_ENV = "MADPO_REQUIRE_KEY"  # "1" on a replica: no key found is an error, not "auth off"
+
+
 @dataclass
 class ServeSettings:
     model_name: str = "madpo-policy"
@@ -53,10 +57,19 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # the trained policy's own comes from its madpo.json
     api_key_file: Optional[str] = None  # or $MADPO_API_KEY_FILE: a file (e.g. a mounted Secret) holding the key
+    # Told by whoever deploys (madpo serve for a public bind, serve/config.yaml): a replica that
+    # finds no key then refuses to start instead of serving openly. Or $MADPO_REQUIRE_KEY=1.
+    require_key: bool = False
+    body_timeout_s: float = 10.0  # the whole body must arrive within this (else 408)
+    body_grace_s: float = 1.0  # a body still arriving after this needs one of the slow-body slots
+    max_slow_bodies: int = 8  # per replica: past it, 503 with Retry-After (max_ongoing_requests is 64)
+
+    def key_required(self) -> bool:
+        return self.require_key or os.environ.get(REQUIRE_KEY_ENV, "").strip().lower() in ("1", "true", "yes")
 
     def resolve_api_key(self) -> Optional[str]:
         """The key from a file (preferred: never in an environment dump) or the variable; None
-        only when neither is set. Set-but-empty is an error, not "auth off"."""
+        only when neither is set and no key is required. Set-but-empty is an error, not "auth off"."""
         path = self.api_key_file or os.environ.get(API_KEY_FILE_ENV)
         if path:
             try:
@@ -71,12 +84,18 @@ class ServeSettings:
             if not key:
                 raise ApiKeyError(f"${self.api_key_env} is set but empty; unset it to serve without a key")
             return key
+        if self.key_required():
+            raise ApiKeyError(f"this replica must require an API key but finds none: set {API_KEY_FILE_ENV} "
+                              f"(a file holding the key) or ${self.api_key_env} in the replica's environment")
         return None
 
 
 def key_matches(header: str, key: str) -> bool:
-    """Constant-time comparison: response timing does not reveal how much of a guess was right."""
-    return hmac.compare_digest(header.encode("utf-8", "replace"), f"Bearer {key}".encode("utf-8"))
+    """`Bearer <key>`, the scheme in any case (RFC 9110: schemes are case-insensitive). The key is
+    compared in constant time: response timing does not reveal how much of a guess was right."""
+    scheme, _, token = header.strip().partition(" ")
+    same = hmac.compare_digest(token.strip().encode("utf-8", "replace"), key.encode("utf-8"))
+    return same and scheme.lower() == "bearer"
 
 
 class Backend(Protocol):
@@ -86,6 +105,9 @@ class Backend(Protocol):
         """Text deltas, then one StreamEnd (why it ended, token counts)."""
 
     def chat_prompt(self, messages: list[dict]) -> str: ...
+
+    # Optional: `prompt_tokens(prompt) -> int` (the request budget counts prompts after tokenising)
+    # and `check_params(params)` (raises ClientInputError for what the engine cannot do).
 
 
 def backend_of(request: Request) -> Backend:
@@ -105,69 +127,128 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(status_code=status, content=error_body(message, kind, param))
 
 
-class AuthMiddleware:
-    """`Authorization: Bearer <key>` on every route but /healthz when a key is configured. Plain
-    ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware relays every
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class SlowBodies:
+    """Per-replica count of requests still sending their body after the grace period, capped:
+    a few slow uploads are served, a crowd of them cannot hold every request slot."""
+
+    def __init__(self, cap: int):
+        self.cap, self.taken = cap, 0
+
+    def take(self) -> bool:
+        if self.taken >= self.cap:
+            return False
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+
+
+class RequestGate:
+    """Every request passes here before any route, in this order: the key (headers only, so a
+    client without one is answered 401 before a byte of its body is read), the declared size,
+    then the body itself, under a total deadline (408) and, once it is slow, a per-replica cap
+    on slow bodies (503). A body over the limit is 413 before the app parses it.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware relays every
     streamed chunk through an extra task and memory stream, and behind it a client that left
     mid-stream was sometimes not noticed until the answer had been generated to its end (1 of 3
     runs of tests/test_serve_vllm.py's disconnect test; 0 of 7 without it)."""
 
-    def __init__(self, app, key_getter):
-        self.app, self.key_getter = app, key_getter
+    def __init__(self, app, state):
+        self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        key = self.key_getter()
-        if scope["type"] != "http" or not key:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        relative = path[len(root):] if root and path.startswith(root) else path
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        if relative != "/healthz" and not key_matches(header, key):
-            resp = _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="madpo"'
-            return await resp(scope, receive, send)
+        settings = self.state.settings
+        refusal = refusal_on_headers(scope, self.state.api_key, settings.max_body_bytes)
+        if refusal is None and scope.get("method") in BODY_METHODS:
+            body, refusal = await read_body(receive, settings, self.state.slow_bodies)
+            if body is None and refusal is None:
+                return None  # the client left while sending: nobody to answer
+            receive = replay(body, receive)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Reject bodies over the limit with 413 before the app parses them (Content-Length or streamed)."""
+def refusal_on_headers(scope, key: Optional[str], limit: int) -> Optional[JSONResponse]:
+    """401 without the key (on every route but /healthz), 413 for a declared size over the limit:
+    decided on the headers alone."""
+    headers = dict(scope.get("headers") or [])
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    relative = path[len(root):] if root and path.startswith(root) else path
+    if key and relative != "/healthz" and not key_matches(headers.get(b"authorization", b"").decode("latin-1"), key):
+        resp = _error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="madpo"'
+        return resp
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _error(413, f"request body exceeds {limit} bytes", "request_too_large")
+    return None
 
-    def __init__(self, app, limit_getter):
-        self.app, self.limit_getter = app, limit_getter
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = self.limit_getter()
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks, size = [], 0
-        if not too_big:
-            while True:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                size += len(msg.get("body", b""))
-                if size > limit:
-                    too_big = True
-                    break
-                chunks.append(msg.get("body", b""))
-                if not msg.get("more_body"):
-                    break
-        if too_big:
-            resp = _error(413, f"request body exceeds {limit} bytes", "request_too_large")
-            return await resp(scope, receive, send)
-        body = b"".join(chunks)
-        sent = False
+async def collect(receive, limit: int, chunks: list[bytes]) -> str:
+    """Body messages into `chunks` until the last one: "ok", "too_big" or "gone" (a disconnect)."""
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return "gone"
+        chunks.append(msg.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return "too_big"
+        if not msg.get("more_body"):
+            return "ok"
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        return await self.app(scope, replay, send)
+async def read_body(receive, settings: ServeSettings, slow: SlowBodies) -> tuple[Optional[bytes], Optional[JSONResponse]]:
+    """(body, None), or (None, the refusal), or (None, None) when the client left. A body still
+    arriving after the grace period takes a slow-body slot (none free: 503 with Retry-After) and
+    must be complete by `body_timeout_s` in all (else 408): a client that trickles its body
+    holds a request slot for seconds, not for as long as it likes."""
+    chunks: list[bytes] = []
+    reader = asyncio.ensure_future(collect(receive, settings.max_body_bytes, chunks))
+    try:
+        done, _ = await asyncio.wait({reader}, timeout=settings.body_grace_s)
+        if not done:
+            if not slow.take():
+                resp = _error(503, "too many requests are still sending their body; retry shortly", "overloaded")
+                resp.headers["Retry-After"] = "1"
+                return None, resp
+            try:
+                done, _ = await asyncio.wait({reader}, timeout=max(0.0, settings.body_timeout_s - settings.body_grace_s))
+            finally:
+                slow.give()
+            if not done:
+                return None, _error(408, f"the request body did not arrive within {settings.body_timeout_s:g}s",
+                                    "timeout")
+        outcome = reader.result()
+    finally:
+        reader.cancel()  # a no-op once it is done; otherwise stops waiting on the client
+    if outcome == "too_big":
+        return None, _error(413, f"request body exceeds {settings.max_body_bytes} bytes", "request_too_large")
+    return (b"".join(chunks), None) if outcome == "ok" else (None, None)
+
+
+def replay(body: bytes, receive):
+    """A receive that gives the body read by the gate once, then the connection's own messages
+    (a disconnect while the answer streams)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -191,9 +272,9 @@ def create_app(backend: Optional[Backend] = None, settings: Optional[ServeSettin
                   description="OpenAI-compatible completions from a MADPO-trained policy.")
     app.state.backend, app.state.settings = backend, settings or ServeSettings()
     app.state.api_key = api_key if api_key is not None else app.state.settings.resolve_api_key()
+    app.state.slow_bodies = SlowBodies(app.state.settings.max_slow_bodies)
     _add_error_handlers(app)
-    app.add_middleware(AuthMiddleware, key_getter=lambda: app.state.api_key)
-    app.add_middleware(BodyLimitMiddleware, limit_getter=lambda: app.state.settings.max_body_bytes)
+    app.add_middleware(RequestGate, state=app.state)
     app.include_router(router)
     return app
 
@@ -215,6 +296,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientInputError)
     async def on_client_input(request: Request, exc: ClientInputError):
         return _error(400, str(exc), param=exc.param)
+
+    @app.exception_handler(NoChatTemplate)
+    async def on_no_template(request: Request, exc: NoChatTemplate):
+        return _error(501, str(exc), "not_implemented", param=exc.param)
+
+    @app.exception_handler(ServerBusy)
+    async def on_busy(request: Request, exc: ServerBusy):
+        resp = _error(503, str(exc), "overloaded")
+        resp.headers["Retry-After"] = "1"
+        return resp
 
     @app.exception_handler(RequestCancelled)
     async def on_cancelled(request: Request, exc: RequestCancelled):
@@ -241,16 +332,35 @@ router = APIRouter()
 async def _run(request: Request, prompts: list[str], params: GenParams, n: int) -> list[GenResult]:
     """n samples of each prompt, concurrently (the backend batches them), under the request timeout.
 
-    Every call gets its own GenParams (nothing shared across requests) and one cancel flag:
-    when the request times out, is cancelled by a disconnect, or one sample fails, the flag
-    stops the rest of its generation instead of letting it run on unseen."""
+    Every call gets its own GenParams (nothing shared across requests), its sample index (seeded
+    samples of one request differ by it) and one cancel flag: when the request times out, is
+    cancelled by a disconnect, or one sample fails, the flag stops the rest of its generation
+    instead of letting it run on unseen. Greedy samples are all the same answer: computed once."""
     backend = backend_of(request)
     cancel = threading.Event()
-    calls = [backend.generate(p, replace(params, cancel=cancel)) for p in prompts for _ in range(n)]
+    copies = 1 if params.greedy else n
+    calls = [backend.generate(p, replace(params, cancel=cancel, sample=k)) for p in prompts for k in range(copies)]
     try:
-        return await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_of(request).request_timeout_s)
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=settings_of(request).request_timeout_s)
     finally:
         cancel.set()
+    return [r for r in results for _ in range(n // copies)]
+
+
+def check_request(backend: Backend, prompts: list[str], params: GenParams, n: int) -> None:
+    """What the engine cannot do, and the request's budget of prompt plus generated tokens, counted
+    after tokenising and before anything is queued: every sample of a prompt reads the prompt again,
+    so a few long prompts with a large n cost far more than their generated tokens say."""
+    check = getattr(backend, "check_params", None)
+    if check is not None:
+        check(params)
+    count = getattr(backend, "prompt_tokens", None)
+    if count is None:
+        return
+    total = n * sum(count(p) + params.max_tokens for p in prompts)
+    if total > MAX_REQUEST_TOKENS:
+        raise ClientInputError(f"n x (prompt tokens + max_tokens), summed over prompts, is {total}: over the "
+                               f"per-request budget of {MAX_REQUEST_TOKENS} tokens", param="prompt")
 
 
 def _params(req) -> GenParams:
@@ -294,11 +404,12 @@ async def completions(req: CompletionRequest, request: Request):
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     params = _params(req)
     name = served_model(request, req.model, params)
+    check_request(backend_of(request), prompts, params, req.n)
     if req.stream:
         if req.n != 1 or len(prompts) != 1:
             return _error(400, "stream supports one prompt with n=1", param="stream")
         chunk_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        events = _events(backend_of(request), prompts[0], params,
+        events = _events(await open_stream(backend_of(request), prompts[0], params),
                          lambda text, finish: completion_chunk(name, chunk_id, text or "", finish),
                          usage_of=_usage_of(req, name, chunk_id, "text_completion"))
         return StreamingResponse(events, media_type="text/event-stream")
@@ -314,11 +425,12 @@ async def chat(req: ChatCompletionRequest, request: Request):
     name = served_model(request, req.model, params)  # an unknown model is a 404 before the chat is rendered
     backend = backend_of(request)
     prompt = backend.chat_prompt([m.model_dump() for m in req.messages])
+    check_request(backend, [prompt], params, req.n)
     if req.stream:
         if req.n != 1:
             return _error(400, "stream supports n=1 only", param="n")
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        events = _events(backend, prompt, params,
+        events = _events(await open_stream(backend, prompt, params),
                          lambda text, finish: chat_chunk(name, chunk_id, {} if text is None else {"content": text}, finish),
                          opening=chat_chunk(name, chunk_id, {"role": "assistant", "content": ""}),
                          usage_of=_usage_of(req, name, chunk_id, "chat.completion.chunk"))
@@ -339,7 +451,20 @@ def _usage_of(req, name: str, chunk_id: str, kind: str) -> Optional[Callable[[St
     return lambda end: usage_chunk(name, chunk_id, kind, end.prompt_tokens, end.completion_tokens)
 
 
-async def _events(backend: Backend, prompt: str, params: GenParams, chunk, opening: Optional[dict] = None,
+async def open_stream(backend: Backend, prompt: str, params: GenParams) -> tuple[AsyncIterator, list]:
+    """The backend's stream with its first item read, before the route answers 200: a refusal there
+    (a replica at its stream limit) is then a proper status code. Returns the stream and the items
+    read that are deltas (none when the first was the replica's StreamAdmitted). A stream left
+    unread is closed when it is collected, which frees its place."""
+    deltas = backend.stream(prompt, params)
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        return deltas, []
+    return deltas, [] if isinstance(first, StreamAdmitted) else [first]  # by type: Serve pickles the replica's globals
+
+
+async def _events(opened: tuple[AsyncIterator, list], chunk, opening: Optional[dict] = None,
                   usage_of: Optional[Callable[[StreamEnd], dict]] = None) -> AsyncIterator[str]:
     """Server-sent events: `chunk(text, finish_reason)` frames each delta and the closing chunk
     in the route's format; the backend's StreamEnd gives the closing chunk's finish_reason and
@@ -349,8 +474,8 @@ async def _events(backend: Backend, prompt: str, params: GenParams, chunk, openi
         yield _sse(opening)
     end = None
     try:
-        async with contextlib.aclosing(backend.stream(prompt, params)) as deltas:  # leaving early ends generation
-            async for delta in deltas:
+        async with contextlib.aclosing(opened[0]) as deltas:  # leaving early ends generation
+            async for delta in with_first(opened[1], deltas):
                 if isinstance(delta, StreamEnd):
                     end = delta
                 else:
@@ -364,10 +489,18 @@ async def _events(backend: Backend, prompt: str, params: GenParams, chunk, openi
     yield "data: [DONE]\n\n"
 
 
+async def with_first(first: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
 @router.post("/v1/summarize")
 async def summarize(req: SummarizeRequest, request: Request):
     params = GenParams(max_tokens=req.max_tokens, temperature=req.temperature)
     name = served_model(request, req.model, params)
     prompt = settings_of(request).prompt_template.format(document=req.document)
+    check_request(backend_of(request), [prompt], params, 1)
     [result] = await _run(request, [prompt], params, 1)
     return {"summary": result.text.strip(), "finish_reason": result.finish_reason, "model": name}

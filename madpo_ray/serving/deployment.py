@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator, Optional, Union
 
@@ -26,7 +27,8 @@ from ray import serve
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
-from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, StreamEnd, TransformersEngine
+from madpo_ray.serving.engine import (STREAM_ADMITTED, GenParams, GenResult, RequestCancelled, ServerBusy, StreamEnd,
+                                     TransformersEngine)
 from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, resolve_model_folder, served_name
 
 log = logging.getLogger("madpo_ray.serve")
@@ -77,16 +79,24 @@ def load_engine(model: str, backend: str, threads: int, adapters: Optional[dict[
 
 
 async def engine_health(engine, timeout_s: float) -> None:
-    """One greedy token through the same path requests take (the thread pool and engine lock, or
-    the async engine), so a replica whose engine is stuck fails it (unlike /healthz, which only
-    shows that the event loop answers)."""
-    probe = GenParams(max_tokens=1)
-    call = (engine.generate("ok", probe) if getattr(engine, "asynchronous", False)
-            else asyncio.to_thread(engine.generate, ["ok"], probe))
-    try:
-        await asyncio.wait_for(call, timeout=timeout_s)
-    except asyncio.TimeoutError:
-        raise RuntimeError(f"engine produced no token in {timeout_s}s") from None
+    """Proof that the engine makes progress (unlike /healthz, which only shows that the event loop
+    answers). The async engine: one greedy token through the path requests take. The blocking
+    engine: a generation step taken within the timeout, or, when it is free, one greedy token;
+    never a wait for its lock, which long generations hold, so heavy legal load does not get a
+    healthy replica killed, while a stuck one (lock held, no step) still fails."""
+    if getattr(engine, "asynchronous", False):
+        try:
+            await asyncio.wait_for(engine.generate("ok", GenParams(max_tokens=1)), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"engine produced no token in {timeout_s}s") from None
+        return
+    loop = asyncio.get_running_loop()
+    steps, deadline = engine.steps, loop.time() + timeout_s
+    while loop.time() < deadline:
+        if engine.steps != steps or await asyncio.to_thread(engine.try_probe):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"engine produced no token in {timeout_s}s")
 
 
 # `serve.ingress()` without an app defers the app to replica start: Serve calls
@@ -104,7 +114,7 @@ class PolicyServer:
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, request_timeout_s: float = 60.0,
                  max_body_bytes: int = 64 * 1024, api_key_env: str = "MADPO_API_KEY", backend: str = "auto",
                  api_key_file: Optional[str] = None, health_timeout_s: float = 20.0,
-                 adapters: Optional[dict[str, str]] = None):
+                 adapters: Optional[dict[str, str]] = None, max_streams: int = 4, **limits):
         logging.basicConfig(level=logging.INFO)
         backend, why = choose_backend(model, backend, adapters=bool(adapters))
         log.info("generation backend: %s (%s)", backend, why)
@@ -112,12 +122,15 @@ class PolicyServer:
         self.settings = ServeSettings(model_name=served_name(model, model_name), adapters=tuple(sorted(adapters)),
                                       api_key_env=api_key_env, api_key_file=api_key_file,
                                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
-                                      prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE)
+                                      prompt_template=prompt_template_for(model) or DEFAULT_PROMPT_TEMPLATE,
+                                      **limits)  # require_key, body_timeout_s, body_grace_s, max_slow_bodies
         self.api_key = self.settings.resolve_api_key()  # fails the replica now if the key is misconfigured
         self.engine = load_engine(model, backend, threads, adapters)
         self.asynchronous = getattr(self.engine, "asynchronous", False)
         self.batching = batching and not self.asynchronous  # the async engine batches continuously itself
         self.health_timeout_s = health_timeout_s
+        self.max_streams, self.open_streams = max_streams, 0  # streams at once on the blocking engine
+        self.stream_pool = ThreadPoolExecutor(max_streams, thread_name_prefix="madpo-stream")
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("serving %s with %s (batching=%s, max_batch_size=%d, auth=%s, LoRA adapters: %s)", model, backend,
@@ -177,17 +190,28 @@ class PolicyServer:
             return [(await self.run_rows([row]))[0] for row in rows]
 
     async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
-        """Deltas of one request (then its StreamEnd), each awaited within what is left of the request
-        timeout."""
-        source = self.engine.stream if self.asynchronous else self.threaded_stream
-        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
-        async with contextlib.aclosing(source(prompt, params)) as deltas:  # leaving early aborts the request
-            while True:
-                left = max(0.0, deadline - asyncio.get_running_loop().time())
-                try:
-                    yield await asyncio.wait_for(anext(deltas), timeout=left)
-                except StopAsyncIteration:
-                    return
+        """STREAM_ADMITTED, then the deltas of one request (then its StreamEnd), each awaited within
+        what is left of the request timeout. The blocking engine streams on its own pool of
+        `max_streams` threads; one more stream raises ServerBusy before its first item (the route
+        answers 503 with Retry-After), so streams can neither queue without bound nor take the
+        threads that batches and the health check need."""
+        threaded = not self.asynchronous
+        if threaded and self.open_streams >= self.max_streams:
+            raise ServerBusy(f"this replica is already streaming {self.max_streams} answers; retry shortly")
+        self.open_streams += threaded
+        try:
+            yield STREAM_ADMITTED
+            source = self.threaded_stream if threaded else self.engine.stream
+            deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+            async with contextlib.aclosing(source(prompt, params)) as deltas:  # leaving early aborts the request
+                while True:
+                    left = max(0.0, deadline - asyncio.get_running_loop().time())
+                    try:
+                        yield await asyncio.wait_for(anext(deltas), timeout=left)
+                    except StopAsyncIteration:
+                        return
+        finally:
+            self.open_streams -= threaded
 
     def running_requests(self) -> int:
         """Requests inside the engine now (the async engine only; tests and benchmarks read it
@@ -213,7 +237,7 @@ class PolicyServer:
             except BaseException as e:  # the waiting request gets it instead of waiting forever
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
-        task = loop.run_in_executor(None, produce)
+        task = loop.run_in_executor(self.stream_pool, produce)
         try:
             while True:
                 item = await queue.get()
@@ -229,6 +253,16 @@ class PolicyServer:
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.engine.chat_prompt(messages)
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt's length in tokens as the engine will read it (for the request budget)."""
+        return len(self.engine.encode(prompt))
+
+    def check_params(self, params: GenParams) -> None:
+        """Refuse, before anything is queued or streamed, what the engine would silently not do."""
+        check = getattr(self.engine, "check_params", None)
+        if check is not None:
+            check(params)
+
 
 def build_app(args: dict) -> serve.Application:
     """Entry point for `serve run serve.app:build_app model=...` and serve config files.
@@ -238,11 +272,14 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError("build_app needs model=<policy folder>")
     kwargs = dict(args)
     for key, cast in (("threads", int), ("max_batch_size", int), ("batch_wait_timeout_s", float),
-                      ("request_timeout_s", float), ("max_body_bytes", int), ("health_timeout_s", float)):
+                      ("request_timeout_s", float), ("max_body_bytes", int), ("health_timeout_s", float),
+                      ("body_timeout_s", float), ("body_grace_s", float), ("max_slow_bodies", int),
+                      ("max_streams", int)):
         if key in kwargs:
             kwargs[key] = cast(kwargs[key])
-    if "batching" in kwargs:
-        kwargs["batching"] = str(kwargs["batching"]).lower() not in ("0", "false", "no")
+    for key in ("batching", "require_key"):
+        if key in kwargs:
+            kwargs[key] = str(kwargs[key]).lower() not in ("0", "false", "no")
     # Replica options from args only when given (madpo serve); a serve config file sets its own.
     options = {}
     if "num_replicas" in kwargs:

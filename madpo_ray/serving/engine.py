@@ -1,8 +1,10 @@
 """A batched transformers generation engine for serving (the vLLM engine plugs in beside it).
 
-Every request carries its own `GenParams`: rows that share sampling settings share one forward
-pass, but each row keeps its own stop strings and cancel flag, so one request's settings never
-change another's output. Failures inside generation threads are handed to the waiting caller
+Every request carries its own `GenParams`: rows that share max_tokens (and greedy or not) share
+one forward pass, but each row keeps its own stop strings, cancel flag, temperature, top_p and
+random stream (RowSampler), so one request's settings or seed never change another's output,
+and the process-wide RNG is never touched. The tokenizer is shared by the event loop and the
+generation threads, so every call on it is serialised (SerialTokenizer). Failures inside generation threads are handed to the waiting caller
 (never left to hang a queue), and a stalled stream raises after a timeout.
 """
 
@@ -42,6 +44,7 @@ class GenParams:
     top_p: float = 1.0
     stop: Optional[list[str]] = None
     seed: Optional[int] = None
+    sample: int = 0  # which of a request's n samples this row is: seeded samples of one request differ by it
     adapter: Optional[str] = None  # a LoRA adapter served beside the base (vLLM only), by name
     # Set by the route when its caller times out or disconnects; generation then stops early.
     cancel: Optional[threading.Event] = field(default=None, compare=False, repr=False)
@@ -51,10 +54,9 @@ class GenParams:
         return self.temperature < MIN_TEMPERATURE
 
     def key(self) -> tuple:
-        """Requests sharing this key can go through one `generate` call (stop strings are per row)."""
-        if self.greedy:
-            return (self.max_tokens, 0.0, 1.0, None)
-        return (self.max_tokens, self.temperature, self.top_p, self.seed)
+        """Requests sharing this key can go through one `generate` call (stop strings, sampling
+        settings and seeds are per row)."""
+        return (self.max_tokens, self.greedy)
 
     @property
     def cancelled(self) -> bool:
@@ -93,6 +95,77 @@ def per_row(params: Union[GenParams, Sequence[GenParams]], n: int) -> list[GenPa
     return rows
 
 
+class NoChatTemplate(ClientInputError):
+    """The model has no chat template: the chat route is not implemented for it (501)."""
+
+
+SAMPLE_STRIDE = 0x9E3779B97F4A7C15  # odd, so the n samples of one seed get n distinct streams
+
+
+def row_generator(p: GenParams) -> torch.Generator:
+    """The row's own random stream: from its seed (and which of the request's samples it is), else
+    from fresh entropy. Never the process-wide RNG: that one is shared by every request, so seeding
+    it made the next unseeded request of another client predictable."""
+    g = torch.Generator()
+    if p.seed is None:
+        g.seed()
+    else:  # sample 0 takes the seed as given: a seed torch cannot take fails here, for this row only
+        g.manual_seed(p.seed if p.sample == 0 else (p.seed + p.sample * SAMPLE_STRIDE) % 2**63)
+    return g
+
+
+class RowSampler:
+    """A logits processor that draws each row's next token from that row's own generator, with its
+    own temperature and top_p, and leaves only that token possible, so the greedy decoding it runs
+    under picks it. HF's own sampling draws every row from the process-wide RNG: a row's tokens
+    then depended on which other rows shared its batch, and a seed reached other requests."""
+
+    def __init__(self, rows: Sequence[GenParams]):
+        self.generators = [row_generator(p) for p in rows]
+        self.temperature = torch.tensor([[max(p.temperature, MIN_TEMPERATURE)] for p in rows])
+        self.top_p = torch.tensor([[p.top_p] for p in rows])
+        self.greedy = torch.tensor([[p.greedy] for p in rows])
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        ranked, order = probs.sort(dim=-1, descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked > self.top_p, 0.0)  # the nucleus; the top one stays
+        cdf = ranked.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators]).unsqueeze(-1) * cdf[:, -1:]
+        picked = (cdf < u).sum(-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+        picked = torch.where(self.greedy, 0, picked)  # a greedy row takes the most likely token
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, order.gather(1, picked), 0.0)
+
+
+class SerialTokenizer:
+    """The engine's tokenizer with every call on it serialised. Encoding a chat switches the fast
+    tokenizer's `split_special_tokens` per segment; concurrent calls from other threads (the event
+    loop, the batch thread, stream threads decoding) then failed with "Already borrowed" or encoded
+    user text with special tokens recognised. Attributes pass through, reads and writes."""
+
+    def __init__(self, tokenizer):
+        object.__setattr__(self, "inner", tokenizer)
+        object.__setattr__(self, "lock", threading.RLock())
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        value = getattr(self.inner, name)
+        if not callable(value):
+            return value
+
+        def serialised(*args, **kwargs):
+            with self.lock:
+                return value(*args, **kwargs)
+        return serialised
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+
 class ChatPrompt(str):
     """A rendered chat: the text, plus which parts are user-supplied message content.
 
@@ -105,13 +178,28 @@ class ChatPrompt(str):
 SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
+def apply_template(tokenizer, messages: list[dict]) -> str:
+    """The chat as the model's template renders it. A template that refuses the messages (a strict
+    role order, no system role) is the client's 400; a model without a template, a 501."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate("this model has no chat template; send a plain prompt to /v1/completions instead",
+                             param="messages")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, TypeError, KeyError, IndexError, ValueError) as e:
+        raise ClientInputError(f"the model's chat template cannot render these messages: {e}",
+                               param="messages") from None
+
+
 def render_chat(tokenizer, messages: list[dict]) -> ChatPrompt:
     """Render with placeholders, then put the content back as separately marked segments."""
     marked = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    text = apply_template(tokenizer, marked)
     parts = SENTINEL.split(text)
     if len(parts) != 2 * len(messages) + 1:  # a template that alters content: treat it all as user text
-        plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        plain = apply_template(tokenizer, messages)
         prompt = ChatPrompt(plain)
         prompt.segments = [(plain, True)]
         return prompt
@@ -159,17 +247,42 @@ class CancelCriteria:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
 
+class ServerBusy(RuntimeError):
+    """The replica is at its limit for this kind of request: 503 with Retry-After, not a queue."""
+
+
+class StreamAdmitted:
+    """The first item of a replica's stream: it was admitted (not over the stream limit). The route
+    reads it before answering 200, so a refusal is a proper 503, not an error inside a 200 stream."""
+
+
+STREAM_ADMITTED = StreamAdmitted()
+
+
+class Progress:
+    """A stopping criterion that never stops: it counts the engine's generation steps, so the health
+    check sees progress without taking the engine lock (which a long generation holds)."""
+
+    def __init__(self, engine: "TransformersEngine"):
+        self.engine = engine
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.engine.steps += 1
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool)
+
+
 class TransformersEngine:
     def __init__(self, model_dir: str, threads: int = 1, max_prompt_tokens: int = 448, stream_timeout_s: float = 60.0):
         from madpo_ray.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
         self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = SerialTokenizer(load_tokenizer(model_dir))
         self.model = load_causal_lm(model_dir).eval()
         self.max_prompt_tokens = max_prompt_tokens
         self.stream_timeout_s = stream_timeout_s
         self.lock = threading.Lock()  # one generate at a time per replica; batching does the rest
+        self.steps = 0  # generation steps taken so far (Progress): what the health check watches
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt. A plain prompt keeps its end (as in training); a chat that does
@@ -188,20 +301,16 @@ class TransformersEngine:
         return prompt
 
     def _kwargs(self, p: GenParams, rows: Sequence[GenParams]) -> dict:
-        from transformers import StoppingCriteriaList
+        """Greedy decoding for every call; rows that sample draw their token in RowSampler (made
+        here, before the engine lock: a seed torch cannot take fails this call only)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         kw = dict(max_new_tokens=p.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                  eos_token_id=self.tokenizer.eos_token_id, do_sample=not p.greedy,
-                  stopping_criteria=StoppingCriteriaList([CancelCriteria(rows)]))
-        if not p.greedy:
-            kw.update(temperature=p.temperature, top_p=p.top_p, top_k=0)
+                  eos_token_id=self.tokenizer.eos_token_id, do_sample=False,
+                  stopping_criteria=StoppingCriteriaList([CancelCriteria(rows), Progress(self)]))
+        if not all(r.greedy for r in rows):
+            kw["logits_processor"] = LogitsProcessorList([RowSampler(rows)])
         return kw
-
-    @staticmethod
-    def _seed(p: GenParams) -> None:
-        """Seed the sampler under the engine lock, so no other request's draw moves it."""
-        if not p.greedy and p.seed is not None:
-            torch.manual_seed(p.seed)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: Union[GenParams, Sequence[GenParams]]) -> list[GenResult]:
@@ -213,9 +322,9 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        kwargs = self._kwargs(rows[0], rows)
         with self.lock:
-            self._seed(rows[0])
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **self._kwargs(rows[0], rows))
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
         results = []
         for row, x, p in zip(out[:, width:], ids, rows):
             toks, ended = self.completion_tokens(row.tolist())
@@ -224,6 +333,21 @@ class TransformersEngine:
             used = self.tokens_through_stop(toks, p.stop) if stopped else len(toks)
             results.append(GenResult(text, "stop" if ended or stopped else "length", len(x), used))
         return results
+
+    def try_probe(self) -> bool:
+        """One greedy token if the engine is free now (True); False at once if it is busy: the health
+        check never queues behind the requests it is checking."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            ids = torch.tensor([self.encode("ok")])
+            with torch.no_grad():
+                self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            self.steps += 1
+            return True
+        finally:
+            self.lock.release()
 
     def tokens_through_stop(self, generated: list[int], stop: Optional[list[str]]) -> int:
         """How many generated ids it took to complete the first stop string: the count vLLM reports
@@ -259,10 +383,10 @@ class TransformersEngine:
 
         def run():
             try:
+                kwargs = self._kwargs(params, [params])
                 with torch.no_grad(), self.lock:
-                    self._seed(params)
                     out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                              **self._kwargs(params, [params]))
+                                              **kwargs)
                     generated.append(out[0, ids.shape[1]:].tolist())
             except BaseException as e:  # handed to the consumer below, never lost in the thread
                 failure.append(e)

@@ -17,8 +17,9 @@ from madpo_ray.serving.api import API_KEY_FILE_ENV
 log = logging.getLogger(__name__)
 
 
-class InsecureServeError(RuntimeError):
-    """Refusing to expose an unauthenticated server beyond this machine."""
+class InsecureServeError(ValueError):
+    """Refusing to expose an unauthenticated server beyond this machine. A ValueError, so that
+    `madpo serve` reports it in one line (its usage errors), not as a traceback."""
 
 
 def serve_runtime_env(extra_env: Optional[dict] = None) -> dict:
@@ -42,12 +43,59 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str, has_key: bool, insecure: bool) -> None:
+def check_exposure(host: str, has_key: bool, insecure: bool, what: str = "") -> None:
     """Binding beyond loopback without a key would give anyone on the network the model."""
     if not is_loopback(host) and not has_key and not insecure:
         raise InsecureServeError(
-            f"refusing to serve on {host} without an API key: set MADPO_API_KEY_FILE (a file holding the key) "
+            f"refusing to serve on {host}{what} without an API key: set MADPO_API_KEY_FILE (a file holding the key) "
             f"or MADPO_API_KEY, bind 127.0.0.1, or pass --insecure to serve unauthenticated on purpose")
+
+
+# Serve's proxy ends a request after this much more than the app's own request timeout and body
+# deadline: the app answers 504/408 first; Serve's 408 is the backstop for a handler that never returns.
+PROXY_TIMEOUT_MARGIN_S = 30.0
+
+
+def proxy_request_timeout_s(app_args: dict) -> float:
+    return (float(app_args.get("request_timeout_s", 60.0)) + float(app_args.get("body_timeout_s", 10.0))
+            + PROXY_TIMEOUT_MARGIN_S)
+
+
+def proxy_http_options():
+    """The HTTP options Serve's proxies run with, from Serve's controller: on a cluster where Serve
+    was already running, `serve.start` keeps the proxies it has, whatever host was asked for."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).get_http_config.remote())
+
+
+def start_proxies(host: str, port: int, app_args: dict, insecure: bool) -> bool:
+    """Start Serve's proxies (or find the running ones), refuse an address they actually listen on
+    beyond loopback without a key, and say whether the replicas must require a key: yes whenever
+    the driver has one or the proxies are public, so a replica without the key in its own
+    environment refuses to start instead of serving openly."""
+    from ray import serve
+
+    has_key = key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file"))
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": proxy_request_timeout_s(app_args)})
+    actual = proxy_http_options()
+    if (actual.host, actual.port) != (host, port):
+        log.warning("Serve was already running: its proxies listen on %s:%s, not on the %s:%s asked for",
+                    actual.host, actual.port, host, port)
+    check_exposure(actual.host, has_key, insecure, what=" (where Serve's proxies already listen)")
+    return not insecure and (has_key or not is_loopback(actual.host))
+
+
+def replica_refusal(app_name: str) -> Optional[str]:
+    """Why the app's replicas refused to start over the key, in one line, from Serve's status of
+    the app (serve.run's own error only says that the deployment failed); None for other failures."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    texts = [app.message] + [d.message for d in app.deployments.values()] if app else []
+    lines = [line for text in texts for line in (text or "").splitlines() if "ApiKeyError:" in line]
+    return lines[-1].split("ApiKeyError:", 1)[1].strip() if lines else None
 
 
 def key_configured(api_key_env: str = "MADPO_API_KEY", api_key_file: Optional[str] = None) -> bool:
@@ -189,6 +237,18 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def init_cluster(address: str, port: int, direct_ingress: bool) -> None:
+    """Join the given cluster, or start a local one (its dashboard on loopback only)."""
+    import ray
+
+    env = serve_runtime_env()
+    if address != "local":
+        ray.init(address=address, runtime_env=env)
+    else:
+        with environ(direct_ingress_env(port) if direct_ingress else {}):  # the cluster's processes keep them
+            ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
                batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
                blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", insecure: bool = False,
@@ -201,7 +261,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     from madpo_ray.serving.deployment import build_app, choose_backend
 
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
-                   insecure)
+                   insecure)  # before anything starts; start_proxies checks where the proxies really listen
     model = resolve_model_folder(model)
     backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
     log.info("generation backend: %s (%s)", backend, why)
@@ -210,21 +270,22 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     if direct_ingress:
         enable_direct_ingress(port, address)
     if not ray.is_initialized():
-        env = serve_runtime_env()
-        if address != "local":
-            ray.init(address=address, runtime_env=env)
-        else:
-            with environ(direct_ingress_env(port) if direct_ingress else {}):  # the cluster's processes keep them
-                ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
-
+        init_cluster(address, port, direct_ingress)
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        require_key = start_proxies(host, port, app_args, insecure)
         application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
-                                 "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend, **app_args})
+                                 "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend,
+                                 "require_key": require_key, **app_args})
         t0 = time.time()
-        handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
+        try:
+            handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
+        except RuntimeError:
+            refusal = replica_refusal(app_name)
+            if refusal is None:
+                raise
+            raise InsecureServeError(f"the replicas refused to start: {refusal}") from None
         log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)
         if direct_ingress:
             log.info("direct ingress: the replica also serves at http://%s:%d without the proxy hop (more replicas "

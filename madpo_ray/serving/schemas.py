@@ -15,6 +15,9 @@ MAX_PROMPTS = 16
 # prompts x n x max_tokens: one request may not ask for more generated tokens than this, so a
 # single client cannot hold a replica for minutes (16 prompts x 8 x 256 would be 32,768).
 MAX_TOTAL_TOKENS = 2048
+# n x (prompt tokens + max_tokens) summed over the prompts, counted after tokenising (api.check_request):
+# 16 prompts x n=8 of a full 448-token context were ~57k prompt tokens under the generated-only budget.
+MAX_REQUEST_TOKENS = 16384
 # torch.manual_seed (and vLLM's generator) take a 64-bit seed; a larger one killed the generation thread.
 MAX_SEED = 2**63 - 1
 

@@ -15,7 +15,8 @@ adapter a request names (its `model` field) to that request only, so several pol
 with LoRA from one base share one replica.
 
 On the CPU engine a per-request seed crashes it ("CPU Generator does not use offset"), so there
-the seed is the engine's, set once at start-up, and per-request seeds are ignored. The CPU
+a sampled request with a seed is refused (400 naming `seed`) rather than silently served
+unseeded; greedy requests, where a seed changes nothing, are served. The CPU
 attention has no kernel for some head sizes (16, for one); `vllm_supports` checks before start.
 """
 
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import AsyncIterator, Optional, Union
 
 from madpo_ray.data.collate import encode_prompt
-from madpo_ray.serving.engine import ChatPrompt, ClientInputError, GenParams, GenResult, StreamEnd, render_chat
+from madpo_ray.serving.engine import (ChatPrompt, ClientInputError, GenParams, GenResult, SerialTokenizer, StreamEnd,
+                                      render_chat)
 
 
 def vllm_available() -> bool:
@@ -103,7 +105,7 @@ class AsyncVLLMEngine:
 
         from madpo_ray.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = SerialTokenizer(load_tokenizer(model_dir))
         positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, positions or max_model_len)  # vLLM refuses a longer window
         self.max_prompt_tokens = min(max_prompt_tokens, max_model_len // 2)
@@ -127,6 +129,12 @@ class AsyncVLLMEngine:
         self.encode(prompt)
         return prompt
 
+    def check_params(self, p: GenParams) -> None:
+        """Refuse what this engine would silently not do: a seeded sample on the CPU engine."""
+        if p.seed is not None and not p.greedy and not self.per_request_seed:
+            raise ClientInputError("seed is not supported by this server's engine (vLLM on CPU cannot seed one "
+                                   "request); send the request without seed, or with temperature 0", param="seed")
+
     def sampling(self, p: GenParams, stream: bool):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -149,6 +157,7 @@ class AsyncVLLMEngine:
             await request.aclose()
 
     async def generate(self, prompt: str, params: GenParams) -> GenResult:
+        self.check_params(params)
         ids = self.encode(prompt)
         final = None
         async for final in self.outputs(ids, params, stream=False):
@@ -158,6 +167,7 @@ class AsyncVLLMEngine:
     async def stream(self, prompt: str, params: GenParams) -> AsyncIterator[Union[str, StreamEnd]]:
         """Text deltas as the engine produces them (vLLM holds back text that may start a stop
         string), then a StreamEnd with the finish reason and token counts of the last output."""
+        self.check_params(params)
         ids = self.encode(prompt)
         generated, finish = 0, None
         async for piece in self.outputs(ids, params, stream=True):
