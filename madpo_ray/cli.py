@@ -353,9 +353,11 @@ def run_comparisons(cfg) -> None:
 @app.command("init")
 def init_cmd(folder: str = typer.Argument(".", help="Where to write configs/ and tune_configs/ (default: here)."),
              force: bool = typer.Option(False, "--force", help="Overwrite files of the same name.")):
-    """Write the shipped presets and search spaces into FOLDER/configs/ and FOLDER/tune_configs/ for
-    editing; run an edited one by path: `madpo run -c configs/tiny.yaml`. Existing files are kept
-    unless --force."""
+    """Write the shipped presets, search spaces and Serve config into FOLDER/configs/,
+    FOLDER/tune_configs/ and FOLDER/serve_config.yaml for editing; run an edited one by path:
+    `madpo run -c configs/tiny.yaml`, `serve deploy serve_config.yaml`. Existing files are kept unless --force."""
+    from importlib import resources
+
     from madpo_ray.config import PRESETS
     from madpo_ray.tune_space import SEARCH_SPACES
 
@@ -372,7 +374,14 @@ def init_cmd(folder: str = typer.Argument(".", help="Where to write configs/ and
                 continue
             target.write_text(f.read_text())
             written.append(str(target))
-    console.print(f"wrote {len(written)} files into {folder}/configs and {folder}/tune_configs", highlight=False)
+    serve_config = Path(folder) / "serve_config.yaml"
+    if serve_config.exists() and not force:
+        kept.append(str(serve_config))
+    else:
+        serve_config.write_text((resources.files("madpo_ray") / "serving" / "config.yaml").read_text())
+        written.append(str(serve_config))
+    console.print(f"wrote {len(written)} files into {folder}/configs, {folder}/tune_configs and {serve_config}",
+                  highlight=False)
     if kept:
         console.print(f"kept {len(kept)} existing files (--force overwrites them): {', '.join(kept[:4])}"
                       + (" ..." if len(kept) > 4 else ""), highlight=False, soft_wrap=True)

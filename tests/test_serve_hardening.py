@@ -226,7 +226,7 @@ def test_concurrent_chat_encodes_keep_user_special_tokens_as_text(engine, tiny_t
 
 
 def test_a_replica_that_must_require_a_key_and_has_none_refuses(monkeypatch, tiny_base_dir):
-    """Told `require_key` (by madpo serve for a public bind, by serve/config.yaml) or
+    """Told `require_key` (by madpo serve for a public bind, by the shipped serving/config.yaml) or
     $MADPO_REQUIRE_KEY, a replica without a key in its own environment refuses to start."""
     import yaml
 
@@ -243,8 +243,8 @@ def test_a_replica_that_must_require_a_key_and_has_none_refuses(monkeypatch, tin
     with pytest.raises(ApiKeyError, match="must require an API key"):
         ServeSettings().resolve_api_key()
     monkeypatch.delenv("MADPO_REQUIRE_KEY")
-    # serve/config.yaml's comment says its replicas refuse without a key: its own args make them.
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve" / "config.yaml").read_text())
+    # the shipped serving/config.yaml's comment says its replicas refuse without a key: its own args make them.
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "madpo_ray" / "serving" / "config.yaml").read_text())
     args = {**config["applications"][0]["args"], "model": str(tiny_base_dir), "backend": "transformers"}
     assert config["http_options"]["host"] == "0.0.0.0" and args["require_key"] is True
     assert config["http_options"]["request_timeout_s"] > args["request_timeout_s"] + args["body_timeout_s"]

@@ -61,6 +61,7 @@ def test_the_wheel_runs_the_pipeline_and_init_writes_editable_presets(installed,
     init = run_installed(installed, tmp_path, "-m", "madpo_ray", "init", "mine")
     assert init.returncode == 0 and (tmp_path / "mine" / "configs" / "tiny.yaml").is_file()
     assert (tmp_path / "mine" / "tune_configs" / "dpo_gold.yaml").is_file()
+    assert "madpo_ray.serving.deployment:build_app" in (tmp_path / "mine" / "serve_config.yaml").read_text()
     check = run_installed(installed, tmp_path, "-c", "from madpo_ray.config import load_config; "
                           "print(load_config('mine/configs/tiny.yaml').name)")
     assert check.stdout.strip() == "tiny"

@@ -57,7 +57,7 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # the trained policy's own comes from its madpo.json
     api_key_file: Optional[str] = None  # or $MADPO_API_KEY_FILE: a file (e.g. a mounted Secret) holding the key
-    # Told by whoever deploys (madpo serve for a public bind, serve/config.yaml): a replica that
+    # Told by whoever deploys (madpo serve for a public bind, the shipped serving/config.yaml): a replica that
     # finds no key then refuses to start instead of serving openly. Or $MADPO_REQUIRE_KEY=1.
     require_key: bool = False
     body_timeout_s: float = 10.0  # the whole body must arrive within this (else 408)

@@ -1,14 +1,14 @@
 """The Ray Serve deployment serving a policy folder over HTTP (OpenAI-compatible routes).
 
-    serve run serve.app:build_app model=runs/tiny/policy/madpo/model
-    serve deploy serve/config.yaml          # replicas and autoscaling from the config file
+    serve run madpo_ray.serving.deployment:build_app model=runs/tiny/policy/madpo/model
+    serve deploy serve_config.yaml          # replicas and autoscaling (madpo init writes the shipped one)
     madpo serve --model runs/tiny/policy/madpo/model
 
 The routes and schemas live beside this module and do not import Ray; this module only adds
 the deployment and how it drives each engine: vLLM's async engine takes every request as it
 arrives (continuous batching inside the engine); the transformers engine is blocking, so its
 calls run in threads and concurrent requests are grouped by dynamic batching (@serve.batch).
-serve/app.py re-exports `build_app` so the import path in serve config files stays the same.
+serve/app.py re-exports `build_app` under the older import path `serve.app:build_app`.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class PolicyServer:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Entry point for `serve run serve.app:build_app model=...` and serve config files.
+    """Entry point for `serve run madpo_ray.serving.deployment:build_app model=...` and serve config files.
 
     Args arrive as strings from the command line and config files, hence the casts."""
     if "model" not in args:
