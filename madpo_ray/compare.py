@@ -232,7 +232,8 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
 
 
 class Comparison:
-    def __init__(self, pipeline, tune_dirs: Optional[Sequence[Path]] = None, out_dir: Optional[Path] = None):
+    def __init__(self, pipeline, tune_dirs: Optional[Sequence[Path]] = None, out_dir: Optional[Path] = None,
+                 command: str = "madpo compare --final"):
         """tune_dirs: where `compare.settings=tuned` looks for finished searches (default: this run's tune/);
         out_dir: where trainings, generations and the report go (default: the run's compare/); with
         compare.final the generations and report of the sealed test split go to out_dir/final/."""
@@ -243,6 +244,7 @@ class Comparison:
         self.final = self.cfg.compare.final
         self.split = SEALED_SPLIT if self.final else DEVELOPMENT_SPLIT
         self.report_dir = self.out_dir / "final" if self.final else self.out_dir
+        self.command = command  # what the ledger says read the sealed split
         self.rows: list[dict] = []  # the judged samples, for callers that analyse further (madpo study)
         self.prompt_ids: list[str] = []
         dirs = [self.layout.tune_dir] if tune_dirs is None else list(tune_dirs)
@@ -359,8 +361,7 @@ class Comparison:
         col = judged["column"]
         paired = paired_analysis(rows, col, ids) if rows and col in rows[0] else {}
         self.rows, self.prompt_ids = rows, ids
-        final = record_final_reading(self.layout, self.report_dir, "madpo compare --final", ids, prompts) \
-            if self.final else None
+        final = record_final_reading(self.layout, self.report_dir, self.command, ids, prompts) if self.final else None
         return write_report(self.cfg, self.report_dir, judged, prompts=len(ids), final=final,
                             sft_samples_per_prompt=self.cfg.eval.samples_per_prompt * sft_sets,
                             seeds=self.cfg.compare.seeds, methods=[m.model_dump() for m in self.methods],

@@ -119,6 +119,14 @@ class DataConfig(_Strict):
     chat: bool = False  # wrap the prompt in the tokenizer's chat template (instruction-tuned models)
 
     @model_validator(mode="after")
+    def _sealed_split_apart(self):
+        """The sealed test split is neither the training nor the development split."""
+        if self.eval_split is not None and self.eval_split in (self.split, self.validation_split):
+            raise ValueError(f"eval_split {self.eval_split!r} is also the training or validation split: the sealed "
+                             "test split must be a split of its own (null holds part of train out for it)")
+        return self
+
+    @model_validator(mode="after")
     def _lengths(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
@@ -320,8 +328,9 @@ class CompareConfig(_Strict):
     @field_validator("lr_grid")
     @classmethod
     def _lr_grid(cls, grid: Optional[list[float]]) -> Optional[list[float]]:
-        if grid is not None and (not grid or len(set(grid)) != len(grid) or min(grid) <= 0):
-            raise ValueError(f"lr_grid must be a non-empty list of distinct positive learning rates; got {grid}")
+        if grid is not None and (not grid or len({f"{lr:g}" for lr in grid}) != len(grid) or min(grid) <= 0):
+            raise ValueError(f"lr_grid must be a non-empty list of distinct positive learning rates (distinct to "
+                             f"6 significant digits: each names its folder); got {grid}")
         return grid
 
     @field_validator("tiers")
@@ -354,6 +363,10 @@ class CompareConfig(_Strict):
         if self.lr_grid is not None and (self.settings == "tuned" or self.tiers):
             raise ValueError("lr_grid trains every method at the same reference settings at each lr: it cannot be "
                              "combined with settings=tuned (each method its own lr) or with tiers")
+        own_lr = [m.name for m in self.methods if "optim.lr" in m.overrides]
+        if self.lr_grid is not None and own_lr:
+            raise ValueError(f"lr_grid sets every method's lr; methods {own_lr} override optim.lr, which would train "
+                             "them at their own lr under every grid point's label")
         return self
 
 
@@ -419,8 +432,10 @@ class PipelineConfig(_Strict):
             for key, value in overrides.items():
                 *parents, leaf = key.split(".")
                 node = raw
-                for part in parents:
+                for i, part in enumerate(parents):
                     node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"override {key!r}: '{'.'.join(parents[:i + 1])}' is a value, not a section")
                 node[leaf] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
             return config_from_dict(raw)
         return config_from_dict(raw, list(overrides))

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from madpo_ray.config import PipelineConfig, load_config
-from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder, replace_folder_atomically
+from madpo_ray.io import atomic_folder, check_output_folder, mark_output_folder
 from madpo_ray.layout import RunLayout, is_testbed
 
 EXPORTABLE = ("sft", "reward", "policy")
@@ -147,13 +147,12 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
     check_output_folder(out, force)
     sources = [source] + ([layout.adapter_dir(stage)] if layout.adapter_dir(stage).exists() else [])
     refuse_links(sources)
-    tmp = fresh_sibling_dir(out, "partial")
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    if len(sources) > 1:
-        shutil.copytree(sources[1], tmp / "adapter")
-    (tmp / "README.md").write_text(model_card(cfg, layout, stage))
-    for terms in base_terms(cfg):
-        shutil.copyfile(terms, tmp / terms.name)
-    mark_output_folder(tmp, "madpo export")
-    replace_folder_atomically(tmp, out)
+    with atomic_folder(out) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if len(sources) > 1:
+            shutil.copytree(sources[1], tmp / "adapter")
+        (tmp / "README.md").write_text(model_card(cfg, layout, stage))
+        for terms in base_terms(cfg):
+            shutil.copyfile(terms, tmp / terms.name)
+        mark_output_folder(tmp, "madpo export")
     return out

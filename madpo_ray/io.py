@@ -53,7 +53,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -61,10 +61,15 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
+def read_umask() -> int:
+    """The process's umask, read once at import: reading it means setting it, and a thread creating
+    a file in that instant would get loose permissions."""
+    umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+UMASK = read_umask()
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
@@ -82,6 +87,19 @@ def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
 
 def write_json(path: Path, data: dict) -> Path:
     return write_text_atomically(path, json.dumps(data, indent=2, default=float))
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """Yield a fresh folder beside `dest` to fill; on success it replaces `dest` (replace_folder_atomically),
+    on any error it is removed (it is ours) and `dest` is left as it was."""
+    tmp = fresh_sibling_dir(dest)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder_atomically(tmp, dest)
 
 
 def replace_folder_atomically(tmp: Path | str, dest: Path | str) -> None:
@@ -136,5 +154,5 @@ def fresh_sibling_dir(path: Path, tag: str = "partial") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{tag}-"))
-    os.chmod(tmp, 0o777 & ~current_umask())
+    os.chmod(tmp, 0o777 & ~UMASK)
     return tmp

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 
 from madpo_ray.config import ModelConfig
-from madpo_ray.io import check_output_folder, fresh_sibling_dir, mark_output_folder, replace_folder_atomically
+from madpo_ray.io import atomic_folder, check_output_folder, mark_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +186,14 @@ def save_model_atomically(model, tokenizer, out_dir: Path, meta: Optional[dict] 
     """
     import json
 
-    out_dir = Path(out_dir)
-    tmp = fresh_sibling_dir(out_dir, "partial")
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if meta:
-        (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
-    if marker:
-        mark_output_folder(tmp, marker)
-    replace_folder_atomically(tmp, out_dir)  # fsynced; a reader sees the old model or the new, never half
+    with atomic_folder(Path(out_dir)) as tmp:  # fsynced; a reader sees the old model or the new, never half
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if meta:
+            (tmp / "madpo.json").write_text(json.dumps(meta, indent=2))
+        if marker:
+            mark_output_folder(tmp, marker)
 
 
 # --------------------------------------------------------------------------- training setup

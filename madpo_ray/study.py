@@ -108,7 +108,7 @@ def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
     if not p.is_testbed:
         log.warning("no gold reward outside the testbed: the study judges by the reward model's score")
     out_dir = p.layout.study_dir("rm-noise")
-    comparison = Comparison(p, out_dir=out_dir)
+    comparison = Comparison(p, out_dir=out_dir, command="madpo study rm-noise --final")
     results = comparison.run()
     column = results["column"]
     table = noise_table(comparison.rows, column, comparison.prompt_ids, noise_levels, cfg.eval.temperatures,

@@ -69,4 +69,17 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_pat
             raise RuntimeError("disk full")
     assert target.read_text() == '{\n  "a": 1\n}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     write_json(target, {"a": 2})
-    assert '"a": 2' in target.read_text() and oct(target.stat().st_mode & 0o777) != "0o600"  # not mkstemp's 0600
+    from madpo_ray.io import UMASK
+
+    assert '"a": 2' in target.read_text() and target.stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's 0600
+
+
+def test_a_folder_write_that_fails_leaves_nothing_behind(tmp_path):
+    from madpo_ray.io import atomic_folder
+
+    dest = tmp_path / "scored"
+    with pytest.raises(OSError):
+        with atomic_folder(dest) as tmp:
+            (tmp / "part-0.parquet").write_text("half")
+            raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []  # no .scored.partial-* left to pile up run after run

@@ -255,3 +255,39 @@ def test_tuned_settings_come_from_each_methods_own_newest_finished_search(tmp_pa
     # without --tuned nothing is looked up
     plain = cfg.model_copy(update={"compare": cfg.compare.model_copy(update={"settings": "reference"})})
     assert {m.name: m.overrides for m in compared_methods(plain, [tune], run_dir)[0]}["madpo"] == {"lam": 2.0}
+
+
+def test_held_out_prompts_of_a_users_dataset_follow_the_split(tmp_path):
+    """Development reads validation, the final step test, for any dataset (not only the testbed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from madpo_ray.eval.heldout import eval_prompts
+    from madpo_ray.layout import RunLayout
+
+    cfg = load_config("tiny", [f"runs_dir={tmp_path}", "data.source=pairs.jsonl"])
+    lay = RunLayout.of(cfg)
+    for split in ("validation", "test"):
+        d = lay.scored_path(split)
+        d.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([{"row_id": 0, "prompt": f"{split} prompt", "chosen": "c", "rejected": "r"}]),
+                       d / "part-0.parquet")
+    assert eval_prompts(cfg, lay)[1] == ["validation prompt"]
+    assert eval_prompts(cfg, lay, "test")[1] == ["test prompt"]
+    with pytest.raises(ValueError, match="held-out prompts"):
+        eval_prompts(cfg, lay, "train")
+
+
+def test_final_readings_count_other_commands_only_and_say_which_command(tmp_path, monkeypatch):
+    from madpo_ray.eval import heldout
+    from madpo_ray.layout import RunLayout
+
+    lay = RunLayout(tmp_path / "run")
+    lay.run_dir.mkdir(parents=True)
+    first = heldout.record_final_reading(lay, tmp_path / "a", "madpo compare --final", ["p0"], ["x"])
+    same = heldout.record_final_reading(lay, tmp_path / "b", "madpo compare --final", ["p0"], ["x"])
+    assert first["earlier_readings"] == same["earlier_readings"] == 0  # one command's grid points: one reading
+    monkeypatch.setattr(heldout, "INVOCATION", "another-command")
+    later = heldout.record_final_reading(lay, tmp_path / "c", "madpo study rm-noise --final", ["p0"], ["x"])
+    assert later["earlier_readings"] == 2 and later["command"] == "madpo study rm-noise --final"
+    assert R.split_lines({"split": "test"}) == ["**test split** (no record of a final reading).", ""]

@@ -97,3 +97,25 @@ def test_resolved_gives_every_parameter_a_loss_trains_with():
 
     assert LossConfig(name="madpo", beta=2.0).resolved() == {"beta": 2.0, "c_max": 4.0, "lam": 1.0, "tau": DEFAULT_TAU}
     assert LossConfig(name="dpo").resolved() == {"beta": 0.1, "label_smoothing": 0.0}
+
+
+@pytest.mark.parametrize("sets", [["data.validation_split=validation", "data.eval_split=validation"],
+                                  ["data.eval_split=train"]])
+def test_the_sealed_split_is_a_split_of_its_own(sets):
+    with pytest.raises(ConfigError, match="eval_split"):
+        load_config("tiny", sets)
+
+
+def test_derive_names_a_key_whose_parent_is_a_value():
+    with pytest.raises(ConfigError, match="'model.lora' is a value, not a section"):
+        load_config("tiny").derive({"model.lora.r": 8})
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["compare.lr_grid=[1e-5, 1e-3]", "compare.methods=[{loss: dpo, overrides: {optim.lr: 1.0e-4}}, {loss: madpo}]"],
+     "override optim.lr"),
+    (["compare.lr_grid=[1e-5, 1.0000001e-5]"], "distinct to 6 significant digits"),
+])
+def test_an_lr_grid_point_trains_every_method_at_its_own_lr(sets, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("tiny", sets)

@@ -53,6 +53,10 @@ def test_the_fingerprint_sees_a_change_of_gold_reward_or_tier(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(tb, "repetition", lambda words: 0.0)
     assert tb.design_fingerprint() != DESIGN_FINGERPRINT
+    monkeypatch.undo()
+    real = tb.labelled_pair  # label noise read three times over: the labelling changed
+    monkeypatch.setattr(tb, "labelled_pair", lambda *a, **k: real(*a[:6], min(0.49, 3 * a[6]), *a[7:], **k))
+    assert tb.design_fingerprint() != DESIGN_FINGERPRINT
 
 
 def test_gold_orders_candidate_kinds(docs):

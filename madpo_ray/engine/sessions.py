@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.engine.checkpoints import find_checkpoints
-from madpo_ray.io import fresh_sibling_dir, replace_folder_atomically
+from madpo_ray.io import atomic_folder
 
 log = logging.getLogger("madpo_ray.train")
 
@@ -94,9 +94,8 @@ class LocalSession:
         root = Path(self.checkpoint_root)
         root.mkdir(parents=True, exist_ok=True)
         dest = root / f"checkpoint_{int(metrics['step']):06d}"
-        tmp = fresh_sibling_dir(dest)
-        shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-        replace_folder_atomically(tmp, dest)
+        with atomic_folder(dest) as tmp:
+            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
         for old in find_checkpoints(str(root))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -14,6 +14,7 @@ Temperature 0 is greedy and drawn once per prompt; every other temperature n tim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -289,12 +290,14 @@ def generate_for_models(cfg, models: list[tuple[str, int, Path]], ids: list[str]
     spec = {m: replace(base, samples_per_prompt=base.samples_per_prompt * (draws_multiplier or {}).get(m, 1))
             for m, _, _ in models}
     path = {(m, s): Path(out_dir) / f"{m}__seed{s}.parquet" for m, s, _ in models}
+    prompts_digest = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
     def cache_key(m: str, model_dir: Path) -> dict:
-        """What a cached parquet must match: the sampling settings, the prompts, the weights' mtime."""
+        """What a cached parquet must match: the sampling settings, the prompts (ids and text: a
+        user dataset's ids are p0..pN in every split), the weights' mtime."""
         weights = sorted(Path(model_dir).glob("*.safetensors"))
-        return {"spec": asdict(spec[m]), "prompt_ids": ids, "backend": cfg.eval.backend,
-                "weights_mtime": [w.stat().st_mtime for w in weights]}
+        return {"spec": asdict(spec[m]), "prompt_ids": ids, "prompts_sha256": prompts_digest,
+                "backend": cfg.eval.backend, "weights_mtime": [w.stat().st_mtime for w in weights]}
 
     def cached(m, s, d) -> bool:
         key_file = path[(m, s)].with_suffix(".key.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,9 @@ from madpo_ray.io import write_json
 from madpo_ray.layout import DEVELOPMENT_SPLIT, SEALED_SPLIT, SPLITS, RunLayout, is_testbed
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
+# One command's readings of the sealed split (a grid or tiers read it once per comparison) count as
+# one reading: "earlier readings" are those of other commands.
+INVOCATION = uuid.uuid4().hex[:12]
 
 
 def eval_prompts(cfg: PipelineConfig, layout: RunLayout,
@@ -67,9 +71,10 @@ def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prom
     what it was computed on (the prompts' digest, the package version) and when. Returns the record,
     with the earlier readings of this run's test split (a split read again is no longer fresh)."""
     ledger = layout.final_ledger
-    earlier = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    readings = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    earlier = [r for r in readings if r.get("invocation") != INVOCATION]
     digest = hashlib.sha256(json.dumps([prompt_ids, prompts]).encode()).hexdigest()
-    record = {"split": SEALED_SPLIT, "command": command, "report_dir": str(report_dir),
+    record = {"split": SEALED_SPLIT, "command": command, "invocation": INVOCATION, "report_dir": str(report_dir),
               "computed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "prompts": len(prompt_ids), "prompts_sha256": digest, "madpo_ray_version": madpo_ray.__version__}
     Path(report_dir).mkdir(parents=True, exist_ok=True)

@@ -175,9 +175,11 @@ def split_lines(results: dict) -> list[str]:
         return [f"**Sealed test split**, final reading of {final['computed_at']} (recorded in the run's "
                 f"final_readings.jsonl; {earlier} earlier reading(s) of this run's test split"
                 + (": a split read before is no longer fresh" if earlier else "") + ").", ""]
+    if results.get("split") == "validation":
+        return ["**Validation split** (a development figure; the sealed test split is read only by "
+                "`madpo compare --final`).", ""]
     if results.get("split"):
-        return [f"**Validation split** (a development figure; the sealed test split is read only by "
-                f"`madpo compare --final`).", ""]
+        return [f"**{results['split']} split** (no record of a final reading).", ""]
     return []
 
 
@@ -412,6 +414,9 @@ def write_grouped_report(out_dir: Path, groups: dict[str, dict], kind: str) -> d
                 "split": first.get("split"), "family": family, "out_dir": str(out_dir), "per_group": groups}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finals = {g: r["final"] for g, r in groups.items() if r.get("final")}
+    if finals:  # the sealed split: this report's readings, one per comparison, named where they are recorded
+        write_json(out_dir / "final.json", {"split": "test", "readings": finals})
     write_json(out_dir / "results.json", combined)
     write_text_atomically(out_dir / "table.md", render_grouped_markdown(combined))
     plot_groups(combined, out_dir / f"{combined['column']}_vs_temperature_by_{kind}.png")

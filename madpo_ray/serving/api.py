@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.engine import (ClientInputError, GenParams, GenResult, NoChatTemplate,
                                      RequestCancelled, ServerBusy, StreamAdmitted, StreamEnd)
+from madpo_ray.serving.streaming import coalesce
 from madpo_ray.serving.schemas import (MAX_REQUEST_TOKENS, ChatCompletionRequest, CompletionRequest, SummarizeRequest,
                                        chat_chunk, chat_response, completion_chunk, completion_response, error_body,
                                        usage_chunk)
@@ -63,6 +64,10 @@ class ServeSettings:
     body_timeout_s: float = 10.0  # the whole body must arrive within this (else 408)
     body_grace_s: float = 1.0  # a body still arriving after this needs one of the slow-body slots
     max_slow_bodies: int = 8  # per replica: past it, 503 with Retry-After (max_ongoing_requests is 64)
+    # Streamed events ready within this many ms (up to stream_coalesce_events of them) leave the
+    # replica as one write: one Ray object through Serve's proxy instead of one per token. 0: off.
+    stream_coalesce_ms: float = 5.0
+    stream_coalesce_events: int = 16
 
     def key_required(self) -> bool:
         return self.require_key or os.environ.get(REQUIRE_KEY_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -412,7 +417,7 @@ async def completions(req: CompletionRequest, request: Request):
         events = _events(await open_stream(backend_of(request), prompts[0], params),
                          lambda text, finish: completion_chunk(name, chunk_id, text or "", finish),
                          usage_of=_usage_of(req, name, chunk_id, "text_completion"))
-        return StreamingResponse(events, media_type="text/event-stream")
+        return streaming_response(request, events, immediate=1)
     results = await _run(request, prompts, params, req.n)
     return completion_response(name, [r.text for r in results],
                                [r.finish_reason for r in results], sum(r.prompt_tokens for r in results[::req.n]),
@@ -434,10 +439,17 @@ async def chat(req: ChatCompletionRequest, request: Request):
                          lambda text, finish: chat_chunk(name, chunk_id, {} if text is None else {"content": text}, finish),
                          opening=chat_chunk(name, chunk_id, {"role": "assistant", "content": ""}),
                          usage_of=_usage_of(req, name, chunk_id, "chat.completion.chunk"))
-        return StreamingResponse(events, media_type="text/event-stream")
+        return streaming_response(request, events, immediate=2)  # the role chunk and the first token
     results = await _run(request, [prompt], params, req.n)
     return chat_response(name, [r.text for r in results], [r.finish_reason for r in results],
                          results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+
+
+def streaming_response(request: Request, events: AsyncIterator[str], immediate: int) -> StreamingResponse:
+    """Server-sent events, the first `immediate` at once and the rest coalesced (serving/streaming.py)."""
+    s = settings_of(request)
+    return StreamingResponse(coalesce(events, s.stream_coalesce_ms / 1000, s.stream_coalesce_events, immediate),
+                             media_type="text/event-stream")
 
 
 def _sse(body: dict) -> str:

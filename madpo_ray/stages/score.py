@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.eval.margins import margin_diagnostics
-from madpo_ray.io import fresh_sibling_dir, replace_folder_atomically
+from madpo_ray.io import atomic_folder
 from madpo_ray.layout import SEALED_SPLIT
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs, pair_rewards
@@ -106,7 +106,6 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Optional[Pat
     """
     import ray.data
 
-    tmp = fresh_sibling_dir(out_dir)
     # ~4 batches per block: enough blocks to keep every actor busy, few enough to avoid overhead.
     blocks = max(num_actors, len(examples) // (4 * batch_size))
     ds = ray.data.from_items(examples, override_num_blocks=blocks)
@@ -116,8 +115,8 @@ def score_with_ray(examples: list[dict], ref_dir: Path, reward_dir: Optional[Pat
                                                            "precision": precision},
                         batch_size=batch_size, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor)
-    ds.write_parquet(str(tmp), partition_cols=[partition_col])
-    replace_folder_atomically(tmp, out_dir)  # readers never see a half-written folder
+    with atomic_folder(out_dir) as tmp:  # readers never see a half-written folder
+        ds.write_parquet(str(tmp), partition_cols=[partition_col])
     return out_dir
 
 
@@ -133,12 +132,11 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
     scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1),
                         precision=precision)
     rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
-    tmp = fresh_sibling_dir(out_dir)
-    for value in dict.fromkeys(r[partition_col] for r in rows):
-        part = [{k: v for k, v in r.items() if k != partition_col} for r in rows if r[partition_col] == value]
-        (tmp / f"{partition_col}={value}").mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(part), tmp / f"{partition_col}={value}" / "part-0.parquet")
-    replace_folder_atomically(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        for value in dict.fromkeys(r[partition_col] for r in rows):
+            part = [{k: v for k, v in r.items() if k != partition_col} for r in rows if r[partition_col] == value]
+            (tmp / f"{partition_col}={value}").mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(part), tmp / f"{partition_col}={value}" / "part-0.parquet")
     return out_dir
 
 
