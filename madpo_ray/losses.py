@@ -40,11 +40,12 @@ class PolicyLossInputs:
     chosen_lengths: Optional[torch.Tensor] = None  # response token counts, needed by IPO
     rejected_lengths: Optional[torch.Tensor] = None
     margins: Optional[torch.Tensor] = None  # reward-model margins, needed by MADPO
+    margin_stds: Optional[torch.Tensor] = None  # their uncertainty (an ensemble's spread), needed by madpo_expected
 
     def __post_init__(self) -> None:
         shape = self.policy_chosen_logps.shape
         for name in ("policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                     "chosen_lengths", "rejected_lengths", "margins"):
+                     "chosen_lengths", "rejected_lengths", "margins", "margin_stds"):
             value = getattr(self, name)
             if value is not None and value.shape != shape:
                 # A [B] vs [B, 1] mix would silently broadcast to [B, B]: refuse it here.
@@ -156,6 +157,7 @@ class PolicyLoss:
     params: Mapping[str, Any]  # config parameters and their defaults, read from fn's signature
     runtime: frozenset  # which of RUNTIME_ARGS fn takes
     needs_margins: bool = False
+    needs_margin_stds: bool = False  # the scored `margin_std` column (the margin's uncertainty)
     reduce: Reduction = mean_reduction
     make_state: Optional[Callable[[], Any]] = None  # training state that checkpoints must keep
     # Decisions taken once per optimiser step over the whole step's pairs (beta-DPO's filter and
@@ -173,6 +175,9 @@ class PolicyLoss:
         self.check_params(kwargs)
         if self.needs_margins and inputs.margins is None:
             raise ValueError(f"{self.name} needs reward-model margins (the scored 'margin' column)")
+        if self.needs_margin_stds and inputs.margin_stds is None:
+            raise ValueError(f"{self.name} needs each margin's uncertainty (the scored 'margin_std' column: a "
+                             "reward ensemble's spread, or the dataset's own margin_std with --margins-from data)")
         return self.fn(inputs, **kwargs, **runtime)
 
     def plan(self, margins: torch.Tensor, state: Any, *, generator: Optional[torch.Generator] = None,
@@ -202,15 +207,17 @@ def declared_params(fn: Callable) -> tuple[dict[str, Any], frozenset]:
     return params, frozenset(runtime)
 
 
-def register_policy_loss(name: str, *, needs_margins: bool = False, reduce: Reduction = mean_reduction,
-                         make_state: Optional[Callable[[], Any]] = None, plan_step: Optional[PlanStep] = None):
+def register_policy_loss(name: str, *, needs_margins: bool = False, needs_margin_stds: bool = False,
+                         reduce: Reduction = mean_reduction, make_state: Optional[Callable[[], Any]] = None,
+                         plan_step: Optional[PlanStep] = None):
     def wrap(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} registered twice")
         params, runtime = declared_params(fn)
         if plan_step is not None and set(declared_params(plan_step)[0]) != set(params):
             raise TypeError(f"the step plan of {name!r} must take the loss's parameters {sorted(params)}")
-        POLICY_LOSSES[name] = PolicyLoss(name, fn, params, runtime, needs_margins, reduce, make_state, plan_step)
+        POLICY_LOSSES[name] = PolicyLoss(name, fn, params, runtime, needs_margins, needs_margin_stds, reduce,
+                                         make_state, plan_step)
         return fn
 
     return wrap
@@ -325,6 +332,52 @@ def madpo_regularize_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max:
                           tau: float = DEFAULT_TAU) -> LossOutput:
     """Ablation: only damp easy pairs, c' = min(c, 1)."""
     return weighted_dpo(inputs, "regularize", beta, c_max, lam, tau)
+
+
+# --------------------------------------------------------------------------- MADPO under margin uncertainty
+QUADRATURE_NODES = 64  # Gauss-Legendre nodes over the smooth part of the weight (above -tau)
+TAIL_Z = 8.0  # standard deviations: the normal's mass beyond is below 1e-15
+
+
+def expected_madpo_weights(margin: torch.Tensor, margin_std: torch.Tensor, c_max: float = 4.0, lam: float = 1.0,
+                           tau: float = DEFAULT_TAU, nodes: int = QUADRATURE_NODES) -> torch.Tensor:
+    """E[w(M)] for M ~ N(margin, margin_std^2): MADPO's weight averaged over what the margin may
+    truly be. Detached; 0 < w < 2; w(margin) itself where the std is 0.
+
+        E[w(M)] = P(M <= -tau) * 1 + integral over z > z* of w(margin + std z) phi(z) dz,
+        z* = (-tau - margin) / std,
+
+    the first term exact (the normal's CDF), the second by Gauss-Legendre quadrature on [z*, 8]: w
+    jumps at -tau, so the integral is split there rather than smoothed over by one rule.
+
+    Why: w is non-monotone in m (near 0 for moderately contradicted pairs, 1 below -tau), so a point
+    estimate near those edges moves a pair between "dropped" and "full weight" on a small error.
+    Averaging over the margin's uncertainty (the reward model's estimate and its spread as the
+    posterior, a flat prior) turns that cliff into a ramp as wide as the uncertainty."""
+    import numpy as np
+
+    margin, std = margin.detach().double(), margin_std.detach().double().clamp_min(0.0)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    z_lo = ((-tau - margin) / safe).clamp(-TAIL_Z, TAIL_Z)
+    x, a = (torch.as_tensor(v, dtype=torch.float64, device=margin.device) for v in np.polynomial.legendre.leggauss(nodes))
+    half = (TAIL_Z - z_lo)[:, None] / 2
+    z = z_lo[:, None] + half * (x[None, :] + 1)  # [B, nodes] on [z*, 8]
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    w = madpo_weights((margin[:, None] + safe[:, None] * z).reshape(-1), c_max, lam, tau).double().reshape(z.shape)
+    above = (half * a[None, :] * density * w).sum(-1)
+    below = 0.5 * (1 + torch.erf(z_lo / math.sqrt(2)))
+    return torch.where(std > 0, below + above, madpo_weights(margin, c_max, lam, tau).double())
+
+
+@register_policy_loss("madpo_expected", needs_margins=True, needs_margin_stds=True)
+def madpo_expected_loss(inputs: PolicyLossInputs, *, beta: float = 0.1, c_max: float = 4.0, lam: float = 1.0,
+                        tau: float = DEFAULT_TAU) -> LossOutput:
+    """MADPO with each pair's weight averaged over its margin's uncertainty (expected_madpo_weights);
+    plain MADPO where the margins are certain."""
+    w = expected_madpo_weights(inputs.margins, inputs.margin_stds, c_max, lam, tau).to(inputs.policy_chosen_logps.dtype)
+    losses = w * dpo_per_example(inputs.implicit_margin(), beta)
+    return LossOutput(losses, torch.ones_like(losses), {"weight_mean": float(w.mean()), "weight_min": float(w.min()),
+                                                        "weight_max": float(w.max())})
 
 
 # --------------------------------------------------------------------------- beta-DPO

@@ -29,6 +29,8 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt", "needs string 'role' and 'content'"),
     ({"prompt": "p", "chosen": "\ud800", "rejected": "b"}, "chosen", "not UTF-8"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 10 ** 400}, "margin", "too large for a float"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0, "margin_std": -0.5}, "margin_std", "negative"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1.0, "margin_std": "wide"}, "margin_std", "not a number"),
     ({"prompt": "p\x00q", "chosen": "a", "rejected": "b"}, "prompt", "control character: U+0000 at position 1"),
     ({"prompt": "p", "chosen": "a\x1b[31m", "rejected": "b"}, "chosen", "control character: U+001B"),
     ({"prompt": [{"role": "user", "content": "x\x07"}], "chosen": "a", "rejected": "b"}, "prompt",
@@ -215,3 +217,27 @@ def test_held_out_splits_take_whole_prompts():
     assert len({prompt_key(r) for r in held}) < len(held)  # whole groups moved, not single rows
     again, _ = hold_out_by_prompt(pairs, 10, random.Random(0))
     assert again == held  # seeded
+
+
+def test_a_margin_std_column_travels_from_the_data_to_what_policy_training_reads(tmp_path, tiny_tokenizer):
+    """--margins-from data with margin_std: kept through tokenising and scoring, required (by row)
+    by the uncertainty-aware loss, ignored by the others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from madpo_ray.data.collate import tokenize_pairs
+    from madpo_ray.data.scored import load_policy_examples
+
+    rows = [{"prompt": f"p{i}", "chosen": "a good one", "rejected": "bad", "margin": 1.0 + i, "margin_std": 0.5 * i,
+             "row_id": i} for i in range(3)]
+    exs = tokenize_pairs(tiny_tokenizer, rows, 32, 64)
+    assert [e["margin_std"] for e in exs] == [0.0, 0.5, 1.0]
+    scored = [{**e, "ref_logp_chosen": -1.0, "ref_logp_rejected": -2.0, "len_chosen": 3.0, "len_rejected": 1.0}
+              for e in exs]
+    pq.write_table(pa.Table.from_pylist(scored), tmp_path / "ok.parquet")
+    assert [r["margin_std"] for r in load_policy_examples(tmp_path / "ok.parquet", "madpo_expected")] == [0.0, 0.5, 1.0]
+    scored[1]["margin_std"] = None
+    pq.write_table(pa.Table.from_pylist(scored), tmp_path / "gap.parquet")
+    with pytest.raises(DataValidationError, match=r"margin_std: rows \[1\]"):
+        load_policy_examples(tmp_path / "gap.parquet", "madpo_expected")
+    assert len(load_policy_examples(tmp_path / "gap.parquet", "madpo")) == 3  # plain MADPO does not read it

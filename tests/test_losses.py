@@ -268,7 +268,8 @@ def test_declared_parameters_are_the_signature_defaults():
     assert L.get_policy_loss("beta_dpo").runtime == {"state", "generator", "dp", "share"}
     assert L.get_policy_loss("beta_dpo").plan_step is L.beta_dpo_plan
     assert [n for n, loss in L.POLICY_LOSSES.items() if loss.needs_margins] == [
-        "madpo", "madpo_amplify", "madpo_regularize"]
+        "madpo", "madpo_amplify", "madpo_regularize", "madpo_expected"]
+    assert [n for n, loss in L.POLICY_LOSSES.items() if loss.needs_margin_stds] == ["madpo_expected"]
 
 
 def test_loss_config_offers_exactly_the_registered_parameters():
@@ -297,3 +298,58 @@ def test_beta_dpo_reduction_divides_by_the_global_kept_count():
     reduced = L.get_policy_loss("beta_dpo").reduce(out, dp)
     assert reduced.item() == pytest.approx((1.0 + 3.0) * 2 / 6)
     assert L.get_policy_loss("beta_dpo").reduce(out, L.DataParallel()).item() == pytest.approx(4.0 / 2)
+
+
+# ----------------------------------------------------------------------------- MADPO under margin uncertainty
+def test_expected_weight_is_madpo_where_the_margin_is_certain():
+    from madpo_ray.losses import expected_madpo_weights, madpo_weights
+
+    m = torch.tensor([-9.0, -6.9, -4.0, -1.0, 0.0, 2.0, 7.0, 12.0])
+    assert torch.allclose(expected_madpo_weights(m, torch.zeros(8)).float(), madpo_weights(m), atol=1e-5)
+
+
+@pytest.mark.parametrize("margin,std", [(-6.0, 1.5), (-4.0, 2.0), (1.0, 0.5), (8.0, 3.0)])
+def test_expected_weight_matches_monte_carlo_over_the_margins_uncertainty(margin, std):
+    """An independent estimate: 400k draws of the true margin, MADPO's weight averaged."""
+    from madpo_ray.losses import expected_madpo_weights, madpo_weights
+
+    g = torch.Generator().manual_seed(0)
+    draws = margin + std * torch.randn(400_000, generator=g, dtype=torch.float64)
+    mc = madpo_weights(draws).double().mean().item()
+    got = expected_madpo_weights(torch.tensor([margin]), torch.tensor([std])).item()
+    assert got == pytest.approx(mc, abs=4e-3)
+
+
+def test_uncertainty_turns_the_weights_cliff_near_minus_tau_into_a_ramp():
+    """Half a unit of margin around -tau moves MADPO's weight from 0.17 to 1 (and it is about 0 at
+    m = -4): a small reward-model error decides between "nearly dropped" and "full weight". With
+    the margin uncertain by 1 the same half unit moves it by under 0.2, rising steadily."""
+    from madpo_ray.losses import expected_madpo_weights, madpo_weights
+
+    pair = torch.tensor([-6.5, -7.0])
+    plain = madpo_weights(pair)
+    assert float(plain[1] - plain[0]) > 0.8
+    smooth = expected_madpo_weights(pair, torch.ones(2))
+    assert 0 < float(smooth[1] - smooth[0]) < 0.2
+    ramp = expected_madpo_weights(torch.tensor([-4.0, -5.0, -6.0, -7.0, -8.0]), torch.ones(5))
+    assert all(float(a) < float(b) for a, b in zip(ramp, ramp[1:]))
+
+
+def test_madpo_expected_loss_is_the_averaged_weight_times_dpo_and_needs_the_std():
+    from madpo_ray.losses import dpo_per_example, expected_madpo_weights
+
+    x = L.PolicyLossInputs(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5]), torch.tensor([-3.5, -5.0]),
+                         torch.tensor([-4.0, -4.0]), margins=torch.tensor([-6.0, 3.0]),
+                         margin_stds=torch.tensor([1.0, 0.0]))
+    out = L.get_policy_loss("madpo_expected")(x, beta=0.5)
+    w = expected_madpo_weights(x.margins, x.margin_stds).float()
+    assert torch.allclose(out.losses, w * dpo_per_example(x.implicit_margin(), 0.5), atol=1e-6)
+    certain = L.PolicyLossInputs(*[getattr(x, f) for f in ("policy_chosen_logps", "policy_rejected_logps",
+                                                         "ref_chosen_logps", "ref_rejected_logps")],
+                               margins=x.margins, margin_stds=torch.zeros(2))
+    assert torch.allclose(L.get_policy_loss("madpo_expected")(certain, beta=0.5).losses,
+                          L.get_policy_loss("madpo")(certain, beta=0.5).losses, atol=1e-5)
+    with pytest.raises(ValueError, match="margin_std"):
+        L.get_policy_loss("madpo_expected")(L.PolicyLossInputs(*[getattr(x, f) for f in (
+            "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")],
+            margins=x.margins), beta=0.5)

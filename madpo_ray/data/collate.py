@@ -20,10 +20,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from madpo_ray.data.preference import ValidationReport, is_messages
-from madpo_ray.data.scored import POLICY_VALUE_COLUMNS
+from madpo_ray.data.scored import OPTIONAL_POLICY_COLUMNS, POLICY_VALUE_COLUMNS
 
 # Per-pair numbers a batch carries as float tensors: what policy training reads, and testbed scores.
-FLOAT_COLUMNS = POLICY_VALUE_COLUMNS + ("gold_chosen", "gold_rejected", "true_margin")
+FLOAT_COLUMNS = POLICY_VALUE_COLUMNS + OPTIONAL_POLICY_COLUMNS + ("gold_chosen", "gold_rejected", "true_margin")
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:

@@ -198,9 +198,9 @@ def _content(value: Any) -> str:
     return "\n".join(m["content"] for m in value) if is_messages(value) else value
 
 
-def margin_problem(row: dict) -> Optional[str]:
-    """Why a row's given margin is unusable, or None (absent and null margins are fine)."""
-    m = row.get("margin")
+def margin_problem(row: dict, column: str = "margin") -> Optional[str]:
+    """Why a row's given margin (or margin_std) is unusable, or None (absent and null are fine)."""
+    m = row.get(column)
     if m is None:
         return None
     if isinstance(m, bool) or not isinstance(m, (int, float)):
@@ -236,6 +236,10 @@ def validate_rows(rows: Iterable[tuple[int, Any]], report: ValidationReport, str
         reason = margin_problem(row)
         if reason:
             report.add(idx, "margin", reason, strict)
+            continue
+        reason = margin_problem(row, "margin_std")
+        if reason or (row.get("margin_std") is not None and row["margin_std"] < 0):
+            report.add(idx, "margin_std", reason or f"negative: {row['margin_std']}", strict)
             continue
         out = dict(row)
         out.setdefault("row_id", idx)

@@ -18,7 +18,9 @@ SCORED_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "ref_logp_mean_chosen"
                   "len_chosen", "len_rejected", "reward_chosen", "reward_rejected", "margin")
 # What policy training reads: token ids, the row's id, reference log-probs, lengths and margin.
 POLICY_VALUE_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "len_chosen", "len_rejected", "margin")
-POLICY_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + POLICY_VALUE_COLUMNS
+# A margin's uncertainty (an ensemble's spread, or a dataset's own column): read by madpo_expected.
+OPTIONAL_POLICY_COLUMNS = ("margin_std",)
+POLICY_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "row_id") + POLICY_VALUE_COLUMNS + OPTIONAL_POLICY_COLUMNS
 
 
 def read_scored(path: str | Path, limit: Optional[int] = None) -> list[dict]:
@@ -32,9 +34,9 @@ def read_scored(path: str | Path, limit: Optional[int] = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def check_scored_rows(rows: list[dict], source: str, need_margin: bool) -> None:
+def check_scored_rows(rows: list[dict], source: str, need_margin: bool, need_margin_std: bool = False) -> None:
     """Refuse a scored file with missing columns or non-finite values, naming the rows."""
-    needed = [c for c in POLICY_VALUE_COLUMNS if c != "margin" or need_margin]
+    needed = [c for c in POLICY_VALUE_COLUMNS if c != "margin" or need_margin] + (["margin_std"] if need_margin_std else [])
     if rows:
         missing = [c for c in needed if c not in rows[0]]
         if missing:
@@ -59,7 +61,8 @@ def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
     from madpo_ray.losses import get_policy_loss
 
     rows = read_scored(path)
-    check_scored_rows(rows, str(path), need_margin=get_policy_loss(loss_name).needs_margins)
+    loss = get_policy_loss(loss_name)
+    check_scored_rows(rows, str(path), need_margin=loss.needs_margins, need_margin_std=loss.needs_margin_stds)
     return [{k: r[k] for k in POLICY_COLUMNS if k in r} for r in rows]  # margin is optional for non-MADPO losses
 
 

@@ -99,7 +99,7 @@ class PolicyStep:
         chosen, rejected = chosen_lp.summed, rejected_lp.summed
         return PolicyLossInputs(chosen, rejected, batch["ref_logp_chosen"], batch["ref_logp_rejected"],
                                 chosen_lengths=batch["len_chosen"], rejected_lengths=batch["len_rejected"],
-                                margins=batch.get("margin"))
+                                margins=batch.get("margin"), margin_stds=batch.get("margin_std"))
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Without `begin_step` first, a loss with a step plan plans over this batch alone."""

@@ -160,6 +160,7 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
         for ex in exs:
             if not from_data:
                 ex.pop("margin", None)  # the reward model's margin replaces any given one
+                ex.pop("margin_std", None)  # and a given uncertainty no longer belongs to it
             ex["split"] = split
         examples += exs
         metrics[split] = {"tokenize": report}
