@@ -100,6 +100,9 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
                     "share_abs_margin_above_tau", "share_margin_below_minus_tau", "weight_median"):
             assert key in margins[split], (split, key)
     assert "test" not in margins and summary["split"] == "validation"  # the sealed split is the final step's
+    fixed = summary["stage_fixed_seconds"]  # wall time outside each training loop
+    assert set(fixed) == {"sft", "reward", "policy"}
+    assert all(0 < fixed[s] < summary["stage_seconds"][s] for s in fixed)
     score_metrics = p.layout.read_metrics("score")
     assert "rm_accuracy_vs_labels" not in score_metrics["test"] and score_metrics["test"]["scored"] > 0
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
