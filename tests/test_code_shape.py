@@ -54,3 +54,20 @@ def test_nothing_that_selects_names_the_test_split():
             for line in (PACKAGE / name).read_text().splitlines()
             if re.search(r'["\']test["\']|test_docs|docs_path\(\s*"test', line)]
     assert hits == []
+
+
+# Layers: data/ is below serving/ (training never imports the server), stages/ below eval/ (a stage
+# computes what it needs from the data layer; reports read the stages' outputs, not the reverse).
+LAYER_RULES = {"data": ("madpo_ray.serving", "madpo_ray.eval", "madpo_ray.stages"),
+               "stages": ("madpo_ray.eval", "madpo_ray.serving")}
+
+
+def test_no_upward_import_between_layers():
+    hits = []
+    for layer, forbidden in LAYER_RULES.items():
+        for f in sorted((PACKAGE / layer).rglob("*.py")):
+            for n in ast.walk(ast.parse(f.read_text())):
+                names = [n.module or ""] if isinstance(n, ast.ImportFrom) else \
+                    [a.name for a in n.names] if isinstance(n, ast.Import) else []
+                hits += [f"{f.relative_to(PACKAGE)}:{n.lineno} imports {m}" for m in names if m.startswith(forbidden)]
+    assert hits == []

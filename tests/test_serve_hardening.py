@@ -151,7 +151,7 @@ def test_special_token_text_is_plain_text(engine, tiny_tokenizer):
 
 
 def test_over_long_chat_is_refused_with_the_context_length(engine):
-    from madpo_ray.serving.engine import ClientInputError
+    from madpo_ray.data.chat import ClientInputError
 
     with pytest.raises(ClientInputError, match="448 tokens"):
         engine.chat_prompt([{"role": "system", "content": "rules"}, {"role": "user", "content": "word " * 2000}])

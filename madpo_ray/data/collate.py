@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from madpo_ray.data.chat import render_chat
 from madpo_ray.data.preference import ValidationReport, is_messages
 from madpo_ray.data.scored import OPTIONAL_POLICY_COLUMNS, POLICY_VALUE_COLUMNS
 
@@ -31,8 +32,6 @@ def prompt_text(tokenizer, prompt: Any) -> str:
     which parts are message content, so encode_prompt splits special-token strings only there
     (the template's own markup stays special)."""
     if is_messages(prompt):
-        from madpo_ray.serving.engine import render_chat
-
         return render_chat(tokenizer, prompt)
     return prompt
 

@@ -14,33 +14,8 @@ from typing import Optional
 
 import torch
 
-from madpo_ray.losses import DEFAULT_TAU, get_policy_loss, madpo_scale, madpo_weights
+from madpo_ray.losses import DEFAULT_TAU, get_policy_loss, madpo_weights
 from madpo_ray.plotting import pyplot, save
-
-
-def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks with ties sharing their mean rank (what Spearman's rho needs)."""
-    x = x.double()
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    ranks = torch.empty_like(x)
-    start = 0
-    n = len(x)
-    while start < n:
-        end = start
-        while end + 1 < n and sorted_x[end + 1] == sorted_x[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2.0 + 1.0
-        start = end + 1
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the average ranks."""
-    rx, ry = average_ranks(torch.as_tensor(x)), average_ranks(torch.as_tensor(y))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float((rx.norm() * ry.norm()))
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
 
 
 def weighting_params(loss_cfg) -> dict:
@@ -49,35 +24,6 @@ def weighting_params(loss_cfg) -> dict:
     params = loss_cfg.resolved() if loss_cfg.name.startswith("madpo") else {}
     defaults = get_policy_loss("madpo").params
     return {k: float(params.get(k, defaults[k])) for k in ("c_max", "lam", "tau")}
-
-
-def quantiles(values: torch.Tensor, prefix: str) -> dict:
-    q = torch.quantile(values.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-    return {f"{prefix}_min": float(values.min()), f"{prefix}_p05": float(q[0]), f"{prefix}_median": float(q[1]),
-            f"{prefix}_p95": float(q[2]), f"{prefix}_max": float(values.max())}
-
-
-def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, tau: float = DEFAULT_TAU) -> dict:
-    """Reward-model agreement, margin distribution and MADPO weight distribution of scored rows."""
-    if not rows:
-        return {"pairs": 0}
-    m = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float64)
-    out = {"pairs": len(rows), "rm_accuracy_vs_labels": float((m > 0).double().mean()),
-           "share_abs_margin_above_tau": float((m.abs() > tau).double().mean()),
-           "share_margin_below_minus_tau": float((m < -tau).double().mean()),
-           "share_margin_above_tau": float((m > tau).double().mean()), **quantiles(m, "margin")}
-    if "true_margin" in rows[0]:
-        t = torch.tensor([float(r["true_margin"]) for r in rows], dtype=torch.float64)
-        out.update(rm_accuracy_vs_true_margin=float(((m > 0) == (t > 0)).double().mean()),
-                   spearman_rm_vs_true=spearman(m, t),
-                   true_share_abs_margin_above_tau=float((t.abs() > tau).double().mean()))
-    c = madpo_scale(m.abs(), c_max, lam, tau)
-    w = madpo_weights(m, c_max, lam, tau)
-    out.update(share_amplified=float(((c > 1) & (m > -tau)).double().mean()),
-               share_damped=float(((c < 1) & (m > -tau)).double().mean()),
-               share_capped=float((m <= -tau).double().mean()), **quantiles(w, "weight"),
-               weight_mean=float(w.mean()))
-    return out
 
 
 def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 1.0, tau: float = DEFAULT_TAU,

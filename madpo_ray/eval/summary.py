@@ -144,7 +144,8 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """Margin diagnostics of every scored split at the run's weighting parameters, and the
     histograms of the training pairs (what MADPO weights) in margins.png."""
     from madpo_ray.data.scored import read_scored
-    from madpo_ray.eval.margins import margin_diagnostics, plot_margins, weighting_params
+    from madpo_ray.data.margins import margin_diagnostics
+    from madpo_ray.eval.margins import plot_margins, weighting_params
 
     params = weighting_params(cfg.policy.loss)
     report = {"weighting": params, "margins_from": cfg.score.margins_from}

@@ -28,12 +28,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
-from madpo_ray.serving.engine import (ClientInputError, GenParams, GenResult, NoChatTemplate,
-                                     RequestCancelled, ServerBusy, StreamAdmitted, StreamEnd)
-from madpo_ray.serving.streaming import coalesce
+from madpo_ray.data.chat import ClientInputError, NoChatTemplate
+from madpo_ray.serving.engine import GenParams, GenResult, RequestCancelled, ServerBusy, StreamAdmitted, StreamEnd
 from madpo_ray.serving.schemas import (MAX_REQUEST_TOKENS, ChatCompletionRequest, CompletionRequest, SummarizeRequest,
                                        chat_chunk, chat_response, completion_chunk, completion_response, error_body,
                                        usage_chunk)
+from madpo_ray.serving.streaming import coalesce
 
 log = logging.getLogger("madpo_ray.serve")
 

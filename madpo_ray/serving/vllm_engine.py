@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator, Optional, Union
 
+from madpo_ray.data.chat import ChatPrompt, ClientInputError, render_chat
 from madpo_ray.data.collate import encode_prompt
-from madpo_ray.serving.engine import (ChatPrompt, ClientInputError, GenParams, GenResult, SerialTokenizer, StreamEnd,
-                                      render_chat)
+from madpo_ray.serving.engine import GenParams, GenResult, SerialTokenizer, StreamEnd
 
 
 def vllm_available() -> bool:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from madpo_ray.eval.margins import margin_diagnostics
+from madpo_ray.data.margins import margin_diagnostics
 from madpo_ray.io import atomic_folder
 from madpo_ray.layout import SEALED_SPLIT
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
