@@ -229,7 +229,7 @@ def test_bad_config_fails_before_any_ray_work(tmp_path):
 
 
 
-def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_run, tmp_path, caplog):
+def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_run, tmp_path, caplog, monkeypatch):
     """`madpo compare` end to end (transformers backend, CI-sized): 2 methods x 2 seeds as Ray
     tasks, 2 temperatures, a table, a plot, and a rerun that redoes nothing."""
     from madpo_ray.compare import Comparison
@@ -303,6 +303,9 @@ def test_compare_trains_every_method_and_seed_and_judges_each_temperature(full_r
     assert record["split"] == "test" and record["prompts"] == len(test_ids) and record["earlier_readings"] == []
     assert "**Sealed test split**, final reading of " + record["computed_at"] in (out / "final" / "table.md").read_text()
     assert (out / "table.md").read_text().count("Sealed") == 0  # the development report is left as it was
+    import madpo_ray.eval.heldout as heldout
+
+    monkeypatch.setattr(heldout, "INVOCATION", "a-later-command")  # a second `madpo compare --final`, another process
     second = Comparison(q).run()
     assert second["final"]["earlier_readings"] == 1
     assert len((q.run_dir / "final_readings.jsonl").read_text().splitlines()) == 2
