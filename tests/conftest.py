@@ -65,6 +65,8 @@ def scored_train(tiny_base_dir, corpus_docs, tmp_path_factory):
     ref = load_causal_lm(str(tiny_base_dir)).eval()
     rm = load_reward_model(str(tiny_base_dir), pad_token_id=tok.pad_token_id).eval()
     scored = score_examples(ref, rm, exs, tok.pad_token_id)
+    for i, row in enumerate(scored):  # each margin's uncertainty, as an ensemble would give it (madpo_expected)
+        row["margin_std"] = 0.25 * (i % 5)
     path = tmp_path_factory.mktemp("scored") / "train.parquet"
     pq.write_table(pa.Table.from_pylist(scored), path)
     return path
