@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # pip on these machines warns about every missing mirror folder; keep the real output readable.
 # The braces absorb only grep's "no lines left" status; with pipefail a failing pip still fails the step.
-QUIET_PIP := { grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning" || true; }
+# pip's notes that a configured local index folder is absent, and setuptools' banner about how
+# editable installs find the package (both harmless, and both look like errors) are dropped.
+QUIET_PIP := { awk '/is ignored: it is neither a file nor a directory/{next} /BuildBackendWarning/{skip=1;n=0;next} skip==2{skip=0;next} skip{ if ($$0 ~ /^[ \t]*!![ \t]*$$/) {n++; if (n==2) skip=2} next } {print}' || true; }
 # vLLM's CPU wheel exists for x86_64 Linux only; elsewhere the transformers backend is used.
 EXTRAS ?= dev,vllm
 
