@@ -24,6 +24,14 @@ CONTRACT = ["prompt", "chosen", "rejected", "ref_logp_chosen", "ref_logp_rejecte
             "reward_chosen", "reward_rejected", "margin", "gold_chosen", "gold_rejected"]
 
 
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """Two nodes of one CPU: a training of two 1-CPU workers cannot place both on one node."""
@@ -32,8 +40,10 @@ def ray_cluster():
 
     from madpo_ray.runtime import worker_env
 
+    # A free dashboard port: another Ray on this machine (a user's, a benchmark's) may hold 8265.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1"})
+                                                            "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": free_tcp_port()})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})  # as runtime.init_ray does
