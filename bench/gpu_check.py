@@ -131,6 +131,7 @@ def sft_step(model, optimizer, ids: torch.Tensor, device: torch.device):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
     return step
 
 
@@ -249,15 +250,8 @@ def measure_fsdp(args, device: torch.device, shape: tuple[int, int]) -> dict:
         model = shard_model(load_model(args, device), device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         ids = torch.randint(3, model.config.vocab_size, shape, device=device)
-        losses = []
-        for _ in range(2):
-            with autocast(device):
-                logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        step = sft_step(model, optimizer, ids, device)
+        losses = [step() for _ in range(2)]
         return {"backend": backend, "losses": losses, "finite": all(map(lambda x: x == x and abs(x) < 1e9, losses))}
     finally:
         dist.destroy_process_group()
