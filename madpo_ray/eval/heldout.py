@@ -77,7 +77,6 @@ def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prom
     record = {"split": SEALED_SPLIT, "command": command, "invocation": INVOCATION, "report_dir": str(report_dir),
               "computed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "prompts": len(prompt_ids), "prompts_sha256": digest, "madpo_ray_version": madpo_ray.__version__}
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(report_dir) / "final.json", {**record, "earlier_readings": earlier})
     with open(ledger, "a") as f:
         f.write(json.dumps(record) + "\n")

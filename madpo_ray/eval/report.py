@@ -398,8 +398,8 @@ def plot_comparison(results: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------- several comparisons
 # A report over several comparisons of one kind: data-quality tiers (`--tiers`), or the points of a
-# learning-rate grid at matched settings (`compare.lr_grid`). GROUP_KINDS names a group in prose.
-GROUP_KINDS = {"tier": "tier", "lr": "lr"}
+# learning-rate grid at matched settings (`compare.lr_grid`). GROUP_KINDS: each kind, in prose.
+GROUP_KINDS = {"tier": "data-quality tiers", "lr": "learning rates at matched settings"}
 
 
 def write_grouped_report(out_dir: Path, groups: dict[str, dict], kind: str) -> dict:
@@ -453,7 +453,7 @@ def render_grouped_markdown(combined: dict) -> str:
     kind, groups = combined["kind"], combined["groups"]
     tests = {g: (combined["per_group"][g].get("paired") or {}).get("tests") or {} for g in groups}
     baselines = list(dict.fromkeys(r["baseline"] for g in groups for r in tests[g].get("rows", [])))
-    what = {"tier": "data-quality tiers", "lr": "learning rates at matched settings"}[kind]
+    what = GROUP_KINDS[kind]
     lines = [f"# madpo compare across {what}: {', '.join(groups)}", "",
              f"Where MADPO's mean {column_name(combined['column'])} is significantly above (or below) each baseline "
              f"(mean difference in brackets) after Holm's correction over one family of {combined['family']} tests: "
