@@ -188,7 +188,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from madpo_ray.data.collate import tokenize_pairs
     from madpo_ray.models import load_causal_lm, load_tokenizer
-    from madpo_ray.stages.worker import quiet_libraries
+    from madpo_ray.console import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)

@@ -19,6 +19,18 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from madpo_ray import submit as sub
+from madpo_ray.console import configure_logging, quiet_terminal, training_progress
+from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
+from madpo_ray.data.corpus.generated import generate_corpus
+from madpo_ray.data.preference import DataValidationError, write_jsonl
+from madpo_ray.io import OutputExistsError
+from madpo_ray.layout import BEFORE_POLICY, STAGES, RunLayout
+from madpo_ray.runlock import RunLockedError
+from madpo_ray.runs import KEY_METRICS, format_value, list_runs, progress_text
+from madpo_ray.serving.folders import parse_adapter_specs, resolve_model_folder
+from madpo_ray.submit import SubmitError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Margin-Adaptive DPO on Ray: SFT -> reward model -> scoring -> policy training.")
 data_app = typer.Typer(no_args_is_help=True, help="Build corpora: the generated default or Debian descriptions.")
@@ -63,8 +75,6 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 def _setup_logging() -> None:
     """Every INFO line to the terminal (commands other than the pipeline's)."""
-    from madpo_ray.console import configure_logging
-
     configure_logging(console, everything=True)
 
 
@@ -86,8 +96,6 @@ def _load(config: str, overrides: Optional[List[str]], address: Optional[str], n
 def _run(cfg, stages, force: tuple = (), verbose: bool = False, command: str = "run") -> dict:
     """The pipeline with a quiet terminal: stage lines, a progress bar per training, our warnings;
     everything else in the run folder's log (console.py)."""
-    from madpo_ray.console import quiet_terminal, training_progress
-    from madpo_ray.layout import RunLayout
     from madpo_ray.pipeline import Pipeline
 
     lay = RunLayout.of(cfg)
@@ -98,8 +106,6 @@ def _run(cfg, stages, force: tuple = (), verbose: bool = False, command: str = "
 
 def run_pipeline(pipeline, stages, force: tuple) -> dict:
     """Run it, turning a user's mistake or a full disk into a one-line error."""
-    from madpo_ray.layout import RunLayout
-
     cfg = pipeline.cfg
     try:
         return pipeline.run(tuple(stages), force=tuple(force))
@@ -179,8 +185,6 @@ def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT
 
     A stage whose recorded settings and inputs still match is skipped; one whose settings
     changed is redone, with everything after it, and the log says which setting changed."""
-    from madpo_ray.layout import STAGES, RunLayout
-
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         fail(f"--force {unknown[0]!r}: not a stage; stages: {', '.join(STAGES)}", 2)
@@ -194,8 +198,6 @@ def _stage_command(stages: tuple[str, ...], doc: str):
                 address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT,
                 force: bool = typer.Option(False, help="Redo this stage even if complete."),
                 verbose: bool = VERBOSE_OPT):
-        from madpo_ray.layout import RunLayout
-
         cfg = _load(config, overrides, address, name)
         _run(cfg, stages, stages[-1:] if force else (), verbose, stages[-1])
         console.print_json(json.dumps(RunLayout.of(cfg).read_metrics(stages[-1]), default=str))
@@ -206,8 +208,6 @@ def _stage_command(stages: tuple[str, ...], doc: str):
 
 def _through(stage: str) -> tuple[str, ...]:
     """Every stage up to and including `stage`, in pipeline order."""
-    from madpo_ray.layout import STAGES
-
     return STAGES[:STAGES.index(stage) + 1]
 
 
@@ -230,8 +230,6 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
 
     --loss keeps the config's loss parameters the new loss also takes (beta) and drops the others.
     --margins-from data trains MADPO from per-pair margins you already have."""
-    from madpo_ray.layout import STAGES
-
     sets = list(overrides or []) + ([f"score.margins_from={margins_from}"] if margins_from else [])
     cfg = _load(config, sets, address, name)
     if loss:
@@ -395,8 +393,6 @@ def runs_cmd(runs_dir: str = typer.Argument("runs", help="The folder that holds 
 
     The curves of every training are in each run's mlruns/ (MLflow) and tensorboard/ folders:
     `tensorboard --logdir runs/NAME/tensorboard`."""
-    from madpo_ray.runs import KEY_METRICS, format_value, list_runs, progress_text
-
     try:
         rows = list_runs(runs_dir)
     except FileNotFoundError as e:
@@ -426,7 +422,6 @@ def export_cmd(run_dir: str = typer.Argument(..., help="A run folder, e.g. runs/
     its license, data, loss and parameters, metrics, config), ready for any hub's upload client."""
     from madpo_ray.config import ConfigError
     from madpo_ray.export import export_run
-    from madpo_ray.io import OutputExistsError
 
     try:
         folder = export_run(Path(run_dir), stage, loss, Path(out) if out else None, force=force)
@@ -486,8 +481,7 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
     Against the run's SFT policy, held-out prompts, reward model and (testbed) gold reward;
     the run's stages up to score are reused, or run first."""
     from madpo_ray.config import check_path_component
-    from madpo_ray.eval.heldout import evaluate_models
-    from madpo_ray.layout import BEFORE_POLICY
+    from madpo_ray.eval.report import evaluate_models
     from madpo_ray.pipeline import Pipeline
 
     cfg = _load(config, overrides, address, name)
@@ -516,10 +510,8 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
 
 
 def _user_errors() -> tuple:
-    from madpo_ray.data.preference import DataValidationError
     from madpo_ray.losses import LossParameterError
     from madpo_ray.models import ModelLoadError
-    from madpo_ray.runlock import RunLockedError
 
     return (DataValidationError, ModelLoadError, FileNotFoundError, LossParameterError, RunLockedError)
 
@@ -554,9 +546,6 @@ def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output J
                   terse_share: float = typer.Option(0.0, min=0.0, max=1.0,
                                                     help="Share of demonstrations that leave the language out.")):
     """Write the embedded generated corpus (documents, reference synopses, key facts) to JSONL."""
-    from madpo_ray.data.corpus.generated import generate_corpus
-    from madpo_ray.data.preference import write_jsonl
-
     write_jsonl([d.to_dict() for d in generate_corpus(num_documents, seed, terse_share=terse_share)], Path(out))
     console.print(f"wrote {num_documents} documents to {out}")
 
@@ -565,8 +554,6 @@ def data_generate(out: str = typer.Option("generated_docs.jsonl", help="Output J
 def data_debian(cache_dir: Optional[str] = typer.Option(None, help="Default ~/.cache/madpo-ray/debian."),
                 fetch: bool = typer.Option(True, help="Run apt-get update into a private lists dir first.")):
     """Build the Debian package-description corpus (local cache, never committed)."""
-    from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
-
     _setup_logging()
     counts = build_debian_corpus(Path(cache_dir) if cache_dir else DEFAULT_CACHE, fetch=fetch)
     console.print(counts)
@@ -582,7 +569,6 @@ def tune(overrides: Optional[List[str]] = OVERRIDES_ARG,
          address: Optional[str] = ADDRESS_OPT, name: Optional[str] = NAME_OPT):
     """Ray Tune search over MADPO's weighting hyperparameters (c_max, tau, lam, beta, lr) from the scored pairs."""
     from madpo_ray.config import ConfigError
-    from madpo_ray.layout import BEFORE_POLICY
     from madpo_ray.pipeline import Pipeline
     from madpo_ray.tune import run_search
     from madpo_ray.tune_space import load_search_space
@@ -617,7 +603,6 @@ def model_import_gguf(gguf_file: str = typer.Argument(..., help="A .gguf file (a
     """Dequantise a GGUF causal LM into a normal HF folder that every stage, vLLM and `madpo serve` load.
 
     Needs the `gguf` extra. Then: madpo run model.name_or_path=OUT ..."""
-    from madpo_ray.io import OutputExistsError
     from madpo_ray.models import ModelLoadError, import_gguf
 
     _setup_logging()
@@ -636,8 +621,6 @@ TOKEN_OPT = typer.Option(None, "--token", help="Ray auth token (default $RAY_AUT
 
 
 def _jobs_call(fn, *args, **kwargs):
-    from madpo_ray.submit import SubmitError
-
     try:
         return fn(*args, **kwargs)
     except SubmitError as e:
@@ -653,8 +636,6 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
            job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: generated)."),
            follow: bool = typer.Option(False, "--follow/--no-follow", help="Stream logs until the job ends.")):
     """Submit a madpo command to a Ray cluster: `madpo submit --address URL -- run data.num_documents=500`."""
-    from madpo_ray import submit as sub
-
     env_vars = {}
     for item in env:
         if "=" not in item:
@@ -674,8 +655,6 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
     """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from madpo_ray import submit as sub
-
     console.print(_jobs_call(sub.status, job_id, address, token))
 
 
@@ -683,8 +662,6 @@ def jobs_status(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Op
 def jobs_logs(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT,
               follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
     """Print (or stream) the job's logs."""
-    from madpo_ray import submit as sub
-
     if follow:
         final = _jobs_call(sub.follow, job_id, address, token)
         console.print(f"job {job_id}: {final}")
@@ -695,8 +672,6 @@ def jobs_logs(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Opti
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
     """Ask the cluster to stop the job."""
-    from madpo_ray import submit as sub
-
     console.print("stop requested" if _jobs_call(sub.stop, job_id, address, token) else "job already finished")
 
 
@@ -725,7 +700,6 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from madpo_ray.models import ModelLoadError, check_model_files
-    from madpo_ray.serving.launch import resolve_model_folder
 
     model = resolve_model_folder(model)  # a stage folder (runs/<name>/policy/madpo) means its model/
     try:
@@ -735,7 +709,7 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     if not Path(model).is_dir():
         fail(f"{model}: not a folder")
     _setup_logging()
-    from madpo_ray.serving.launch import parse_adapter_specs, run_server
+    from madpo_ray.serving.launch import run_server
 
     try:
         adapters = parse_adapter_specs(lora)

@@ -1,6 +1,6 @@
 """`madpo compare`: DPO, IPO, beta-DPO and MADPO from the same SFT model and scored pairs,
 over several training seeds, judged at every decoding temperature. This module orchestrates;
-training is `stages.policy.train_policy`, generation `eval.generate`, judging `eval.heldout`,
+training is the policy stage through `launcher.launch`, generation `eval.generate`, judging `eval.heldout`,
 the report `eval.report`.
 
     runs/<name>/compare/
@@ -43,11 +43,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from madpo_ray.config import ConfigError, LossConfig, MethodConfig, PipelineConfig, load_config
-from madpo_ray.eval.heldout import SFT_LABEL
-from madpo_ray.io import write_text_atomically
+from madpo_ray.console import quiet_libraries
+from madpo_ray.data.scored import load_policy_examples
+from madpo_ray.engine.sessions import LocalSession
+from madpo_ray.eval.generate import generate_for_models
+from madpo_ray.eval.heldout import SFT_LABEL, eval_prompts, judge_rows, record_final_reading
+from madpo_ray.io import write_json, write_text_atomically
+from madpo_ray.launcher import Training, launch, tracking_for
 from madpo_ray.layout import (BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, StageRecord, begin_training,
-                              model_folder, settings_of)
+                              is_testbed, model_folder, settings_of)
+from madpo_ray.pipeline import Pipeline
+from madpo_ray.runlock import RunLock
+from madpo_ray.runtime import init_ray, worker_env
+from madpo_ray.stages.outputs import StageOutput
+from madpo_ray.tracking import ensure_experiment
 
 log = logging.getLogger("madpo_ray.compare")
 
@@ -200,17 +212,8 @@ def protocol(cfg: PipelineConfig) -> dict:
 
 def train_method(base_config: dict, method: dict, seed: int, scored_train: str, sft_dir: str, out_dir: str,
                  upstream: Optional[str], tracking: Optional[dict] = None, threads: int = 1) -> dict:
-    """One (method, seed) training in this process (the Ray task body), through `train_policy`.
+    """One (method, seed) training in this process (the Ray task body), through the launcher.
     Resumable: checkpoints go under out_dir/checkpoints until the model is saved."""
-    import torch
-
-    from madpo_ray.data.scored import load_policy_examples
-    from madpo_ray.engine.sessions import LocalSession
-    from madpo_ray.io import write_json
-    from madpo_ray.stages.policy import train_policy
-    from madpo_ray.stages.worker import StageOutput, quiet_libraries
-    from madpo_ray.tracking import tracked
-
     quiet_libraries()
     torch.set_num_threads(max(1, threads))
     m = MethodConfig.model_validate(method)
@@ -218,10 +221,10 @@ def train_method(base_config: dict, method: dict, seed: int, scored_train: str, 
     out = Path(out_dir)
     session = LocalSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                            checkpoint_root=str(out / "checkpoints"))
+    training = Training("policy", cfg, sft_dir, StageOutput(model_folder(out), out / "train_metrics.json"), tracking,
+                        options={"label": f"compare/{m.name}/seed{seed}"})
     t0 = time.time()
-    with tracked(session, tracking) as session:
-        result = train_policy(cfg, session, model_dir=sft_dir, label=f"compare/{m.name}/seed{seed}",
-                              out=StageOutput(model_folder(out), out / "train_metrics.json"))
+    result = launch(training, session)
     # result.metrics carries the final training "loss"; the settings live under "policy".
     metrics = {**result.metrics, "method": m.name, "seed": seed, "policy": cfg.policy.model_dump(mode="json"),
                "steps": result.steps, "seconds": time.time() - t0, "loss_history": result.loss_history}
@@ -277,8 +280,6 @@ class Comparison:
         or one after another in this process with ray.backend=local."""
         import ray
 
-        from madpo_ray.runtime import init_ray, worker_env
-
         c, lay = self.cfg.compare, self.layout
         upstream = lay.record("score").record_id
         todo, done = [], {}
@@ -295,8 +296,6 @@ class Comparison:
                                                   str(d), upstream, self.tracking(d, m, seed))))
         log.info("compare: %d trainings (%d already done)", len(todo) + len(done), len(done))
         if todo:
-            from madpo_ray.tracking import ensure_experiment
-
             ensure_experiment(todo[0][1][-1])  # before the parallel tasks, which would each create it
         if self.cfg.ray.backend == "local":
             for key, args in todo:
@@ -312,13 +311,8 @@ class Comparison:
 
     def tracking(self, folder: Path, method: MethodConfig, seed: int) -> Optional[dict]:
         """A comparison training is tracked under its folder's path in the run ("compare/madpo/seed0")."""
-        from dataclasses import asdict
-
-        from madpo_ray.tracking import tracking_target
-
         training = Path(folder).resolve().relative_to(self.layout.run_dir).as_posix()
-        target = tracking_target(self.cfg, training, method_config(self.cfg, method, seed).policy.model_dump(mode="json"))
-        return asdict(target) if target else None
+        return tracking_for(self.cfg, training, method_config(self.cfg, method, seed).policy.model_dump(mode="json"))
 
     @staticmethod
     def wait_for(pending: dict, done: dict) -> None:
@@ -334,15 +328,11 @@ class Comparison:
 
     def run(self) -> dict:
         """The whole comparison as the run folder's one writer."""
-        from madpo_ray.runlock import RunLock
-
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.layout.run_dir):
             return self.run_locked()
 
     def run_locked(self) -> dict:
-        from madpo_ray.eval.generate import generate_for_models
-        from madpo_ray.eval.heldout import eval_prompts, judge_rows, record_final_reading
         from madpo_ray.eval.report import paired_analysis, write_report
 
         t0 = time.time()
@@ -388,9 +378,6 @@ def compare_tiers(cfg: PipelineConfig) -> dict:
     then one report across tiers in this run's compare_tiers/ (its final/ with compare.final).
     Tuned settings are looked up in the tier's run first, then in this run."""
     from madpo_ray.eval.report import write_grouped_report
-    from madpo_ray.layout import is_testbed
-    from madpo_ray.pipeline import Pipeline
-    from madpo_ray.runlock import RunLock
 
     if not is_testbed(cfg):
         raise ConfigError(f"compare.tiers needs testbed pairs (data.source generated or debian), not "
@@ -420,8 +407,6 @@ def compare_lr_grid(cfg: PipelineConfig) -> dict:
     """The untuned comparison at every lr of compare.lr_grid, each in compare/lr<lr>/ of this run
     (the stages before policy are shared), then one report across the grid in compare/lr_grid/."""
     from madpo_ray.eval.report import write_grouped_report
-    from madpo_ray.pipeline import Pipeline
-    from madpo_ray.runlock import RunLock
 
     layout = RunLayout.of(cfg)
     layout.run_dir.mkdir(parents=True, exist_ok=True)

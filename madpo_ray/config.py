@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from madpo_ray.io import write_text_atomically
+from madpo_ray.losses import POLICY_LOSSES, get_policy_loss
 
 # The shipped presets, package data (found in a wheel as in a checkout); `madpo init` copies them out.
 PRESETS = resources.files("madpo_ray") / "configs"
@@ -168,8 +169,6 @@ def check_path_component(value: str, what: str) -> str:
 
 
 def check_loss_name(name: str) -> str:
-    from madpo_ray.losses import POLICY_LOSSES
-
     if name not in POLICY_LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
     return name
@@ -198,8 +197,6 @@ class LossConfig(_Strict):
 
     @model_validator(mode="after")
     def _params_belong_to_the_loss(self):
-        from madpo_ray.losses import get_policy_loss
-
         get_policy_loss(self.name).check_params(self.kwargs())
         return self
 
@@ -210,14 +207,10 @@ class LossConfig(_Strict):
     def resolved(self) -> dict[str, Any]:
         """Every parameter this loss trains with: its registered defaults, then the ones set here.
         The one answer to "which beta / tau did it use" (reports, model cards, margin diagnostics)."""
-        from madpo_ray.losses import get_policy_loss
-
         return {**get_policy_loss(self.name).params, **self.kwargs()}
 
     def switched_to(self, name: str, **params: Any) -> "LossConfig":
         """This config for another loss: keeps the parameters that loss also takes, sets `params`."""
-        from madpo_ray.losses import get_policy_loss
-
         accepted = get_policy_loss(check_loss_name(name)).params
         kept = {k: v for k, v in self.kwargs().items() if k in accepted}
         return LossConfig(name=name, **{**kept, **params})

@@ -64,9 +64,25 @@ def configure_logging(console: Console, log_file=None, everything: bool = False)
         to_file.setFormatter(logging.Formatter(FILE_FORMAT))
         handlers.append(to_file)
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=handlers, force=True)
-    from madpo_ray.stages.worker import quiet_libraries
-
     quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Ray Train logs every report and transformers draws a bar per weight load: keep our lines readable."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Train V2 logs every report through a logger named after its file path
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # pragma: no cover - internal, may move
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 @contextlib.contextmanager

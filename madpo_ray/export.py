@@ -19,6 +19,7 @@ import yaml
 from madpo_ray.config import PipelineConfig, load_config
 from madpo_ray.io import atomic_folder, check_output_folder, mark_output_folder
 from madpo_ray.layout import RunLayout, is_testbed
+from madpo_ray.models import check_model_folder, verify_weights
 
 EXPORTABLE = ("sft", "reward", "policy")
 CARD_METRICS = ("sft_greedy_gold_reward", "policy_greedy_gold_reward", "reference_gold_reward",
@@ -128,9 +129,6 @@ def export_run(run_dir: Path, stage: str = "policy", loss: Optional[str] = None,
     """Copy a run's stage model (merged weights, adapter, tokenizer) with a model card to `out`
     (default: <run>/export/<stage>[-<loss>]); returns the folder. An existing `out` is replaced only
     when an earlier export wrote it (or `force`): see io.check_output_folder."""
-    from madpo_ray.artifacts import verify_weights
-    from madpo_ray.models import check_model_folder
-
     if stage not in EXPORTABLE:
         raise ValueError(f"--stage {stage!r}: choose one of {', '.join(EXPORTABLE)}")
     run_dir = Path(run_dir)

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from madpo_ray.io import write_json
+
 STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
 # Documents and pairs come in three splits. Training reads "train"; everything that selects
 # (early stopping, Tune objectives, calibration) and every development figure (the run summary,
@@ -135,8 +137,6 @@ class StageRecord:
 
     @classmethod
     def write(cls, folder: Path, settings: dict, upstream: Optional[str], name: str = "DONE") -> "StageRecord":
-        from madpo_ray.io import write_json
-
         settings = json.loads(json.dumps(settings))
         rec = cls(uuid.uuid4().hex, settings, upstream, time.strftime("%Y-%m-%dT%H:%M:%S"), cls.hash_of(settings))
         write_json(Path(folder) / name, asdict(rec))

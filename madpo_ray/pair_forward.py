@@ -28,7 +28,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from madpo_ray.logprobs import SequenceLogProbs, token_logprobs
+from madpo_ray.data.collate import FLOAT_COLUMNS, PairCollator
+from madpo_ray.logprobs import SequenceLogProbs, sequence_logprobs, token_logprobs
+from madpo_ray.models import per_position_scores, reward_scores
 
 log = logging.getLogger(__name__)
 MASKABLE_ATTENTION = ("sdpa", "eager")  # both tested equal to the two-sequence forward
@@ -108,8 +110,6 @@ class SharedPairCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        from madpo_ray.data.collate import FLOAT_COLUMNS
-
         parts = [(len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
         width = max(p + c + r for p, c, r in parts)
         b = len(examples)
@@ -193,8 +193,6 @@ def shared_pair_logprobs(model, batch: dict) -> tuple[SequenceLogProbs, Sequence
 
 def shared_pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A reward model's scores of the chosen and the rejected response (each at its last token)."""
-    from madpo_ray.models import per_position_scores
-
     scores = per_position_scores(model, input_ids=batch["input_ids"], attention_mask=model_mask(model, batch),
                                  position_ids=batch["position_ids"])  # [B, L]
     rows = torch.arange(scores.shape[0], device=scores.device)
@@ -206,8 +204,6 @@ def shared_pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------- either layout
 def pair_collator(model, pad_token_id: int, wanted: str):
     """The collator for `model.pair_forward`: shared prompt where the attention allows it."""
-    from madpo_ray.data.collate import PairCollator
-
     return SharedPairCollator(pad_token_id) if uses_shared_prompt(model, wanted) else PairCollator(pad_token_id)
 
 
@@ -215,8 +211,6 @@ def pair_response_logprobs(model, batch: dict) -> tuple[SequenceLogProbs, Sequen
     """Chosen and rejected response log-probs of a batch from either collator."""
     if "pair_mask" in batch:
         return shared_pair_logprobs(model, batch)
-    from madpo_ray.logprobs import sequence_logprobs
-
     lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     (cs, rs), (cn, rn) = lp.summed.chunk(2), lp.n_tokens.chunk(2)
     return SequenceLogProbs(cs, cn), SequenceLogProbs(rs, rn)
@@ -226,7 +220,5 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A reward model's chosen and rejected scores of a batch from either collator."""
     if "pair_mask" in batch:
         return shared_pair_rewards(model, batch)
-    from madpo_ray.models import reward_scores
-
     chosen, rejected = reward_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
     return chosen, rejected

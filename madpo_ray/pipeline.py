@@ -9,6 +9,7 @@ examples to the trainer as a Ray Dataset, and the workers read them with get_dat
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -20,15 +21,26 @@ import torch
 
 from madpo_ray.config import PipelineConfig, save_config
 from madpo_ray.data.collate import tokenize_pairs, tokenize_sft
+from madpo_ray.data.corpus.debian import load_debian_split
+from madpo_ray.data.corpus.generated import generate_splits
 from madpo_ray.data.preference import (DataValidationError, ValidationReport, hold_out_by_prompt, load_pairs,
                                        prompt_key, single_file_without, validate_rows)
-from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
+from madpo_ray.data.prompts import generation_prompts, prompt_for
+from madpo_ray.data.scored import load_policy_examples
+from madpo_ray.data.testbed import build_pairs, distinct_samples_needed, pair_composition
+from madpo_ray.engine.loop import accumulation_steps
+from madpo_ray.engine.sessions import LocalSession
+from madpo_ray.eval.generate import generate_transformers
+from madpo_ray.eval.summary import evaluate_run
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
-from madpo_ray.layout import (SPLITS, STAGE_SETTINGS, STAGES, RunLayout, StageRecord, begin_training, is_testbed,
+from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
+from madpo_ray.layout import (SPLITS, STAGES, STAGE_SETTINGS, RunLayout, StageRecord, begin_training, is_testbed,
                               settings_of, upstream_of)
-from madpo_ray.stages import stage_trainer
-from madpo_ray.stages.worker import StageOutput
-from madpo_ray.tracking import tracked
+from madpo_ray.models import build_tiny_base, check_model_folder, load_causal_lm, load_tokenizer
+from madpo_ray.runlock import RunLock
+from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
+from madpo_ray.stages.outputs import StageOutput
+from madpo_ray.stages.score import score_splits, scoring_backend
 
 log = logging.getLogger("madpo_ray.pipeline")
 
@@ -41,10 +53,10 @@ class Pipeline:
     """`progress(training, progress_path)` is a context around each training: the CLI draws a
     progress bar from the file rank 0 rewrites at every report; the default draws nothing."""
 
-    def __init__(self, cfg: PipelineConfig, fault: Optional[dict] = None, progress: Callable = no_progress):
+    def __init__(self, cfg: PipelineConfig, progress: Callable = no_progress):
         self.cfg = cfg
         self.layout = RunLayout.of(cfg)
-        self.fault = fault or {}  # tests: {"stage": "policy", "step": 3, "batch_log": True} kills a worker once
+        self.faults: dict[str, dict] = {}  # tests only: stage -> engine.faults.FaultInjectingSession's options
         self.progress = progress
         self.timings: dict[str, float] = {}
 
@@ -67,13 +79,9 @@ class Pipeline:
         return str(Path(name).resolve()) if Path(name).exists() else name
 
     def tokenizer(self):
-        from madpo_ray.models import load_tokenizer
-
         return load_tokenizer(self.base_model if self.cfg.model.tokenizer is None else self.cfg.model.tokenizer)
 
     def prompt_for(self, document: str):
-        from madpo_ray.data.prompts import prompt_for
-
         return prompt_for(self.cfg.data, document)
 
     # ------------------------------------------------------------------ provenance
@@ -106,8 +114,6 @@ class Pipeline:
     def run(self, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
         """Run `stages` in order; a stage in `force` is redone even if up to date. One writer per run
         folder: a second `madpo run`/`tune` on it fails at once, naming the first (runlock.py)."""
-        from madpo_ray.runlock import RunLock
-
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.layout.run_dir):
             return self.run_locked(stages, force)
@@ -124,7 +130,7 @@ class Pipeline:
             log.info("== %s: running (%s)", stage, reason)
             self.begin_stage(stage, forced=stage in force)
             t0 = time.time()
-            metrics = getattr(self, f"stage_{stage}")()
+            metrics = self.stage_bodies()[stage]()
             metrics["wall_seconds"] = self.timings[stage] = time.time() - t0
             self.finish_stage(stage, metrics)
             log.info("== %s: done in %.1fs", stage, metrics["wall_seconds"])
@@ -136,57 +142,29 @@ class Pipeline:
         """Train a stage on `examples` (or, on Ray, read from `parquet` with Ray Data); returns its
         training metrics. `validation` examples (the reward stage's early stopping) reach every
         worker whole. ray.backend=ray: a TorchTrainer run; local: this process."""
-        import json
-
-        from madpo_ray.engine.loop import accumulation_steps
-
         lay = self.layout
         workers = 1 if self.cfg.ray.backend == "local" else self.cfg.ray.num_workers
         accumulation_steps(getattr(self.cfg, stage).optim, workers, len(examples), stage)  # before any worker starts
-        out = StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage))
         key = lay.training_key(stage)
+        training = Training(stage, self.cfg, str(model_dir),
+                            StageOutput(lay.model_dir(stage), lay.train_metrics_path(stage), lay.adapter_dir(stage)),
+                            tracking=tracking_for(self.cfg, key, self.cfg.model_dump(mode="json")[stage], progress=True),
+                            faults=self.faults.get(stage))
         with self.progress(key, lay.progress_path(key)):
             if self.cfg.ray.backend == "local":
-                self.train_here(stage, examples, model_dir, out, validation)
+                datasets = {"train": examples, **({"validation": validation} if validation else {})}
+                launch(training, LocalSession(datasets, checkpoint_root=str(lay.checkpoint_root(stage))))
             else:
-                self.train_on_ray(stage, examples, model_dir, out, parquet, validation)
+                self.train_on_ray(training, examples, parquet, validation)
         return json.loads(lay.train_metrics_path(stage).read_text())
 
-    def train_here(self, stage: str, examples: list[dict], model_dir, out: StageOutput,
-                   validation: Optional[list[dict]] = None) -> None:
-        """The stage's training in this process (ray.backend=local), tracked as on Ray."""
-        datasets = {"train": examples, **({"validation": validation} if validation else {})}
-        session = LocalSession(datasets, checkpoint_root=str(self.layout.checkpoint_root(stage)))
-        if self.fault.get("stage") == stage:
-            session = FaultInjectingSession(session, **self.fault_options(stage))
-        with tracked(session, self.tracking_target(stage)) as session:
-            stage_trainer(stage)(self.cfg, session, model_dir=str(model_dir), out=out)
-
-    def tracking_target(self, stage: str) -> Optional[dict]:
-        """Where the stage's training logs its curves (tracking.py), with the stage's own settings as params."""
-        from dataclasses import asdict
-
-        from madpo_ray.tracking import tracking_target
-
-        section = self.cfg.model_dump(mode="json")[stage]
-        target = tracking_target(self.cfg, self.layout.training_key(stage), section, progress=True)
-        return asdict(target) if target else None
-
-    def fault_options(self, stage: str) -> dict:
-        lay = self.layout
-        return {"fail_at_step": int(self.fault["step"]), "marker_dir": str(lay.faults_dir),
-                "batch_log_path": str(lay.stage_dir(stage) / "batches.log") if self.fault.get("batch_log") else None}
-
-    def train_on_ray(self, stage: str, examples: list[dict], model_dir, out: StageOutput,
-                     parquet: Optional[str], validation: Optional[list[dict]] = None) -> None:
-        """One Ray Train run of the stage; the workers read the examples with get_dataset_shard
+    def train_on_ray(self, training: Training, examples: list[dict], parquet: Optional[str],
+                     validation: Optional[list[dict]] = None) -> None:
+        """One Ray Train run of the training; the workers read the examples with get_dataset_shard
         (from the parquet itself when there is one: the scored pairs)."""
         import ray.data
 
-        from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
-        from madpo_ray.stages.worker import train_loop_per_worker
-
-        lay = self.layout
+        lay, stage = self.layout, training.stage
         init_ray(self.cfg.ray)
         # Small, already-tokenised data: Ray Data's per-worker progress bars would only add noise.
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -195,11 +173,7 @@ class Pipeline:
             dataset, order_by = parquet_dataset(parquet, columns), "row_id"
         else:
             dataset, order_by = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]), "index"
-        config = {"pipeline": self.cfg.model_dump(mode="json"), "stage": stage, "model_dir": str(model_dir),
-                  "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
-                  "adapter_dir": str(out.adapter_dir), "checkpoint_root": str(lay.checkpoint_root(stage)),
-                  "order_by": order_by, "fault": self.fault_options(stage) if self.fault.get("stage") == stage else None,
-                  "tracking": self.tracking_target(stage)}
+        config = to_loop_config(training, checkpoint_root=str(lay.checkpoint_root(stage)), order_by=order_by)
         datasets = {"train": dataset.materialize()}
         if validation:
             datasets["validation"] = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(validation)])
@@ -207,19 +181,20 @@ class Pipeline:
                     storage_path=lay.ray_storage, datasets=datasets)
 
     # ------------------------------------------------------------------ stages
+    def stage_bodies(self) -> dict[str, Callable[[], dict]]:
+        """What each stage does, by name; each returns the stage's metrics."""
+        return {"data": self.stage_data, "sft": self.stage_sft, "pairs": self.stage_pairs, "reward": self.stage_reward,
+                "score": self.stage_score, "policy": self.stage_policy, "eval": self.stage_eval}
+
     def stage_data(self) -> dict:
         c, lay = self.cfg.data, self.layout
         metrics: dict = {"source": c.source}
         if c.source == "generated":
-            from madpo_ray.data.corpus.generated import generate_splits
-
             splits = generate_splits(c.num_documents, c.num_validation_documents, c.num_eval_documents, c.corpus_seed,
                                      c.terse_share)
             for split in SPLITS:
                 write_jsonl([x.to_dict() for x in splits[split]], lay.docs_path(split))
         elif c.source == "debian":
-            from madpo_ray.data.corpus.debian import load_debian_split
-
             rng = random.Random(c.corpus_seed)
             sizes = {"train": c.num_documents, "validation": c.num_validation_documents, "test": c.num_eval_documents}
             for split in SPLITS:
@@ -274,8 +249,6 @@ class Pipeline:
 
     def build_base(self) -> None:
         """The tiny from-scratch default: a BPE tokenizer and a Llama trained on nothing yet."""
-        from madpo_ray.models import build_tiny_base
-
         lay = self.layout
         if self.is_testbed:
             docs = read_jsonl(lay.docs_path("train"))
@@ -302,7 +275,6 @@ class Pipeline:
             for split in SPLITS:
                 write_jsonl(read_jsonl(lay.input_pairs_path(split)), lay.pairs_path(split))
             return {"source": self.cfg.data.source}
-        from madpo_ray.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         sft_dir = str(lay.model_dir("sft"))
@@ -310,9 +282,6 @@ class Pipeline:
         return {split: self.testbed_pairs(model, tok, split) for split in SPLITS}
 
     def testbed_pairs(self, model, tok, split: str) -> dict:
-        from madpo_ray.data.prompts import generation_prompts
-        from madpo_ray.data.testbed import build_pairs, pair_composition
-
         c = self.cfg.data
         docs = read_jsonl(self.layout.docs_path(split))
         prompts = dict(zip((x["doc_id"] for x in docs), generation_prompts(c, tok, [x["document"] for x in docs])))
@@ -341,9 +310,6 @@ class Pipeline:
         """data.samples_per_document SFT samples per document at T=1, then more draws (at most
         data.max_extra_sample_rounds rounds) for documents with fewer distinct samples than
         pairs_per_document policy-vs-policy pairs need: identical samples make no pair."""
-        from madpo_ray.data.testbed import distinct_samples_needed
-        from madpo_ray.eval.generate import generate_transformers
-
         c = self.cfg.data
         samples: dict[str, list[str]] = {d: [] for d in prompts}
         need, todo, draws = distinct_samples_needed(c.pairs_per_document), list(prompts), 0
@@ -403,10 +369,6 @@ class Pipeline:
         return counts
 
     def stage_score(self) -> dict:
-        from madpo_ray.models import check_model_folder
-        from madpo_ray.runtime import init_ray
-        from madpo_ray.stages.score import score_splits, scoring_backend
-
         models = ("sft",) if self.cfg.score.margins_from == "data" else ("sft", "reward")
         for stage in models:  # before any Ray work: a clear message, not a worker traceback
             check_model_folder(str(self.layout.model_dir(stage)))
@@ -417,15 +379,10 @@ class Pipeline:
         return score_splits(self.layout, tokenized, self.cfg)
 
     def stage_policy(self) -> dict:
-        from madpo_ray.data.scored import load_policy_examples
-        from madpo_ray.models import check_model_folder
-
         check_model_folder(str(self.layout.model_dir("sft")))
         path = self.layout.scored_path("train")
         examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before any training
         return {"examples": len(examples), **self.train("policy", examples, self.layout.model_dir("sft"), str(path))}
 
     def stage_eval(self) -> dict:
-        from madpo_ray.eval.summary import evaluate_run
-
         return evaluate_run(self.cfg, self.layout)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from madpo_ray.config import RayConfig
+from madpo_ray.engine.checkpoints import find_checkpoints, newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def largest_node_cpus() -> float:
 def latest_checkpoint(storage_path: Path, name: str):
     """The newest complete checkpoint a previous attempt of this run left, for cross-process resume."""
     import ray.train
-
-    from madpo_ray.engine.checkpoints import find_checkpoints, newest_checkpoint
 
     best = newest_checkpoint(find_checkpoints(str(Path(storage_path) / name)))
     return ray.train.Checkpoint.from_directory(str(best)) if best else None

@@ -19,8 +19,11 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from madpo_ray.compare import Comparison
 from madpo_ray.config import MethodConfig, PipelineConfig
+from madpo_ray.eval.judge import bootstrap_mean
 from madpo_ray.io import write_json
+from madpo_ray.pipeline import Pipeline
 from madpo_ray.plotting import pyplot, save
 
 log = logging.getLogger("madpo_ray.study")
@@ -52,7 +55,6 @@ def noise_table(rows: list[dict], column: str, prompt_ids: list[str], noise_leve
                 temperatures: Sequence[float], n_boot: int) -> list[dict]:
     """Per noise level and temperature: MADPO's and DPO's mean (95% CI over seeds and prompts) and
     their paired difference (eval.stats: seeds and prompts as sources of variance)."""
-    from madpo_ray.eval.judge import bootstrap_mean
     from madpo_ray.eval.report import paired_difference, prompt_means, seed_matrix
 
     means = prompt_means(rows, column, prompt_ids)
@@ -101,9 +103,6 @@ def plot_noise(table: list[dict], path: Path, column: str) -> None:
 
 def run_rm_noise(cfg: PipelineConfig, noise_levels: Sequence[float]) -> dict:
     """The study: a comparison of DPO and MADPO-at-each-noise-level, then the noise table and plot."""
-    from madpo_ray.compare import Comparison
-    from madpo_ray.pipeline import Pipeline
-
     p = Pipeline(study_config(cfg, noise_levels))
     if not p.is_testbed:
         log.warning("no gold reward outside the testbed: the study judges by the reward model's score")

@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from madpo_ray.io import write_json
+from madpo_ray.layout import RunLayout
+
 log = logging.getLogger("madpo_ray.tracking")
 
 TRAINING_TAG = "madpo.training"
@@ -66,8 +69,6 @@ def tracking_target(cfg, training: str, params: Optional[dict] = None,
                     progress: bool = False) -> Optional[TrackTarget]:
     """The target of a training of run `cfg` (None when tracking is off): MLflow in the run
     folder's file store unless `tracking.uri` is set, TensorBoard under tensorboard/<training>."""
-    from madpo_ray.layout import RunLayout
-
     t, lay = cfg.tracking, RunLayout.of(cfg)
     uri = (t.uri or lay.mlruns_dir.as_uri()) if t.mlflow else None
     board = str(lay.tensorboard_dir(training)) if t.tensorboard else None
@@ -253,8 +254,6 @@ class Tracker:
 
 def write_progress(path: Path, metrics: dict) -> None:
     """Atomically (io.write_json), so the driver never reads half a file."""
-    from madpo_ray.io import write_json
-
     write_json(path, {k: metrics[k] for k in ("step", "total_steps", "loss", "tokens_per_s", "eta_s") if k in metrics})
 
 

@@ -1,7 +1,7 @@
 """Ray Tune over the policy stage: MADPO's weighting hyperparameters (c_max, tau, lam), beta, lr.
 
-Each trial is a *function trainable on one worker* calling the same `train_policy` as the
-pipeline's policy stage and `madpo compare` (with a Tune session), not a TorchTrainer per trial:
+Each trial is a *function trainable on one worker* launching the policy training as the
+pipeline's policy stage and `madpo compare` do (launcher.py, with a Tune session), not a TorchTrainer per trial:
 on small clusters a TorchTrainer inside a trial adds ~20 s of start-up and a second placement
 group per trial (the starvation of ray-project/ray#54305); one worker per trial lets
 `max_concurrent_trials` equal the free CPUs. Every trial reads the same scored parquet: nothing
@@ -24,9 +24,23 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from madpo_ray.config import ConfigError, PipelineConfig
-from madpo_ray.io import write_json, write_text_atomically
+from madpo_ray.console import quiet_libraries
+from madpo_ray.data.scored import load_policy_examples, read_scored
+from madpo_ray.engine.sessions import RayTuneSession
+from madpo_ray.eval.generate import generate_transformers
+from madpo_ray.eval.measures import (gold_reward_by_temperature, greedy_gold_reward, pair_logprobs, preference_metrics,
+                                     reward_model_scores)
+from madpo_ray.io import read_jsonl, write_json, write_text_atomically
+from madpo_ray.launcher import Training, launch, tracking_for
+from madpo_ray.models import load_reward_model, load_tokenizer
 from madpo_ray.plotting import pyplot, save
+from madpo_ray.runlock import RunLock
+from madpo_ray.runtime import init_ray
+from madpo_ray.stages.score import ComputePolicy
+from madpo_ray.tracking import end_stopped_trials, ensure_experiment, flat_params
 from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
 
 log = logging.getLogger("madpo_ray.tune")
@@ -46,19 +60,11 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
                     reward_dir: Optional[str], tok):
     """The held-out metrics a trial reports (what ASHA prunes on and the search selects by), on the
     validation split only: the sealed test split is for the final step (`madpo compare --final`), never for selection."""
-    from madpo_ray.data.scored import read_scored
-    from madpo_ray.eval.summary import gold_reward_by_temperature, greedy_gold_reward, pair_logprobs, preference_metrics
-    from madpo_ray.stages.score import ComputePolicy
-
     eval_rows = read_scored(scored_validation)
     docs, rm, rm_prompts = None, None, []
     if objective in ("gold_reward", *GOLD_BY_TEMPERATURE) and validation_docs:
-        from madpo_ray.io import read_jsonl
-
         docs = read_jsonl(Path(validation_docs))[:cfg.eval.num_prompts]
     if objective == "rm_reward":
-        from madpo_ray.models import load_reward_model
-
         rm = load_reward_model(reward_dir, pad_token_id=tok.pad_token_id).eval()
         rm_prompts = list(dict.fromkeys(r["prompt"] for r in eval_rows))[:cfg.eval.num_prompts]
 
@@ -74,9 +80,6 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
         elif docs is not None:
             out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)
         if rm is not None:
-            from madpo_ray.eval.generate import generate_transformers
-            from madpo_ray.eval.summary import reward_model_scores
-
             texts = generate_transformers(model, tok, rm_prompts, max_new_tokens=cfg.eval.max_new_tokens)
             scores = reward_model_scores(rm, tok, rm_prompts, texts)
             out["rm_reward"] = sum(scores) / len(scores)
@@ -128,18 +131,9 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
           validation_docs: Optional[str],
           model_dir: str, loss: str, objective: str, eval_every: int, fail_marker: Optional[str] = None,
           reward_dir: Optional[str] = None, tracking: Optional[dict] = None, finished_dir: Optional[str] = None) -> None:
-    """One Tune trial: `train_policy` from the shared scored parquet, held-out metrics every eval_every steps,
+    """One Tune trial: the policy training from the shared scored parquet, held-out metrics every eval_every steps,
     tracked as the search's training named after the trial; its last report recorded in `finished_dir`
     (a resumed search replays it instead of training again)."""
-    import torch
-
-    from madpo_ray.data.scored import load_policy_examples
-    from madpo_ray.engine.sessions import RayTuneSession
-    from madpo_ray.models import load_tokenizer
-    from madpo_ray.stages.policy import train_policy
-    from madpo_ray.stages.worker import quiet_libraries
-    from madpo_ray.tracking import tracked
-
     quiet_libraries()
     if replay_finished(params, finished_dir):
         return
@@ -152,8 +146,8 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
     session = LastReport(RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                                         torch.device("cpu")))
-    with tracked(session, trial_tracking(tracking, params)) as tracked_session:
-        train_policy(cfg, tracked_session, model_dir=model_dir, eval_fn=evaluate, label=f"tune/{cfg.policy.loss.name}")
+    launch(Training("policy", cfg, model_dir, tracking=trial_tracking(tracking, params),
+                    options={"eval_fn": evaluate, "label": f"tune/{cfg.policy.loss.name}"}), session)
     if finished_dir and session.metrics is not None:
         write_json(Path(finished_dir) / f"{params_key(params)}.json", {"params": params, "metrics": session.metrics})
 
@@ -165,8 +159,6 @@ def trial_tracking(tracking: Optional[dict], params: dict) -> Optional[dict]:
         return None
     from ray import tune
 
-    from madpo_ray.tracking import flat_params
-
     trial_id = tune.get_context().get_trial_id()
     board = tracking.get("tensorboard_dir")
     return {**tracking, "training": f"{tracking['training']}/{trial_id}",
@@ -177,15 +169,9 @@ def trial_tracking(tracking: Optional[dict], params: dict) -> Optional[dict]:
 # --------------------------------------------------------------------------- the search
 def search_tracking(cfg: PipelineConfig, search: str) -> Optional[dict]:
     """Trials land in the run's experiment as tune/<search>/<trial id>."""
-    from dataclasses import asdict
-
-    from madpo_ray.tracking import tracking_target
-
-    from madpo_ray.tracking import ensure_experiment
-
-    target = tracking_target(cfg, f"tune/{search}")
-    ensure_experiment(asdict(target) if target else None)
-    return asdict(target) if target else None
+    target = tracking_for(cfg, f"tune/{search}")
+    ensure_experiment(target)
+    return target
 
 
 def cluster_cpus() -> int:
@@ -241,7 +227,6 @@ def run_search(pipeline, space: SearchSpace, *, resume: bool = False, num_sample
     """Run (or resume) the search; writes trials.csv/.md, best_config.yaml and a plot."""
     if pipeline.cfg.ray.backend != "ray":
         raise ConfigError("madpo tune runs trials on Ray Tune: set ray.backend=ray (the default)")
-    from madpo_ray.runlock import RunLock
 
     pipeline.layout.run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(pipeline.layout.run_dir):
@@ -260,9 +245,6 @@ def trial_inputs(pipeline) -> dict[str, Optional[str]]:
 def search_locked(pipeline, space: SearchSpace, resume: bool, num_samples: Optional[int], cpus_per_trial: float,
                   fail_once: bool) -> dict:
     from ray import tune
-
-    from madpo_ray.runtime import init_ray
-    from madpo_ray.tracking import end_stopped_trials
 
     init_ray(pipeline.cfg.ray)
     lay = pipeline.layout

@@ -12,7 +12,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from madpo_ray.config import ConfigError, LossConfig, check_path_component
+from madpo_ray.config import ConfigError, LossConfig, check_loss_name, check_path_component
+from madpo_ray.losses import get_policy_loss
 
 # The shipped search spaces, package data; `madpo init` copies them out.
 SEARCH_SPACES = resources.files("madpo_ray") / "tune_configs"
@@ -102,9 +103,6 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _params_belong_to_the_loss(self):
-        from madpo_ray.config import check_loss_name
-        from madpo_ray.losses import get_policy_loss
-
         if "name" not in self.params:  # a search over losses checks each trial's config instead
             check_loss_name(self.loss)
             get_policy_loss(self.loss).check_params({k: None for k in self.params if k in LOSS_PARAMS})

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from madpo_ray.artifacts import verify_weights
+from madpo_ray.models import verify_weights
 from madpo_ray.io import replace_folder_atomically
 from madpo_ray.models import ModelLoadError
 

@@ -260,7 +260,8 @@ def test_two_workers_with_accumulation_2_equal_one_worker_with_accumulation_4(be
 # ----------------------------------------------------------------------------- kill and resume
 def resume_worker(examples, model_dir: str, pad_id: int, root: str, markers: str, out: str):
     """A training process that is SIGKILLed after step 3 on its first run (checkpoints every 2)."""
-    from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession
+    from madpo_ray.engine.faults import FaultInjectingSession
+    from madpo_ray.engine.sessions import LocalSession
 
     torch.set_num_threads(1)
     session = FaultInjectingSession(LocalSession(checkpoint_root=root), fail_at_step=3, marker_dir=markers)

@@ -1,10 +1,15 @@
 """Rules of the codebase that a reviewer would otherwise check by hand: functions short enough to
 read at once, no private names imported across modules, no unsafe checkpoint loads, no sys.path
-edits, and the run folder's paths built only by the layout."""
+edits, the run folder's paths built only by the layout, imports without circles or needless
+laziness (import_graph.py), and one launcher for every training."""
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import import_graph
 
 PACKAGE = Path(__file__).resolve().parent.parent / "madpo_ray"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -71,3 +76,68 @@ def test_no_upward_import_between_layers():
                     [a.name for a in n.names] if isinstance(n, ast.Import) else []
                 hits += [f"{f.relative_to(PACKAGE)}:{n.lineno} imports {m}" for m in names if m.startswith(forbidden)]
     assert hits == []
+
+
+# ----------------------------------------------------------------------------- imports
+def test_no_import_circles_between_our_modules():
+    """Kills: a lazy import that hides a cycle (function-level imports count as edges here)."""
+    assert import_graph.cycles(import_graph.graph()) == []
+
+
+def test_our_modules_are_imported_at_the_top_unless_a_heavy_library_justifies_laziness():
+    """A function may import one of our modules only when that module brings a heavy library
+    (import_graph.HEAVY) that the importing module does not load already: the CLI's `--help`
+    must not wait for torch, but nothing else hides its layering inside functions."""
+    lazy = import_graph.unjustified_lazy_imports(import_graph.graph())
+    assert [f"{i.source}:{i.line} imports {i.target} inside a function" for i in lazy] == []
+
+
+def test_the_command_line_loads_no_heavy_library_before_a_command_runs():
+    """The dynamic check behind the static one above (which cannot see an import a validator runs
+    at class creation): `madpo --help` stays instant."""
+    code = ("import sys, madpo_ray.cli; print(sorted(m for m in %r if m in sys.modules))"
+            % (import_graph.HEAVY,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_import_graph_sees_a_lazy_import_and_a_cycle(tmp_path, monkeypatch):
+    """The rules above can fail: a two-module package with a lazy, unjustified import that closes
+    a cycle is reported as both."""
+    pkg = tmp_path / "madpo_ray"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from madpo_ray.b import g\n\ndef f():\n    return g()\n")
+    (pkg / "b.py").write_text("def g():\n    from madpo_ray.a import f\n    return f\n")
+    monkeypatch.setattr(import_graph, "PACKAGE", pkg)
+    g = import_graph.graph()
+    assert import_graph.cycles(g) == [["madpo_ray.a", "madpo_ray.b"]]
+    assert [(i.source, i.target) for i in import_graph.unjustified_lazy_imports(g)] == [("madpo_ray.b", "madpo_ray.a")]
+    (pkg / "a.py").write_text("import torch\nfrom madpo_ray.b import g\n")  # now a brings torch: b's laziness is justified
+    assert import_graph.unjustified_lazy_imports(import_graph.graph()) == []
+
+
+# ----------------------------------------------------------------------------- one launcher
+def test_every_training_is_launched_by_the_launcher():
+    """The stage training functions, the tracking wrapper and the fault wrapper are called in one
+    module (launcher.py); the pipeline, compare and Tune describe a Training and call `launch`."""
+    called = {"train_sft", "train_reward", "train_policy", "tracked", "tracking_target", "FaultInjectingSession"}
+    hits = []
+    for f, tree in _trees():
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Name) and n.id in called and f.name != "launcher.py":
+                hits.append(f"{f.relative_to(PACKAGE)}:{n.lineno} {n.id}")
+    assert hits == []
+    users = {f.relative_to(PACKAGE).as_posix() for f, tree in _trees() for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "launch"}
+    assert users == {"pipeline.py", "compare.py", "tune.py", "launcher.py"}
+
+
+def test_the_training_loop_has_no_test_hook():
+    """Fault injection and batch logging live in a session wrapper (engine/faults.py); `fit` calls
+    one per-step callback and names no fault."""
+    loop = (PACKAGE / "engine" / "loop.py").read_text()
+    assert not re.search(r"\bfault|log_batch|batch_log", loop)
+    calls = [n.func.attr for n in ast.walk(ast.parse(loop)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) and n.func.value.id == "session"]
+    assert sorted(set(calls)) == ["after_step", "checkpoint_dir", "prepare", "report", "report_metrics"]

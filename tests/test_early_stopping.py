@@ -61,7 +61,7 @@ class StepSession:
         class Session(LocalSession):
             step = 0
 
-            def after_step(self, step):
+            def after_step(self, step, batches=()):
                 self.step = step
                 if fail_after is not None and step == fail_after:
                     raise KeyboardInterrupt("interrupted")
@@ -219,7 +219,8 @@ def test_workers_score_disjoint_shares_of_the_validation_split_in_as_many_forwar
 
 
 def test_sessions_name_a_missing_split_and_offer_it_as_optional():
-    from madpo_ray.engine.sessions import FaultInjectingSession, LocalSession, MissingSplit
+    from madpo_ray.engine.faults import FaultInjectingSession
+    from madpo_ray.engine.sessions import LocalSession, MissingSplit
 
     session = LocalSession({"train": [{"a": 1}]})
     with pytest.raises(MissingSplit, match=r"'validation'.*\['train'\]"):

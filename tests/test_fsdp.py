@@ -66,8 +66,8 @@ def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage=
 
     from madpo_ray.config import load_config
     from madpo_ray.data.scored import load_policy_examples
-    from madpo_ray.stages import stage_trainer
-    from madpo_ray.stages.worker import StageOutput
+    from madpo_ray.launcher import Training, launch
+    from madpo_ray.stages.outputs import StageOutput
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -81,7 +81,7 @@ def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage=
             datasets = {"train": pairs, "validation": pairs[:8]}
         session = ProcessGroupSession(datasets, root, strategy)
         out = StageOutput(Path(run_dir) / "model", Path(run_dir) / "train_metrics.json", Path(run_dir) / "adapter")
-        result = stage_trainer(stage)(cfg, session, model_dir=model_dir, out=out)
+        result = launch(Training(stage, cfg, model_dir, out), session)
         if rank == 0:
             (Path(run_dir) / "history.json").write_text(json.dumps(
                 {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"],

@@ -93,7 +93,7 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
                 "sft_greedy_gold_reward", "policy_greedy_gold_reward"):
         assert key in summary
     # one summary per test document sampled at the hottest eval temperature, beside the greedy figure
-    from madpo_ray.eval.summary import mean_gold_reward
+    from madpo_ray.eval.measures import mean_gold_reward
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm, load_tokenizer
 
@@ -212,7 +212,8 @@ def test_killed_worker_resumes_from_last_checkpoint(full_run, tmp_path):
     """SIGKILL a worker at step 3 (checkpoint every 2): the run finishes, resumed at step 2."""
     p, _ = full_run
     q = _clone_until_policy(p, tmp_path, "killed", "policy.optim.max_steps=5", "ray.max_failures=2")
-    q.fault = {"stage": "policy", "step": 3, "batch_log": True}
+    q.faults = {"policy": {"fail_at_step": 3, "marker_dir": str(q.layout.faults_dir),
+                           "batch_log_path": str(q.layout.stage_dir("policy") / "batches.log")}}
     m = q.run(("policy",))["policy"]
     assert (q.run_dir / ".faults" / "killed_at_3").exists()  # the kill really happened
     assert m["steps"] == 5 and len(m["loss_history"]) == 5
@@ -326,7 +327,7 @@ def test_tune_trial_scores_the_temperature_objective_on_validation_documents(ful
     hands every trial, samples the validation documents (never test) at every eval temperature; the
     worst is the lowest, T=0 is the greedy gold."""
     from madpo_ray.config import config_from_dict
-    from madpo_ray.eval.summary import greedy_gold_reward, mean_gold_reward
+    from madpo_ray.eval.measures import greedy_gold_reward, mean_gold_reward
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm, load_tokenizer
     from madpo_ray.tune import trial_evaluator, trial_inputs

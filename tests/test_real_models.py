@@ -49,7 +49,7 @@ def test_lora_policy_training_moves_only_adapters_and_merged_folder_equals_base_
     from madpo_ray.models import load_causal_lm, load_reward_model
     from madpo_ray.stages.policy import train_policy
     from madpo_ray.stages.score import score_examples
-    from madpo_ray.stages.worker import StageOutput
+    from madpo_ray.stages.outputs import StageOutput
 
     ref = load_causal_lm(str(tiny_base_dir)).eval()
     rm = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id).eval()

@@ -307,7 +307,7 @@ def test_serve_accepts_the_stage_folder(tiny_base_dir, tmp_path):
     import shutil
 
     from madpo_ray.layout import model_folder
-    from madpo_ray.serving.launch import resolve_model_folder
+    from madpo_ray.serving.folders import resolve_model_folder
 
     stage = tmp_path / "policy" / "madpo"
     shutil.copytree(tiny_base_dir, model_folder(stage))

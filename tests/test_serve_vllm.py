@@ -44,7 +44,7 @@ needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM not installed
 def test_adapters_are_checked_before_anything_starts(tiny_base_dir, tmp_path):
     """Each way to get `--lora` wrong is refused with what was wrong, before a replica starts."""
     from madpo_ray.serving.deployment import choose_backend
-    from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters
+    from madpo_ray.serving.folders import parse_adapter_specs, resolve_adapters
 
     assert parse_adapter_specs(["a=x", " b = y/z "]) == {"a": "x", "b": "y/z"}
     for bad in (["tuned"], ["=x"], ["a="]):
@@ -72,7 +72,7 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_before_anything_starts
     the layer and both sizes. An adapter fits the base it was trained on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from madpo_ray.serving.launch import adapter_shape_errors, resolve_adapters
+    from madpo_ray.serving.folders import adapter_shape_errors, resolve_adapters
 
     stage = make_lora_stage(tiny_base_dir, tmp_path / "policy")
     assert resolve_adapters({"a": str(stage)}, "base", str(tiny_base_dir)) == {"a": str((stage / "adapter").resolve())}
@@ -101,7 +101,7 @@ def test_the_shape_check_reads_fan_in_fan_out_layers_transposed(tiny_base_dir, t
     import torch
     from safetensors.torch import save_file
 
-    from madpo_ray.serving.launch import adapter_shape_errors
+    from madpo_ray.serving.folders import adapter_shape_errors
 
     layer = "base_model.model.model.layers.0.mlp.up_proj"
     for fan_in_fan_out, inputs, outputs in ((False, 32, 64), (True, 64, 32)):

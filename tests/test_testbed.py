@@ -193,7 +193,7 @@ def test_the_temperature_objective_averages_seeded_samples_at_every_evaluation_t
     from madpo_ray.config import load_config
     from madpo_ray.data.prompts import generation_prompts
     from madpo_ray.eval.generate import generate_transformers
-    from madpo_ray.eval.summary import gold_reward_by_temperature, greedy_gold_reward
+    from madpo_ray.eval.measures import gold_reward_by_temperature, greedy_gold_reward
 
     from helpers import TINY_SETS
 

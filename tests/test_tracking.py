@@ -29,7 +29,7 @@ class CrashingSession(LocalSession):
         super().__init__(*args, **kwargs)
         self.crash_at = crash_at
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, batches=()) -> None:
         if step == self.crash_at:
             self.crash_at = None
             raise RuntimeError("worker lost")

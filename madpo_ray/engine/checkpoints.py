@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from madpo_ray.engine.parallel import all_gather_objects
 from madpo_ray.io import atomic_file
 
 CHECKPOINT_META = "meta.json"
@@ -66,8 +67,6 @@ def shard_file(rank: int) -> str:
 def write_shard(folder: Path, shard: dict, rank: int, world_size: int) -> Optional[dict]:
     """This worker's shard file; every worker calls it (the sizes are all-gathered). Returns
     {file name: bytes} of every worker's shard on rank 0, None elsewhere."""
-    from madpo_ray.engine.parallel import all_gather_objects
-
     sizes = all_gather_objects(save_atomically(shard, Path(folder) / shard_file(rank)), world_size)
     return {shard_file(r): s for r, s in enumerate(sizes)} if rank == 0 else None
 

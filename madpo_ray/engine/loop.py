@@ -32,8 +32,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from madpo_ray.config import OptimConfig
-from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, read_shard,
-                                          rng_state, set_rng_state, write_checkpoint, write_shard)
+from madpo_ray.data.preference import DataValidationError
+from madpo_ray.engine.checkpoints import (find_checkpoints, newest_checkpoint, read_checkpoint, read_shard, rng_state,
+                                          set_rng_state, write_checkpoint, write_shard)
 from madpo_ray.engine.parallel import (all_gather_objects, as_float, gradient_sync, is_sharded, load_sharded_state,
                                        local_tree, reshard, sharded_state)
 from madpo_ray.engine.sessions import WorkerInfo
@@ -129,8 +130,6 @@ class LengthGroupedSampler:
 def accumulation_steps(optim: OptimConfig, world_size: int, examples: int, stage: str) -> int:
     """Micro-batches per optimiser step. Too few examples for one effective batch is a data error
     named with the numbers (the driver checks this before any training starts)."""
-    from madpo_ray.data.preference import DataValidationError
-
     per_step = optim.per_device_batch_size * world_size
     accum = max(1, optim.effective_batch_size // per_step)
     if optim.effective_batch_size % per_step:
@@ -470,12 +469,10 @@ def fit(model: torch.nn.Module, examples: list, collate_fn: Callable, step_fn: S
     dtype = str(next(unwrap(model).parameters()).dtype)  # reported: what the weights really train in
     for epoch, batches in (iter(()) if stopper and stopper.stopped else step_batches(plan, state)):
         batches = [{k: v.to(info.device) for k, v in b.items()} for b in batches]
-        for b in batches:
-            session.log_batch(b["index"].tolist() if "index" in b else [], state.step)
         metrics = train_micro_batches(model, batches, step_fn, optim, info, meter)
         grad_norm = optimizer_step(state, optim)
         state.history.append(global_mean(meter.take_step_loss(), info.device))
-        session.after_step(state.step)
+        session.after_step(state.step, batches)
         step = state.step
         evaluate = stopper is not None and (step % optim.eval_every == 0 or step == plan.total_steps)
         heldout = held_out(state, stopper, validate, info, optim) if evaluate else {}

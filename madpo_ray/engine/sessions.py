@@ -3,23 +3,22 @@
 A session tells the loop its rank and device, prepares the model (DDP under Ray Train),
 hands it the examples of a named dataset, offers a checkpoint to resume from, and takes its
 reports. Test-only behaviour (killing a worker, logging batches) wraps a session
-(`FaultInjectingSession`) instead of adding parameters to production functions.
+(engine/faults.py) instead of adding parameters to production functions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from madpo_ray.engine.checkpoints import find_checkpoints
+from madpo_ray.engine.parallel import shard_model
 from madpo_ray.io import atomic_folder
 
 log = logging.getLogger("madpo_ray.train")
@@ -99,12 +98,9 @@ class LocalSession:
         for old in find_checkpoints(str(root))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimiser step (a hook for fault injection)."""
-
-    def log_batch(self, indices: list[int], step: int) -> None:
-        """Called with every micro-batch's example indices (a hook for the resume tests)."""
-
+    def after_step(self, step: int, batches: Sequence[dict] = ()) -> None:
+        """Called after optimiser step `step` (counted from 1) with its micro-batches: the one
+        per-step callback of the training loop (a wrapper may stop or record the training here)."""
 
 
 class RaySession(LocalSession):
@@ -168,8 +164,6 @@ class RayTrainSession(RaySession):
         import ray.train.torch
 
         if self.strategy == "fsdp" and self.info.world_size > 1:
-            from madpo_ray.engine.parallel import shard_model
-
             return shard_model(model, self.info.device)
         return ray.train.torch.prepare_model(model)
 
@@ -181,33 +175,3 @@ class RayTuneSession(RaySession):
 
     def __init__(self, datasets: dict[str, list[dict]], device: Optional[torch.device] = None):
         super().__init__(datasets, device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-class FaultInjectingSession:
-    """Wraps a session for the resume tests: SIGKILLs rank 0 once at `fail_at_step` (a marker
-    file in `marker_dir` makes it once per run) and appends every micro-batch's example
-    indices to `batch_log_path`."""
-
-    def __init__(self, inner: LocalSession, fail_at_step: Optional[int] = None, marker_dir: Optional[str] = None,
-                 batch_log_path: Optional[str] = None):
-        self.inner, self.fail_at_step, self.marker_dir = inner, fail_at_step, marker_dir
-        self.batch_log_path = batch_log_path
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def after_step(self, step: int) -> None:
-        if self.fail_at_step is None or step != self.fail_at_step or self.info.rank != 0 or not self.marker_dir:
-            return
-        marker = Path(self.marker_dir) / f"killed_at_{step}"
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
-        log.warning("fault injection: SIGKILL worker pid %d at step %d", os.getpid(), step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def log_batch(self, indices: list[int], step: int) -> None:
-        if self.batch_log_path:
-            with open(self.batch_log_path, "a") as fh:
-                fh.write(" ".join(map(str, indices)) + f" step={step} rank={self.info.rank}\n")

@@ -25,8 +25,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from madpo_ray.console import quiet_libraries
 from madpo_ray.data.collate import encode_prompt
 from madpo_ray.io import atomic_file, write_json
+from madpo_ray.models import load_causal_lm, load_tokenizer
+from madpo_ray.runtime import init_ray, largest_node_cpus, worker_env
+from madpo_ray.serving.vllm_engine import vllm_available
 
 log = logging.getLogger("madpo_ray.generate")
 COLUMNS = ("model", "prompt_id", "temperature", "sample", "text", "num_tokens")
@@ -97,8 +101,6 @@ class TransformersGenerator:
         self.model = self.tokenizer = None
 
     def load(self, model_dir: str) -> None:
-        from madpo_ray.models import load_causal_lm, load_tokenizer
-
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir)
 
@@ -156,8 +158,6 @@ class VLLMGenerator:
         self.engine_start_seconds = 0.0
 
     def load(self, model_dir: str) -> None:
-        from madpo_ray.models import load_tokenizer
-
         arch = _architecture(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         if self.llm is not None and arch == self.architecture:
@@ -207,8 +207,6 @@ class VLLMGenerator:
 
 
 def make_generator(backend: str = "auto", **kwargs):
-    from madpo_ray.serving.vllm_engine import vllm_available
-
     if backend == "vllm" or (backend == "auto" and vllm_available()):
         if not vllm_available():
             raise RuntimeError("eval.backend=vllm but vLLM is not importable; install the `vllm` extra "
@@ -265,8 +263,6 @@ class GenerationActor:
     cluster place it on a GPU node (`num_gpus=1`) while the driver stays on the head."""
 
     def __init__(self, backend: str = "auto", **kwargs):
-        from madpo_ray.stages.worker import quiet_libraries
-
         quiet_libraries()
         self.generator = make_generator(backend, **kwargs)
 
@@ -336,8 +332,6 @@ def generation_actor(cfg):
     if cfg.ray.backend == "local":
         return GenerationActor(cfg.eval.backend, seed=cfg.eval.seed), lambda method, *args: method(*args)
     import ray
-
-    from madpo_ray.runtime import init_ray, largest_node_cpus, worker_env
 
     init_ray(cfg.ray)
     # The engine binds every core of its node; hold that many CPUs (one node's worth: more, e.g.

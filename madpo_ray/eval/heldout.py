@@ -17,8 +17,13 @@ from typing import Optional
 
 import madpo_ray
 from madpo_ray.config import PipelineConfig
-from madpo_ray.io import write_json
+from madpo_ray.data.prompts import generation_prompts
+from madpo_ray.data.scored import read_scored
+from madpo_ray.eval import judge as J
+from madpo_ray.eval.measures import reward_model_scores
+from madpo_ray.io import read_jsonl, write_json
 from madpo_ray.layout import DEVELOPMENT_SPLIT, SEALED_SPLIT, SPLITS, RunLayout, is_testbed
+from madpo_ray.models import load_reward_model, load_tokenizer
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
 # One command's readings of the sealed split (a grid or tiers read it once per comparison) count as
@@ -32,16 +37,11 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout,
 
     Testbed runs use the split's documents; any other dataset the distinct prompts of the split's
     pairs (its scored pairs). Development passes validation; only a final step passes test."""
-    from madpo_ray.data.scored import read_scored
-    from madpo_ray.io import read_jsonl
-
     if split not in SPLITS[1:]:
         raise ValueError(f"held-out prompts come from {SPLITS[1:]}, not {split!r}")
     n = cfg.eval.num_prompts
     if is_testbed(cfg):
         docs = read_jsonl(layout.docs_path(split))[:n]
-        from madpo_ray.data.prompts import generation_prompts
-        from madpo_ray.models import load_tokenizer
 
         prompts = generation_prompts(cfg.data, load_tokenizer(str(layout.model_dir("sft"))), [d["document"] for d in docs])
         return [str(d["doc_id"]) for d in docs], prompts, docs
@@ -85,8 +85,6 @@ def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prom
 
 def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], split: str = DEVELOPMENT_SPLIT) -> dict:
     """Gold reward (testbed) and reward-model score of every row, then the per-temperature table."""
-    from madpo_ray.eval import judge as J
-
     ids, prompts, docs = eval_prompts(cfg, layout, split)
     ref_rows = [{"prompt_id": i, "text": d["reference"], "sample": 0} for i, d in zip(ids, docs)]
     reference: dict = {}
@@ -108,25 +106,6 @@ def judge_rows(cfg: PipelineConfig, layout: RunLayout, rows: list[dict], split: 
 
 
 def reward_model_scorer(rm_dir: str, tokenizer_dir: str):
-    from madpo_ray.eval.summary import reward_model_scores
-    from madpo_ray.models import load_reward_model, load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     rm = load_reward_model(rm_dir, pad_token_id=tok.pad_token_id).eval()
     return lambda prompts, texts: reward_model_scores(rm, tok, prompts, texts, batch_size=64)
-
-
-def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[str, Path]], out_dir: Path) -> dict:
-    """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare` on the
-    validation split (a development figure; the sealed test split is `madpo compare --final`'s)."""
-    from madpo_ray.eval.generate import generate_for_models
-    from madpo_ray.eval.report import write_report
-
-    entries = [(SFT_LABEL, -1, layout.model_dir("sft"))] + [(label, -1, Path(d)) for label, d in models]
-    ids, prompts, _ = eval_prompts(cfg, layout)
-    rows, timings = generate_for_models(cfg, entries, ids, prompts, Path(out_dir) / "generations")
-    judged = judge_rows(cfg, layout, rows)
-    return write_report(cfg, Path(out_dir), judged, prompts=len(ids), seeds=[-1],
-                        models={label: str(d) for label, d in models}, generation=timings)
-
-

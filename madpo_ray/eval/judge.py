@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from madpo_ray.data.testbed import document_gold
+
 
 @dataclass
 class Estimate:
@@ -60,8 +62,6 @@ def win_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- scoring rows
 def add_gold(rows: list[dict], docs_by_id: dict[str, dict]) -> None:
     """Testbed gold reward of each generation, in place (`gold` column)."""
-    from madpo_ray.data.testbed import document_gold
-
     for r in rows:
         r["gold"] = document_gold(r["text"], docs_by_id[r["prompt_id"]])
 

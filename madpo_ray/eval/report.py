@@ -21,7 +21,8 @@ import numpy as np
 
 from madpo_ray.config import PipelineConfig
 from madpo_ray.eval import stats
-from madpo_ray.eval.heldout import SFT_LABEL
+from madpo_ray.eval.generate import generate_for_models
+from madpo_ray.eval.heldout import SFT_LABEL, eval_prompts, judge_rows
 from madpo_ray.eval.judge import per_prompt
 from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.layout import is_testbed
@@ -491,4 +492,16 @@ def plot_groups(combined: dict, path: Path) -> None:
 def verdicts(results: dict) -> list[str]:
     """The verdict lines of one comparison's Holm-corrected tests (empty when there are none)."""
     return [r["verdict"] for r in ((results.get("paired") or {}).get("tests") or {}).get("rows", [])]
+
+
+def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[str, Path]], out_dir: Path) -> dict:
+    """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare` on the
+    validation split (a development figure; the sealed test split is `madpo compare --final`'s)."""
+    entries = [(SFT_LABEL, -1, layout.model_dir("sft"))] + [(label, -1, Path(d)) for label, d in models]
+    ids, prompts, _ = eval_prompts(cfg, layout)
+    rows, timings = generate_for_models(cfg, entries, ids, prompts, Path(out_dir) / "generations")
+    judged = judge_rows(cfg, layout, rows)
+    return write_report(cfg, Path(out_dir), judged, prompts=len(ids), seeds=[-1],
+                        models={label: str(d) for label, d in models}, generation=timings)
+
 

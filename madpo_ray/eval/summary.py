@@ -11,100 +11,19 @@ from typing import Optional
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.io import write_json, write_text_atomically
+from madpo_ray.data.margins import margin_diagnostics
+from madpo_ray.data.scored import read_scored
+from madpo_ray.data.testbed import document_gold
+from madpo_ray.eval.heldout import scored_split
+from madpo_ray.eval.measures import greedy_gold_reward, mean_gold_reward, pair_logprobs, preference_metrics
+from madpo_ray.eval.margins import margin_table, plot_margins, weighting_params
+from madpo_ray.io import read_jsonl, write_json, write_text_atomically
 from madpo_ray.layout import BEFORE_POLICY, DEVELOPMENT_SPLIT, SPLITS, RunLayout, is_testbed
+from madpo_ray.models import load_causal_lm, load_tokenizer
 from madpo_ray.plotting import pyplot, save
+from madpo_ray.stages.score import ComputePolicy
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 32,
-                  policy=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of held-out pairs, computed as scoring computed the references
-    (`policy`: the run's ComputePolicy: dtype autocast and pair layout), so h compares like with like."""
-    from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
-    from madpo_ray.stages.score import ComputePolicy
-
-    policy = policy or ComputePolicy()
-    model.eval()
-    chosen, rejected = [], []
-    collate = pair_collator(model, pad_token_id, policy.pair_forward)
-    for i in range(0, len(rows), batch_size):
-        with policy.autocast():
-            c, r = pair_response_logprobs(model, collate(rows[i:i + batch_size]))
-        chosen.append(c.summed.float())
-        rejected.append(r.summed.float())
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-@torch.no_grad()
-def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: list[str],
-                        batch_size: int = 32) -> list[float]:
-    """The frozen reward model's score of each (prompt, response), tokenised as in training."""
-    from madpo_ray.data.collate import SFTCollator, encode_prompt, encode_response
-    from madpo_ray.models import reward_scores
-
-    collate = SFTCollator(tokenizer.pad_token_id)
-    out: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        exs = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": encode_response(tokenizer, " " + r.strip())}
-               for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        b = collate(exs)
-        out += reward_scores(reward_model, b["input_ids"], b["attention_mask"]).tolist()
-    return out
-
-
-def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, list[str]]:
-    """Mean testbed gold reward of greedy summaries of `docs`, and the summaries.
-
-    One definition for the run summary and the Tune objectives, so both prompt and truncate alike."""
-    return mean_gold_reward(model, tokenizer, docs, cfg, temperature=0.0)
-
-
-def mean_gold_reward(model, tokenizer, docs: list[dict], cfg, temperature: float) -> tuple[float, list[str]]:
-    """Mean testbed gold reward of one summary per document at `temperature` (seeded by
-    eval.seed above 0), and the summaries."""
-    from madpo_ray.data.prompts import generation_prompts
-    from madpo_ray.data.testbed import document_gold
-    from madpo_ray.eval.generate import generate_transformers
-
-    prompts = generation_prompts(cfg.data, tokenizer, [d["document"] for d in docs])
-    texts = generate_transformers(model, tokenizer, prompts, temperature=temperature, seed=cfg.eval.seed,
-                                  max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.data.max_prompt_length)
-    golds = [document_gold(t, d) for t, d in zip(texts, docs)]
-    return sum(golds) / len(golds), texts
-
-
-def gold_reward_by_temperature(model, tokenizer, docs: list[dict], cfg) -> dict[str, float]:
-    """Mean gold reward at each of eval.temperatures (`gold_reward_t<T>`), their mean
-    (`gold_reward_temperatures`) and their lowest (`gold_reward_worst_temperature`): Tune objectives
-    for a policy that must hold up sampled as well as greedy, as `madpo compare` judges it at every
-    temperature (one summary per document and temperature here)."""
-    out = {f"gold_reward_t{t:g}": mean_gold_reward(model, tokenizer, docs, cfg, t)[0] for t in cfg.eval.temperatures}
-    by_temperature = list(out.values())
-    out["gold_reward_temperatures"] = sum(by_temperature) / len(by_temperature)
-    out["gold_reward_worst_temperature"] = min(by_temperature)
-    return out
-
-
-def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
-    ref_c = torch.tensor([r["ref_logp_chosen"] for r in rows])
-    ref_r = torch.tensor([r["ref_logp_rejected"] for r in rows])
-    h = (pol_c - ref_c) - (pol_r - ref_r)
-    out = {
-        # Does the model's likelihood rank the labelled-chosen response higher? (comparable for SFT and policy)
-        "sft_preference_accuracy": float((ref_c > ref_r).float().mean()),
-        "policy_preference_accuracy": float((pol_c > pol_r).float().mean()),
-        # DPO's implicit reward: beta * h; accuracy = share of pairs with h > 0.
-        "policy_implicit_reward_accuracy": float((h > 0).float().mean()),
-        "policy_implicit_margin_mean": float(h.mean()),
-    }
-    if rows and "true_margin" in rows[0]:
-        gold = torch.tensor([r["true_margin"] > 0 for r in rows])
-        out["sft_gold_preference_accuracy"] = float(((ref_c > ref_r) == gold).float().mean())
-        out["policy_gold_preference_accuracy"] = float(((pol_c > pol_r) == gold).float().mean())
-    return out
 
 
 def pair_compositions(layout: RunLayout) -> dict:
@@ -119,12 +38,7 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     only by `madpo compare --final`): held-out preference metrics of the policy, the reward model's
     accuracy, and (testbed) the gold reward of greedy and of sampled summaries of the SFT policy and
     the policy."""
-    from madpo_ray.data.scored import read_scored
-    from madpo_ray.eval.heldout import scored_split
-    from madpo_ray.models import load_causal_lm, load_tokenizer
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from madpo_ray.stages.score import ComputePolicy
 
     tok = load_tokenizer(str(layout.model_dir("sft")))
     policy_model = load_causal_lm(str(layout.model_dir("policy")), cfg.model.dtype)  # as the references were scored
@@ -143,10 +57,6 @@ def evaluate_run(cfg: PipelineConfig, layout: RunLayout) -> dict:
 def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """Margin diagnostics of every scored split at the run's weighting parameters, and the
     histograms of the training pairs (what MADPO weights) in margins.png."""
-    from madpo_ray.data.scored import read_scored
-    from madpo_ray.data.margins import margin_diagnostics
-    from madpo_ray.eval.margins import plot_margins, weighting_params
-
     params = weighting_params(cfg.policy.loss)
     report = {"weighting": params, "margins_from": cfg.score.margins_from}
     for split in SPLITS[:2]:  # train and validation: development figures never read the sealed split
@@ -164,10 +74,6 @@ def greedy_examples(cfg: PipelineConfig, layout: RunLayout, tok, policy_model) -
     """Mean gold reward of greedy summaries (SFT, policy, the references) and three examples, and
     of one summary per document sampled at the hottest of eval.temperatures: a policy can gain
     greedy and still ramble when sampled, which the greedy figure alone would hide."""
-    from madpo_ray.data.testbed import document_gold
-    from madpo_ray.io import read_jsonl
-    from madpo_ray.models import load_causal_lm
-
     docs = read_jsonl(layout.docs_path(DEVELOPMENT_SPLIT))[:cfg.eval.num_prompts]
     hottest = max(cfg.eval.temperatures)
     out: dict = {"examples": {}}
@@ -206,8 +112,6 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
     if "margins" in summary:
-        from madpo_ray.eval.margins import margin_table
-
         splits, rows = margin_table(summary["margins"])
         w = summary["margins"]["weighting"]
         lines += ["", f"Reward-model margins and MADPO weights (c_max {w['c_max']:g}, lam {w['lam']:g}, "

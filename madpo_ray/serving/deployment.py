@@ -28,8 +28,9 @@ from ray import serve
 from madpo_ray.config import DEFAULT_PROMPT_TEMPLATE
 from madpo_ray.serving.api import ServeSettings, create_app
 from madpo_ray.serving.engine import (STREAM_ADMITTED, GenParams, GenResult, RequestCancelled, ServerBusy, StreamEnd,
-                                     TransformersEngine)
-from madpo_ray.serving.launch import parse_adapter_specs, resolve_adapters, resolve_model_folder, served_name
+                                      TransformersEngine)
+from madpo_ray.serving.folders import parse_adapter_specs, resolve_adapters, resolve_model_folder, served_name
+from madpo_ray.serving.vllm_engine import AsyncVLLMEngine, vllm_supports
 
 log = logging.getLogger("madpo_ray.serve")
 
@@ -59,7 +60,6 @@ def choose_backend(model: str, backend: str, adapters: bool = False) -> tuple[st
         if adapters:
             raise ValueError(ADAPTERS_NEED_VLLM)
         return "transformers", "asked for"
-    from madpo_ray.serving.vllm_engine import vllm_supports
 
     reason = vllm_supports(model)
     if reason is None:
@@ -72,8 +72,6 @@ def choose_backend(model: str, backend: str, adapters: bool = False) -> tuple[st
 def load_engine(model: str, backend: str, threads: int, adapters: Optional[dict[str, str]] = None):
     """vLLM is imported only when chosen: an install without it serves with transformers."""
     if backend == "vllm":
-        from madpo_ray.serving.vllm_engine import AsyncVLLMEngine
-
         return AsyncVLLMEngine(model, adapters=adapters)
     return TransformersEngine(model, threads=threads)
 

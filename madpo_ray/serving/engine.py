@@ -19,11 +19,11 @@ import torch
 
 from madpo_ray.data.chat import ChatPrompt, ClientInputError, render_chat
 from madpo_ray.data.collate import encode_prompt
+from madpo_ray.models import load_causal_lm, load_tokenizer
 
 # Below this temperature logits / T overflow float32 and sampling dies on inf/nan
 # probabilities; such a request is decoded greedily (its limit, not an error).
 MIN_TEMPERATURE = 1e-2
-
 
 
 class RequestCancelled(RuntimeError):
@@ -86,9 +86,6 @@ def per_row(params: Union[GenParams, Sequence[GenParams]], n: int) -> list[GenPa
     if len(rows) != n:
         raise ValueError(f"{len(rows)} GenParams for {n} prompts")
     return rows
-
-
-
 
 
 SAMPLE_STRIDE = 0x9E3779B97F4A7C15  # odd, so the n samples of one seed get n distinct streams
@@ -221,8 +218,6 @@ class Progress:
 
 class TransformersEngine:
     def __init__(self, model_dir: str, threads: int = 1, max_prompt_tokens: int = 448, stream_timeout_s: float = 60.0):
-        from madpo_ray.models import load_causal_lm, load_tokenizer
-
         torch.set_num_threads(threads)
         self.model_dir = model_dir
         self.tokenizer = SerialTokenizer(load_tokenizer(model_dir))

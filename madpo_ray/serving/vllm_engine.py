@@ -30,6 +30,7 @@ from typing import AsyncIterator, Optional, Union
 
 from madpo_ray.data.chat import ChatPrompt, ClientInputError, render_chat
 from madpo_ray.data.collate import encode_prompt
+from madpo_ray.models import load_tokenizer
 from madpo_ray.serving.engine import GenParams, GenResult, SerialTokenizer, StreamEnd
 
 
@@ -102,8 +103,6 @@ class AsyncVLLMEngine:
         from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
-
-        from madpo_ray.models import load_tokenizer
 
         self.tokenizer = SerialTokenizer(load_tokenizer(model_dir))
         positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")

@@ -1,7 +1,7 @@
 """Stage 2: policy training with any registered preference loss, from scored pairs.
 
 `train_policy` is the one way a policy is trained: the pipeline's Ray Train workers, Ray Tune
-trials and `madpo compare`'s tasks all call it, with their own session. Reference log-probs and
+trials and `madpo compare`'s tasks all launch it (launcher.py), each with its own session. Reference log-probs and
 reward margins come from the scored parquet, so no reference or reward model is held in
 memory; MADPO weights are computed from the stored margin inside the loss.
 """
@@ -18,7 +18,7 @@ from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.losses import DataParallel, PolicyLossInputs, StepShare, get_policy_loss
 from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
-from madpo_ray.stages.worker import StageOutput, save_stage_outputs
+from madpo_ray.stages.outputs import StageOutput, save_stage_outputs
 
 
 def all_gather_1d(local: torch.Tensor) -> torch.Tensor:

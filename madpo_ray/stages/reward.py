@@ -15,7 +15,7 @@ from madpo_ray.engine.sessions import WorkerInfo
 from madpo_ray.losses import bradley_terry_loss
 from madpo_ray.models import load_reward_model, load_tokenizer, prepare_for_training
 from madpo_ray.pair_forward import pair_collator, pair_rewards
-from madpo_ray.stages.worker import StageOutput, save_stage_outputs
+from madpo_ray.stages.outputs import StageOutput, save_stage_outputs
 
 log = logging.getLogger("madpo_ray.train")
 

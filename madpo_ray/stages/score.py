@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.data.margins import margin_diagnostics
+from madpo_ray.engine.loop import autocast_context
 from madpo_ray.io import atomic_folder
 from madpo_ray.layout import SEALED_SPLIT
 from madpo_ray.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -41,8 +42,6 @@ class ComputePolicy:
         return cls(cfg.model.dtype, cfg.policy.optim.bf16, cfg.model.pair_forward)
 
     def autocast(self, device: torch.device = torch.device("cpu")):
-        from madpo_ray.engine.loop import autocast_context
-
         return autocast_context(device, self.bf16)
 
 

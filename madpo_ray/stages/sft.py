@@ -11,7 +11,7 @@ from madpo_ray.data.collate import SFTCollator
 from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.logprobs import position_ids_from_mask, token_logprobs
 from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
-from madpo_ray.stages.worker import StageOutput, save_stage_outputs
+from madpo_ray.stages.outputs import StageOutput, save_stage_outputs
 
 
 def sft_step(model, batch: dict) -> tuple[torch.Tensor, dict]:

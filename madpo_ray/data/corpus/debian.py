@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from madpo_ray.data.preference import write_jsonl
+from madpo_ray.io import read_jsonl
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path.home() / ".cache" / "madpo-ray" / "debian"
@@ -144,8 +145,6 @@ def build_debian_corpus(cache_dir: Path = DEFAULT_CACHE, fetch: bool = True) -> 
 
 
 def load_debian_split(split: str, cache_dir: Path = DEFAULT_CACHE) -> list[dict]:
-    from madpo_ray.io import read_jsonl
-
     path = Path(cache_dir) / f"{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run `madpo data debian` first")

@@ -1,0 +1,95 @@
+"""The one way a training runs, wherever it runs. The pipeline's stages (in a Ray Train worker or
+in this process), `madpo compare`'s trainings (Ray tasks) and Tune's trials all describe what to
+train as a `Training` and hand it to `launch` with a session: where the examples come from and
+where reports and checkpoints go (engine/sessions.py). `launch` picks the stage's function from
+one table, wraps the session for tracking and, only when a `Training` asks for it, for fault
+injection; the training loop itself knows of neither.
+
+Provenance stays with whoever owns the folder (the pipeline's stage records, compare's training
+folders): a launch only trains and saves into `Training.out`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from madpo_ray.config import PipelineConfig
+from madpo_ray.console import quiet_libraries
+from madpo_ray.engine.faults import FaultInjectingSession
+from madpo_ray.engine.loop import FitResult
+from madpo_ray.engine.sessions import RayTrainSession
+from madpo_ray.stages.outputs import StageOutput
+from madpo_ray.stages.policy import train_policy
+from madpo_ray.stages.reward import train_reward
+from madpo_ray.stages.sft import train_sft
+from madpo_ray.tracking import tracked, tracking_target
+
+# Every training stage's function: `fn(cfg, session, *, model_dir, out, **options) -> FitResult`.
+TRAINERS: dict[str, Callable[..., FitResult]] = {"sft": train_sft, "reward": train_reward, "policy": train_policy}
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training to launch. `tracking` and `faults` are plain dicts so a Training can travel
+    to a Ray worker inside a loop config (`to_loop_config`)."""
+
+    stage: str
+    cfg: PipelineConfig
+    model_dir: str
+    out: Optional[StageOutput] = None
+    tracking: Optional[dict] = None  # tracking.TrackTarget as a dict; None: not tracked
+    faults: Optional[dict] = None  # FaultInjectingSession's options; None (always, outside tests): none
+    options: dict = field(default_factory=dict)  # the stage function's own extras (policy: eval_fn, label)
+
+    def __post_init__(self):
+        if self.stage not in TRAINERS:
+            raise ValueError(f"no training stage {self.stage!r}; the stages that train are {sorted(TRAINERS)}")
+
+
+def launch(training: Training, session) -> FitResult:
+    """Train `training` with `session` (tracked as it asks, with its faults if any)."""
+    if training.faults:
+        session = FaultInjectingSession(session, **training.faults)
+    with tracked(session, training.tracking) as tracked_session:
+        return TRAINERS[training.stage](training.cfg, tracked_session, model_dir=str(training.model_dir),
+                                        out=training.out, **training.options)
+
+
+def tracking_for(cfg: PipelineConfig, name: str, params: Optional[dict] = None,
+                 progress: bool = False) -> Optional[dict]:
+    """Where the training called `name` in the run ("sft", "compare/madpo/seed0", "tune/madpo")
+    logs its curves, as the plain dict a Training carries; None when tracking is off."""
+    target = tracking_target(cfg, name, params, progress=progress)
+    return asdict(target) if target else None
+
+
+# --------------------------------------------------------------------------- Ray Train
+def to_loop_config(training: Training, *, checkpoint_root: str, order_by: str) -> dict:
+    """The Ray Train loop config that rebuilds `training` in every worker (`train_loop_per_worker`)."""
+    out = training.out
+    return {"pipeline": training.cfg.model_dump(mode="json"), "stage": training.stage,
+            "model_dir": str(training.model_dir), "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
+            "adapter_dir": str(out.adapter_dir) if out.adapter_dir else None, "checkpoint_root": checkpoint_root,
+            "order_by": order_by, "faults": training.faults, "tracking": training.tracking}
+
+
+def from_loop_config(config: dict) -> Training:
+    adapter = config.get("adapter_dir")
+    out = StageOutput(Path(config["out_dir"]), Path(config["metrics_path"]), Path(adapter) if adapter else None)
+    return Training(config["stage"], PipelineConfig.model_validate(config["pipeline"]), config["model_dir"], out,
+                    config.get("tracking"), config.get("faults"))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Every training stage's Ray Train entry point: the launch with a Ray Train session."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    quiet_libraries()
+    training = from_loop_config(config)
+    torch.set_num_threads(max(1, int(training.cfg.ray.cpus_per_worker)))
+    session = RayTrainSession(config.get("checkpoint_root"), order_by=config.get("order_by", "index"),
+                              strategy=training.cfg.ray.strategy)
+    launch(training, session)
