@@ -1,4 +1,4 @@
-"""`madpo`: the command-line entry point.
+"""`madpo`: the command-line entry point: its commands (what each prints: rendering.py).
 
     madpo run                                  # whole pipeline, embedded default (the tiny preset)
     madpo run policy.loss.beta=0.2 ray.num_workers=1
@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
-from madpo_ray import submit as sub
+from madpo_ray import submit as jobs
 from madpo_ray.console import configure_logging, quiet_terminal, training_progress
 from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
 from madpo_ray.data.corpus.generated import generate_corpus
 from madpo_ray.data.preference import DataValidationError, write_jsonl
 from madpo_ray.io import OutputExistsError
 from madpo_ray.layout import BEFORE_POLICY, STAGES, RunLayout
+from madpo_ray.rendering import console, print_comparison, print_summary, print_verdicts
 from madpo_ray.runlock import RunLockedError
 from madpo_ray.runs import KEY_METRICS, format_value, list_runs, progress_text
 from madpo_ray.serving.folders import parse_adapter_specs, resolve_model_folder
@@ -35,7 +33,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Margin-Adaptive DPO on Ray: SFT -> reward model -> scoring -> policy training.")
 data_app = typer.Typer(no_args_is_help=True, help="Build corpora: the generated default or Debian descriptions.")
 app.add_typer(data_app, name="data")
-console = Console()
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -119,62 +116,6 @@ def run_pipeline(pipeline, stages, force: tuple) -> dict:
         raise
 
 
-STAGE_PREFIXES = ("sft_", "reward_", "policy_")
-
-
-def summary_rows(summary: dict) -> list[tuple[str, ...]]:
-    """(metric, SFT, reward model, policy) rows of the run summary's numbers: "sft_x", "reward_x"
-    and "policy_x" side by side; a number of no stage in the last column."""
-    def fmt(v) -> str:
-        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    rows: dict[str, list[str]] = {}
-    for key, value in numbers.items():
-        prefix = next((p for p in STAGE_PREFIXES if key.startswith(p)), None)
-        metric = key[len(prefix):] if prefix else key
-        column = STAGE_PREFIXES.index(prefix) if prefix else 2
-        rows.setdefault(metric.replace("_", " "), ["", "", ""])[column] = fmt(value)
-    rows.pop("wall seconds", None)
-    return [(metric, *cells) for metric, cells in rows.items()]
-
-
-def print_summary(summary: dict, run_dir=None) -> None:
-    """The key numbers at a glance; the margins table, examples and timings are in summary.md."""
-    table = Table(title=f"madpo run summary (loss: {summary.get('loss')}; validation split)")
-    for name in ("metric", "SFT", "reward model", "policy"):
-        table.add_column(name, justify="left" if name == "metric" else "right")
-    for row in summary_rows(summary):
-        table.add_row(*row)
-    console.print(table)
-    if "margins" in summary:
-        print_margin_line(summary["margins"])
-    for split, comp in (summary.get("pair_composition") or {}).items():
-        console.print(f"{split} pairs: {comp['pairs']} by design {comp['by_design']}; duplicates {comp['duplicates']}, "
-                      f"off design {comp['off_design']}, skipped draws {sum(comp['skipped'].values())}",
-                      highlight=False, soft_wrap=True)
-    examples = summary.get("examples", {})
-    for label, texts in list(examples.items())[-1:]:
-        ref = (summary.get("example_references") or [""])[0]
-        console.print(f"[bold]{label}[/bold]: {texts[0]!r}  [dim](reference: {ref!r})[/dim]", soft_wrap=True)
-    if run_dir is not None:
-        console.print(f"full summary: {run_dir}/summary.md", soft_wrap=True, highlight=False)
-
-
-def print_margin_line(report: dict) -> None:
-    """One line on the margins: how far the reward model reaches into MADPO's weighting."""
-    w, val = report["weighting"], report.get("validation") or report.get("train") or {}
-    train = report.get("train") or {}
-    source = "the dataset's margin column" if report.get("margins_from") == "data" else "the reward model"
-    parts = [f"margins from {source} (validation): agree with labels {val.get('rm_accuracy_vs_labels', float('nan')):.2f}"]
-    if val.get("spearman_rm_vs_true") is not None:
-        parts.append(f"Spearman with true margins {val['spearman_rm_vs_true']:.2f}")
-    parts.append(f"train pairs with |m| > tau {w['tau']:.2f}: {train.get('share_abs_margin_above_tau', 0):.1%}")
-    console.print("; ".join(parts), soft_wrap=True, highlight=False)
-    if "plot" in report:
-        console.print(f"margins and weights: {report['plot']}", soft_wrap=True, highlight=False)
-
-
 @app.command()
 def run(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_OPT, address: Optional[str] = ADDRESS_OPT,
         name: Optional[str] = NAME_OPT,
@@ -241,21 +182,6 @@ def train(overrides: Optional[List[str]] = OVERRIDES_ARG, config: str = CONFIG_O
     print_summary(results["eval"], cfg.run_dir)
 
 
-def print_comparison(results: dict, title: str) -> None:
-    col = results["column"]
-    temps = results["temperatures"]
-    table = Table(title=title + (f" (tier {results['tier']})" if results.get("tier") else ""))
-    table.add_column("method")
-    for t in temps:
-        table.add_column(f"T={t:g}", justify="right")
-    methods = list(dict.fromkeys(r["method"] for r in results["table"]))
-    by = {(r["method"], r["temperature"]): r[col] for r in results["table"]}
-    for m in methods:
-        table.add_row(m, *[f"{by[(m, t)]['mean']:.3f} ±{(by[(m, t)]['ci_high'] - by[(m, t)]['ci_low']) / 2:.2f}"
-                           for t in temps])
-    console.print(table)
-
-
 FINAL_OPT = typer.Option(False, "--final", help="The explicit final step: judge the same trainings on the sealed "
                          "test split (every other report reads validation), write the report in final/ and record "
                          "the reading in the run's final_readings.jsonl.")
@@ -275,18 +201,6 @@ def compare_sets(tiers: Optional[str], ablations: bool, tuned: bool, final: bool
     if tuned:
         sets.append("compare.settings=tuned")
     return sets
-
-
-def print_verdicts(results: dict) -> None:
-    from madpo_ray.eval.report import verdicts
-
-    tests = (results.get("paired") or {}).get("tests") or {}
-    if results.get("protocol"):
-        console.print(f"[bold]{results['protocol']['title']}[/bold]")
-    if tests:
-        console.print(f"Holm-adjusted p, family of {tests['family']} tests:", highlight=False)
-        for line in verdicts(results):
-            console.print(f"  {line}", highlight=False)
 
 
 @app.command()
@@ -360,8 +274,8 @@ def init_cmd(folder: str = typer.Argument(".", help="Where to write configs/ and
     from madpo_ray.tune_space import SEARCH_SPACES
 
     written, kept = [], []
-    for source, sub in ((PRESETS, "configs"), (SEARCH_SPACES, "tune_configs")):
-        out = Path(folder) / sub
+    for source, subfolder in ((PRESETS, "configs"), (SEARCH_SPACES, "tune_configs")):
+        out = Path(folder) / subfolder
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(source.iterdir(), key=lambda f: f.name):
             if not f.name.endswith(".yaml"):
@@ -642,12 +556,12 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
             fail(f"--env {item!r} must be KEY=VALUE", 2)
         k, v = item.split("=", 1)
         env_vars[k] = v
-    jid = _jobs_call(sub.submit, ctx.args, address=address, token=token, pip=pip or None, env_vars=env_vars,
+    jid = _jobs_call(jobs.submit, ctx.args, address=address, token=token, pip=pip or None, env_vars=env_vars,
                      job_id=job_id, notify=lambda m: console.print(f"[yellow]{m}[/yellow]", soft_wrap=True))
     console.print(f"submitted job [bold]{jid}[/bold]")
     console.print(f"follow it:  madpo jobs logs {jid} --follow   |   stop it:  madpo jobs stop {jid}")
     if follow:
-        final = _jobs_call(sub.follow, jid, address, token)
+        final = _jobs_call(jobs.follow, jid, address, token)
         console.print(f"job {jid}: {final}")
         raise typer.Exit(0 if final == "SUCCEEDED" else 1)
 
@@ -655,7 +569,7 @@ def submit(ctx: typer.Context, address: Optional[str] = JOB_ADDRESS_OPT, token: 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
     """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    console.print(_jobs_call(sub.status, job_id, address, token))
+    console.print(_jobs_call(jobs.status, job_id, address, token))
 
 
 @jobs_app.command("logs")
@@ -663,16 +577,16 @@ def jobs_logs(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Opti
               follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
     """Print (or stream) the job's logs."""
     if follow:
-        final = _jobs_call(sub.follow, job_id, address, token)
+        final = _jobs_call(jobs.follow, job_id, address, token)
         console.print(f"job {job_id}: {final}")
     else:
-        print(_jobs_call(sub.logs, job_id, address, token), end="")
+        print(_jobs_call(jobs.logs, job_id, address, token), end="")
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: Optional[str] = JOB_ADDRESS_OPT, token: Optional[str] = TOKEN_OPT):
     """Ask the cluster to stop the job."""
-    console.print("stop requested" if _jobs_call(sub.stop, job_id, address, token) else "job already finished")
+    console.print("stop requested" if _jobs_call(jobs.stop, job_id, address, token) else "job already finished")
 
 
 @app.command("serve")

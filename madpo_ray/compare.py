@@ -53,9 +53,9 @@ from madpo_ray.eval.generate import generate_for_models
 from madpo_ray.eval.heldout import SFT_LABEL, eval_prompts, judge_rows, record_final_reading
 from madpo_ray.io import write_json, write_text_atomically
 from madpo_ray.launcher import Training, launch, tracking_for
-from madpo_ray.layout import (BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, StageRecord, begin_training,
-                              is_testbed, model_folder, settings_of)
+from madpo_ray.layout import BEFORE_POLICY, DEVELOPMENT_SPLIT, SEALED_SPLIT, RunLayout, is_testbed, model_folder
 from madpo_ray.pipeline import Pipeline
+from madpo_ray.provenance import StageRecord, begin_training, settings_of
 from madpo_ray.runlock import RunLock
 from madpo_ray.runtime import init_ray, worker_env
 from madpo_ray.stages.outputs import StageOutput

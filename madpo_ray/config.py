@@ -9,7 +9,6 @@ message that names the dotted key and the value it was given.
 from __future__ import annotations
 
 import copy
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional

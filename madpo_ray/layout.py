@@ -1,4 +1,4 @@
-"""The run folder: every path in it, the stage order, and each stage's provenance.
+"""The run folder: every path in it, and the stage order.
 
     runs/<name>/
       config.yaml             the config of the latest command on this run
@@ -18,22 +18,16 @@
       logs/madpo.log          the full log of every pipeline command on this run (Ray's output too)
     Each stage folder holds metrics.json and a DONE record written last.
 
-Provenance: a stage's DONE record holds the settings it was made with (the config keys in
-STAGE_SETTINGS) and the id of the upstream stage's record it was built on. A stage is up to
-date only if both still match, so a changed setting redoes that stage and, through the ids,
-everything downstream; an unchanged rerun skips it.
+What each stage's DONE record holds, and when a stage is up to date: provenance.py.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from madpo_ray.io import write_json
+from madpo_ray.provenance import StageRecord
 
 STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
 # Documents and pairs come in three splits. Training reads "train"; everything that selects
@@ -45,28 +39,6 @@ DEVELOPMENT_SPLIT, SEALED_SPLIT = "validation", "test"
 TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model folder each
 BEFORE_POLICY = STAGES[:STAGES.index("policy")]
 TESTBED_SOURCES = ("generated", "debian")
-MODEL_SHAPE_KEYS = ("model.name_or_path", "model.tokenizer", "model.vocab_size", "model.hidden_size",
-                    "model.num_layers", "model.num_heads", "model.intermediate_size", "model.max_position_embeddings",
-                    "model.sliding_window")
-
-# The config keys each stage's output depends on (a section name covers all its keys). Ray
-# placement (ray.*), scoring batch sizes and actor counts change speed, not results: not listed.
-STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "data": MODEL_SHAPE_KEYS + ("data.source", "data.split", "data.eval_split", "data.validation_split",
-                                "data.validation_fraction", "data.num_documents", "data.num_validation_documents",
-                                "data.num_eval_documents", "data.corpus_seed", "data.terse_share", "data.strict",
-                                "data.max_pairs",
-                                "score.margins_from",
-                                "sft.optim.seed"),
-    "sft": ("sft", "model.dtype", "model.lora", "data.max_prompt_length", "data.max_length",
-            "data.prompt_template", "data.chat"),
-    "pairs": ("data.tier", "data.samples_per_document", "data.max_extra_sample_rounds", "data.label_sharpness",
-              "data.label_noise", "data.pairs_per_document", "eval.max_new_tokens"),
-    "reward": ("reward", "data.overlong", "model.pair_forward", "score.margins_from"),
-    "score": ("policy.optim.bf16", "ray.use_gpu", "score.margins_from"),  # scoring runs under the policy's autocast
-    "policy": ("policy",),
-    "eval": ("eval.num_prompts",),
-}
 
 
 def is_testbed(cfg) -> bool:
@@ -87,85 +59,6 @@ def adapter_folder(stage_folder: Path) -> Path:
 def upstream_of(stage: str) -> Optional[str]:
     i = STAGES.index(stage)
     return STAGES[i - 1] if i else None
-
-
-def settings_of(config: dict, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The values of dotted `keys` in a config dump, sections flattened to their leaf keys."""
-    out: dict[str, Any] = {}
-
-    def flatten(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flatten(f"{prefix}.{k}", v)
-        else:
-            out[prefix] = value
-
-    for key in keys:
-        node: Any = config
-        for part in key.split("."):
-            node = node[part]
-        flatten(key, node)
-    return out
-
-
-@dataclass
-class StageRecord:
-    """The DONE record: what a finished stage was made from."""
-
-    record_id: str
-    settings: dict
-    upstream: Optional[str]  # record_id of the upstream stage this one was built on
-    finished: str
-    settings_hash: str = ""  # sha256 of the settings: one string to compare runs by
-
-    @staticmethod
-    def hash_of(settings: dict) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def read(cls, folder: Path, name: str = "DONE") -> Optional["StageRecord"]:
-        from dataclasses import fields
-
-        try:
-            raw = json.loads((Path(folder) / name).read_text())
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in raw.items() if k in known})  # a newer version's extra keys are ignored
-        except (OSError, ValueError, TypeError, AttributeError):  # absent, or written before provenance
-            return None
-
-    @classmethod
-    def write(cls, folder: Path, settings: dict, upstream: Optional[str], name: str = "DONE") -> "StageRecord":
-        settings = json.loads(json.dumps(settings))
-        rec = cls(uuid.uuid4().hex, settings, upstream, time.strftime("%Y-%m-%dT%H:%M:%S"), cls.hash_of(settings))
-        write_json(Path(folder) / name, asdict(rec))
-        return rec
-
-    def why_stale(self, settings: dict, upstream: Optional[str], upstream_name: str = "upstream") -> Optional[str]:
-        """None if this record still vouches for the stage, else the reason it does not."""
-        wanted = json.loads(json.dumps(settings))
-        changed = sorted(k for k in set(wanted) | set(self.settings) if wanted.get(k) != self.settings.get(k))
-        if changed:
-            shown = ", ".join(f"{k}: {self.settings.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
-            return f"settings changed ({shown}{', ...' if len(changed) > 4 else ''})"
-        if upstream != self.upstream:
-            return f"{upstream_name} was redone since"
-        return None
-
-
-def begin_training(folder: Path, checkpoint_root: Path, settings: dict, upstream: Optional[str],
-                   force: bool = False) -> None:
-    """Before a (re)run of a stage or a compare training: keep an interrupted run's checkpoints only
-    if its STARTED record shows the same settings and inputs, and it is not being forced or redone."""
-    import shutil
-
-    folder = Path(folder)
-    started = StageRecord.read(folder, "STARTED")
-    if force or started is None or started.why_stale(settings, upstream) is not None or (folder / "DONE").exists():
-        shutil.rmtree(checkpoint_root, ignore_errors=True)
-    (folder / "DONE").unlink(missing_ok=True)
-    StageRecord.write(folder, settings, upstream, "STARTED")
 
 
 class RunLayout:

@@ -28,15 +28,15 @@ from madpo_ray.data.preference import (DataValidationError, ValidationReport, ho
 from madpo_ray.data.prompts import generation_prompts, prompt_for
 from madpo_ray.data.scored import load_policy_examples
 from madpo_ray.data.testbed import build_pairs, distinct_samples_needed, pair_composition
-from madpo_ray.engine.loop import accumulation_steps
+from madpo_ray.engine.batching import accumulation_steps
 from madpo_ray.engine.sessions import LocalSession
 from madpo_ray.eval.generate import generate_transformers
 from madpo_ray.eval.summary import evaluate_run
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
-from madpo_ray.layout import (SPLITS, STAGES, STAGE_SETTINGS, RunLayout, StageRecord, begin_training, is_testbed,
-                              settings_of, upstream_of)
+from madpo_ray.layout import SPLITS, STAGES, RunLayout, is_testbed, upstream_of
 from madpo_ray.models import build_tiny_base, check_model_folder, load_causal_lm, load_tokenizer
+from madpo_ray.provenance import STAGE_SETTINGS, StageRecord, begin_training, settings_of
 from madpo_ray.runlock import RunLock
 from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
 from madpo_ray.stages.outputs import StageOutput

@@ -1,6 +1,5 @@
 """Typed configs: presets load, dotted overrides apply, bad keys and values are named."""
 
-import math
 
 import pytest
 

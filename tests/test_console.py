@@ -2,7 +2,6 @@
 are its own: what libraries, child processes and C code write goes to the run's log file;
 the terminal keeps our narrative, our warnings, progress bars and errors."""
 
-import json
 import subprocess
 import sys
 import textwrap

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from madpo_ray.engine.loop import EarlyStopping
+from madpo_ray.engine.early_stopping import EarlyStopping
 
 from helpers import TINY_SETS
 

@@ -108,7 +108,7 @@ def test_attention_that_cannot_take_a_mask_falls_back_and_says_so(caplog):
 
 
 def test_length_grouped_batches_cover_each_example_once_and_match_across_worker_counts():
-    from madpo_ray.engine.loop import LengthGroupedSampler
+    from madpo_ray.engine.batching import LengthGroupedSampler
 
     lengths = [int(x) for x in torch.randint(10, 200, (103,), generator=torch.Generator().manual_seed(0))]
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from madpo_ray.config import load_config
-from madpo_ray.layout import STAGE_SETTINGS, STAGES, RunLayout, StageRecord, settings_of
+from madpo_ray.layout import STAGES, RunLayout
 from madpo_ray.pipeline import Pipeline
+from madpo_ray.provenance import STAGE_SETTINGS, StageRecord, settings_of
 
 from helpers import TINY_SETS
 

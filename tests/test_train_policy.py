@@ -42,7 +42,7 @@ def test_compare_training_task_trains_in_the_configured_dtype(tmp_path, tiny_bas
     from safetensors import safe_open
 
     from madpo_ray.compare import train_method
-    from madpo_ray.layout import StageRecord
+    from madpo_ray.provenance import StageRecord
 
     cfg = _cfg(tmp_path, "model.dtype=bfloat16")
     out = tmp_path / "dpo" / "seed0"

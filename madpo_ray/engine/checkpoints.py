@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from madpo_ray.engine.parallel import all_gather_objects
+from madpo_ray.engine.collectives import all_gather_objects
 from madpo_ray.io import atomic_file
 
 CHECKPOINT_META = "meta.json"

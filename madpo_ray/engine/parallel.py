@@ -84,17 +84,6 @@ def fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def all_gather_objects(obj: Any, world_size: int) -> list:
-    """Every worker's `obj`, in rank order (a collective; [obj] without a process group)."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def as_float(value: Any) -> float:
     """A scalar that may be a DTensor (FSDP's gradient norm) as a Python float."""
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
@@ -148,3 +137,7 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -25,7 +25,7 @@ from madpo_ray.eval.generate import generate_for_models
 from madpo_ray.eval.heldout import SFT_LABEL, eval_prompts, judge_rows
 from madpo_ray.eval.judge import per_prompt
 from madpo_ray.io import write_json, write_text_atomically
-from madpo_ray.layout import is_testbed
+from madpo_ray.layout import RunLayout, is_testbed
 from madpo_ray.plotting import pyplot, save
 
 ALPHA = 0.05  # family-wise error rate of the Holm-corrected MADPO-vs-baseline tests
@@ -151,7 +151,7 @@ def sft_draws_note(results: dict) -> str:
 
 def render_markdown(results: dict, heading: str = "#") -> str:
     """The table of one comparison; `heading` "##" nests it in the tiers report."""
-    col, temps = results["column"], results["temperatures"]
+    col = results["column"]
     lines = [f"{heading} madpo compare: mean {column_name(col)} by decoding temperature", "",
              f"source `{results['source']}`" + (f", data-quality tier **{results['tier']}**" if results["tier"] else "")
              + f"; {results['prompts']} held-out prompts; {results['samples_per_prompt']} samples per prompt at "

@@ -14,22 +14,12 @@ import torch
 
 from madpo_ray.config import LossConfig, PipelineConfig
 from madpo_ray.data.scored import perturb_margins
+from madpo_ray.engine.collectives import all_gather_1d
 from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.losses import DataParallel, PolicyLossInputs, StepShare, get_policy_loss
 from madpo_ray.models import load_causal_lm, load_tokenizer, prepare_for_training
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
 from madpo_ray.stages.outputs import StageOutput, save_stage_outputs
-
-
-def all_gather_1d(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-sized 1-D tensors from every worker (identity without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)
 
 
 def step_order(gathered: torch.Tensor, micro_batches: int, world_size: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from typing import Callable, Optional
 
 import torch
 
-from madpo_ray.engine.loop import FitResult, example_length, fit, global_sum
+from madpo_ray.engine.batching import example_length
+from madpo_ray.engine.collectives import global_sum
+from madpo_ray.engine.loop import FitResult, fit
 from madpo_ray.engine.sessions import WorkerInfo
 from madpo_ray.losses import bradley_terry_loss
 from madpo_ray.models import load_reward_model, load_tokenizer, prepare_for_training
