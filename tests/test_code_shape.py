@@ -142,3 +142,32 @@ def test_the_training_loop_has_no_test_hook():
     calls = [n.func.attr for n in ast.walk(ast.parse(loop)) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) and n.func.value.id == "session"]
     assert sorted(set(calls)) == ["after_step", "prepare", "report_metrics"]
+
+
+# ----------------------------------------------------------------------------- the map
+def map_groups(text: str) -> dict[str, int]:
+    """docs/map.md's modules and the rank of their section (1 = first)."""
+    groups, rank = {}, 0
+    for line in text.splitlines():
+        rank += line.startswith("## ")
+        for cell in re.findall(r"^\| ([^|]+) \|", line):
+            for path in re.findall(r"`([\w/]+\.py)`", cell):
+                groups["madpo_ray." + path[:-3].replace("/", ".")] = rank
+    return groups
+
+
+def test_the_map_names_every_module_and_no_module_imports_a_later_section():
+    """docs/map.md is the newcomer's one page: every module of the tree in it, none that is gone,
+    and its sections in layer order (a module imports only from its own section or earlier ones)."""
+    g = import_graph.graph()
+    groups = map_groups((PACKAGE.parent / "docs" / "map.md").read_text())
+    leaves = {m for m in g if m not in ("madpo_ray", "madpo_ray.__main__") and not any(k.startswith(m + ".") for k in g)}
+    assert sorted(leaves - set(groups)) == [] and sorted(set(groups) - set(g)) == []
+    upward = [f"{m} imports {t} (line {i.line})" for m, imps in g.items() for i in imps
+              for t in [import_graph.internal(i.target, g)] if t in groups and m in groups and groups[t] > groups[m]]
+    assert upward == []
+
+
+def test_the_map_check_sees_a_module_in_a_later_section():
+    text = "## A\n| `io.py` | x |\n## B\n| `layout.py` | y |\n"
+    assert map_groups(text) == {"madpo_ray.io": 1, "madpo_ray.layout": 2}
