@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-LOSSES = ("dpo", "ipo", "beta_dpo", "madpo_amplify", "madpo_regularize", "madpo_expected")
+# madpo_expected needs each pair's margin_std (a reward-model ensemble), which the default does not score.
+LOSSES = ("dpo", "ipo", "beta_dpo", "madpo_amplify", "madpo_regularize")
 
 
 def madpo(src: Path, *args: str) -> None:
@@ -36,9 +37,13 @@ def trajectories(src: Path) -> dict[str, list[float]]:
         madpo(src, "run", "--name", "traj", *sets)
         for loss in LOSSES:
             madpo(src, "train", "--name", "traj", "--loss", loss, *sets)
-        run = Path(runs) / "traj"
-        return {p.parent.relative_to(run).as_posix(): json.loads(p.read_text())["loss_history"]
-                for p in sorted(run.rglob("train_metrics.json"))}
+        return read_trajectories(Path(runs) / "traj")
+
+
+def read_trajectories(run: Path) -> dict[str, list[float]]:
+    """{training folder: its loss per optimiser step} of a run folder."""
+    return {p.parent.relative_to(run).as_posix(): json.loads(p.read_text())["loss_history"]
+            for p in sorted(run.rglob("train_metrics.json"))}
 
 
 def compare(before: Path, after: Path) -> int:
@@ -59,10 +64,12 @@ def main() -> int:
     ap.add_argument("--src", type=Path, default=Path("."), help="The source tree whose madpo_ray runs.")
     ap.add_argument("--out", type=Path, help="Where to write the trajectories (JSON).")
     ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"))
+    ap.add_argument("--read", type=Path, metavar="RUN", help="Only read the trajectories of this run folder.")
     args = ap.parse_args()
     if args.compare:
         return compare(*args.compare)
-    args.out.write_text(json.dumps(trajectories(args.src.resolve()), indent=1))
+    found = read_trajectories(args.read) if args.read else trajectories(args.src.resolve())
+    args.out.write_text(json.dumps(found, indent=1))
     return 0
 
 
