@@ -219,6 +219,16 @@ class StageConfig(_Strict):
     optim: OptimConfig = OptimConfig()
 
 
+class RewardStageConfig(StageConfig):
+    """The reward model. `ensemble: K` (K >= 2) trains K linear score heads on one shared backbone,
+    each on its own bootstrap resample of the pairs (Poisson(1) weights, seeded), for about the cost
+    of one model; scoring then stores each pair's margin as the heads' mean and their standard
+    deviation (`margin_std`, what madpo_expected weighs by). None: one head, as the paper trains."""
+
+    optim: OptimConfig = OptimConfig(lr=3e-4, epochs=1)
+    ensemble: Optional[int] = Field(None, ge=2)
+
+
 class PolicyStageConfig(StageConfig):
     optim: OptimConfig = OptimConfig(lr=5e-5, epochs=1)
     loss: LossConfig = LossConfig()
@@ -402,7 +412,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: StageConfig = StageConfig(optim=OptimConfig(lr=1e-3, epochs=2))
-    reward: StageConfig = StageConfig(optim=OptimConfig(lr=3e-4, epochs=1))
+    reward: RewardStageConfig = RewardStageConfig()
     score: ScoreConfig = ScoreConfig()
     policy: PolicyStageConfig = PolicyStageConfig()
     eval: EvalConfig = EvalConfig()

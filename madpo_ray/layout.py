@@ -147,6 +147,11 @@ class RunLayout:
         """Histograms of the training pairs' reward-model margins and MADPO weights."""
         return self.run_dir / "margins.png"
 
+    @property
+    def calibration_plot(self) -> Path:
+        """A reward ensemble's disagreement against its error on validation (reward.ensemble)."""
+        return self.run_dir / "calibration.png"
+
     # ------------------------------------------------------------------ training storage
     @property
     def ray_storage(self) -> Path:

@@ -63,6 +63,11 @@ def print_margin_line(report: dict) -> None:
     console.print("; ".join(parts), soft_wrap=True, highlight=False)
     if "plot" in report:
         console.print(f"margins and weights: {report['plot']}", soft_wrap=True, highlight=False)
+    if report.get("calibration"):
+        cal = report["calibration"]
+        console.print(f"reward ensemble (validation): Spearman of its disagreement with its error "
+                      f"{cal['spearman_std_vs_abs_error']:.2f}, with a wrong sign {cal['spearman_std_vs_sign_error']:.2f}; "
+                      f"{report['calibration_plot']}", soft_wrap=True, highlight=False)
 
 
 def print_comparison(results: dict, title: str) -> None:

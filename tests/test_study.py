@@ -10,7 +10,7 @@ from madpo_ray.study import noise_label, noise_methods, noise_table, render_nois
 
 
 def test_methods_are_dpo_once_and_madpo_per_noise_level():
-    ms = noise_methods([0, 1.5, 4], {"c_max": 3.0})
+    ms = noise_methods([0, 1.5, 4], {"madpo": {"c_max": 3.0}})
     assert [m.name for m in ms] == ["dpo", "madpo_noise0", "madpo_noise1.5", "madpo_noise4"]
     assert ms[2].overrides == {"c_max": 3.0, "margin_noise": 1.5}
     for bad in ([], [1, 1], [-1]):
@@ -26,6 +26,25 @@ def test_noise_reaches_the_policy_config_and_keeps_madpo_overrides():
     trained = method_config(s, s.compare.methods[2], seed=3)
     assert trained.policy.margin_noise == 2.0 and trained.policy.loss.c_max == 2.0
     assert trained.policy.optim.seed == 3 and method_config(s, s.compare.methods[0], 0).policy.margin_noise == 0.0
+
+
+def test_with_an_ensemble_the_uncertainty_aware_variant_joins_at_every_noise_level():
+    cfg = load_config("tiny", ["reward.ensemble=3",
+                               "compare.methods=[{loss: madpo, overrides: {c_max: 2.0}}, {loss: madpo_expected, "
+                               "overrides: {tau: 3.0}}]"])
+    s = study_config(cfg, [0, 2])
+    assert [m.name for m in s.compare.methods] == ["dpo", "madpo_noise0", "madpo_noise2", "madpo_expected_noise0",
+                                                   "madpo_expected_noise2"]
+    trained = method_config(s, s.compare.methods[4], seed=0)
+    assert trained.policy.loss.name == "madpo_expected" and trained.policy.loss.tau == 3.0
+    assert trained.policy.margin_noise == 2.0
+    assert method_config(s, s.compare.methods[2], seed=0).policy.loss.c_max == 2.0
+
+
+def test_perturb_margins_widens_a_given_uncertainty_by_the_noise():
+    out = perturb_margins([{"margin": 1.0, "margin_std": 0.3}, {"margin": 1.0}], 0.4, seed=0)
+    assert out[0]["margin_std"] == pytest.approx(0.5) and "margin_std" not in out[1]
+    assert out[0]["margin"] != 1.0
 
 
 def test_perturb_margins_is_seeded_scaled_and_a_no_op_at_zero():
@@ -61,6 +80,21 @@ def test_noise_table_against_hand_values():
     assert "| 0 | 0 | 3.000" in text and "one DPO training serves every noise level" in text
 
 
+def test_noise_table_with_the_variant_against_hand_values():
+    ids = ["p0", "p1"]
+    rows = []
+    for seed in (0, 1):
+        rows += rows_for("dpo", seed, 0.0, [1.0, 1.0]) + rows_for(noise_label(1), seed, 0.0, [2.0, 2.0])
+        rows += rows_for(noise_label(1, "madpo_expected"), seed, 0.0, [1.5, 2.5 + seed])
+    [row] = noise_table(rows, "gold", ids, [1], [0.0], n_boot=200)
+    # The variant's seed-averaged per-prompt values are [1.5, 3.0]: mean 2.25; minus DPO 1.25; minus MADPO 0.25.
+    assert row["madpo_expected"]["mean"] == pytest.approx(2.25)
+    assert row["madpo_expected_minus_dpo"]["mean"] == pytest.approx(1.25)
+    assert row["madpo_expected_minus_madpo"]["mean"] == pytest.approx(0.25)
+    text = "\n".join(render_noise_table([row], "gold"))
+    assert "MADPO-expected - MADPO" in text and "| 1 | 0 | 2.000" in text
+
+
 def test_method_config_rejects_unknown_policy_keys():
     m = MethodConfig(loss="madpo", overrides={"margin_noise": -1.0})
     with pytest.raises(Exception, match="margin_noise"):
@@ -75,3 +109,5 @@ def test_noise_plot(tmp_path):
              for sd in (0, 2) for t in (0.0, 1.0)]
     plot_noise(table, tmp_path / "noise.png", "gold")
     assert (tmp_path / "noise.png").read_bytes()[:4] == b"\x89PNG"
+    plot_noise([{**r, "madpo_expected": est} for r in table], tmp_path / "variant.png", "gold")
+    assert (tmp_path / "variant.png").read_bytes()[:4] == b"\x89PNG"

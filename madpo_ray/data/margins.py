@@ -55,6 +55,8 @@ def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, t
         out.update(rm_accuracy_vs_true_margin=float(((m > 0) == (t > 0)).double().mean()),
                    spearman_rm_vs_true=spearman(m, t),
                    true_share_abs_margin_above_tau=float((t.abs() > tau).double().mean()))
+    if rows[0].get("margin_std") is not None:  # a reward ensemble: how much its heads disagree
+        out["margin_std_mean"] = sum(float(r["margin_std"]) for r in rows) / len(rows)
     c = madpo_scale(m.abs(), c_max, lam, tau)
     w = madpo_weights(m, c_max, lam, tau)
     out.update(share_amplified=float(((c > 1) & (m > -tau)).double().mean()),
@@ -62,3 +64,28 @@ def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, t
                share_capped=float((m <= -tau).double().mean()), **quantiles(w, "weight"),
                weight_mean=float(w.mean()))
     return out
+
+
+def uncertainty_calibration(rows: list[dict], bins: int = 5) -> dict:
+    """Does an ensemble's disagreement (margin_std) say where its margin is wrong? Against the
+    testbed's true margins: the reward margin's error is m - a t, with a the least-squares scale
+    from true margins to reward margins (the reward model's units are its own); a sign error is a
+    pair the ensemble orders against the truth. Pairs are binned by margin_std quantile; in a
+    calibrated ensemble the error and the sign-error rate grow with the bin. Empty without both
+    columns."""
+    if not rows or "margin_std" not in rows[0] or "true_margin" not in rows[0]:
+        return {}
+    m = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float64)
+    s = torch.tensor([float(r["margin_std"]) for r in rows], dtype=torch.float64)
+    t = torch.tensor([float(r["true_margin"]) for r in rows], dtype=torch.float64)
+    scale = float((m * t).sum() / (t * t).sum().clamp_min(1e-12))
+    error = (m - scale * t).abs()
+    wrong = ((m > 0) != (t > 0)).double()
+    order = torch.argsort(s, stable=True)
+    table = []
+    for part in torch.tensor_split(order, min(bins, len(rows))):
+        table.append({"pairs": len(part), "std_mean": float(s[part].mean()), "abs_error_mean": float(error[part].mean()),
+                      "sign_error_rate": float(wrong[part].mean())})
+    return {"pairs": len(rows), "scale_true_to_rm": scale, "std_mean": float(s.mean()),
+            "spearman_std_vs_abs_error": spearman(s, error), "spearman_std_vs_sign_error": spearman(s, wrong),
+            "bins": table}

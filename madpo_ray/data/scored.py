@@ -69,7 +69,9 @@ def load_policy_examples(path: str | Path, loss_name: str) -> list[dict]:
 def perturb_margins(examples: list[dict], sd: float, seed: int) -> list[dict]:
     """Add N(0, sd^2) to every example's reward-model margin (in place; a simulated reward-model
     error). The draw depends on (seed, the examples' order) only, so two losses trained with the
-    same seed see the same noisy margins."""
+    same seed see the same noisy margins. A margin that carries its uncertainty (margin_std, an
+    ensemble's spread) has it widened by the noise it was given, sqrt(std^2 + sd^2): the noise is
+    known, and an uncertainty-aware loss is told it (plain MADPO never reads it)."""
     if sd <= 0:
         return examples
     import torch
@@ -78,4 +80,6 @@ def perturb_margins(examples: list[dict], sd: float, seed: int) -> list[dict]:
     noise = torch.randn(len(examples), generator=g, dtype=torch.float64) * sd
     for ex, e in zip(examples, noise.tolist()):
         ex["margin"] = float(ex["margin"]) + e
+        if ex.get("margin_std") is not None:
+            ex["margin_std"] = math.hypot(float(ex["margin_std"]), sd)
     return examples

@@ -59,9 +59,31 @@ def plot_margins(rows: list[dict], path: Path, c_max: float = 4.0, lam: float = 
     return path
 
 
+def plot_calibration(calibration: dict, path: Path, title: Optional[str] = None) -> Path:
+    """The ensemble's disagreement against its actual error (data.margins.uncertainty_calibration):
+    per margin_std bin, the mean absolute error of the margin and the share of pairs it orders
+    against the true margin. Rising lines: the disagreement knows where the margins are wrong."""
+    plt = pyplot()
+    x = [b["std_mean"] for b in calibration["bins"]]
+    fig, (ax_e, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_e.plot(x, [b["abs_error_mean"] for b in calibration["bins"]], marker="o")
+    ax_e.set(xlabel="ensemble disagreement (margin std, bin mean)", ylabel="mean |m - a t|",
+             title=f"error (Spearman {calibration['spearman_std_vs_abs_error']:.2f})")
+    ax_s.plot(x, [b["sign_error_rate"] for b in calibration["bins"]], marker="o", color="tab:red")
+    ax_s.set(xlabel="ensemble disagreement (margin std, bin mean)", ylabel="share ordered against the truth",
+             title=f"sign errors (Spearman {calibration['spearman_std_vs_sign_error']:.2f})")
+    fig.suptitle(title or f"ensemble calibration on {calibration['pairs']} validation pairs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(fig, path, dpi=110)
+    return path
+
+
 MARGIN_TABLE = (("pairs", "pairs", "d"), ("rm_accuracy_vs_labels", "RM agrees with label", ".3f"),
                 ("rm_accuracy_vs_true_margin", "RM agrees with true margin", ".3f"),
                 ("spearman_rm_vs_true", "Spearman(RM margin, true margin)", ".3f"),
+                ("margin_std_mean", "ensemble margin std, mean", ".3f"),
                 ("share_abs_margin_above_tau", "share |m| > tau", ".1%"),
                 ("share_margin_below_minus_tau", "share m < -tau (capped)", ".1%"),
                 ("true_share_abs_margin_above_tau", "share |true margin| > tau", ".1%"),

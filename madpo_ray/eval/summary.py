@@ -11,12 +11,12 @@ from typing import Optional
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.data.margins import margin_diagnostics
+from madpo_ray.data.margins import margin_diagnostics, uncertainty_calibration
 from madpo_ray.data.scored import read_scored
 from madpo_ray.data.testbed import document_gold
 from madpo_ray.eval.heldout import scored_split
 from madpo_ray.eval.measures import greedy_gold_reward, mean_gold_reward, pair_logprobs, preference_metrics
-from madpo_ray.eval.margins import margin_table, plot_margins, weighting_params
+from madpo_ray.eval.margins import margin_table, plot_calibration, plot_margins, weighting_params
 from madpo_ray.io import read_jsonl, write_json, write_text_atomically
 from madpo_ray.layout import BEFORE_POLICY, DEVELOPMENT_SPLIT, SPLITS, RunLayout, is_testbed
 from madpo_ray.models import load_causal_lm, load_tokenizer
@@ -64,6 +64,10 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
         if path.exists():
             rows = read_scored(path)
             report[split] = margin_diagnostics(rows, **params)
+            if split == DEVELOPMENT_SPLIT and uncertainty_calibration(rows):
+                report["calibration"] = uncertainty_calibration(rows)
+                report["calibration_plot"] = str(plot_calibration(report["calibration"], layout.calibration_plot,
+                                                                  title=f"{cfg.name}: reward ensemble on validation"))
             if split == "train":
                 report["plot"] = str(plot_margins(rows, layout.margins_plot, **params,
                                                   title=f"{cfg.name}: training pairs"))
@@ -118,11 +122,24 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                       f"tau {w['tau']:.3f}); histograms: margins.png", "",
                   "| | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += calibration_lines((summary.get("margins") or {}).get("calibration"))
     lines += composition_lines(summary.get("pair_composition") or {})
     lines += ["", "| stage | seconds | of which outside the training loop |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.1f} | {fixed[k]:.1f} |" if k in fixed else f"| {k} | {v:.1f} | |"
               for k, v in timings.items() if v is not None]
     write_text_atomically(layout.summary_md, "\n".join(lines) + "\n")
+
+
+def calibration_lines(calibration: Optional[dict]) -> list[str]:
+    """The reward ensemble's disagreement against its error on validation, by disagreement bin."""
+    if not calibration:
+        return []
+    lines = ["", f"Reward ensemble on {calibration['pairs']} validation pairs: does its disagreement find its errors? "
+                 f"Spearman(margin std, |error|) {calibration['spearman_std_vs_abs_error']:.3f}, "
+                 f"(margin std, sign error) {calibration['spearman_std_vs_sign_error']:.3f}; plot: calibration.png", "",
+             "| margin std (bin mean) | pairs | mean abs. error | ordered against the truth |", "| --- | --- | --- | --- |"]
+    return lines + [f"| {b['std_mean']:.3f} | {b['pairs']} | {b['abs_error_mean']:.3f} | {b['sign_error_rate']:.1%} |"
+                    for b in calibration["bins"]]
 
 
 def composition_lines(compositions: dict) -> list[str]:

@@ -26,13 +26,27 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
         raise ModelLoadError(f"cannot load causal LM from {name_or_path!r}: {e}") from e
 
 
-def load_reward_model(name_or_path: str, dtype: str = "float32", pad_token_id: Optional[int] = None):
-    """A one-label AutoModelForSequenceClassification. From an LM folder the score head is new."""
+def saved_heads(name_or_path: str) -> int:
+    """How many score heads a saved reward model has (an ensemble's K); 1 for a causal LM's folder."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    return int(config.num_labels) if classifier else 1
+
+
+def load_reward_model(name_or_path: str, dtype: str = "float32", pad_token_id: Optional[int] = None,
+                      heads: Optional[int] = None):
+    """An AutoModelForSequenceClassification with `heads` outputs (default: as saved, one from an
+    LM folder, whose score head is then new). Several heads are a reward ensemble on one backbone:
+    the scoring functions below then return one score per head ([B, K] instead of [B])."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_files(name_or_path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch_dtype(dtype))
+        labels = heads or saved_heads(name_or_path)
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=labels,
+                                                                   dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load reward model from {name_or_path!r}: {e}") from e
     if pad_token_id is not None:
@@ -54,8 +68,8 @@ def score_head(model) -> torch.nn.Module:
 
 
 def per_position_scores(model, **inputs) -> torch.Tensor:
-    """[B, L] head outputs at every position, before the model pools them at one token: what
-    scoring several responses packed into one sequence needs."""
+    """[B, L] head outputs at every position ([B, L, K] with K heads), before the model pools them
+    at one token: what scoring several responses packed into one sequence needs."""
     captured: dict = {}
     handle = score_head(model).register_forward_hook(lambda module, args, out: captured.update(scores=out))
     try:
@@ -66,7 +80,7 @@ def per_position_scores(model, **inputs) -> torch.Tensor:
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per sequence, from the last real token's hidden state (right padding). The
+    """Scalar reward per sequence ([B, K] with K heads), from the last real token's hidden state (right padding). The
     last token is found from the attention mask, so a tokenizer whose pad token is its EOS
     (SmolLM2, Qwen) still scores the response's final token."""
     scores = per_position_scores(model, input_ids=input_ids, attention_mask=attention_mask,

@@ -1,6 +1,8 @@
 """Stage 1: a scalar reward model trained with the Bradley-Terry loss on the preference pairs,
-scored from the last real token through a linear head (AutoModelForSequenceClassification).
-A "validation" split, where the session has one, drives early stopping on its held-out loss."""
+scored from the last real token through a linear head (AutoModelForSequenceClassification),
+or (reward.ensemble: K) K such heads on one backbone, each on its own bootstrap resample.
+A "validation" split, where the session has one, drives early stopping on its held-out loss
+(an ensemble's: the heads' mean loss, and the accuracy of their mean margin)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,36 @@ def reward_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
                   "margin_mean": float((chosen - rejected).detach().mean())}
 
 
+def bootstrap_weights(examples: int, heads: int, seed: int) -> torch.Tensor:
+    """[examples, heads] Poisson(1) counts: how often each head sees each pair in its resample
+    (the online bootstrap). A pure function of the seed, so a resumed training draws the same."""
+    g = torch.Generator().manual_seed(7919 * seed + heads)
+    return torch.poisson(torch.ones(examples, heads, dtype=torch.float64), generator=g).float()
+
+
+class EnsembleStep:
+    """The step of K score heads on one backbone: each head's Bradley-Terry loss on its own
+    bootstrap resample (pair i counts w[i, k] times for head k; E[w] = 1, so the mean loss has the
+    plain model's scale), averaged over heads. The heads differ by their resamples and initial
+    weights; their spread over a pair's margin is the ensemble's uncertainty about it."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = pair_rewards(model, batch)  # [B, K]
+        w = self.weights[batch["index"].cpu()].to(chosen.device)
+        loss = (w * bradley_terry_loss(chosen, rejected)).mean()
+        margins = (chosen - rejected).detach()
+        return loss, {"accuracy": float((margins.mean(-1) > 0).float().mean()), "margin_mean": float(margins.mean()),
+                      "head_disagreement": float(margins.std(-1).mean())}
+
+
+def per_pair(values: torch.Tensor) -> torch.Tensor:
+    """One value per pair: an ensemble's [B, K] averaged over its heads."""
+    return values.mean(-1) if values.dim() == 2 else values
+
+
 def reward_validator(examples: list[dict], collate, batch_size: int, info: WorkerInfo) -> Callable:
     """Bradley-Terry loss and accuracy of the reward model on the held-out pairs: what early
     stopping watches (`fit` calls it in eval mode, under no_grad).
@@ -50,8 +82,8 @@ def reward_validator(examples: list[dict], collate, batch_size: int, info: Worke
         totals = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, pairs
         for pairs in batches:
             chosen, rejected = scores(model, pairs)
-            totals[0] += bradley_terry_loss(chosen.float(), rejected.float()).sum().double()
-            totals[1] += (chosen > rejected).sum().double()
+            totals[0] += per_pair(bradley_terry_loss(chosen.float(), rejected.float())).sum().double()
+            totals[1] += (per_pair(chosen - rejected) > 0).sum().double()
             totals[2] += len(pairs)
         for pairs in uncounted:
             scores(model, pairs)
@@ -68,8 +100,10 @@ def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = N
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(cfg.reward.optim.seed)  # the new score head (and any LoRA) is initialised from the seed
 
+    heads = cfg.reward.ensemble or 1
+
     def build():
-        model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+        model = load_reward_model(model_dir, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id, heads=heads)
         return prepare_for_training(model, cfg.model, task="reward")
 
     model = build()
@@ -81,7 +115,8 @@ def train_reward(cfg, session, *, model_dir: str, out: Optional[StageOutput] = N
         if cfg.reward.optim.eval_every is None and session.info.rank == 0:
             log.warning("[reward] a validation split is given but reward.optim.eval_every is not set: "
                         "no held-out evaluation, no early stopping")
-    result = fit(model, session.examples("train"), collate, reward_step, cfg.reward.optim, stage="reward",
-                 session=session, validate=validate)
+    examples = session.examples("train")
+    step = reward_step if heads == 1 else EnsembleStep(bootstrap_weights(len(examples), heads, cfg.reward.optim.seed))
+    result = fit(model, examples, collate, step, cfg.reward.optim, stage="reward", session=session, validate=validate)
     save_stage_outputs(result, tokenizer, out, cfg, "reward", session.info.rank, rebuild=build)
     return result

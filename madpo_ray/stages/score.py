@@ -63,10 +63,19 @@ def score_examples(ref_model, reward_model, examples: list[dict], pad_token_id: 
             len_chosen=float(chosen.n_tokens[i]), len_rejected=float(rejected.n_tokens[i]),
         )
         if rewards is not None:
-            row.update(reward_chosen=float(rewards[0][i]), reward_rejected=float(rewards[1][i]),
-                       margin=float(rewards[0][i] - rewards[1][i]))
+            row.update(reward_columns(rewards[0][i], rewards[1][i]))
         out.append(row)
     return out
+
+
+def reward_columns(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """A pair's reward-model columns. An ensemble's heads ([K] scores each) give the mean reward,
+    the mean margin and the heads' standard deviation of the margin (margin_std: its uncertainty)."""
+    if chosen.dim() == 0:
+        return {"reward_chosen": float(chosen), "reward_rejected": float(rejected), "margin": float(chosen - rejected)}
+    margins = (chosen - rejected).double()
+    return {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+            "margin": float(margins.mean()), "margin_std": float(margins.std())}
 
 
 class PairScorer:
