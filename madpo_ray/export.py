@@ -86,7 +86,10 @@ def model_card(cfg: PipelineConfig, layout: RunLayout, stage: str) -> str:
     if cfg.model.name_or_path:
         front["base_model"] = str(cfg.model.name_or_path)
     what = {"sft": "the supervised fine-tuned policy (the reference policy of preference training)",
-            "reward": "the scalar reward model (Bradley-Terry, a 1-label sequence classifier)",
+            "reward": (f"a reward ensemble of {cfg.reward.ensemble} linear heads on one backbone (Bradley-Terry, a "
+                       f"{cfg.reward.ensemble}-label sequence classifier: each label is one head's reward; their "
+                       "mean is the ensemble's reward, their spread its uncertainty)") if cfg.reward.ensemble
+            else "the scalar reward model (Bradley-Terry, a 1-label sequence classifier)",
             "policy": f"the policy trained with the `{loss.name}` loss from the SFT model"}[stage]
     base = cfg.model.name_or_path or "a small Llama built from scratch by madpo-ray"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

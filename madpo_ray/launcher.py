@@ -69,7 +69,11 @@ def tracking_for(cfg: PipelineConfig, name: str, params: Optional[dict] = None,
 
 # --------------------------------------------------------------------------- Ray Train
 def to_loop_config(training: Training, *, checkpoint_root: str, order_by: str) -> dict:
-    """The Ray Train loop config that rebuilds `training` in every worker (`train_loop_per_worker`)."""
+    """The Ray Train loop config that rebuilds `training` in every worker (`train_loop_per_worker`).
+    Plain data only: a stage function's extras (`options`: callables) cannot travel in it."""
+    if training.options or training.out is None:
+        raise ValueError(f"a Ray Train {training.stage} training needs an output folder and no in-process options "
+                         f"(got out={training.out}, options={sorted(training.options)})")
     out = training.out
     return {"pipeline": training.cfg.model_dump(mode="json"), "stage": training.stage,
             "model_dir": str(training.model_dir), "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),

@@ -66,7 +66,8 @@ def print_margin_line(report: dict) -> None:
     if report.get("calibration"):
         cal = report["calibration"]
         console.print(f"reward ensemble (validation): Spearman of its disagreement with its error "
-                      f"{cal['spearman_std_vs_abs_error']:.2f}, with a wrong sign {cal['spearman_std_vs_sign_error']:.2f}; "
+                      f"{cal['spearman_std_vs_abs_error'] or float('nan'):.2f}, with a wrong sign "
+                      f"{cal['spearman_std_vs_sign_error'] or float('nan'):.2f}; "
                       f"{report['calibration_plot']}", soft_wrap=True, highlight=False)
 
 

@@ -54,7 +54,10 @@ def study_config(cfg: PipelineConfig, noise_levels: Sequence[float]) -> Pipeline
     With a reward ensemble (reward.ensemble) the uncertainty-aware variant joins MADPO at every
     noise level; its margin_std grows with the noise it is given (data.scored.perturb_margins)."""
     losses = ("madpo", UNCERTAIN) if cfg.reward.ensemble else ("madpo",)
-    overrides = {m.loss: m.overrides for m in cfg.compare.methods if m.loss in losses}
+    overrides: dict[str, dict] = {}
+    for m in cfg.compare.methods:  # the first method of each loss, as before the variant joined
+        if m.loss in losses:
+            overrides.setdefault(m.loss, m.overrides)
     methods = [m.model_dump() for m in noise_methods(noise_levels, overrides, losses)]
     return cfg.derive({"compare.methods": methods, "compare.ablations": False, "compare.tiers": None})
 

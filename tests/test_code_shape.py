@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import import_graph
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "madpo_ray"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -171,3 +172,17 @@ def test_the_map_names_every_module_and_no_module_imports_a_later_section():
 def test_the_map_check_sees_a_module_in_a_later_section():
     text = "## A\n| `io.py` | x |\n## B\n| `layout.py` | y |\n"
     assert map_groups(text) == {"madpo_ray.io": 1, "madpo_ray.layout": 2}
+
+
+def test_a_training_round_trips_through_the_ray_train_loop_config(tmp_path):
+    from madpo_ray.config import load_config
+    from madpo_ray.launcher import Training, from_loop_config, to_loop_config
+    from madpo_ray.stages.outputs import StageOutput
+
+    out = StageOutput(tmp_path / "model", tmp_path / "m.json", tmp_path / "adapter")
+    t = Training("reward", load_config("tiny", ["reward.ensemble=3"]), "sft/model", out, {"training": "reward"},
+                 {"fail_at_step": 2})
+    assert from_loop_config(to_loop_config(t, checkpoint_root="ckpt", order_by="index")) == t
+    for bad in (Training("policy", t.cfg, "m", out, options={"label": "x"}), Training("sft", t.cfg, "m")):
+        with pytest.raises(ValueError, match="needs an output folder and no in-process options"):
+            to_loop_config(bad, checkpoint_root="ckpt", order_by="index")

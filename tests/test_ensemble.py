@@ -115,3 +115,64 @@ def test_a_run_with_an_ensemble_scores_its_spread_trains_madpo_expected_and_repo
     assert "does its disagreement find its errors" in (run / "summary.md").read_text()
     policy = json.loads((run / "policy" / "madpo_expected" / "train_metrics.json").read_text())
     assert policy["steps"] == 2 and "weight_mean" in policy
+
+
+def test_reward_model_scores_of_an_ensemble_are_its_heads_mean(tiny_base_dir, tiny_tokenizer):
+    from madpo_ray.eval.measures import reward_model_scores
+
+    torch.manual_seed(0)
+    model = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id, heads=3).eval()
+    prompts, texts = ["package a does", "package b does"], ["a thing", "nothing at all"]
+    got = reward_model_scores(model, tiny_tokenizer, prompts, texts)
+    assert all(isinstance(x, float) for x in got)
+    with torch.no_grad():
+        heads = model.score.weight.clone()
+        model.score.weight.copy_(heads.mean(0, keepdim=True).expand_as(heads))  # every head the mean head
+        same = reward_model_scores(model, tiny_tokenizer, prompts, texts)
+    assert got == pytest.approx(same, rel=1e-5)  # linear heads: mean of rewards == reward of the mean head
+
+
+def test_the_validator_of_an_ensemble_averages_its_heads_per_pair(tiny_base_dir, tiny_tokenizer):
+    from madpo_ray.engine.sessions import WorkerInfo
+    from madpo_ray.stages.reward import reward_validator
+
+    torch.manual_seed(1)
+    model = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id, heads=3).eval()
+    pairs = [{"prompt_ids": tiny_tokenizer.encode(f"package {i} does"), "chosen_ids": tiny_tokenizer.encode(" a useful thing"),
+              "rejected_ids": tiny_tokenizer.encode(f" nothing {i} at all")} for i in range(5)]
+    collate = PairCollator(tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = reward_validator(pairs, collate, 2, WorkerInfo())(model)
+        b = collate(pairs)
+        scores = torch.stack([reward_scores(model, b["input_ids"][i:i + 1], b["attention_mask"][i:i + 1])[0]
+                              for i in range(10)])
+    margins = scores[:5] - scores[5:]  # [5 pairs, 3 heads]
+    assert got["eval_loss"] == pytest.approx(float(-F.logsigmoid(margins).mean()), rel=1e-5)
+    assert got["eval_accuracy"] == pytest.approx(float((margins.mean(-1) > 0).float().mean()))
+
+
+def test_train_reward_with_an_ensemble_saves_that_many_heads(tiny_base_dir, tiny_tokenizer, tmp_path):
+    from madpo_ray.config import load_config
+    from madpo_ray.engine.sessions import LocalSession
+    from madpo_ray.stages.outputs import StageOutput
+    from madpo_ray.stages.reward import train_reward
+
+    cfg = load_config("tiny", ["reward.ensemble=2", "reward.optim.max_steps=1", "reward.optim.per_device_batch_size=4",
+                               "reward.optim.effective_batch_size=4"])
+    pairs = [{"prompt_ids": tiny_tokenizer.encode(f"package {i} does"), "chosen_ids": tiny_tokenizer.encode(" a thing"),
+              "rejected_ids": tiny_tokenizer.encode(f" nothing {i}")} for i in range(8)]
+    out = StageOutput(tmp_path / "model", tmp_path / "metrics.json")
+    result = train_reward(cfg, LocalSession({"train": pairs}), model_dir=str(tiny_base_dir), out=out)
+    assert result.steps == 1 and "head_disagreement" in json.loads(out.metrics_path.read_text())
+    assert load_reward_model(str(out.model_dir)).config.num_labels == 2
+
+
+def test_margin_diagnostics_and_calibration_skip_pairs_without_a_margin_std():
+    from madpo_ray.data.margins import margin_diagnostics
+
+    rows = [{"margin": 1.0, "margin_std": 0.5, "true_margin": 1.0}, {"margin": -1.0, "margin_std": None, "true_margin": 1.0},
+            {"margin": 2.0, "margin_std": 1.5, "true_margin": 2.0}]
+    d = margin_diagnostics(rows)
+    assert d["margin_std_mean"] == pytest.approx(1.0) and d["pairs_with_margin_std"] == 2 and d["pairs"] == 3
+    cal = uncertainty_calibration(rows, bins=2)
+    assert cal["pairs"] == 2 and cal["spearman_std_vs_sign_error"] is None  # no sign error to rank: None, not NaN

@@ -111,3 +111,10 @@ def test_noise_plot(tmp_path):
     assert (tmp_path / "noise.png").read_bytes()[:4] == b"\x89PNG"
     plot_noise([{**r, "madpo_expected": est} for r in table], tmp_path / "variant.png", "gold")
     assert (tmp_path / "variant.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_study_keeps_the_first_madpo_methods_overrides():
+    cfg = load_config("tiny", ["compare.methods=[{loss: madpo, overrides: {c_max: 2.0}}, "
+                               "{loss: madpo, label: wide, overrides: {c_max: 8.0}}]"])
+    s = study_config(cfg, [1])
+    assert method_config(s, s.compare.methods[1], seed=0).policy.loss.c_max == 2.0

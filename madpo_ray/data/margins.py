@@ -5,6 +5,9 @@ by the score stage for its metrics and by the run summary at the run's own weigh
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
 from madpo_ray.losses import DEFAULT_TAU, madpo_scale, madpo_weights
@@ -55,8 +58,9 @@ def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, t
         out.update(rm_accuracy_vs_true_margin=float(((m > 0) == (t > 0)).double().mean()),
                    spearman_rm_vs_true=spearman(m, t),
                    true_share_abs_margin_above_tau=float((t.abs() > tau).double().mean()))
-    if rows[0].get("margin_std") is not None:  # a reward ensemble: how much its heads disagree
-        out["margin_std_mean"] = sum(float(r["margin_std"]) for r in rows) / len(rows)
+    stds = [float(r["margin_std"]) for r in rows if r.get("margin_std") is not None]
+    if stds:  # a reward ensemble (or a dataset's own margin_std): how uncertain the margins are
+        out.update(margin_std_mean=sum(stds) / len(stds), pairs_with_margin_std=len(stds))
     c = madpo_scale(m.abs(), c_max, lam, tau)
     w = madpo_weights(m, c_max, lam, tau)
     out.update(share_amplified=float(((c > 1) & (m > -tau)).double().mean()),
@@ -66,14 +70,20 @@ def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, t
     return out
 
 
+def format_rho(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def uncertainty_calibration(rows: list[dict], bins: int = 5) -> dict:
     """Does an ensemble's disagreement (margin_std) say where its margin is wrong? Against the
     testbed's true margins: the reward margin's error is m - a t, with a the least-squares scale
     from true margins to reward margins (the reward model's units are its own); a sign error is a
     pair the ensemble orders against the truth. Pairs are binned by margin_std quantile; in a
-    calibrated ensemble the error and the sign-error rate grow with the bin. Empty without both
-    columns."""
-    if not rows or "margin_std" not in rows[0] or "true_margin" not in rows[0]:
+    calibrated ensemble the error and the sign-error rate grow with the bin. Only pairs with both
+    columns count ("pairs"); empty when none has them. A correlation with nothing to rank (no
+    sign error at all) is None, not NaN."""
+    rows = [r for r in rows if r.get("margin_std") is not None and r.get("true_margin") is not None]
+    if not rows:
         return {}
     m = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float64)
     s = torch.tensor([float(r["margin_std"]) for r in rows], dtype=torch.float64)
@@ -86,6 +96,9 @@ def uncertainty_calibration(rows: list[dict], bins: int = 5) -> dict:
     for part in torch.tensor_split(order, min(bins, len(rows))):
         table.append({"pairs": len(part), "std_mean": float(s[part].mean()), "abs_error_mean": float(error[part].mean()),
                       "sign_error_rate": float(wrong[part].mean())})
+    def rho(x, y) -> Optional[float]:
+        value = spearman(x, y)
+        return None if math.isnan(value) else value
+
     return {"pairs": len(rows), "scale_true_to_rm": scale, "std_mean": float(s.mean()),
-            "spearman_std_vs_abs_error": spearman(s, error), "spearman_std_vs_sign_error": spearman(s, wrong),
-            "bins": table}
+            "spearman_std_vs_abs_error": rho(s, error), "spearman_std_vs_sign_error": rho(s, wrong), "bins": table}

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from madpo_ray.data.margins import format_rho
 from madpo_ray.losses import DEFAULT_TAU, get_policy_loss, madpo_weights
 from madpo_ray.plotting import pyplot, save
 
@@ -68,10 +69,10 @@ def plot_calibration(calibration: dict, path: Path, title: Optional[str] = None)
     fig, (ax_e, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
     ax_e.plot(x, [b["abs_error_mean"] for b in calibration["bins"]], marker="o")
     ax_e.set(xlabel="ensemble disagreement (margin std, bin mean)", ylabel="mean |m - a t|",
-             title=f"error (Spearman {calibration['spearman_std_vs_abs_error']:.2f})")
+             title=f"error (Spearman {format_rho(calibration['spearman_std_vs_abs_error'])})")
     ax_s.plot(x, [b["sign_error_rate"] for b in calibration["bins"]], marker="o", color="tab:red")
     ax_s.set(xlabel="ensemble disagreement (margin std, bin mean)", ylabel="share ordered against the truth",
-             title=f"sign errors (Spearman {calibration['spearman_std_vs_sign_error']:.2f})")
+             title=f"sign errors (Spearman {format_rho(calibration['spearman_std_vs_sign_error'])})")
     fig.suptitle(title or f"ensemble calibration on {calibration['pairs']} validation pairs")
     fig.tight_layout()
     path = Path(path)

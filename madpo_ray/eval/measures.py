@@ -10,7 +10,7 @@ from madpo_ray.data.collate import SFTCollator, encode_prompt, encode_response
 from madpo_ray.data.prompts import generation_prompts
 from madpo_ray.data.testbed import document_gold
 from madpo_ray.eval.generate import generate_transformers
-from madpo_ray.models import reward_scores
+from madpo_ray.models import mean_over_heads, reward_scores
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
 from madpo_ray.stages.score import ComputePolicy
 
@@ -35,14 +35,15 @@ def pair_logprobs(model, rows: list[dict], pad_token_id: int, batch_size: int = 
 @torch.no_grad()
 def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: list[str],
                         batch_size: int = 32) -> list[float]:
-    """The frozen reward model's score of each (prompt, response), tokenised as in training."""
+    """The frozen reward model's score of each (prompt, response), tokenised as in training (an
+    ensemble's: the mean of its heads)."""
     collate = SFTCollator(tokenizer.pad_token_id)
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         exs = [{"prompt_ids": encode_prompt(tokenizer, p), "response_ids": encode_response(tokenizer, " " + r.strip())}
                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
         b = collate(exs)
-        out += reward_scores(reward_model, b["input_ids"], b["attention_mask"]).tolist()
+        out += mean_over_heads(reward_scores(reward_model, b["input_ids"], b["attention_mask"])).tolist()
     return out
 
 

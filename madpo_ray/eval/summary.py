@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from madpo_ray.config import PipelineConfig
-from madpo_ray.data.margins import margin_diagnostics, uncertainty_calibration
+from madpo_ray.data.margins import format_rho, margin_diagnostics, uncertainty_calibration
 from madpo_ray.data.scored import read_scored
 from madpo_ray.data.testbed import document_gold
 from madpo_ray.eval.heldout import scored_split
@@ -64,8 +64,9 @@ def reward_margin_report(cfg: PipelineConfig, layout: RunLayout) -> dict:
         if path.exists():
             rows = read_scored(path)
             report[split] = margin_diagnostics(rows, **params)
-            if split == DEVELOPMENT_SPLIT and uncertainty_calibration(rows):
-                report["calibration"] = uncertainty_calibration(rows)
+            calibration = uncertainty_calibration(rows) if split == DEVELOPMENT_SPLIT else {}
+            if calibration:
+                report["calibration"] = calibration
                 report["calibration_plot"] = str(plot_calibration(report["calibration"], layout.calibration_plot,
                                                                   title=f"{cfg.name}: reward ensemble on validation"))
             if split == "train":
@@ -105,7 +106,7 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                     summary[f"{stage}_{key}"] = m[key]
     summary["stage_seconds"] = timings
     # What a training stage pays beyond its training loop: workers, imports, model loading, the final
-    # save (issue 37 aims it at 5 s or less).
+    # save: the cost a long-lived worker group would remove.
     summary["stage_fixed_seconds"] = fixed
     summary["curves_plot"] = plot_training_curves(layout, layout.curves_plot)
     write_json(layout.summary_json, summary)
@@ -135,8 +136,8 @@ def calibration_lines(calibration: Optional[dict]) -> list[str]:
     if not calibration:
         return []
     lines = ["", f"Reward ensemble on {calibration['pairs']} validation pairs: does its disagreement find its errors? "
-                 f"Spearman(margin std, |error|) {calibration['spearman_std_vs_abs_error']:.3f}, "
-                 f"(margin std, sign error) {calibration['spearman_std_vs_sign_error']:.3f}; plot: calibration.png", "",
+                 f"Spearman(margin std, |error|) {format_rho(calibration['spearman_std_vs_abs_error'])}, "
+                 f"(margin std, sign error) {format_rho(calibration['spearman_std_vs_sign_error'])}; plot: calibration.png", "",
              "| margin std (bin mean) | pairs | mean abs. error | ordered against the truth |", "| --- | --- | --- | --- |"]
     return lines + [f"| {b['std_mean']:.3f} | {b['pairs']} | {b['abs_error_mean']:.3f} | {b['sign_error_rate']:.1%} |"
                     for b in calibration["bins"]]

@@ -8,8 +8,8 @@ folders (checks before loading), tokenizers, loading (models and the reward head
 
 from madpo_ray.models.building import build_tiny_base, build_tiny_causal_lm, gguf_flag, import_gguf
 from madpo_ray.models.folders import ModelLoadError, check_model_files, check_model_folder, verify_weights
-from madpo_ray.models.loading import (count_parameters, load_causal_lm, load_reward_model, per_position_scores,
-                                      reward_scores, score_head, torch_dtype)
+from madpo_ray.models.loading import (count_parameters, load_causal_lm, load_reward_model, mean_over_heads,
+                                      per_position_scores, reward_scores, saved_heads, score_head, torch_dtype)
 from madpo_ray.models.tokenizers import CHAT_TEMPLATE, ensure_pad_token, load_tokenizer, train_tokenizer
 from madpo_ray.models.training import (check_lora_targets, is_adapter_model, prepare_for_training, save_model_atomically,
                                        save_trained, suggested_targets, trainable_parameters)
@@ -17,5 +17,6 @@ from madpo_ray.models.training import (check_lora_targets, is_adapter_model, pre
 __all__ = ["CHAT_TEMPLATE", "ModelLoadError", "build_tiny_base", "build_tiny_causal_lm", "check_lora_targets",
            "check_model_files", "check_model_folder", "count_parameters", "ensure_pad_token", "gguf_flag",
            "import_gguf", "is_adapter_model", "load_causal_lm", "load_reward_model", "load_tokenizer",
-           "per_position_scores", "prepare_for_training", "reward_scores", "save_model_atomically", "save_trained",
-           "score_head", "suggested_targets", "torch_dtype", "train_tokenizer", "trainable_parameters", "verify_weights"]
+           "mean_over_heads", "per_position_scores", "prepare_for_training", "reward_scores", "save_model_atomically",
+           "save_trained", "saved_heads", "score_head", "suggested_targets", "torch_dtype", "train_tokenizer",
+           "trainable_parameters", "verify_weights"]

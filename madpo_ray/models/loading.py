@@ -79,6 +79,12 @@ def per_position_scores(model, **inputs) -> torch.Tensor:
     return captured["scores"].squeeze(-1).float()
 
 
+def mean_over_heads(scores: torch.Tensor) -> torch.Tensor:
+    """One reward per sequence: a reward ensemble's [B, K] head scores averaged ([B] as they are).
+    The heads are linear on the same features, so this is the reward of the heads' mean."""
+    return scores.mean(-1) if scores.dim() == 2 else scores
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward per sequence ([B, K] with K heads), from the last real token's hidden state (right padding). The
     last token is found from the attention mask, so a tokenizer whose pad token is its EOS
