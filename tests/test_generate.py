@@ -110,7 +110,7 @@ def test_vllm_greedy_matches_transformers_and_survives_a_weight_swap(corpus_docs
         ray.shutdown()
     assert greedy(rows_a) == want_a
     assert greedy(rows_b) == want_b  # the swapped-in weights are really the ones sampled
-    assert t_b["load_seconds"] < t_a["load_seconds"] / 5  # swapped, not a second engine start
+    assert t_a["engine_starts"] == t_b["engine_starts"] == 1  # B swapped into A's engine, not a second start
     hot = [r["text"] for r in rows_b if r["temperature"] == 1.0]
     assert len(set(hot)) > len(hot) // 2  # T=1 really samples (one engine seed; see VLLMGenerator.sample)
     assert len(rows_a) == 4 + 4 * 2 and {tuple(sorted(r)) for r in rows_a} == {tuple(sorted(COLUMNS))}

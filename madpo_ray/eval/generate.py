@@ -156,6 +156,7 @@ class VLLMGenerator:
         self.llm = self.tokenizer = None
         self.architecture: Optional[dict] = None
         self.engine_start_seconds = 0.0
+        self.engine_starts = 0  # a model of the same architecture swaps its weights into the running engine
 
     def load(self, model_dir: str) -> None:
         arch = _architecture(model_dir)
@@ -175,6 +176,7 @@ class VLLMGenerator:
         self.llm = LLM(model=str(model_dir), seed=self.seed, dtype=self.dtype, max_model_len=window,
                        enforce_eager=True, max_num_seqs=512)
         self.architecture = arch
+        self.engine_starts += 1
         self.engine_start_seconds += time.time() - t0
 
     def close(self) -> None:
@@ -233,7 +235,8 @@ def sample_model(generator, model_dir: str, label: str, prompt_ids: Sequence[str
     secs = time.time() - t1
     tokens = sum(r["num_tokens"] for r in rows)
     return rows, {"model": label, "backend": generator.name, "load_seconds": load_s, "generate_seconds": secs,
-                  "tokens": tokens, "tokens_per_s": tokens / max(secs, 1e-9), "completions": len(rows)}
+                  "tokens": tokens, "tokens_per_s": tokens / max(secs, 1e-9), "completions": len(rows),
+                  "engine_starts": getattr(generator, "engine_starts", 0)}
 
 
 def write_generations(rows: list[dict], path: Path) -> None:
