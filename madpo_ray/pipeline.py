@@ -102,7 +102,7 @@ class Pipeline:
 
     def begin_stage(self, stage: str, forced: bool = False) -> None:
         """Keep an interrupted training's checkpoints only if they were made with the same settings
-        and inputs and the stage is not forced (layout.begin_training)."""
+        and inputs and the stage is not forced (provenance.begin_training)."""
         begin_training(self.layout.stage_dir(stage), self.layout.checkpoint_root(stage), self.stage_settings(stage),
                        self.upstream_id(stage), force=forced)
 
