@@ -65,9 +65,10 @@ def print_margin_line(report: dict) -> None:
         console.print(f"margins and weights: {report['plot']}", soft_wrap=True, highlight=False)
     if report.get("calibration"):
         cal = report["calibration"]
+        rho = {k: "n/a" if cal[k] is None else f"{cal[k]:.2f}"
+               for k in ("spearman_std_vs_abs_error", "spearman_std_vs_sign_error")}
         console.print(f"reward ensemble (validation): Spearman of its disagreement with its error "
-                      f"{cal['spearman_std_vs_abs_error'] or float('nan'):.2f}, with a wrong sign "
-                      f"{cal['spearman_std_vs_sign_error'] or float('nan'):.2f}; "
+                      f"{rho['spearman_std_vs_abs_error']}, with a wrong sign {rho['spearman_std_vs_sign_error']}; "
                       f"{report['calibration_plot']}", soft_wrap=True, highlight=False)
 
 

@@ -176,3 +176,14 @@ def test_margin_diagnostics_and_calibration_skip_pairs_without_a_margin_std():
     assert d["margin_std_mean"] == pytest.approx(1.0) and d["pairs_with_margin_std"] == 2 and d["pairs"] == 3
     cal = uncertainty_calibration(rows, bins=2)
     assert cal["pairs"] == 2 and cal["spearman_std_vs_sign_error"] is None  # no sign error to rank: None, not NaN
+
+
+def test_the_terminal_line_prints_a_zero_correlation_as_zero_and_a_missing_one_as_n_a():
+    from madpo_ray.rendering import console, print_margin_line
+
+    report = {"weighting": {"tau": 6.9}, "validation": {"rm_accuracy_vs_labels": 0.9}, "train": {},
+              "calibration": {"spearman_std_vs_abs_error": 0.0, "spearman_std_vs_sign_error": None},
+              "calibration_plot": "calibration.png"}
+    with console.capture() as out:
+        print_margin_line(report)
+    assert "with its error 0.00, with a wrong sign n/a" in out.get()

@@ -70,6 +70,12 @@ def margin_diagnostics(rows: list[dict], c_max: float = 4.0, lam: float = 1.0, t
     return out
 
 
+def spearman_or_none(x, y) -> Optional[float]:
+    """Spearman's rho, or None where there is nothing to rank (a constant side): JSON has no NaN."""
+    value = spearman(x, y)
+    return None if math.isnan(value) else value
+
+
 def format_rho(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -96,9 +102,6 @@ def uncertainty_calibration(rows: list[dict], bins: int = 5) -> dict:
     for part in torch.tensor_split(order, min(bins, len(rows))):
         table.append({"pairs": len(part), "std_mean": float(s[part].mean()), "abs_error_mean": float(error[part].mean()),
                       "sign_error_rate": float(wrong[part].mean())})
-    def rho(x, y) -> Optional[float]:
-        value = spearman(x, y)
-        return None if math.isnan(value) else value
-
     return {"pairs": len(rows), "scale_true_to_rm": scale, "std_mean": float(s.mean()),
-            "spearman_std_vs_abs_error": rho(s, error), "spearman_std_vs_sign_error": rho(s, wrong), "bins": table}
+            "spearman_std_vs_abs_error": spearman_or_none(s, error),
+            "spearman_std_vs_sign_error": spearman_or_none(s, wrong), "bins": table}

@@ -94,6 +94,7 @@ class SampleSpec:
 
 class TransformersGenerator:
     name = "transformers"
+    engine_starts = 0  # no engine: the model is loaded, nothing is started
 
     def __init__(self, threads: Optional[int] = None, batch_size: int = 64):
         torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
@@ -236,7 +237,7 @@ def sample_model(generator, model_dir: str, label: str, prompt_ids: Sequence[str
     tokens = sum(r["num_tokens"] for r in rows)
     return rows, {"model": label, "backend": generator.name, "load_seconds": load_s, "generate_seconds": secs,
                   "tokens": tokens, "tokens_per_s": tokens / max(secs, 1e-9), "completions": len(rows),
-                  "engine_starts": getattr(generator, "engine_starts", 0)}
+                  "engine_starts": generator.engine_starts}
 
 
 def write_generations(rows: list[dict], path: Path) -> None:

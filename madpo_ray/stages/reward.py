@@ -49,7 +49,9 @@ class EnsembleStep:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         chosen, rejected = pair_rewards(model, batch)  # [B, K]
-        w = self.weights[batch["index"].cpu()].to(chosen.device)
+        if self.weights.device != chosen.device:  # once: no host round trip per micro-batch
+            self.weights = self.weights.to(chosen.device)
+        w = self.weights[batch["index"].to(chosen.device)]
         loss = (w * bradley_terry_loss(chosen, rejected)).mean()
         margins = (chosen - rejected).detach()
         return loss, {"accuracy": float((margins.mean(-1) > 0).float().mean()), "margin_mean": float(margins.mean()),
