@@ -29,8 +29,7 @@ def main() -> None:
     from _pipeline import default_pipeline
 
     from madpo_ray.eval.heldout import eval_prompts
-    from madpo_ray.eval.generate import SampleSpec, TransformersGenerator, VLLMGenerator, sample_model
-    from madpo_ray.serving.vllm_engine import vllm_available
+    from madpo_ray.generation import SampleSpec, TransformersGenerator, VLLMGenerator, sample_model, vllm_available
 
     p = default_pipeline()
     model = p.layout.stage_dir("sft") / "model"

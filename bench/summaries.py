@@ -15,7 +15,7 @@ from pathlib import Path
 from madpo_ray.config import load_config
 from madpo_ray.console import quiet_libraries
 from madpo_ray.data.prompts import generation_prompts
-from madpo_ray.eval.generate import generate_transformers
+from madpo_ray.generation import generate_transformers
 from madpo_ray.io import read_jsonl
 from madpo_ray.layout import DEVELOPMENT_SPLIT, RunLayout
 from madpo_ray.models import load_causal_lm, load_tokenizer
@@ -23,8 +23,8 @@ from madpo_ray.models import load_causal_lm, load_tokenizer
 
 def greedy(model_dir: str, prompts_of, n_tokens: int, max_prompt: int) -> list[str]:
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
-    return generate_transformers(model, tok, prompts_of(tok), temperature=0.0, max_new_tokens=n_tokens,
-                                 max_prompt_length=max_prompt)
+    return [text for text, _ in generate_transformers(model, tok, prompts_of(tok), temperature=0.0,
+                                                      max_new_tokens=n_tokens, max_prompt_length=max_prompt)]
 
 
 def cell(text: str) -> str:

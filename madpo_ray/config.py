@@ -258,7 +258,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(24, ge=1)
     temperatures: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     samples_per_prompt: int = Field(4, ge=1)  # at temperature > 0; greedy decoding is drawn once
-    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed (bench/generate_throughput.py)
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # every generation (see generation.py); auto: vLLM when installed for compare/eval, transformers for one model in a stage or trial
     seed: int = 0
     bootstrap_samples: int = Field(2000, ge=100)
     generation_cpus: Optional[float] = Field(None, gt=0)  # CPUs the generation actor holds; None = one node's cores

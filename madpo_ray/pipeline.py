@@ -30,16 +30,17 @@ from madpo_ray.data.scored import load_policy_examples
 from madpo_ray.data.testbed import build_pairs, distinct_samples_needed, pair_composition
 from madpo_ray.engine.batching import accumulation_steps
 from madpo_ray.engine.sessions import LocalSession
-from madpo_ray.eval.generate import generate_transformers
-from madpo_ray.eval.summary import evaluate_run
+from madpo_ray.generation import Generator, stage_generator
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
 from madpo_ray.layout import SPLITS, STAGES, RunLayout, is_testbed, upstream_of
-from madpo_ray.models import build_tiny_base, check_model_folder, load_causal_lm, load_tokenizer
+from madpo_ray.models import build_tiny_base, check_model_folder, load_tokenizer
 from madpo_ray.provenance import STAGE_SETTINGS, StageRecord, begin_training, settings_of
 from madpo_ray.runlock import RunLock
 from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
 from madpo_ray.stages.outputs import StageOutput
+from madpo_ray.stages.eval import evaluate_run
+from madpo_ray.stages.measures import generation_spec
 from madpo_ray.stages.score import score_splits, scoring_backend
 
 log = logging.getLogger("madpo_ray.pipeline")
@@ -277,16 +278,17 @@ class Pipeline:
             return {"source": self.cfg.data.source}
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        sft_dir = str(lay.model_dir("sft"))
-        model, tok = load_causal_lm(sft_dir), load_tokenizer(sft_dir)
-        return {split: self.testbed_pairs(model, tok, split) for split in SPLITS}
+        generator = stage_generator(self.cfg, batch_size=64)
+        generator.load(str(lay.model_dir("sft")))
+        return {split: self.testbed_pairs(generator, split) for split in SPLITS}
 
-    def testbed_pairs(self, model, tok, split: str) -> dict:
+    def testbed_pairs(self, generator: Generator, split: str) -> dict:
         c = self.cfg.data
         docs = read_jsonl(self.layout.docs_path(split))
-        prompts = dict(zip((x["doc_id"] for x in docs), generation_prompts(c, tok, [x["document"] for x in docs])))
+        prompts = dict(zip((x["doc_id"] for x in docs),
+                           generation_prompts(c, generator.tokenizer, [x["document"] for x in docs])))
         t0 = time.time()
-        samples, draws = self.sft_samples(model, tok, prompts)
+        samples, draws = self.sft_samples(generator, prompts)
         log.info("pairs/%s: sampled %d summaries in %.1fs", split, draws, time.time() - t0)
         skipped = Counter()
         pairs = build_pairs(docs, tier=c.tier, sharpness=c.label_sharpness, seed=c.corpus_seed,
@@ -306,7 +308,7 @@ class Pipeline:
                 "composition": composition, "label_agrees_with_gold": sum(p["true_margin"] > 0 for p in pairs) / n,
                 "mean_abs_true_margin": sum(abs(p["true_margin"]) for p in pairs) / n}
 
-    def sft_samples(self, model, tok, prompts: dict[str, str]) -> tuple[dict[str, list[str]], int]:
+    def sft_samples(self, generator: Generator, prompts: dict[str, str]) -> tuple[dict[str, list[str]], int]:
         """data.samples_per_document SFT samples per document at T=1, then more draws (at most
         data.max_extra_sample_rounds rounds) for documents with fewer distinct samples than
         pairs_per_document policy-vs-policy pairs need: identical samples make no pair."""
@@ -318,9 +320,8 @@ class Pipeline:
                 todo = [d for d in todo if len({s.strip() for s in samples[d] if s.strip()}) < need]
             if not todo:
                 break
-            texts = generate_transformers(model, tok, [prompts[d] for d in todo], temperature=1.0,
-                                          seed=c.corpus_seed * 100 + k, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                          batch_size=64, max_prompt_length=c.max_prompt_length)
+            texts = generator.texts([prompts[d] for d in todo], 1.0, generation_spec(self.cfg),
+                                    seed=c.corpus_seed * 100 + k)
             for d, t in zip(todo, texts):
                 samples[d].append(t)
             draws += len(todo)

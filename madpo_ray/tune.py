@@ -30,15 +30,15 @@ from madpo_ray.config import ConfigError, PipelineConfig
 from madpo_ray.console import quiet_libraries
 from madpo_ray.data.scored import load_policy_examples, read_scored
 from madpo_ray.engine.sessions import RayTuneSession
-from madpo_ray.eval.generate import generate_transformers
-from madpo_ray.eval.measures import (gold_reward_by_temperature, greedy_gold_reward, pair_logprobs, preference_metrics,
-                                     reward_model_scores)
+from madpo_ray.generation import stage_generator
 from madpo_ray.io import read_jsonl, write_json, write_text_atomically
 from madpo_ray.launcher import Training, launch, tracking_for
 from madpo_ray.models import load_reward_model, load_tokenizer
 from madpo_ray.plotting import pyplot, save
 from madpo_ray.runlock import RunLock
 from madpo_ray.runtime import init_ray
+from madpo_ray.stages.measures import (gold_reward_by_temperature, greedy_gold_reward, mean_reward_model_score,
+                                       pair_logprobs, preference_metrics)
 from madpo_ray.stages.score import ComputePolicy
 from madpo_ray.tracking import end_stopped_trials, ensure_experiment, flat_params
 from madpo_ray.tune_space import GOLD_BY_TEMPERATURE, LOSS_PARAMS, OPTIM_PARAMS, SearchSpace
@@ -68,6 +68,8 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
         rm = load_reward_model(reward_dir, pad_token_id=tok.pad_token_id).eval()
         rm_prompts = list(dict.fromkeys(r["prompt"] for r in eval_rows))[:cfg.eval.num_prompts]
 
+    generator = stage_generator(cfg) if docs is not None or rm is not None else None
+
     def evaluate(model) -> dict:
         pc, pr = pair_logprobs(model, eval_rows, tok.pad_token_id, policy=ComputePolicy.of(cfg))
         m = preference_metrics(eval_rows, pc, pr)
@@ -75,14 +77,14 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
                "implicit_reward_accuracy": m["policy_implicit_reward_accuracy"]}
         if "policy_gold_preference_accuracy" in m:
             out["gold_preference_accuracy"] = m["policy_gold_preference_accuracy"]
+        if generator is not None:
+            generator.use(model, tok)
         if docs is not None and objective in GOLD_BY_TEMPERATURE:
-            out.update(gold_reward_by_temperature(model, tok, docs, cfg))
+            out.update(gold_reward_by_temperature(generator, docs, cfg))
         elif docs is not None:
-            out["gold_reward"], _ = greedy_gold_reward(model, tok, docs, cfg)
+            out["gold_reward"], _ = greedy_gold_reward(generator, docs, cfg)
         if rm is not None:
-            texts = generate_transformers(model, tok, rm_prompts, max_new_tokens=cfg.eval.max_new_tokens)
-            scores = reward_model_scores(rm, tok, rm_prompts, texts)
-            out["rm_reward"] = sum(scores) / len(scores)
+            out["rm_reward"] = mean_reward_model_score(generator, rm, rm_prompts, cfg)
         return out
 
     return evaluate

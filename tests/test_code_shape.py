@@ -63,8 +63,9 @@ def test_nothing_that_selects_names_the_test_split():
     assert hits == []
 
 
-# Layers: data/ is below serving/ (training never imports the server), stages/ below eval/ (a stage
-# computes what it needs from the data layer; reports read the stages' outputs, not the reverse).
+# Layers: data/ is below serving/ (training never imports the server), stages/ below eval/ (a stage,
+# the eval stage included, computes what it needs from the layers below; comparisons and reports
+# read the stages' outputs, not the reverse).
 LAYER_RULES = {"data": ("madpo_ray.serving", "madpo_ray.eval", "madpo_ray.stages"),
                "stages": ("madpo_ray.eval", "madpo_ray.serving")}
 
@@ -78,6 +79,25 @@ def test_no_upward_import_between_layers():
                     [a.name for a in n.names] if isinstance(n, ast.Import) else []
                 hits += [f"{f.relative_to(PACKAGE)}:{n.lineno} imports {m}" for m in names if m.startswith(forbidden)]
     assert hits == []
+
+
+def test_every_batch_generation_goes_through_the_generator_interface():
+    """One way to generate offline (pairs, eval stage, Tune, compare): `model.generate` and the
+    transformers helper are called in generation.py only; serving/ (online engines: streamed,
+    cancellable, admitted request by request) is the other place a model generates."""
+    hits = [f"{f.relative_to(PACKAGE)}:{n.lineno}" for f in sorted(PACKAGE.rglob("*.py"))
+            if f.name != "generation.py" and f.parent.name != "serving" for n in ast.walk(ast.parse(f.read_text()))
+            if isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", None))
+            in ("generate", "generate_transformers")]
+    assert hits == []
+
+
+def test_the_eval_stage_lives_in_stages():
+    from madpo_ray import pipeline
+    from madpo_ray.stages import eval as eval_stage
+
+    assert pipeline.evaluate_run is eval_stage.evaluate_run
+    assert not (PACKAGE / "eval" / "summary.py").exists() and not (PACKAGE / "eval" / "measures.py").exists()
 
 
 # ----------------------------------------------------------------------------- imports

@@ -118,7 +118,7 @@ def test_a_run_with_an_ensemble_scores_its_spread_trains_madpo_expected_and_repo
 
 
 def test_reward_model_scores_of_an_ensemble_are_its_heads_mean(tiny_base_dir, tiny_tokenizer):
-    from madpo_ray.eval.measures import reward_model_scores
+    from madpo_ray.stages.measures import reward_model_scores
 
     torch.manual_seed(0)
     model = load_reward_model(str(tiny_base_dir), pad_token_id=tiny_tokenizer.pad_token_id, heads=3).eval()

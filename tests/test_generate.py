@@ -7,8 +7,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from madpo_ray.eval.generate import (COLUMNS, SampleSpec, TransformersGenerator, read_generations, sample_model,
-                                     write_generations)
+from madpo_ray.generation import (COLUMNS, SampleSpec, TransformersGenerator, read_generations, sample_model,
+                                  vllm_available, write_generations)
 
 PROMPTS = ["Zorblex is a Rust library for parsing TOML files.\nTL;DR:", "Quilmax is a Go daemon.\nTL;DR:",
            "A Lua game for testing web forms.\nTL;DR:", "Perl bindings for a C library.\nTL;DR:"]
@@ -41,7 +41,7 @@ def test_transformers_rows_schema_counts_and_seeding(tiny_base_dir, tmp_path):
 def test_without_vllm_auto_falls_back_to_transformers():
     """vLLM made unimportable in a fresh interpreter, as on a machine without the extra."""
     code = ("import sys; sys.modules['vllm'] = None\n"
-            "from madpo_ray.eval.generate import make_generator\n"
+            "from madpo_ray.generation import make_generator\n"
             "print(make_generator('auto').name)\n"
             "try:\n    make_generator('vllm')\nexcept RuntimeError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -51,9 +51,39 @@ def test_without_vllm_auto_falls_back_to_transformers():
     assert lines[1].startswith("ERR") and "eval.backend=transformers" in lines[1]
 
 
-def _vllm_installed() -> bool:
-    from madpo_ray.serving.vllm_engine import vllm_available
+def test_auto_starts_vllm_only_for_a_batch_of_models_and_an_explicit_choice_holds_everywhere(monkeypatch):
+    """eval.backend as each caller resolves it: compare/eval (many models) and a stage or a trial (one)."""
+    import madpo_ray.generation as G
+    from madpo_ray.config import load_config
 
+    for installed in (True, False):
+        monkeypatch.setattr(G, "vllm_available", lambda: installed)
+        assert G.resolve_backend("auto", many_models=True) == ("vllm" if installed else "transformers")
+        assert G.resolve_backend("auto", many_models=False) == "transformers"
+        assert G.resolve_backend("transformers", many_models=True) == "transformers"
+    monkeypatch.setattr(G, "vllm_available", lambda: True)
+    assert G.resolve_backend("vllm", many_models=False) == "vllm"
+    monkeypatch.setattr(G, "vllm_available", lambda: False)
+    with pytest.raises(RuntimeError, match="eval.backend=transformers"):
+        G.resolve_backend("vllm", many_models=False)
+    with pytest.raises(ValueError, match="eval.backend='vlm'"):
+        G.resolve_backend("vlm", many_models=True)
+    gen = G.stage_generator(load_config("tiny", ["eval.backend=transformers", "model.dtype=bfloat16"]), batch_size=7)
+    assert isinstance(gen, TransformersGenerator) and (gen.batch_size, gen.dtype) == (7, "bfloat16")
+
+
+def test_a_model_in_memory_samples_as_its_saved_folder(tiny_base_dir, tiny_model, tiny_tokenizer):
+    """`use(model)` (a Tune trial's policy) and `load(folder)` (a stage's) give the same draws."""
+    spec = SampleSpec(max_new_tokens=6, max_prompt_length=64)
+    from_folder, in_memory = TransformersGenerator(batch_size=2), TransformersGenerator(batch_size=2)
+    from_folder.load(str(tiny_base_dir))
+    in_memory.use(tiny_model, tiny_tokenizer)
+    for temperature in (0.0, 1.0):
+        assert in_memory.texts(PROMPTS, temperature, spec, seed=5) == from_folder.texts(PROMPTS, temperature, spec, seed=5)
+    assert len(from_folder.texts(PROMPTS, 0.0, spec)) == len(PROMPTS)
+
+
+def _vllm_installed() -> bool:
     return vllm_available()
 
 
@@ -114,3 +144,42 @@ def test_vllm_greedy_matches_transformers_and_survives_a_weight_swap(corpus_docs
     hot = [r["text"] for r in rows_b if r["temperature"] == 1.0]
     assert len(set(hot)) > len(hot) // 2  # T=1 really samples (one engine seed; see VLLMGenerator.sample)
     assert len(rows_a) == 4 + 4 * 2 and {tuple(sorted(r)) for r in rows_a} == {tuple(sorted(COLUMNS))}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _vllm_installed(), reason="vLLM not installed (the transformers backend is the fallback)")
+def test_a_stage_with_eval_backend_vllm_generates_with_vllm_from_a_folder_and_from_memory(corpus_docs, tmp_path):
+    """What the pairs stage, the eval stage and a Tune trial get for eval.backend=vllm: a vLLM
+    engine in this process; a folder loads, a model in memory swaps in (no second engine start),
+    and each gives transformers' greedy text. The process's environment is left as it was."""
+    import os
+
+    from madpo_ray.config import ModelConfig, load_config
+    from madpo_ray.generation import stage_generator
+    from madpo_ray.models import build_tiny_base, load_causal_lm, load_tokenizer
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
+                      max_position_embeddings=256)
+    base = build_tiny_base([d["document"] for d in corpus_docs], cfg, tmp_path / "base", seed=1)
+    a, b = _random_checkpoint(base, tmp_path / "a", 1), _random_checkpoint(base, tmp_path / "b", 2)
+    spec = SampleSpec(max_new_tokens=8, max_prompt_length=64)
+    hf = TransformersGenerator()
+    want = {}
+    for name, folder in (("a", a), ("b", b)):
+        hf.load(str(folder))
+        want[name] = hf.texts(PROMPTS, 0.0, spec)
+    assert want["a"] != want["b"]
+
+    env = dict(os.environ)
+    gen = stage_generator(load_config("tiny", ["eval.backend=vllm"]))
+    try:
+        assert gen.name == "vllm"
+        gen.load(str(a))
+        assert gen.texts(PROMPTS, 0.0, spec) == want["a"]
+        gen.use(load_causal_lm(str(b)), load_tokenizer(str(b)))
+        assert gen.texts(PROMPTS, 0.0, spec) == want["b"]
+        assert gen.engine_starts == 1
+    finally:
+        gen.close()
+        os.environ.clear()
+        os.environ.update(env)

@@ -7,7 +7,7 @@ import torch
 
 from madpo_ray.config import LossConfig
 from madpo_ray.data.margins import average_ranks, margin_diagnostics, spearman
-from madpo_ray.eval.margins import margin_table, plot_margins, weighting_params
+from madpo_ray.data.margins import margin_table, plot_margins, weighting_params
 from madpo_ray.losses import DEFAULT_TAU, madpo_weights
 
 

@@ -93,17 +93,18 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
                 "sft_greedy_gold_reward", "policy_greedy_gold_reward"):
         assert key in summary
     # one summary per test document sampled at the hottest eval temperature, beside the greedy figure
-    from madpo_ray.eval.measures import mean_gold_reward
+    from madpo_ray.generation import TransformersGenerator
     from madpo_ray.io import read_jsonl
-    from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.stages.measures import mean_gold_reward
 
     hottest = max(p.cfg.eval.temperatures)
     docs = read_jsonl(p.layout.docs_path("validation"))[:p.cfg.eval.num_prompts]  # development: validation
-    tok = load_tokenizer(str(p.layout.model_dir("sft")))
+    generator = TransformersGenerator(batch_size=32, dtype=p.cfg.model.dtype)
     for label in ("sft", "policy"):
-        model = load_causal_lm(str(p.layout.model_dir(label)), p.cfg.model.dtype if label == "policy" else "float32")
-        want, _ = mean_gold_reward(model, tok, docs, p.cfg, hottest)
+        generator.load(str(p.layout.model_dir(label)))
+        want, _ = mean_gold_reward(generator, docs, p.cfg, hottest)
         assert summary[f"{label}_sampled_gold_reward_t{hottest:g}"] == pytest.approx(want)
+    assert summary["generation_backend"] == "transformers"  # eval.backend=auto: one model, no engine start
     margins = summary["margins"]
     for split in ("train", "validation"):  # reward-model agreement and margin shares of each development split
         for key in ("rm_accuracy_vs_labels", "rm_accuracy_vs_true_margin", "spearman_rm_vs_true",
@@ -327,9 +328,10 @@ def test_tune_trial_scores_the_temperature_objective_on_validation_documents(ful
     hands every trial, samples the validation documents (never test) at every eval temperature; the
     worst is the lowest, T=0 is the greedy gold."""
     from madpo_ray.config import config_from_dict
-    from madpo_ray.eval.measures import greedy_gold_reward, mean_gold_reward
+    from madpo_ray.generation import TransformersGenerator
     from madpo_ray.io import read_jsonl
     from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.stages.measures import greedy_gold_reward, mean_gold_reward
     from madpo_ray.tune import trial_evaluator, trial_inputs
 
     p, _ = full_run
@@ -342,8 +344,10 @@ def test_tune_trial_scores_the_temperature_objective_on_validation_documents(ful
                           given["reward_dir"], tok)(model)
     validation = read_jsonl(lay.docs_path("validation"))[:6]
     test = read_jsonl(lay.docs_path("test"))[:6]
-    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(model, tok, validation, cfg)[0])
-    assert got["gold_reward_t1"] == pytest.approx(mean_gold_reward(model, tok, validation, cfg, 1.0)[0])
+    generator = TransformersGenerator(batch_size=32)
+    generator.use(model, tok)
+    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(generator, validation, cfg)[0])
+    assert got["gold_reward_t1"] == pytest.approx(mean_gold_reward(generator, validation, cfg, 1.0)[0])
     # the trial reads the validation documents; an evaluator on the test ones scores other documents
     assert Path(given["validation_docs"]) == lay.docs_path("validation")
     assert not {d["doc_id"] for d in test} & {d["doc_id"] for d in validation}

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from madpo_ray.serving.vllm_engine import vllm_available
+from madpo_ray.generation import vllm_available
 
 PORT = 8393
 BASE = f"http://127.0.0.1:{PORT}"

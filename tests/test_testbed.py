@@ -192,26 +192,28 @@ def test_the_temperature_objective_averages_seeded_samples_at_every_evaluation_t
     same, and sampling is not greedy (the tiny untrained model samples other words at T=2)."""
     from madpo_ray.config import load_config
     from madpo_ray.data.prompts import generation_prompts
-    from madpo_ray.eval.generate import generate_transformers
-    from madpo_ray.eval.measures import gold_reward_by_temperature, greedy_gold_reward
+    from madpo_ray.generation import TransformersGenerator, generate_transformers
+    from madpo_ray.stages.measures import gold_reward_by_temperature, greedy_gold_reward
 
     from helpers import TINY_SETS
 
     cfg = load_config("tiny", TINY_SETS + ["eval.temperatures=[0,2]", "eval.seed=3", "eval.max_new_tokens=8"])
     docs = corpus_docs[:6]
-    got = gold_reward_by_temperature(tiny_model, tiny_tokenizer, docs, cfg)
+    gen = TransformersGenerator(batch_size=32)
+    gen.use(tiny_model, tiny_tokenizer)
+    got = gold_reward_by_temperature(gen, docs, cfg)
     assert set(got) == {"gold_reward_t0", "gold_reward_t2", "gold_reward_temperatures", "gold_reward_worst_temperature"}
-    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(tiny_model, tiny_tokenizer, docs, cfg)[0])
+    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(gen, docs, cfg)[0])
     prompts = generation_prompts(cfg.data, tiny_tokenizer, [d["document"] for d in docs])
-    sampled = generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=2.0, seed=3, max_new_tokens=8,
-                                    max_prompt_length=cfg.data.max_prompt_length)
-    greedy = generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=0.0, max_new_tokens=8,
-                                   max_prompt_length=cfg.data.max_prompt_length)
+    sampled = [t for t, _ in generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=2.0, seed=3,
+                                                   max_new_tokens=8, max_prompt_length=cfg.data.max_prompt_length)]
+    greedy = [t for t, _ in generate_transformers(tiny_model, tiny_tokenizer, prompts, temperature=0.0,
+                                                  max_new_tokens=8, max_prompt_length=cfg.data.max_prompt_length)]
     assert sampled != greedy
     assert got["gold_reward_t2"] == pytest.approx(sum(document_gold(t, d) for t, d in zip(sampled, docs)) / 6)
     assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t2"]) / 2)
     assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t2"])
-    assert gold_reward_by_temperature(tiny_model, tiny_tokenizer, docs, cfg) == got
+    assert gold_reward_by_temperature(gen, docs, cfg) == got
 
 
 @pytest.mark.parametrize("tier", ["high", "medium", "low"])

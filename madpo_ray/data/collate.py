@@ -43,6 +43,15 @@ def response_text(response: Any) -> str:
     return response
 
 
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts padded on the left, so every row's next token is at
+    the last column: what batched `generate` needs (evaluation and the serving engine alike)."""
+    width = max(map(len, sequences))
+    input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in sequences])
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in sequences])
+    return input_ids, attention_mask
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Text to ids with special-token strings split: a document or user message that contains
     "<|eos|>" is text, not an end marker (the same rule in training and serving). A rendered chat

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from madpo_ray.data.preference import DataValidationError
+from madpo_ray.layout import RunLayout
 
 SCORED_COLUMNS = ("ref_logp_chosen", "ref_logp_rejected", "ref_logp_mean_chosen", "ref_logp_mean_rejected",
                   "len_chosen", "len_rejected", "reward_chosen", "reward_rejected", "margin")
@@ -83,3 +84,14 @@ def perturb_margins(examples: list[dict], sd: float, seed: int) -> list[dict]:
         if ex.get("margin_std") is not None:
             ex["margin_std"] = math.hypot(float(ex["margin_std"]), sd)
     return examples
+
+
+def scored_split(layout: RunLayout, split: str) -> Path:
+    """The scored pairs of a held-out split, or a clear error when there are none. Every run has
+    validation and test splits (a dataset's own, or held out of train), so this means none of the
+    split's pairs survived tokenising."""
+    path = layout.scored_path(split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: no {split} pair was scored (all skipped when tokenised? see the "
+                                "score stage's metrics.json); a report never falls back to another split")
+    return path

@@ -18,12 +18,12 @@ from typing import Optional
 import madpo_ray
 from madpo_ray.config import PipelineConfig
 from madpo_ray.data.prompts import generation_prompts
-from madpo_ray.data.scored import read_scored
+from madpo_ray.data.scored import read_scored, scored_split
 from madpo_ray.eval import judge as J
-from madpo_ray.eval.measures import reward_model_scores
 from madpo_ray.io import read_jsonl, write_json
 from madpo_ray.layout import DEVELOPMENT_SPLIT, SEALED_SPLIT, SPLITS, RunLayout, is_testbed
 from madpo_ray.models import load_reward_model, load_tokenizer
+from madpo_ray.stages.measures import reward_model_scores
 
 SFT_LABEL = "sft"  # the SFT policy's label in every table: the baseline each method is judged against
 # One command's readings of the sealed split (a grid or tiers read it once per comparison) count as
@@ -52,17 +52,6 @@ def eval_prompts(cfg: PipelineConfig, layout: RunLayout,
         refs.setdefault(r["prompt"], r["chosen"])  # the labelled-chosen response stands in for a reference
     return ([f"p{i}" for i in range(len(prompts))], prompts,
             [{"reference": refs[x]} for x in prompts])
-
-
-def scored_split(layout: RunLayout, split: str) -> Path:
-    """The scored pairs of a held-out split, or a clear error when there are none. Every run has
-    validation and test splits (a dataset's own, or held out of train), so this means none of the
-    split's pairs survived tokenising."""
-    path = layout.scored_path(split)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing: no {split} pair was scored (all skipped when tokenised? see the "
-                                "score stage's metrics.json); a report never falls back to another split")
-    return path
 
 
 def record_final_reading(layout: RunLayout, report_dir: Path, command: str, prompt_ids: list[str],

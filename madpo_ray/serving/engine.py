@@ -18,7 +18,7 @@ from typing import Generator, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from madpo_ray.data.chat import ChatPrompt, ClientInputError, render_chat
-from madpo_ray.data.collate import encode_prompt
+from madpo_ray.data.collate import encode_prompt, left_pad
 from madpo_ray.models import load_causal_lm, load_tokenizer
 
 # Below this temperature logits / T overflow float32 and sampling dies on inf/nan
@@ -261,10 +261,8 @@ class TransformersEngine:
         stop strings and cancel flags stay per row."""
         rows = per_row(params, len(prompts))
         ids = [self.encode(p) for p in prompts]
-        width = max(map(len, ids))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids, attn = left_pad(ids, self.tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         kwargs = self._kwargs(rows[0], rows)
         with self.lock:
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)

@@ -30,16 +30,9 @@ from typing import AsyncIterator, Optional, Union
 
 from madpo_ray.data.chat import ChatPrompt, ClientInputError, render_chat
 from madpo_ray.data.collate import encode_prompt
+from madpo_ray.generation import vllm_available
 from madpo_ray.models import load_tokenizer
 from madpo_ray.serving.engine import GenParams, GenResult, SerialTokenizer, StreamEnd
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA stack next to CPU torch
-        return False
-    return True
 
 
 def vllm_supports(model_dir: str) -> Optional[str]:

@@ -1,5 +1,5 @@
-"""What the run summary and Tune's objectives measure of a policy, defined once so both prompt,
-truncate and score alike: implicit margins and preference accuracy on held-out pairs, the reward
+"""What the eval stage and Tune's objectives measure of a policy, defined once so both prompt,
+truncate, generate and score alike: implicit margins and preference accuracy on held-out pairs, the reward
 model's score of generated text, and the testbed's gold reward of generated summaries."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from madpo_ray.data.collate import SFTCollator, encode_prompt, encode_response
 from madpo_ray.data.prompts import generation_prompts
 from madpo_ray.data.testbed import document_gold
-from madpo_ray.eval.generate import generate_transformers
+from madpo_ray.generation import Generator, SampleSpec
 from madpo_ray.models import mean_over_heads, reward_scores
 from madpo_ray.pair_forward import pair_collator, pair_response_logprobs
 from madpo_ray.stages.score import ComputePolicy
@@ -47,33 +47,45 @@ def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: 
     return out
 
 
-def greedy_gold_reward(model, tokenizer, docs: list[dict], cfg) -> tuple[float, list[str]]:
-    """Mean testbed gold reward of greedy summaries of `docs`, and the summaries.
+def generation_spec(cfg) -> SampleSpec:
+    """Lengths and seed of a stage's or a trial's generation: eval.max_new_tokens, data.max_prompt_length."""
+    return SampleSpec(max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.data.max_prompt_length,
+                      seed=cfg.eval.seed)
 
-    One definition for the run summary and the Tune objectives, so both prompt and truncate alike."""
-    return mean_gold_reward(model, tokenizer, docs, cfg, temperature=0.0)
+
+def greedy_gold_reward(generator: Generator, docs: list[dict], cfg) -> tuple[float, list[str]]:
+    """Mean testbed gold reward of greedy summaries of `docs` by the generator's model, and the summaries.
+
+    One definition for the eval stage and the Tune objectives, so both prompt and truncate alike."""
+    return mean_gold_reward(generator, docs, cfg, temperature=0.0)
 
 
-def mean_gold_reward(model, tokenizer, docs: list[dict], cfg, temperature: float) -> tuple[float, list[str]]:
+def mean_gold_reward(generator: Generator, docs: list[dict], cfg, temperature: float) -> tuple[float, list[str]]:
     """Mean testbed gold reward of one summary per document at `temperature` (seeded by
     eval.seed above 0), and the summaries."""
-    prompts = generation_prompts(cfg.data, tokenizer, [d["document"] for d in docs])
-    texts = generate_transformers(model, tokenizer, prompts, temperature=temperature, seed=cfg.eval.seed,
-                                  max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.data.max_prompt_length)
+    prompts = generation_prompts(cfg.data, generator.tokenizer, [d["document"] for d in docs])
+    texts = generator.texts(prompts, temperature, generation_spec(cfg), seed=cfg.eval.seed)
     golds = [document_gold(t, d) for t, d in zip(texts, docs)]
     return sum(golds) / len(golds), texts
 
 
-def gold_reward_by_temperature(model, tokenizer, docs: list[dict], cfg) -> dict[str, float]:
+def gold_reward_by_temperature(generator: Generator, docs: list[dict], cfg) -> dict[str, float]:
     """Mean gold reward at each of eval.temperatures (`gold_reward_t<T>`), their mean
     (`gold_reward_temperatures`) and their lowest (`gold_reward_worst_temperature`): Tune objectives
     for a policy that must hold up sampled as well as greedy, as `madpo compare` judges it at every
     temperature (one summary per document and temperature here)."""
-    out = {f"gold_reward_t{t:g}": mean_gold_reward(model, tokenizer, docs, cfg, t)[0] for t in cfg.eval.temperatures}
+    out = {f"gold_reward_t{t:g}": mean_gold_reward(generator, docs, cfg, t)[0] for t in cfg.eval.temperatures}
     by_temperature = list(out.values())
     out["gold_reward_temperatures"] = sum(by_temperature) / len(by_temperature)
     out["gold_reward_worst_temperature"] = min(by_temperature)
     return out
+
+
+def mean_reward_model_score(generator: Generator, reward_model, prompts: list[str], cfg) -> float:
+    """The frozen reward model's mean score of the generator's greedy answers to `prompts`."""
+    texts = generator.texts(prompts, 0.0, generation_spec(cfg))
+    scores = reward_model_scores(reward_model, generator.tokenizer, prompts, texts)
+    return sum(scores) / len(scores)
 
 
 def preference_metrics(rows: list[dict], pol_c: torch.Tensor, pol_r: torch.Tensor) -> dict:
