@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MASKABLE_ATTENTION = ("sdpa", "eager")  # both tested equal to the two-sequence forward
 FULL_LAYER, WINDOWED_LAYER = "full_attention", "sliding_attention"  # transformers' layer type names
 # Decoders (transformers 5.x) that take {layer type: mask} for models mixing full and windowed
-# layers; each is in the architecture matrix of tests/test_model_families.py.
+# layers; each is in the architecture matrix of tests/models/test_model_families.py.
 MASK_MAPPING_MODELS = ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
 
 

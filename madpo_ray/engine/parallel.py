@@ -4,7 +4,7 @@ ddp: every worker holds the whole model, its gradients and its optimiser state (
 `prepare_model`). fsdp: FSDP2's `fully_shard` on every transformer block and on the root, so
 each of N workers holds 1/N of the parameters, gradients and AdamW state and gathers a block's
 weights just before the block runs. Verified on CPU with gloo (torch 2.13): the loss trajectory
-equals DDP's (tests/test_fsdp.py).
+equals DDP's (tests/engine/test_fsdp.py).
 
 Checkpoints of a sharded model are sharded too: each worker saves its own shards of the
 parameters and optimiser state as plain tensors (`local_tree`), and reads them back into the

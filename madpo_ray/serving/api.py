@@ -161,7 +161,7 @@ class RequestGate:
     Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware relays every
     streamed chunk through an extra task and memory stream, and behind it a client that left
     mid-stream was sometimes not noticed until the answer had been generated to its end (1 of 3
-    runs of tests/test_serve_vllm.py's disconnect test; 0 of 7 without it)."""
+    runs of tests/serving/test_serve_vllm.py's disconnect test; 0 of 7 without it)."""
 
     def __init__(self, app, state):
         self.app, self.state = app, state

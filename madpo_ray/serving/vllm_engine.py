@@ -66,7 +66,7 @@ def lora_settings(adapters: dict[str, str], cpu: bool) -> dict:
     by indexing the slot weights with the row's slot, and a row without an adapter has slot -1,
     which Python indexing turns into the last slot. With every slot filled, base-model requests
     that shared an engine step with adapter requests got the last adapter applied (found by
-    tests/test_serve_vllm.py); the empty last slot holds zeros, so they get the base model."""
+    tests/serving/test_serve_vllm.py); the empty last slot holds zeros, so they get the base model."""
     if not adapters:
         return {}
     rank = max(int(json.loads((Path(p) / "adapter_config.json").read_text())["r"]) for p in adapters.values())

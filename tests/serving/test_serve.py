@@ -38,7 +38,7 @@ def test_serve_app_is_the_packaged_deployment():
     give the deployment from the installed package, not a second copy."""
     from madpo_ray.serving import deployment
 
-    path = Path(__file__).resolve().parent.parent / "serve" / "app.py"
+    path = Path(__file__).resolve().parents[2] / "serve" / "app.py"
     spec = importlib.util.spec_from_file_location("serve_app_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -244,7 +244,7 @@ def test_a_replica_that_must_require_a_key_and_has_none_refuses(monkeypatch, tin
         ServeSettings().resolve_api_key()
     monkeypatch.delenv("MADPO_REQUIRE_KEY")
     # the shipped serving/config.yaml's comment says its replicas refuse without a key: its own args make them.
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "madpo_ray" / "serving" / "config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "madpo_ray" / "serving" / "config.yaml").read_text())
     args = {**config["applications"][0]["args"], "model": str(tiny_base_dir), "backend": "transformers"}
     assert config["http_options"]["host"] == "0.0.0.0" and args["require_key"] is True
     assert config["http_options"]["request_timeout_s"] > args["request_timeout_s"] + args["body_timeout_s"]
