@@ -41,8 +41,12 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 run: install
 	$(BIN)/madpo run
 
+# Two passes: the fast tests (no Ray, no second process) on both cores at once, then the Ray and
+# slow ones one after another (they start clusters and worker processes that need both cores,
+# and Ray's niced workers fail their health checks when starved).
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not ray" -n 2
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "slow or ray"
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not ray"

@@ -15,6 +15,8 @@ torch.set_num_threads(1)  # two cores shared with Ray workers: oversubscription 
 from madpo_ray.config import ModelConfig  # noqa: E402
 from madpo_ray.data.corpus.generated import generate_corpus  # noqa: E402
 
+from helpers import SERVE_TEST_KEY  # noqa: E402
+
 TINY = ModelConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                    max_position_embeddings=256)
 
@@ -70,3 +72,137 @@ def scored_train(tiny_base_dir, corpus_docs, tmp_path_factory):
     path = tmp_path_factory.mktemp("scored") / "train.parquet"
     pq.write_table(pa.Table.from_pylist(scored), path)
     return path
+
+
+# ----------------------------------------------------------------------------- Ray clusters
+class RayClusters:
+    """The test process's one Ray cluster, shared by every module that needs its kind.
+
+    Two kinds, because a test needs one or the other: `two_nodes` (two raylets of one CPU on
+    loopback, so a two-worker training places one worker per node: the pipeline, compare, study,
+    Tune) and `one_node` (one node of two CPUs: Serve, whose proxies run on every node and would
+    want one port twice on one machine, and a Tune trial that holds both CPUs). The live cluster stays up across modules and is replaced
+    only when a module asks for the other kind, or when a test left a cluster of its own."""
+
+    def __init__(self):
+        self.kind, self.cluster = None, None
+
+    def use(self, kind: str):
+        import ray
+
+        if self.kind == kind and ray.is_initialized():
+            return self.cluster
+        self.stop()
+        if ray.is_initialized():  # started by a test itself (e.g. init_ray in a command)
+            ray.shutdown()
+        self.cluster = self.start_two_nodes() if kind == "two_nodes" else self.start_one_node()
+        self.kind = kind
+        return self.cluster
+
+    @staticmethod
+    def start_two_nodes():
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from madpo_ray.runtime import worker_env
+
+        # A free dashboard port: another Ray on this machine (a user's, a benchmark's) may hold 8265.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                                "dashboard_host": "127.0.0.1",
+                                                                "dashboard_port": free_tcp_port()})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})  # as runtime.init_ray does
+        return cluster
+
+    @staticmethod
+    def start_one_node():
+        import ray
+
+        from madpo_ray.serving.launch import serve_runtime_env
+
+        ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": SERVE_TEST_KEY}),
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_tcp_port())
+        return None
+
+    def stop(self) -> None:
+        import ray
+
+        if self.kind == "one_node":
+            from ray import serve
+
+            serve.shutdown()
+        if self.kind is not None:
+            ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+        self.kind, self.cluster = None, None
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def only_ray_tests_start_ray(request):
+    """`make test` runs the tests marked neither ray nor slow two at a time: one that starts a Ray
+    cluster there would race the other for the cores and ports, so it must say it is a Ray test."""
+    import sys
+
+    started_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if request.node.get_closest_marker("ray") is None and request.node.get_closest_marker("slow") is None:
+        started = "ray" in sys.modules and sys.modules["ray"].is_initialized() and not started_before
+        assert not started, "this test started Ray: mark it `ray` (see tests/conftest.py)"
+
+
+@pytest.fixture(scope="session")
+def ray_clusters():
+    clusters = RayClusters()
+    yield clusters
+    clusters.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(ray_clusters):
+    """The session's two-node cluster (started, or kept from an earlier module)."""
+    import ray
+
+    cluster = ray_clusters.use("two_nodes")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def ray_one_node(ray_clusters):
+    """The session's one-node cluster of two CPUs (started, or kept from an earlier module)."""
+    return ray_clusters.use("one_node")
+
+
+@pytest.fixture(scope="module")
+def ray_for_serving(ray_one_node):
+    """The one-node cluster for Serve; each serving module deploys its apps and removes them
+    (serve.shutdown) when it ends, so the next module starts from an empty Serve."""
+    from ray import serve
+
+    yield
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def full_run(ray_clusters, tmp_path_factory):
+    """One CI-sized `madpo run` on the two-node cluster, every stage: the pipeline's tests read it,
+    and compare, study and Tune tests start from copies of its scored pairs."""
+    from helpers import tiny_config
+
+    from madpo_ray.pipeline import Pipeline
+
+    ray_clusters.use("two_nodes")
+    tmp = tmp_path_factory.mktemp("runs")
+    p = Pipeline(tiny_config(tmp, "full", "policy.optim.max_steps=6"))  # its policy is only looked at, not compared
+    return p, p.run()

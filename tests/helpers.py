@@ -1,5 +1,7 @@
 """Settings shared by the Ray test modules: a CI-sized pipeline (1-layer width-32 model, 64 documents)."""
 
+SERVE_TEST_KEY = "test-secret-key"  # the serving cluster's replicas read it from MADPO_TEST_KEY
+
 TINY_SETS = [
     "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
     "model.intermediate_size=64", "data.num_documents=64", "data.num_validation_documents=16",
@@ -12,3 +14,25 @@ TINY_SETS = [
     "policy.optim.per_device_batch_size=4", "policy.optim.effective_batch_size=8", "policy.optim.report_every=1",
     "policy.optim.checkpoint_every=2", "ray.num_workers=2", "score.num_actors=1", "score.batch_size=16",
 ]
+
+
+def tiny_config(runs_dir, name: str, *extra: str):
+    """The CI-sized config on the Ray path. score.backend=ray_data: at this size `auto` would score
+    in a plain loop; the Ray Data pass is what the Ray tests test."""
+    from madpo_ray.config import load_config
+
+    return load_config("tiny", TINY_SETS + [f"runs_dir={runs_dir}", f"name={name}", "score.backend=ray_data", *extra])
+
+
+def clone_until_policy(src, runs_dir, name: str, *extra: str):
+    """A new run sharing src's scored pairs (and base model), so only the policy stage runs."""
+    import shutil
+
+    from madpo_ray.pipeline import Pipeline
+
+    p = Pipeline(tiny_config(runs_dir, name, *extra))
+    for stage in ("data", "sft", "pairs", "reward", "score"):
+        shutil.copytree(src.layout.stage_dir(stage), p.layout.stage_dir(stage))
+    if (src.run_dir / "base").exists():
+        shutil.copytree(src.run_dir / "base", p.run_dir / "base")
+    return p

@@ -106,17 +106,19 @@ def _random_checkpoint(base, out, seed: int):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 @pytest.mark.skipif(not _vllm_installed(), reason="vLLM not installed (the transformers backend is the fallback)")
-def test_vllm_greedy_matches_transformers_and_survives_a_weight_swap(corpus_docs, tmp_path):
-    """One engine in a Ray actor: model A, then model B swapped in place; each model's greedy text
-    equals transformers'. (vLLM's CPU attention needs head_dim >= 32, so width 64 / 2 heads.)"""
-    import ray
+def test_one_vllm_engine_serves_every_caller_and_swaps_weights_from_a_folder_or_from_memory(corpus_docs, tmp_path):
+    """One vLLM engine, as compare's generation actor holds it (GenerationActor) and as a stage or
+    a trial gets it (eval.backend=vllm): model A's rows, then model B swapped in from its folder,
+    then A again from memory (a Tune trial's policy); each greedy text equals transformers', with
+    one engine start. (vLLM's CPU attention needs head_dim >= 32, so width 64 / 2 heads.) The
+    process's environment is left as it was."""
+    import os
 
-    from madpo_ray.config import ModelConfig, RayConfig
+    from madpo_ray.config import ModelConfig, load_config
     from madpo_ray.eval.generate import GenerationActor
-    from madpo_ray.models import build_tiny_base
-    from madpo_ray.runtime import init_ray
+    from madpo_ray.generation import stage_generator
+    from madpo_ray.models import build_tiny_base, load_causal_lm, load_tokenizer
 
     cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
                       max_position_embeddings=256)
@@ -130,56 +132,23 @@ def test_vllm_greedy_matches_transformers_and_survives_a_weight_swap(corpus_docs
     want_b = greedy(sample_model(hf, str(b), "b", IDS, PROMPTS, spec)[0])
     assert want_a != want_b
 
-    init_ray(RayConfig(num_cpus=2))
-    try:
-        actor = ray.remote(GenerationActor).options(num_cpus=1).remote("vllm")
-        assert ray.get(actor.backend.remote()) == "vllm"
-        rows_a, t_a = ray.get(actor.sample_model.remote(str(a), "a", IDS, PROMPTS, spec))
-        rows_b, t_b = ray.get(actor.sample_model.remote(str(b), "b", IDS, PROMPTS, spec))
-    finally:
-        ray.shutdown()
-    assert greedy(rows_a) == want_a
-    assert greedy(rows_b) == want_b  # the swapped-in weights are really the ones sampled
-    assert t_a["engine_starts"] == t_b["engine_starts"] == 1  # B swapped into A's engine, not a second start
-    hot = [r["text"] for r in rows_b if r["temperature"] == 1.0]
-    assert len(set(hot)) > len(hot) // 2  # T=1 really samples (one engine seed; see VLLMGenerator.sample)
-    assert len(rows_a) == 4 + 4 * 2 and {tuple(sorted(r)) for r in rows_a} == {tuple(sorted(COLUMNS))}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _vllm_installed(), reason="vLLM not installed (the transformers backend is the fallback)")
-def test_a_stage_with_eval_backend_vllm_generates_with_vllm_from_a_folder_and_from_memory(corpus_docs, tmp_path):
-    """What the pairs stage, the eval stage and a Tune trial get for eval.backend=vllm: a vLLM
-    engine in this process; a folder loads, a model in memory swaps in (no second engine start),
-    and each gives transformers' greedy text. The process's environment is left as it was."""
-    import os
-
-    from madpo_ray.config import ModelConfig, load_config
-    from madpo_ray.generation import stage_generator
-    from madpo_ray.models import build_tiny_base, load_causal_lm, load_tokenizer
-
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                      max_position_embeddings=256)
-    base = build_tiny_base([d["document"] for d in corpus_docs], cfg, tmp_path / "base", seed=1)
-    a, b = _random_checkpoint(base, tmp_path / "a", 1), _random_checkpoint(base, tmp_path / "b", 2)
-    spec = SampleSpec(max_new_tokens=8, max_prompt_length=64)
-    hf = TransformersGenerator()
-    want = {}
-    for name, folder in (("a", a), ("b", b)):
-        hf.load(str(folder))
-        want[name] = hf.texts(PROMPTS, 0.0, spec)
-    assert want["a"] != want["b"]
-
     env = dict(os.environ)
-    gen = stage_generator(load_config("tiny", ["eval.backend=vllm"]))
+    actor = GenerationActor("vllm")
     try:
-        assert gen.name == "vllm"
-        gen.load(str(a))
-        assert gen.texts(PROMPTS, 0.0, spec) == want["a"]
-        gen.use(load_causal_lm(str(b)), load_tokenizer(str(b)))
-        assert gen.texts(PROMPTS, 0.0, spec) == want["b"]
-        assert gen.engine_starts == 1
+        assert actor.backend() == "vllm"
+        rows_a, t_a = actor.sample_model(str(a), "a", IDS, PROMPTS, spec)
+        rows_b, t_b = actor.sample_model(str(b), "b", IDS, PROMPTS, spec)
+        assert greedy(rows_a) == want_a
+        assert greedy(rows_b) == want_b  # the swapped-in weights are really the ones sampled
+        assert t_a["engine_starts"] == t_b["engine_starts"] == 1  # B swapped into A's engine, not a second start
+        hot = [r["text"] for r in rows_b if r["temperature"] == 1.0]
+        assert len(set(hot)) > len(hot) // 2  # T=1 really samples (one engine seed; see VLLMGenerator.sample)
+        assert len(rows_a) == 4 + 4 * 2 and {tuple(sorted(r)) for r in rows_a} == {tuple(sorted(COLUMNS))}
+        engine = actor.generator
+        engine.use(load_causal_lm(str(a)), load_tokenizer(str(a)))  # a model in memory, as a trial has it
+        assert engine.texts(PROMPTS, 0.0, spec) == want_a and engine.engine_starts == 1
+        assert type(stage_generator(load_config("tiny", ["eval.backend=vllm"]))).__name__ == "VLLMGenerator"
     finally:
-        gen.close()
+        actor.generator.close()
         os.environ.clear()
         os.environ.update(env)

@@ -8,6 +8,8 @@ from madpo_ray.compare import method_config
 from madpo_ray.data.scored import perturb_margins
 from madpo_ray.study import noise_label, noise_methods, noise_table, render_noise_table, study_config
 
+from helpers import clone_until_policy
+
 
 def test_methods_are_dpo_once_and_madpo_per_noise_level():
     ms = noise_methods([0, 1.5, 4], {"madpo": {"c_max": 3.0}})
@@ -118,3 +120,27 @@ def test_the_study_keeps_the_first_madpo_methods_overrides():
                                "{loss: madpo, label: wide, overrides: {c_max: 8.0}}]"])
     s = study_config(cfg, [1])
     assert method_config(s, s.compare.methods[1], seed=0).policy.loss.c_max == 2.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rm_noise_study_trains_dpo_once_and_madpo_per_noise_level(full_run, ray_two_nodes, tmp_path):
+    """`madpo study rm-noise` end to end (CI-sized): the noise reaches MADPO's margins (its weights
+    change with it), DPO is trained once, and the report has a row per (noise, temperature)."""
+    import json as _json
+
+    from madpo_ray.study import run_rm_noise
+
+    p, _ = full_run
+    q = clone_until_policy(p, tmp_path, "noise", "compare.seeds=[0]", "eval.temperatures=[0]",
+                            "eval.backend=transformers", "policy.optim.max_steps=2", "eval.bootstrap_samples=100")
+    results = run_rm_noise(q.cfg, [0, 8])
+    out = q.layout.study_dir("rm-noise")
+    assert sorted(results["trainings"]) == ["dpo/seed0", "madpo_noise0/seed0", "madpo_noise8/seed0"]
+    metrics = {m: _json.loads((out / m / "seed0" / "metrics.json").read_text()) for m in ("madpo_noise0", "madpo_noise8")}
+    assert metrics["madpo_noise8"]["policy"]["margin_noise"] == 8.0
+    # Noise of sd 8 spreads the margins far past tau: the weights' range must differ from sd 0's.
+    assert metrics["madpo_noise8"]["weight_min"] != pytest.approx(metrics["madpo_noise0"]["weight_min"], abs=1e-3)
+    assert [(r["noise_sd"], r["temperature"]) for r in results["noise"]] == [(0, 0.0), (8, 0.0)]
+    assert "MADPO under reward-model noise" in (out / "table.md").read_text()
+    assert (out / "noise.png").stat().st_size > 5000 and not (q.run_dir / "compare").exists()

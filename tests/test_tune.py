@@ -11,7 +11,7 @@ import yaml
 from madpo_ray.config import ConfigError, load_config
 from madpo_ray.tune_space import load_search_space
 
-from helpers import TINY_SETS
+from helpers import clone_until_policy, tiny_config
 
 
 def _space(tmp_path, text):
@@ -60,59 +60,53 @@ def test_presets_load():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_trial_search_then_resume(tmp_path):
-    import ray
-
+def test_two_trial_search_then_resume(full_run, ray_two_nodes, tmp_path):
     from madpo_ray.tune import run_search
 
-    try:
-        p = _scored_pipeline(tmp_path, max_steps=4)
-        space = load_search_space(_space(tmp_path, "name: two\nsearch: random\nnum_samples: 1\neval_every: 2\n"
-                                                   "objective: rm_reward\n"
-                                                   "scheduler: {type: none}\n"
-                                                   "params:\n  c_max: {type: choice, values: [3.0]}\n"))
-        # The trials train in the configured dtype (one policy-training path for every caller).
-        p.cfg = load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune", "policy.optim.max_steps=4",
-                                                 "model.dtype=bfloat16"])
-        # fail_once adds a second trial that fails on its first attempt: an interrupted search.
-        first = run_search(p, space, fail_once=True)
-        out = p.run_dir / "tune" / "two"
-        assert first["trials"] == 2 and first["errored"] == 1
-        assert isinstance(first["best_value"], float)  # the reward model judged the trial's summaries
-        rows = (out / "trials.csv").read_text().splitlines()
-        assert len(rows) == 3 and sum("ERROR" in r for r in rows) == 1
-        best = yaml.safe_load((out / "best_config.yaml").read_text())
-        assert best["policy"]["loss"]["c_max"] == 3.0
-        assert load_config(out / "best_config.yaml").policy.loss.name == "madpo"  # ready to run
-        assert (out / "search.png").exists()
-        tracked = _trial_runs(p.cfg)  # trials land in the run's MLflow experiment, beside its stages
-        assert [r.info.status for r in tracked] == ["FINISHED"]  # the failing trial raised before training
-        assert tracked[0].data.params["c_max"] == "3.0" and "_fail_once" not in tracked[0].data.params
-        assert "rm_reward" in tracked[0].data.metrics  # the objective, as curves
+    p = _scored_pipeline(full_run, tmp_path, max_steps=4)
+    space = load_search_space(_space(tmp_path, "name: two\nsearch: random\nnum_samples: 1\neval_every: 2\n"
+                                               "objective: rm_reward\n"
+                                               "scheduler: {type: none}\n"
+                                               "params:\n  c_max: {type: choice, values: [3.0]}\n"))
+    # The trials train in the configured dtype (one policy-training path for every caller).
+    p.cfg = tiny_config(tmp_path, "full", "policy.optim.max_steps=4", "model.dtype=bfloat16")
+    # fail_once adds a second trial that fails on its first attempt: an interrupted search.
+    first = run_search(p, space, fail_once=True)
+    out = p.run_dir / "tune" / "two"
+    assert first["trials"] == 2 and first["errored"] == 1
+    assert isinstance(first["best_value"], float)  # the reward model judged the trial's summaries
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and sum("ERROR" in r for r in rows) == 1
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert best["policy"]["loss"]["c_max"] == 3.0
+    assert load_config(out / "best_config.yaml").policy.loss.name == "madpo"  # ready to run
+    assert (out / "search.png").exists()
+    tracked = _trial_runs(p.cfg)  # trials land in the run's MLflow experiment, beside its stages
+    assert [r.info.status for r in tracked] == ["FINISHED"]  # the failing trial raised before training
+    assert tracked[0].data.params["c_max"] == "3.0" and "_fail_once" not in tracked[0].data.params
+    assert "rm_reward" in tracked[0].data.metrics  # the objective, as curves
 
-        finished = [d for d in out.glob("trial_*")
-                    if json.loads((d / "params.json").read_text()).get("_fail_once") is False]
-        assert len(finished) == 1
-        last = json.loads((finished[0] / "result.json").read_text().splitlines()[-1])
-        assert last["param_dtype"] == "torch.bfloat16"
-        lines_before = (finished[0] / "result.json").read_text().count("\n")
-        # Every pickle Tune left in the run folder (shared storage) becomes one that would run code
-        # when loaded: resuming must read the project's own JSON records, never these.
-        pickles = list(out.rglob("*.pkl"))
-        assert pickles  # Tune did write some: the check below is not vacuous
-        canary = tmp_path / "unpickled"
-        for f in pickles:
-            f.write_bytes(pickle.dumps(PlantedPickle(str(canary))))
-        records = list((out / "finished_trials").glob("*.json"))
-        assert len(records) == 1 and json.loads(records[0].read_text())["params"]["_fail_once"] is False
-        second = run_search(p, space, resume=True, fail_once=True)
-        assert not canary.exists()
-        assert second["trials"] == 2 and second["errored"] == 0
-        assert (finished[0] / "result.json").read_text().count("\n") == lines_before  # not rerun
-        assert len(_trial_runs(p.cfg)) == 2  # the resumed search tracked the trial that failed before
-        assert len(list((out / "finished_trials").glob("*.json"))) == 2
-    finally:
-        ray.shutdown()
+    finished = [d for d in out.glob("trial_*")
+                if json.loads((d / "params.json").read_text()).get("_fail_once") is False]
+    assert len(finished) == 1
+    last = json.loads((finished[0] / "result.json").read_text().splitlines()[-1])
+    assert last["param_dtype"] == "torch.bfloat16"
+    lines_before = (finished[0] / "result.json").read_text().count("\n")
+    # Every pickle Tune left in the run folder (shared storage) becomes one that would run code
+    # when loaded: resuming must read the project's own JSON records, never these.
+    pickles = list(out.rglob("*.pkl"))
+    assert pickles  # Tune did write some: the check below is not vacuous
+    canary = tmp_path / "unpickled"
+    for f in pickles:
+        f.write_bytes(pickle.dumps(PlantedPickle(str(canary))))
+    records = list((out / "finished_trials").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["params"]["_fail_once"] is False
+    second = run_search(p, space, resume=True, fail_once=True)
+    assert not canary.exists()
+    assert second["trials"] == 2 and second["errored"] == 0
+    assert (finished[0] / "result.json").read_text().count("\n") == lines_before  # not rerun
+    assert len(_trial_runs(p.cfg)) == 2  # the resumed search tracked the trial that failed before
+    assert len(list((out / "finished_trials").glob("*.json"))) == 2
 
 
 class PlantedPickle:
@@ -125,13 +119,14 @@ class PlantedPickle:
         return (Path.write_text, (Path(self.path), "code ran"))
 
 
-def _scored_pipeline(tmp_path, max_steps: int):
-    """A CI-sized run with every stage a search needs done (it starts the local Ray cluster)."""
-    from madpo_ray.pipeline import Pipeline
+def _scored_pipeline(full_run, tmp_path, max_steps: int):
+    """A copy of the session's full run with every stage a search needs done, under the same name
+    (the run's MLflow experiment, with its stages' runs, comes along)."""
+    import shutil
 
-    p = Pipeline(load_config("tiny", TINY_SETS + [f"runs_dir={tmp_path}", "name=tune",
-                                                  f"policy.optim.max_steps={max_steps}"]))
-    p.run(("data", "sft", "pairs", "reward", "score"))
+    src, _ = full_run
+    p = clone_until_policy(src, tmp_path, "full", f"policy.optim.max_steps={max_steps}")
+    shutil.copytree(src.run_dir / "mlruns", p.run_dir / "mlruns")
     return p
 
 
@@ -151,27 +146,22 @@ def _trial_runs(cfg):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(tmp_path):
+def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray_one_node, tmp_path):
     """Ray Tune stops a trial with sys.exit(0) inside its report: the trial's MLflow run ends
     KILLED (not FAILED, not left RUNNING) and holds the report the scheduler judged it on."""
     import csv
 
-    import ray
-
     from madpo_ray.tune import run_search
 
-    try:
-        p = _scored_pipeline(tmp_path, max_steps=8)
-        # A continuous objective (the reward model's score of greedy summaries) and learning rates
-        # far apart, so the trials differ at the first rung (accuracies on 16 pairs tie).
-        space = load_search_space(_space(tmp_path, "name: two\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
-                                                   "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
-                                                   "params:\n  lr: {type: grid, values: [1.0e-1, 1.0e-4, 3.0e-2, 1.0e-3]}\n"))
-        run_search(p, space, cpus_per_trial=2)  # one trial at a time: the later ones meet a full rung
-        with open(p.run_dir / "tune" / "two" / "trials.csv") as fh:
-            steps = {r["trial_id"]: int(r["steps"]) for r in csv.DictReader(fh)}
-    finally:
-        ray.shutdown()
+    p = _scored_pipeline(full_run, tmp_path, max_steps=8)
+    # A continuous objective (the reward model's score of greedy summaries) and learning rates
+    # far apart, so the trials differ at the first rung (accuracies on 16 pairs tie).
+    space = load_search_space(_space(tmp_path, "name: two\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
+                                               "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+                                               "params:\n  lr: {type: grid, values: [1.0e-1, 1.0e-4, 3.0e-2, 1.0e-3]}\n"))
+    run_search(p, space, cpus_per_trial=2)  # one trial at a time (one node of 2 CPUs): the later ones meet a full rung
+    with open(p.run_dir / "tune" / "two" / "trials.csv") as fh:
+        steps = {r["trial_id"]: int(r["steps"]) for r in csv.DictReader(fh)}
     status = {r.info.run_name.split("/")[-1]: r.info.status for r in _trial_runs(p.cfg)}
     stopped = [t for t, s in steps.items() if s < 8]
     assert stopped and status.keys() == steps.keys()  # ASHA stopped some, so the case happened
@@ -182,3 +172,38 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(tmp_path):
     for run in _trial_runs(p.cfg):  # every trial's last tracked step is its last report, the stopping one included
         history = client.get_metric_history(run.info.run_id, "rm_reward")
         assert max(m.step for m in history) == steps[run.info.run_name.split("/")[-1]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_trial_scores_the_temperature_objective_on_validation_documents(full_run):
+    """What a gold_*_temperature search selects by: a trial's evaluator, given the files the search
+    hands every trial, samples the validation documents (never test) at every eval temperature; the
+    worst is the lowest, T=0 is the greedy gold."""
+    from madpo_ray.config import config_from_dict
+    from madpo_ray.generation import TransformersGenerator
+    from madpo_ray.io import read_jsonl
+    from madpo_ray.models import load_causal_lm, load_tokenizer
+    from madpo_ray.stages.measures import greedy_gold_reward, mean_gold_reward
+    from madpo_ray.tune import trial_evaluator, trial_inputs
+
+    p, _ = full_run
+    cfg = config_from_dict(p.cfg.model_dump(mode="json"), ["eval.temperatures=[0,1]", "eval.num_prompts=6"])
+    lay, sft = p.layout, str(p.layout.model_dir("sft"))
+    tok, model = load_tokenizer(sft), load_causal_lm(sft).eval()
+    given = trial_inputs(p)
+    assert Path(given["scored_validation"]).name == "split=validation"
+    got = trial_evaluator(cfg, "gold_reward_worst_temperature", given["scored_validation"], given["validation_docs"],
+                          given["reward_dir"], tok)(model)
+    validation = read_jsonl(lay.docs_path("validation"))[:6]
+    test = read_jsonl(lay.docs_path("test"))[:6]
+    generator = TransformersGenerator(batch_size=32)
+    generator.use(model, tok)
+    assert got["gold_reward_t0"] == pytest.approx(greedy_gold_reward(generator, validation, cfg)[0])
+    assert got["gold_reward_t1"] == pytest.approx(mean_gold_reward(generator, validation, cfg, 1.0)[0])
+    # the trial reads the validation documents; an evaluator on the test ones scores other documents
+    assert Path(given["validation_docs"]) == lay.docs_path("validation")
+    assert not {d["doc_id"] for d in test} & {d["doc_id"] for d in validation}
+    assert got["gold_reward_worst_temperature"] == min(got["gold_reward_t0"], got["gold_reward_t1"])
+    assert got["gold_reward_temperatures"] == pytest.approx((got["gold_reward_t0"] + got["gold_reward_t1"]) / 2)
+    assert 0.0 <= got["heldout_preference_accuracy"] <= 1.0 and "rm_reward" not in got

@@ -9,28 +9,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import SERVE_TEST_KEY as KEY
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PORT = 8391
 BASE = f"http://127.0.0.1:{PORT}"
-KEY = "test-secret-key"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base_dir):
-    import ray
-    from ray import serve
+def server(tiny_base_dir, ray_for_serving):
+    from madpo_ray.serving.launch import run_server
 
-    from madpo_ray.serving.launch import run_server, serve_runtime_env
-
-    ray.init(address="local", num_cpus=2,
-             runtime_env=serve_runtime_env({"MADPO_TEST_KEY": KEY}), include_dashboard=True,
-             dashboard_host="127.0.0.1")
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=8)
     run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
-               api_key_env="MADPO_TEST_KEY")
-    yield BASE
-    serve.shutdown()
-    ray.shutdown()
+               api_key_env="MADPO_TEST_KEY")  # the session's serving cluster gives its replicas this key
+    return BASE
 
 
 def test_serve_app_is_the_packaged_deployment():

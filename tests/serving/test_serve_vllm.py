@@ -127,12 +127,18 @@ def test_direct_ingress_is_set_for_a_local_cluster_only_and_leaves_the_environme
     env = direct_ingress_env(8000)
     assert (env["RAY_SERVE_ENABLE_DIRECT_INGRESS"], env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
             env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("1", "8001", "8100")
-    enable_direct_ingress(8000, None)  # a local cluster: fine
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    enable_direct_ingress(8000, None)  # a local cluster about to start: fine
     for address in ("auto", "10.0.0.1:6379"):
         with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
             enable_direct_ingress(8000, address)
     with pytest.raises(ValueError, match="--port between"):
         enable_direct_ingress(65500, None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # this process already joined a cluster
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        enable_direct_ingress(8000, None)
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "9999")
     before = dict(os.environ)
     with environ(env):
@@ -180,21 +186,15 @@ def lora_stage(hd32_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(hd32_model, lora_stage):
+def servers(hd32_model, lora_stage, ray_for_serving):
     """The model served by vLLM (at /vllm), chosen by `auto`, with the LoRA adapter of
     `lora_stage` beside it, unmerged, as model `tuned`."""
-    import ray
-    from ray import serve
-
     from madpo_ray.serving.deployment import choose_backend
-    from madpo_ray.serving.launch import run_server, serve_runtime_env
+    from madpo_ray.serving.launch import run_server
 
     assert choose_backend(str(hd32_model), "auto")[0] == "vllm"
-    ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env())
-    yield hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
-                                 adapters={"tuned": str(lora_stage)})  # backend auto
-    serve.shutdown()
-    ray.shutdown()
+    return hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
+                                  adapters={"tuned": str(lora_stage)})  # backend auto
 
 
 def make_lora_stage(model_dir: Path, stage: Path) -> Path:
