@@ -30,7 +30,7 @@ from madpo_ray.data.scored import load_policy_examples
 from madpo_ray.data.testbed import build_pairs, distinct_samples_needed, pair_composition
 from madpo_ray.engine.batching import accumulation_steps
 from madpo_ray.engine.sessions import LocalSession
-from madpo_ray.generation import Generator, stage_generator
+from madpo_ray.generation import Generator, resolve_backend, stage_generator
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
 from madpo_ray.layout import SPLITS, STAGES, RunLayout, is_testbed, upstream_of
@@ -115,6 +115,8 @@ class Pipeline:
     def run(self, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> dict:
         """Run `stages` in order; a stage in `force` is redone even if up to date. One writer per run
         folder: a second `madpo run`/`tune` on it fails at once, naming the first (runlock.py)."""
+        if {"pairs", "eval"} & set(stages):  # they generate: an engine that is not installed fails now, not hours in
+            resolve_backend(self.cfg.eval.backend, many_models=False)
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.layout.run_dir):
             return self.run_locked(stages, force)

@@ -72,6 +72,19 @@ def test_auto_starts_vllm_only_for_a_batch_of_models_and_an_explicit_choice_hold
     assert isinstance(gen, TransformersGenerator) and (gen.batch_size, gen.dtype) == (7, "bfloat16")
 
 
+def test_a_run_that_generates_with_a_missing_engine_fails_before_anything_is_written(monkeypatch, tmp_path):
+    import madpo_ray.generation as G
+    from madpo_ray.config import load_config
+    from madpo_ray.pipeline import Pipeline
+
+    monkeypatch.setattr(G, "vllm_available", lambda: False)
+    p = Pipeline(load_config("tiny", [f"runs_dir={tmp_path}", "name=r", "eval.backend=vllm"]))
+    with pytest.raises(RuntimeError, match="eval.backend=vllm but vLLM is not importable"):
+        p.run()
+    assert not any(tmp_path.iterdir())
+    Pipeline(load_config("tiny", [f"runs_dir={tmp_path}", "name=r", "eval.backend=vllm"])).run(("data",))  # no generation
+
+
 def test_a_model_in_memory_samples_as_its_saved_folder(tiny_base_dir, tiny_model, tiny_tokenizer):
     """`use(model)` (a Tune trial's policy) and `load(folder)` (a stage's) give the same draws."""
     spec = SampleSpec(max_new_tokens=6, max_prompt_length=64)
