@@ -24,7 +24,10 @@ def _madpo(*args, env=None, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, ray_clusters):
+    # `ray stop --force` ends every Ray process on the machine: leave the session's cluster first,
+    # or this process (its driver) goes down with it.
+    ray_clusters.stop()
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_AUTH_MODE", None)  # Ray 2.60's default: token authentication
     env["RAY_AUTH_MODE"] = "token"
