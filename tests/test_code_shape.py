@@ -92,6 +92,20 @@ def test_every_batch_generation_goes_through_the_generator_interface():
     assert hits == []
 
 
+def test_every_stage_and_trial_takes_its_engine_from_eval_backend():
+    """Kills a caller that picks an engine itself and so ignores eval.backend: engines are built
+    in generation.py only, and the pairs stage, the eval stage and Tune's trials ask
+    `stage_generator(cfg)` (compare's actor asks `make_generator(cfg.eval.backend)`)."""
+    built = [f"{f.relative_to(PACKAGE)}:{n.lineno}" for f in sorted(PACKAGE.rglob("*.py")) if f.name != "generation.py"
+             for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("TransformersGenerator", "VLLMGenerator")]
+    assert built == []
+    for module in ("pipeline.py", "stages/eval.py", "tune.py"):
+        assert "stage_generator(self.cfg" in (PACKAGE / module).read_text() or \
+            "stage_generator(cfg" in (PACKAGE / module).read_text(), module
+    assert "make_generator(backend" in (PACKAGE / "eval" / "generate.py").read_text()
+
+
 def test_the_eval_stage_lives_in_stages():
     from madpo_ray import pipeline
     from madpo_ray.stages import eval as eval_stage
