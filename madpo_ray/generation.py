@@ -232,6 +232,9 @@ class VLLMGenerator(Generator):
                 log.debug("vLLM shutdown: %s", e)
             self.llm = None
             gc.collect()
+        if self.in_memory is not None:
+            self.in_memory.cleanup()
+            self.in_memory = None
 
     def sample(self, prompts: Sequence[str], temperature: float, n: int, spec: SampleSpec,
                seed: int) -> list[list[tuple[str, int]]]:
