@@ -30,7 +30,7 @@ from madpo_ray.data.scored import load_policy_examples
 from madpo_ray.data.testbed import build_pairs, distinct_samples_needed, pair_composition
 from madpo_ray.engine.batching import accumulation_steps
 from madpo_ray.engine.sessions import LocalSession
-from madpo_ray.generation import Generator, resolve_backend, stage_generator
+from madpo_ray.generation import Generator, SampleSpec, resolve_backend, stage_generator
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
 from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
 from madpo_ray.layout import SPLITS, STAGES, RunLayout, is_testbed, upstream_of
@@ -40,7 +40,6 @@ from madpo_ray.runlock import RunLock
 from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
 from madpo_ray.stages.outputs import StageOutput
 from madpo_ray.stages.eval import evaluate_run
-from madpo_ray.stages.measures import generation_spec
 from madpo_ray.stages.score import score_splits, scoring_backend
 
 log = logging.getLogger("madpo_ray.pipeline")
@@ -322,7 +321,7 @@ class Pipeline:
                 todo = [d for d in todo if len({s.strip() for s in samples[d] if s.strip()}) < need]
             if not todo:
                 break
-            texts = generator.texts([prompts[d] for d in todo], 1.0, generation_spec(self.cfg),
+            texts = generator.texts([prompts[d] for d in todo], 1.0, SampleSpec.from_config(self.cfg),
                                     seed=c.corpus_seed * 100 + k)
             for d, t in zip(todo, texts):
                 samples[d].append(t)

@@ -15,7 +15,7 @@ torch.set_num_threads(1)  # two cores shared with Ray workers: oversubscription 
 from madpo_ray.config import ModelConfig  # noqa: E402
 from madpo_ray.data.corpus.generated import generate_corpus  # noqa: E402
 
-from helpers import SERVE_TEST_KEY  # noqa: E402
+from helpers import SERVE_TEST_KEY, free_tcp_port  # noqa: E402
 
 TINY = ModelConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                    max_position_embeddings=256)
@@ -137,14 +137,6 @@ class RayClusters:
         if self.cluster is not None:
             self.cluster.shutdown()
         self.kind, self.cluster = None, None
-
-
-def free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

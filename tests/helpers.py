@@ -36,3 +36,12 @@ def clone_until_policy(src, runs_dir, name: str, *extra: str):
     if (src.run_dir / "base").exists():
         shutil.copytree(src.run_dir / "base", p.run_dir / "base")
     return p
+
+
+def free_tcp_port() -> int:
+    """A port nothing on loopback listens on now (a gloo rendezvous, a Ray dashboard)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

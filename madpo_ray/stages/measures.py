@@ -47,12 +47,6 @@ def reward_model_scores(reward_model, tokenizer, prompts: list[str], responses: 
     return out
 
 
-def generation_spec(cfg) -> SampleSpec:
-    """Lengths and seed of a stage's or a trial's generation: eval.max_new_tokens, data.max_prompt_length."""
-    return SampleSpec(max_new_tokens=cfg.eval.max_new_tokens, max_prompt_length=cfg.data.max_prompt_length,
-                      seed=cfg.eval.seed)
-
-
 def greedy_gold_reward(generator: Generator, docs: list[dict], cfg) -> tuple[float, list[str]]:
     """Mean testbed gold reward of greedy summaries of `docs` by the generator's model, and the summaries.
 
@@ -64,7 +58,7 @@ def mean_gold_reward(generator: Generator, docs: list[dict], cfg, temperature: f
     """Mean testbed gold reward of one summary per document at `temperature` (seeded by
     eval.seed above 0), and the summaries."""
     prompts = generation_prompts(cfg.data, generator.tokenizer, [d["document"] for d in docs])
-    texts = generator.texts(prompts, temperature, generation_spec(cfg), seed=cfg.eval.seed)
+    texts = generator.texts(prompts, temperature, SampleSpec.from_config(cfg), seed=cfg.eval.seed)
     golds = [document_gold(t, d) for t, d in zip(texts, docs)]
     return sum(golds) / len(golds), texts
 
@@ -83,7 +77,7 @@ def gold_reward_by_temperature(generator: Generator, docs: list[dict], cfg) -> d
 
 def mean_reward_model_score(generator: Generator, reward_model, prompts: list[str], cfg) -> float:
     """The frozen reward model's mean score of the generator's greedy answers to `prompts`."""
-    texts = generator.texts(prompts, 0.0, generation_spec(cfg))
+    texts = generator.texts(prompts, 0.0, SampleSpec.from_config(cfg))
     scores = reward_model_scores(reward_model, generator.tokenizer, prompts, texts)
     return sum(scores) / len(scores)
 

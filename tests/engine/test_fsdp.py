@@ -7,7 +7,6 @@ process group; full fine-tuning under FSDP through Ray Train is tested in test_p
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 from madpo_ray.engine.sessions import LocalSession, WorkerInfo
 
-from helpers import TINY_SETS
+from helpers import TINY_SETS, free_tcp_port
 
 pytestmark = pytest.mark.slow  # five pairs of processes, about 80 s
 
@@ -92,19 +91,13 @@ def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage=
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(tmp_path, name, strategy, steps, model_dir, scored, root=None, resumed_from=0, stage="policy"):
     """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
     import torch.multiprocessing as mp
 
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
-    mp.spawn(worker, args=(free_port(), strategy, steps, str(model_dir), str(scored), str(run_dir),
+    mp.spawn(worker, args=(free_tcp_port(), strategy, steps, str(model_dir), str(scored), str(run_dir),
                            str(root) if root else None, stage), nprocs=2, join=True)
     result = json.loads((run_dir / "history.json").read_text())
     assert result["resumed_from"] == resumed_from
