@@ -240,11 +240,12 @@ class PolicyStageConfig(StageConfig):
 class ScoreConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(2, ge=1)
-    # auto: Ray Data on a cluster (ray.address set) or for at least `ray_data_min_pairs` pairs, else a
-    # plain loop in the driver: Ray Data pays ~24 s to start its actors and lost below ~3,900 pairs
-    # on 2 cores (bench/score_throughput.py).
-    backend: Literal["auto", "ray_data", "local"] = "auto"
-    ray_data_min_pairs: int = Field(4000, ge=0)
+    # auto: on a cluster (ray.address set) or for at least `parallel_min_pairs` pairs, the run's Ray
+    # Train workers (up already for the trainings: no start, no CPUs change hands); else a plain
+    # loop in the driver. ray_data: a Ray Data actor pool of num_actors (it pays ~24 s to start its
+    # actors on 2 cores, bench/score_throughput.py, and the trainings' workers stop to free its CPUs).
+    backend: Literal["auto", "workers", "ray_data", "local"] = "auto"
+    parallel_min_pairs: int = Field(4000, ge=0)
     # Where the pairs' margins come from: the trained reward model, or the dataset's own `margin`
     # column (no reward model is trained; every pair must then have a finite margin).
     margins_from: Literal["reward_model", "data"] = "reward_model"

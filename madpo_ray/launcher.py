@@ -5,6 +5,10 @@ where reports and checkpoints go (engine/sessions.py). `launch` picks the stage'
 one table, wraps the session for tracking and, only when a `Training` asks for it, for fault
 injection; the training loop itself knows of neither.
 
+On Ray Train, one worker group serves a whole pipeline run (runtime.TrainingGroup): its
+`train_loop_per_worker` takes job after job from the driver (a training, or the score stage's
+pass when it runs in the workers) until the driver posts the end.
+
 Provenance stays with whoever owns the folder (the pipeline's stage records, compare's training
 folders): a launch only trains and saves into `Training.out`."""
 
@@ -22,9 +26,11 @@ from madpo_ray.console import quiet_libraries
 from madpo_ray.engine.faults import FaultInjectingSession
 from madpo_ray.engine.loop import FitResult
 from madpo_ray.engine.sessions import RayTrainSession
+from madpo_ray.runtime import finish_training, first_unfinished, next_training
 from madpo_ray.stages.outputs import StageOutput
 from madpo_ray.stages.policy import train_policy
 from madpo_ray.stages.reward import train_reward
+from madpo_ray.stages.score import ComputePolicy, score_shard
 from madpo_ray.stages.sft import train_sft
 from madpo_ray.tracking import tracked, tracking_target
 
@@ -68,9 +74,11 @@ def tracking_for(cfg: PipelineConfig, name: str, params: Optional[dict] = None,
 
 
 # --------------------------------------------------------------------------- Ray Train
-def to_loop_config(training: Training, *, checkpoint_root: str, order_by: str) -> dict:
-    """The Ray Train loop config that rebuilds `training` in every worker (`train_loop_per_worker`).
-    Plain data only: a stage function's extras (`options`: callables) cannot travel in it."""
+def to_loop_config(training: Training, *, checkpoint_root: str, checkpoint_name: str = "",
+                   datasets: Optional[dict] = None, order_by: str = "index") -> dict:
+    """One training as the worker group receives it (`train_loop_per_worker`): plain data, and the
+    object-store references of its datasets. A stage function's extras (`options`: callables)
+    cannot travel in it."""
     if training.options or training.out is None:
         raise ValueError(f"a Ray Train {training.stage} training needs an output folder and no in-process options "
                          f"(got out={training.out}, options={sorted(training.options)})")
@@ -78,7 +86,17 @@ def to_loop_config(training: Training, *, checkpoint_root: str, order_by: str) -
     return {"pipeline": training.cfg.model_dump(mode="json"), "stage": training.stage,
             "model_dir": str(training.model_dir), "out_dir": str(out.model_dir), "metrics_path": str(out.metrics_path),
             "adapter_dir": str(out.adapter_dir) if out.adapter_dir else None, "checkpoint_root": checkpoint_root,
-            "order_by": order_by, "faults": training.faults, "tracking": training.tracking}
+            "checkpoint_name": checkpoint_name, "datasets": datasets or {}, "order_by": order_by,
+            "faults": training.faults, "tracking": training.tracking, "kind": "train"}
+
+
+def scoring_job(examples, ref_dir, reward_dir, out_dir, cfg: PipelineConfig) -> dict:
+    """The score stage's pass as a job of the worker group (score.backend=workers); `examples` is
+    an object-store reference to the tokenised pairs."""
+    return {"kind": "score", "examples": examples, "ref_dir": str(ref_dir),
+            "reward_dir": str(reward_dir) if reward_dir else None, "out_dir": str(out_dir),
+            "batch_size": cfg.score.batch_size, "threads": max(1, int(cfg.ray.cpus_per_worker)),
+            "precision": asdict(ComputePolicy.of(cfg))}
 
 
 def from_loop_config(config: dict) -> Training:
@@ -89,11 +107,42 @@ def from_loop_config(config: dict) -> Training:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Every training stage's Ray Train entry point: the launch with a Ray Train session."""
+    """The Ray Train entry point of a run's worker group (runtime.TrainingGroup): every training
+    the driver posts, in order, until it posts the end. A group Ray restarted after a failure
+    starts at the first unfinished training, which resumes from its checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     quiet_libraries()
-    training = from_loop_config(config)
+    queue = config["queue"]
+    index = first_unfinished(queue)
+    while (job := next_training(queue, index)) is not None:
+        rank = WORKER_JOBS[job["kind"]](job)
+        if rank == 0:  # after rank 0 saved what the driver reads next (a model and its metrics, the scores)
+            finish_training(queue, index)
+        index += 1
+
+
+def score_posted(job: dict) -> int:
+    """The scoring pass's share of this worker; returns the worker's rank."""
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    score_shard(ray.get(job["examples"]), job["ref_dir"], job["reward_dir"], job["out_dir"], rank=rank,
+                world_size=world, threads=job["threads"], batch_size=job["batch_size"],
+                precision=ComputePolicy(**job["precision"]))
+    return rank
+
+
+def launch_posted(job: dict) -> int:
+    """One posted training in this worker; returns the worker's rank."""
+    training = from_loop_config(job)
     torch.set_num_threads(max(1, int(training.cfg.ray.cpus_per_worker)))
-    session = RayTrainSession(config.get("checkpoint_root"), order_by=config.get("order_by", "index"),
-                              strategy=training.cfg.ray.strategy)
+    session = RayTrainSession(job["datasets"], job["checkpoint_root"], checkpoint_name=job["checkpoint_name"],
+                              order_by=job["order_by"], strategy=training.cfg.ray.strategy)
     launch(training, session)
+    return session.info.rank
+
+
+# What a worker of the group does with each kind of job the driver posts.
+WORKER_JOBS: dict[str, Callable[[dict], int]] = {"train": launch_posted, "score": score_posted}

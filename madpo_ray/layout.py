@@ -36,7 +36,8 @@ STAGES = ("data", "sft", "pairs", "reward", "score", "policy", "eval")
 # explicit final step (`madpo compare --final`) reads it, and it records each reading.
 SPLITS = ("train", "validation", "test")
 DEVELOPMENT_SPLIT, SEALED_SPLIT = "validation", "test"
-TRAINED_STAGES = ("sft", "reward", "policy")  # a Ray Train run and a model folder each
+TRAINED_STAGES = ("sft", "reward", "policy")  # a model folder each
+TRAININGS_RUN = "stages"  # the Ray Train run (one worker group) that trains them: ray_storage/stages/
 BEFORE_POLICY = STAGES[:STAGES.index("policy")]
 TESTBED_SOURCES = ("generated", "debian")
 
@@ -158,11 +159,12 @@ class RunLayout:
         return self.run_dir / "ray"
 
     def trainer_name(self, stage: str) -> str:
-        """Ray Train run name; its checkpoints live in ray_storage/<name>/."""
+        """A training's name among the run's checkpoints: "sft", "reward", "policy-madpo"."""
         return f"{stage}-{self.loss}" if stage == "policy" else stage
 
     def checkpoint_root(self, stage: str) -> Path:
-        return self.ray_storage / self.trainer_name(stage)
+        """Where a training's checkpoints live: inside the one Ray Train run of the run's trainings."""
+        return self.ray_storage / TRAININGS_RUN / self.trainer_name(stage)
 
     @property
     def faults_dir(self) -> Path:

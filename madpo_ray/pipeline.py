@@ -2,8 +2,9 @@
 are up to date and redoing those whose settings or upstream changed (provenance: layout.py).
 
 Each stage method returns its metrics; the driver writes them with the stage's DONE record.
-Training stages run on Ray Train (`runtime.run_trainer`): the driver tokenises, hands the
-examples to the trainer as a Ray Dataset, and the workers read them with get_dataset_shard.
+Training stages run on Ray Train, all of a run's trainings on one worker group
+(`runtime.TrainingGroup`) that starts with the first training and stops when the run ends: the
+driver tokenises, puts the examples in Ray's object store, posts the training, and waits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -32,12 +34,13 @@ from madpo_ray.engine.batching import accumulation_steps
 from madpo_ray.engine.sessions import LocalSession
 from madpo_ray.generation import Generator, SampleSpec, resolve_backend, stage_generator
 from madpo_ray.io import read_jsonl, write_json, write_jsonl
-from madpo_ray.launcher import Training, launch, to_loop_config, tracking_for, train_loop_per_worker
-from madpo_ray.layout import SPLITS, STAGES, RunLayout, is_testbed, upstream_of
+from madpo_ray.launcher import (Training, launch, scoring_job, to_loop_config, tracking_for,
+                                train_loop_per_worker)
+from madpo_ray.layout import SPLITS, STAGES, TRAINED_STAGES, TRAININGS_RUN, RunLayout, is_testbed, upstream_of
 from madpo_ray.models import build_tiny_base, check_model_folder, load_tokenizer
 from madpo_ray.provenance import STAGE_SETTINGS, StageRecord, begin_training, settings_of
 from madpo_ray.runlock import RunLock
-from madpo_ray.runtime import init_ray, parquet_dataset, run_trainer
+from madpo_ray.runtime import TrainingGroup, init_ray
 from madpo_ray.stages.outputs import StageOutput
 from madpo_ray.stages.eval import evaluate_run
 from madpo_ray.stages.score import score_splits, scoring_backend
@@ -59,6 +62,7 @@ class Pipeline:
         self.faults: dict[str, dict] = {}  # tests only: stage -> engine.faults.FaultInjectingSession's options
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.group: Optional[TrainingGroup] = None  # the Ray Train workers, from the first training to the end
 
     @property
     def run_dir(self):
@@ -118,12 +122,22 @@ class Pipeline:
             resolve_backend(self.cfg.eval.backend, many_models=False)
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.layout.run_dir):
-            return self.run_locked(stages, force)
+            try:
+                return self.run_locked(stages, force)
+            finally:
+                self.stop_workers()
+
+    def stop_workers(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def run_locked(self, stages: tuple[str, ...], force: tuple[str, ...]) -> dict:
         save_config(self.cfg, self.layout.config_path)
         results = {}
-        for stage in stages:
+        for i, stage in enumerate(stages):
+            if not set(stages[i:]) & {*TRAINED_STAGES, "score"}:
+                self.stop_workers()  # nothing left for them: their CPUs and memory go to what follows
             reason = "forced" if stage in force else self.why_stale(stage)
             if reason is None:
                 log.info("== %s: up to date, skipping", stage)
@@ -139,11 +153,11 @@ class Pipeline:
             results[stage] = metrics
         return results
 
-    def train(self, stage: str, examples: list[dict], model_dir, parquet: Optional[str] = None,
+    def train(self, stage: str, examples: list[dict], model_dir, order_by: str = "index",
               validation: Optional[list[dict]] = None) -> dict:
-        """Train a stage on `examples` (or, on Ray, read from `parquet` with Ray Data); returns its
-        training metrics. `validation` examples (the reward stage's early stopping) reach every
-        worker whole. ray.backend=ray: a TorchTrainer run; local: this process."""
+        """Train a stage on `examples` (in `order_by` order: "index" is their order here); returns
+        its training metrics. `validation` examples (the reward stage's early stopping) reach every
+        worker whole. ray.backend=ray: on the run's worker group; local: this process."""
         lay = self.layout
         workers = 1 if self.cfg.ray.backend == "local" else self.cfg.ray.num_workers
         accumulation_steps(getattr(self.cfg, stage).optim, workers, len(examples), stage)  # before any worker starts
@@ -156,31 +170,41 @@ class Pipeline:
             if self.cfg.ray.backend == "local":
                 datasets = {"train": examples, **({"validation": validation} if validation else {})}
                 launch(training, LocalSession(datasets, checkpoint_root=str(lay.checkpoint_root(stage))))
+                placement = {"workers_wait_seconds": 0.0}
             else:
-                self.train_on_ray(training, examples, parquet, validation)
-        return json.loads(lay.train_metrics_path(stage).read_text())
+                placement = self.train_on_ray(training, examples, order_by, validation)
+        return {**json.loads(lay.train_metrics_path(stage).read_text()), **placement}
 
-    def train_on_ray(self, training: Training, examples: list[dict], parquet: Optional[str],
-                     validation: Optional[list[dict]] = None) -> None:
-        """One Ray Train run of the training; the workers read the examples with get_dataset_shard
-        (from the parquet itself when there is one: the scored pairs)."""
-        import ray.data
+    def train_on_ray(self, training: Training, examples: list[dict], order_by: str,
+                     validation: Optional[list[dict]] = None) -> dict:
+        """The training on the run's worker group (started by the first training); the examples
+        travel through Ray's object store. Returns how long it waited for the workers, and which
+        worker processes took it."""
+        import ray
 
         lay, stage = self.layout, training.stage
-        init_ray(self.cfg.ray)
-        # Small, already-tokenised data: Ray Data's per-worker progress bars would only add noise.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        if parquet is not None:
-            columns = list(examples[0]) if examples else []
-            dataset, order_by = parquet_dataset(parquet, columns), "row_id"
-        else:
-            dataset, order_by = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(examples)]), "index"
-        config = to_loop_config(training, checkpoint_root=str(lay.checkpoint_root(stage)), order_by=order_by)
-        datasets = {"train": dataset.materialize()}
+        if order_by == "index":
+            examples = [{**ex, "index": i} for i, ex in enumerate(examples)]
+        datasets = {"train": ray.put(examples)}
         if validation:
-            datasets["validation"] = ray.data.from_items([{**ex, "index": i} for i, ex in enumerate(validation)])
-        run_trainer(train_loop_per_worker, config, self.cfg.ray, name=lay.trainer_name(stage),
-                    storage_path=lay.ray_storage, datasets=datasets)
+            datasets["validation"] = ray.put([{**ex, "index": i} for i, ex in enumerate(validation)])
+        return self.workers().run(to_loop_config(training, checkpoint_root=str(lay.checkpoint_root(stage)),
+                                                 checkpoint_name=lay.trainer_name(stage), datasets=datasets,
+                                                 order_by=order_by))
+
+    def workers(self) -> TrainingGroup:
+        """The run's Ray Train worker group, started on first use."""
+        if self.group is None:
+            init_ray(self.cfg.ray)
+            self.group = TrainingGroup(train_loop_per_worker, self.cfg.ray, self.layout.ray_storage, TRAININGS_RUN)
+        return self.group
+
+    def score_in_workers(self, examples: list[dict], ref_dir, reward_dir, out_dir) -> Path:
+        """score.backend=workers: the scoring pass as one job of the run's worker group."""
+        import ray
+
+        self.workers().run(scoring_job(ray.put(examples), ref_dir, reward_dir, out_dir, self.cfg))
+        return out_dir
 
     # ------------------------------------------------------------------ stages
     def stage_bodies(self) -> dict[str, Callable[[], dict]]:
@@ -377,14 +401,15 @@ class Pipeline:
         tokenized = {split: self.tokenized_pairs(split) for split in SPLITS}
         tokenized = {split: t for split, t in tokenized.items() if t[0]}  # a split tokenising skipped whole
         if scoring_backend(self.cfg, sum(len(exs) for exs, _ in tokenized.values())) == "ray_data":
+            self.stop_workers()  # Ray Data's scoring actors need the CPUs (or GPUs) the training workers hold
             init_ray(self.cfg.ray)
-        return score_splits(self.layout, tokenized, self.cfg)
+        return score_splits(self.layout, tokenized, self.cfg, in_workers=self.score_in_workers)
 
     def stage_policy(self) -> dict:
         check_model_folder(str(self.layout.model_dir("sft")))
         path = self.layout.scored_path("train")
         examples = load_policy_examples(path, self.cfg.policy.loss.name)  # checked here, before any training
-        return {"examples": len(examples), **self.train("policy", examples, self.layout.model_dir("sft"), str(path))}
+        return {"examples": len(examples), **self.train("policy", examples, self.layout.model_dir("sft"), "row_id")}
 
     def stage_eval(self) -> dict:
         return evaluate_run(self.cfg, self.layout)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from madpo_ray.config import RayConfig
-from madpo_ray.engine.checkpoints import find_checkpoints, newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,53 +72,155 @@ def largest_node_cpus() -> float:
     return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1.0) or 1.0
 
 
-def latest_checkpoint(storage_path: Path, name: str):
-    """The newest complete checkpoint a previous attempt of this run left, for cross-process resume."""
-    import ray.train
+class TrainingQueue:
+    """The trainings a worker group is to run, in order (a threaded Ray actor with no CPU of its
+    own: a call may wait, up to its timeout, for what it asks about, instead of being polled).
 
-    best = newest_checkpoint(find_checkpoints(str(Path(storage_path) / name)))
-    return ray.train.Checkpoint.from_directory(str(best)) if best else None
+    The driver posts a training and waits for it to be marked finished; every worker asks for
+    training `index` (all get the same) and rank 0 marks it finished once its outputs are saved.
+    `None` posted means: no more trainings, leave the loop."""
+
+    def __init__(self):
+        self.jobs: list = []
+        self.finished: set[int] = set()
+        self.taken: dict[int, float] = {}  # when a worker first took it
+        self.takers: dict[int, set[str]] = {}  # the worker processes that took it
+        self.changed = threading.Condition()
+
+    def post(self, job) -> int:
+        with self.changed:
+            self.jobs.append(job)
+            self.changed.notify_all()
+            return len(self.jobs) - 1
+
+    def first_unfinished(self) -> int:
+        """Where a (re)started worker group picks up: a training a failed group left half done is
+        taken again and resumes from its checkpoint."""
+        return min(set(range(len(self.jobs) + 1)) - self.finished)
+
+    def job(self, index: int, worker: str = "", timeout: float = 0.0):
+        """("run", job) for training `index`, ("stop", None) for the end, or ("wait", None) when it is
+        not posted within `timeout` seconds. Records when it was first taken, and by which worker
+        processes."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: index < len(self.jobs), timeout):
+                return "wait", None
+            self.taken.setdefault(index, time.time())
+            self.takers.setdefault(index, set()).add(worker)
+            return ("stop", None) if self.jobs[index] is None else ("run", self.jobs[index])
+
+    def finish(self, index: int) -> None:
+        with self.changed:
+            self.finished.add(index)
+            self.changed.notify_all()
+
+    def status(self, index: int, timeout: float = 0.0) -> tuple[bool, Optional[float], list[str]]:
+        """Whether training `index` finished (waiting up to `timeout` seconds for it), when a worker
+        first took it, and which worker processes took it."""
+        with self.changed:
+            done = self.changed.wait_for(lambda: index in self.finished, timeout)
+            return done, self.taken.get(index), sorted(self.takers.get(index, ()))
 
 
-# Below this size a parquet input is read by the driver and handed to Ray as one Arrow table:
-# Ray Data's read tasks took about 6 s to start and finish on the default run's 7.5 MiB of scored
-# pairs (2 cores), several times the read itself. Larger inputs are read by Ray Data's tasks.
-DRIVER_READ_MAX_BYTES = 256 * 2**20
+def next_training(queue, index: int, wait_seconds: float = 10.0):
+    """In a worker: wait for training `index` of the queue; None when the driver posted the end."""
+    import ray
+
+    while True:
+        what, job = ray.get(queue.job.remote(index, f"{socket.gethostname()}:{os.getpid()}", wait_seconds))
+        if what != "wait":
+            return job if what == "run" else None
 
 
-def parquet_dataset(path: str, columns: list[str]):
-    """A Ray Dataset of `columns` of a parquet file or folder of files."""
-    import ray.data
+def first_unfinished(queue) -> int:
+    import ray
 
-    files = [Path(path)] if Path(path).is_file() else list(Path(path).rglob("*.parquet"))
-    if sum(f.stat().st_size for f in files) <= DRIVER_READ_MAX_BYTES:
-        import pyarrow.parquet as pq
-
-        return ray.data.from_arrow(pq.read_table(path, columns=columns))
-    return ray.data.read_parquet(path).select_columns(columns)
+    return ray.get(queue.first_unfinished.remote())
 
 
-def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, *, name: str,
-                storage_path: Path, datasets: Optional[dict] = None, resume: bool = True,
-                num_workers: Optional[int] = None):
-    """One TorchTrainer run; resumes from the last checkpoint under storage_path/name if any.
+def finish_training(queue, index: int) -> None:
+    import ray
 
-    `datasets` reach every worker whole (`get_dataset_shard`); the training loop's seeded
-    sampler shards them, so the batch order is exact on resume and the same for any worker count."""
+    ray.get(queue.finish.remote(index))
+
+
+class TrainingGroup:
+    """One Ray Train worker group (one TorchTrainer.fit, in a background thread) for every
+    training of a pipeline run: the workers start once, keep their imports, and take each
+    training from a `TrainingQueue` (launcher.train_loop_per_worker). Ray Train still restarts
+    failed workers (ray.max_failures); the restarted group takes the unfinished training again and
+    resumes from its checkpoint on storage.
+
+    Every checkpoint is reported as `<storage_path>/<name>/<training>/checkpoint_<step>` (the
+    stage's checkpoint root, layout.RunLayout.checkpoint_root). Ray's record of an earlier run's
+    checkpoints (its snapshot) is removed before the group starts: a resume reads the checkpoints
+    on storage, and the snapshot would name folders that a stage redone since has deleted (Ray
+    refuses to start on that)."""
+
+    def __init__(self, train_loop: Callable[[dict], None], cfg: RayConfig, storage_path: Path, name: str):
+        import ray
+
+        self.cfg = cfg
+        self.queue = ray.remote(num_cpus=0, max_concurrency=16)(TrainingQueue).remote()
+        self.error: Optional[BaseException] = None
+        self.busy = False  # a training is posted and not finished
+        storage_path = Path(storage_path).resolve()
+        (storage_path / name / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+        trainer = torch_trainer(train_loop, {"queue": self.queue}, cfg, storage_path, name)
+        self.thread = threading.Thread(target=self.fit, args=(trainer,), name="madpo-training-group", daemon=True)
+        self.thread.start()
+        log.info("started a Ray Train worker group of %d worker(s) for the run's trainings", cfg.num_workers)
+
+    def fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except Exception as e:  # noqa: BLE001 - raised in the driver's thread, waiting in run()
+            self.error = e
+
+    def run(self, loop_config: dict, wait_seconds: float = 1.0) -> dict:
+        """Post one training and wait until rank 0 has saved it. Returns how long it waited for a
+        worker to take it (the group's start, for the first training; about 0 after) and which
+        worker processes took it (host:pid; the same for every training of one group)."""
+        import ray
+
+        posted, self.busy = time.time(), True
+        index = ray.get(self.queue.post.remote(loop_config))
+        while True:
+            done, taken, workers = ray.get(self.queue.status.remote(index, wait_seconds))
+            if done:
+                self.busy = False
+                return {"workers_wait_seconds": (taken or posted) - posted, "worker_processes": workers}
+            if not self.thread.is_alive():  # Ray Train gave up (ray.max_failures): its error, as fit() raised it
+                raise self.error or RuntimeError(f"the Ray Train workers stopped during {loop_config.get('stage')!r}")
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Tell idle workers to leave their loop and wait for fit() to return. Workers still
+        training (the driver stopped on an error or Ctrl-C) are not waited for: they end with the
+        driver's Ray job."""
+        import ray
+
+        if self.busy or not self.thread.is_alive():
+            return
+        ray.get(self.queue.post.remote(None))
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("the Ray Train worker group did not stop within %.0f s", timeout)
+            return
+        ray.kill(self.queue)
+
+
+def torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, storage_path: Path,
+                  name: str):
+    """The TorchTrainer of a worker group: gloo on CPU, NCCL on GPU, ray.max_failures restarts."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    storage_path = Path(storage_path).resolve()
-    workers = num_workers or cfg.num_workers
-    resume_from = latest_checkpoint(storage_path, name) if resume else None
-    if resume_from is not None:
-        log.info("%s: resuming from %s", name, resume_from.path)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path),
@@ -124,8 +228,4 @@ def run_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayC
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env()},
         ),
-        resume_from_checkpoint=resume_from,
-        datasets=datasets or {},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    return trainer.fit()

@@ -17,11 +17,12 @@ TINY_SETS = [
 
 
 def tiny_config(runs_dir, name: str, *extra: str):
-    """The CI-sized config on the Ray path. score.backend=ray_data: at this size `auto` would score
-    in a plain loop; the Ray Data pass is what the Ray tests test."""
+    """The CI-sized config on the Ray path. score.backend=workers: at this size `auto` would score
+    in a plain loop; the run's worker group is what the default run scores with (test_pipeline_ray
+    tests the Ray Data pass against it)."""
     from madpo_ray.config import load_config
 
-    return load_config("tiny", TINY_SETS + [f"runs_dir={runs_dir}", f"name={name}", "score.backend=ray_data", *extra])
+    return load_config("tiny", TINY_SETS + [f"runs_dir={runs_dir}", f"name={name}", "score.backend=workers", *extra])
 
 
 def clone_until_policy(src, runs_dir, name: str, *extra: str):

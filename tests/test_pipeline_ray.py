@@ -55,9 +55,18 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
                     "share_abs_margin_above_tau", "share_margin_below_minus_tau", "weight_median"):
             assert key in margins[split], (split, key)
     assert "test" not in margins and summary["split"] == "validation"  # the sealed split is the final step's
-    fixed = summary["stage_fixed_seconds"]  # wall time outside each training loop
+    fixed = summary["stage_fixed_seconds"]  # wall time outside each training loop, less the workers' start
     assert set(fixed) == {"sft", "reward", "policy"}
     assert all(0 < fixed[s] < summary["stage_seconds"][s] for s in fixed)
+    # One worker group for every training and the scoring: the same two worker processes took each
+    # job, and only the first waited for the workers to start.
+    placed = {s: p.layout.read_metrics(s) for s in fixed}
+    assert len(placed["sft"]["worker_processes"]) == 2
+    assert placed["sft"]["worker_processes"] == placed["reward"]["worker_processes"] == \
+        placed["policy"]["worker_processes"]
+    assert p.layout.read_metrics("score")["backend"] == "workers"
+    assert summary["workers_start_seconds"] == pytest.approx(sum(m["workers_wait_seconds"] for m in placed.values()))
+    assert placed["reward"]["workers_wait_seconds"] < placed["sft"]["workers_wait_seconds"]
     score_metrics = p.layout.read_metrics("score")
     assert "rm_accuracy_vs_labels" not in score_metrics["test"] and score_metrics["test"]["scored"] > 0
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure
@@ -88,19 +97,20 @@ def test_scored_parquet_contract(full_run):
 
 
 
-def test_scored_pairs_reach_ray_the_same_read_here_or_by_ray_data(full_run, monkeypatch):
-    """A small parquet is read by the driver and handed over as one Arrow table, a large one by
-    Ray Data's read tasks (below the size limit here by forcing it to 0): same rows, same columns."""
-    from madpo_ray import runtime
-
+def test_ray_data_scores_as_the_workers_do(full_run, tmp_path):
+    """The same models scored by a Ray Data actor pool (score.backend=ray_data, which stops the
+    worker group first) and by the full run's worker group: the same rows, the same numbers."""
     p, _ = full_run
-    path, columns = str(p.layout.scored_path("train")), ["row_id", "prompt_ids", "margin"]
-    here = runtime.parquet_dataset(path, columns).take_all()
-    monkeypatch.setattr(runtime, "DRIVER_READ_MAX_BYTES", 0)
-    by_tasks = runtime.parquet_dataset(path, columns).take_all()
-    key = lambda r: r["row_id"]  # noqa: E731
-    assert len(here) == pq.read_table(path).num_rows and sorted(here[0]) == sorted(columns)
-    assert [dict(r) for r in sorted(here, key=key)] == [dict(r) for r in sorted(by_tasks, key=key)]
+    q = clone_until_policy(p, tmp_path, "ray_data", "score.backend=ray_data")
+    assert q.run(("score",), force=("score",))["score"]["backend"] == "ray_data"
+    for split in ("train", "validation", "test"):
+        by_data = {r["row_id"]: r for r in pq.read_table(str(q.layout.scored_path(split))).to_pylist()}
+        by_workers = {r["row_id"]: r for r in pq.read_table(str(p.layout.scored_path(split))).to_pylist()}
+        assert sorted(by_data) == sorted(by_workers) and by_data
+        for row_id, r in by_workers.items():
+            for c in ("ref_logp_chosen", "ref_logp_rejected", "len_chosen", "reward_chosen", "margin"):
+                assert by_data[row_id][c] == pytest.approx(r[c], abs=1e-4), (split, row_id, c)
+
 
 def test_rerun_skips_complete_stages(full_run, caplog):
     p, _ = full_run
@@ -154,6 +164,27 @@ def test_other_losses_train_from_the_same_scored_pairs(full_run, tmp_path, loss)
     assert q.layout.stage_dir("policy").name == loss
     if loss == "beta_dpo":
         assert "beta_batch" in m
+
+
+def test_a_training_killed_before_its_first_checkpoint_starts_over_not_from_the_one_before(full_run, tmp_path):
+    """The reward model and the policy on one worker group; the policy's worker killed at its first
+    step, before any policy checkpoint: Ray's latest checkpoint is then the reward model's, and the
+    restarted group must start the policy from scratch, not resume from that."""
+    p, _ = full_run
+    q = clone_until_policy(p, tmp_path, "early", "policy.optim.max_steps=3", "reward.optim.checkpoint_every=2",
+                           "ray.max_failures=1")
+    q.faults = {"policy": {"fail_at_step": 1, "marker_dir": str(q.layout.faults_dir),
+                           "batch_log_path": str(q.layout.stage_dir("policy") / "batches.log")}}
+    results = q.run(("reward", "policy"), force=("reward",))
+    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
+
+    assert (q.run_dir / ".faults" / "killed_at_1").exists()
+    assert max(checkpoint_step(c) for c in find_checkpoints(str(q.layout.checkpoint_root("reward")))) > 1
+    assert results["policy"]["steps"] == 3 and results["policy"]["resumed_from_step"] == 0
+    assert set(results["reward"]["worker_processes"]) < set(results["policy"]["worker_processes"])  # + restarted
+    lines = [line.split() for line in (q.layout.stage_dir("policy") / "batches.log").read_text().splitlines()]
+    steps = [int(parts[-2][5:]) for parts in lines if parts[-1] == "rank=0"]
+    assert sorted(steps) == [0, 0, 1, 2]  # step 0 before the kill and again from scratch
 
 
 def test_killed_worker_resumes_from_last_checkpoint(full_run, tmp_path):

@@ -37,18 +37,6 @@ class MissingSplit(KeyError):
     taken for a missing one."""
 
 
-def arrow_rows(batches, order_by: str) -> list[dict]:
-    """Rows of pyarrow batches as plain Python values, in a fixed order.
-
-    Plain lists and floats (not numpy) so collated tensors get the same dtypes as rows read
-    with pyarrow directly; sorted because Ray Data does not promise block order."""
-    rows = [r for b in batches for r in b.to_pylist()]
-    if rows and order_by not in rows[0]:
-        raise ValueError(f"dataset rows have no {order_by!r} column to fix their order; columns: {sorted(rows[0])}")
-    rows.sort(key=lambda r: r[order_by])
-    return rows
-
-
 class LocalSession:
     """One plain process (a Ray task, a benchmark, a test), and the base of the others: examples given up front; checkpoints (if a root is given) go to
     `checkpoint_root/checkpoint_<step>`, which the loop scans when it resumes."""
@@ -123,34 +111,56 @@ class RaySession(LocalSession):
 
 
 class RayTrainSession(RaySession):
-    """Inside a Ray Train worker: DDP preparation, Ray Data datasets, collective reports,
-    Train checkpoints. `checkpoint_root` is the run's storage folder for this trainer."""
+    """Inside a Ray Train worker: DDP preparation, the training's examples from the object store,
+    collective reports, Train checkpoints named `<checkpoint_name>/checkpoint_<step>` inside the
+    Ray Train run (so into `checkpoint_root`: one folder per training, though one worker group
+    runs all the trainings of a pipeline run)."""
 
-    def __init__(self, checkpoint_root: Optional[str] = None, order_by: str = "index", strategy: str = "ddp"):
+    def __init__(self, datasets: Optional[dict] = None, checkpoint_root: Optional[str] = None,
+                 checkpoint_name: str = "", order_by: str = "index", strategy: str = "ddp"):
         import ray.train
         import ray.train.torch
 
-        super().__init__(checkpoint_root=checkpoint_root)
-        self.order_by = order_by  # a column that fixes the example order (Ray Data does not)
+        super().__init__(datasets, checkpoint_root=checkpoint_root)
+        self.checkpoint_name = checkpoint_name
+        self.order_by = order_by  # a column that fixes the example order, the same for every worker count
         self.strategy = strategy
         ctx = ray.train.get_context()
         self.info = WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
     def examples(self, name: str = "train") -> list[dict]:
-        """This worker's copy of the dataset passed to the trainer. The dataset is not split
-        by Ray: the loop's seeded DistributedSampler shards it, which keeps the order exact
-        on resume and equal to a one-process run."""
-        import ray.data
+        """This worker's copy of the whole dataset (an object-store reference the driver posted).
+        It is not split by Ray: the loop's seeded DistributedSampler shards it, which keeps the
+        order exact on resume and equal to a one-process run."""
+        import ray
+
+        if name not in self.datasets:
+            raise MissingSplit(f"no {name!r} dataset was posted with this training; it has {sorted(self.datasets)}")
+        rows = [dict(r) for r in ray.get(self.datasets[name])]
+        if rows and self.order_by not in rows[0]:
+            raise ValueError(f"dataset rows have no {self.order_by!r} column to fix their order; columns: "
+                             f"{sorted(rows[0])}")
+        return sorted(rows, key=lambda r: r[self.order_by])
+
+    def checkpoint_dir(self):
+        """Ray's latest checkpoint, only if it is this training's: a worker group restarted during
+        the policy training must not resume from the reward model's last checkpoint."""
         import ray.train
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        try:
-            shard = ray.train.get_dataset_shard(name)
-        except KeyError:  # Train V2: a name not passed to the trainer
-            shard = None
-        if shard is None:
-            raise MissingSplit(f"no {name!r} dataset was passed to this trainer")
-        return arrow_rows(shard.iter_batches(batch_format="pyarrow", batch_size=4096), self.order_by)
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None or self.checkpoint_root is None or Path(self.checkpoint_root) not in Path(ckpt.path).parents:
+            return contextlib.nullcontext(None)
+        return ckpt.as_directory()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        name = f"{self.checkpoint_name}/checkpoint_{int(metrics['step']):06d}" if self.checkpoint_name else None
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name)
 
     def report_metrics(self, metrics: dict) -> None:
         """Not sent to Ray Train: its controller takes one report per worker at each health check

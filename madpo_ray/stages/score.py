@@ -12,11 +12,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from madpo_ray.data.margins import margin_diagnostics
+from madpo_ray.engine.collectives import all_gather_objects
 from madpo_ray.engine.loop import autocast_context
 from madpo_ray.io import atomic_folder
 from madpo_ray.layout import SEALED_SPLIT
@@ -134,12 +135,32 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
     """The same scoring in this process (ray.backend=local), written in the same partitioned layout."""
     import os
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     scorer = PairScorer(str(ref_dir), str(reward_dir) if reward_dir else None, threads=max(1, os.cpu_count() or 1),
                         precision=precision)
     rows = [r for i in range(0, len(examples), batch_size) for r in scorer.score(examples[i:i + batch_size])]
+    return write_scored(rows, out_dir, partition_col)
+
+
+def score_shard(examples: list[dict], ref_dir: str, reward_dir: Optional[str], out_dir: str, *, rank: int,
+                world_size: int, threads: int = 1, batch_size: int = 32,
+                precision: ComputePolicy = ComputePolicy()) -> None:
+    """The scoring in the run's Ray Train workers (score.backend=workers): each worker scores every
+    world_size-th pair, and rank 0 gathers them back in order and writes the parquet. The
+    workers are up already, so this pays no actor start and no CPUs change hands."""
+    scorer = PairScorer(ref_dir, reward_dir, threads=threads, precision=precision)
+    mine = examples[rank::world_size]
+    rows = [r for i in range(0, len(mine), batch_size) for r in scorer.score(mine[i:i + batch_size])]
+    parts = all_gather_objects(rows, world_size)
+    if rank == 0:
+        in_order = [parts[i % world_size][i // world_size] for i in range(len(examples))]
+        write_scored(in_order, Path(out_dir))
+
+
+def write_scored(rows: list[dict], out_dir: Path, partition_col: str = "split") -> Path:
+    """Scored rows as parquet partitioned like Ray Data writes them: out_dir/split=<name>/."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     with atomic_folder(out_dir) as tmp:
         for value in dict.fromkeys(r[partition_col] for r in rows):
             part = [{k: v for k, v in r.items() if k != partition_col} for r in rows if r[partition_col] == value]
@@ -148,18 +169,25 @@ def score_locally(examples: list[dict], ref_dir: Path, reward_dir: Optional[Path
     return out_dir
 
 
+SCORING_BACKENDS = {"local": "a plain loop in this process", "workers": "the run's Ray Train workers",
+                    "ray_data": "Ray Data"}
+
+
 def scoring_backend(cfg, pairs: int) -> str:
-    """"ray_data" or "local" for score.backend (see ScoreConfig)."""
+    """"workers", "ray_data" or "local" for score.backend (see ScoreConfig)."""
     if cfg.ray.backend == "local" or cfg.score.backend == "local":
         return "local"
-    if cfg.score.backend == "ray_data" or cfg.ray.address or pairs >= cfg.score.ray_data_min_pairs:
-        return "ray_data"
-    return "local"
+    if cfg.score.backend != "auto":
+        return cfg.score.backend
+    return "workers" if cfg.ray.address or pairs >= cfg.score.parallel_min_pairs else "local"
 
 
-def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> dict:
-    """The score stage: every split's tokenised pairs through one Ray Data pass, then checks and
-    the reward model's agreement with the labels (and, on the testbed, with the true margins)."""
+def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg,
+                 in_workers: Optional[Callable[..., Path]] = None) -> dict:
+    """The score stage: every split's tokenised pairs scored in one pass (in this process, in the
+    run's Ray Train workers through `in_workers(examples, ref_dir, reward_dir, out_dir)`, or by
+    Ray Data), then checks and the reward model's agreement with the labels (and, on the
+    testbed, with the true margins)."""
     import time
 
     from_data = cfg.score.margins_from == "data"
@@ -176,9 +204,13 @@ def score_splits(layout, tokenized: dict[str, tuple[list[dict], dict]], cfg) -> 
     models = (layout.model_dir("sft"), None if from_data else layout.model_dir("reward"), layout.scored_dir)
     backend = scoring_backend(cfg, len(examples))
     metrics["backend"] = backend
-    log.info("scoring %d pairs with %s", len(examples), "Ray Data" if backend == "ray_data" else "a plain loop")
+    log.info("scoring %d pairs with %s", len(examples), SCORING_BACKENDS[backend])
     if backend == "local":
         out = score_locally(examples, *models, batch_size=cfg.score.batch_size, precision=ComputePolicy.of(cfg))
+    elif backend == "workers":
+        if in_workers is None:
+            raise ValueError("score.backend=workers scores in a pipeline run's Ray Train workers; here there are none")
+        out = in_workers(examples, *models)
     else:
         out = score_with_ray(examples, *models, batch_size=cfg.score.batch_size, num_actors=cfg.score.num_actors,
                              precision=ComputePolicy.of(cfg))
