@@ -195,8 +195,10 @@ class Pipeline:
     def workers(self) -> TrainingGroup:
         """The run's Ray Train worker group, started on first use."""
         if self.group is None:
+            since = time.time()
             init_ray(self.cfg.ray)
-            self.group = TrainingGroup(train_loop_per_worker, self.cfg.ray, self.layout.ray_storage, TRAININGS_RUN)
+            self.group = TrainingGroup(train_loop_per_worker, self.cfg.ray, self.layout.ray_storage, TRAININGS_RUN,
+                                       starting_since=since)
         return self.group
 
     def score_in_workers(self, examples: list[dict], ref_dir, reward_dir, out_dir) -> Path:

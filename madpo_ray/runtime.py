@@ -157,10 +157,14 @@ class TrainingGroup:
     on storage, and the snapshot would name folders that a stage redone since has deleted (Ray
     refuses to start on that)."""
 
-    def __init__(self, train_loop: Callable[[dict], None], cfg: RayConfig, storage_path: Path, name: str):
+    def __init__(self, train_loop: Callable[[dict], None], cfg: RayConfig, storage_path: Path, name: str,
+                 starting_since: Optional[float] = None):
+        """`starting_since`: when the caller began starting what the group needs (the Ray cluster);
+        the first job's wait counts from then."""
         import ray
 
         self.cfg = cfg
+        self.starting_since = starting_since or time.time()
         self.queue = ray.remote(num_cpus=0, max_concurrency=16)(TrainingQueue).remote()
         self.error: Optional[BaseException] = None
         self.busy = False  # a training is posted and not finished
@@ -179,12 +183,14 @@ class TrainingGroup:
 
     def run(self, loop_config: dict, wait_seconds: float = 1.0) -> dict:
         """Post one training and wait until rank 0 has saved it. Returns how long it waited for a
-        worker to take it (the group's start, for the first training; about 0 after) and which
-        worker processes took it (host:pid; the same for every training of one group)."""
+        worker to take it (for the first job, the group's start and the cluster's if the caller
+        started one; about 0 after) and which worker processes took it (host:pid; the same for
+        every job of one group)."""
         import ray
 
-        posted, self.busy = time.time(), True
+        self.busy = True
         index = ray.get(self.queue.post.remote(loop_config))
+        posted = self.starting_since if index == 0 else time.time()
         while True:
             done, taken, workers = ray.get(self.queue.status.remote(index, wait_seconds))
             if done:

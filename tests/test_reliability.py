@@ -96,7 +96,7 @@ def test_nan_and_infinite_margins_are_rejected_with_row_ids(tmp_path):
 
 
 def test_reward_model_without_weights_fails_before_ray_starts(tiny_base_dir, tmp_path):
-    """The score stage checks both model folders in the driver before it starts Ray Data."""
+    """The score stage checks both model folders in the driver before it starts Ray (its workers or Ray Data)."""
     import ray
 
     from madpo_ray.config import load_config

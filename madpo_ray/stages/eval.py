@@ -112,8 +112,8 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
                     summary[f"{stage}_{key}"] = m[key]
     summary["stage_seconds"] = timings
     # What a training stage pays beyond its training loop (tokenising, handing the examples over,
-    # loading the model, the final save), without the Ray Train workers' start, which the run's
-    # worker group pays once (workers_start_seconds; again only where the run restarts them).
+    # loading the model, the final save), without the start of the Ray cluster and the Ray Train
+    # workers, which the run pays once (workers_start_seconds; again only where the run restarts them).
     summary["stage_fixed_seconds"] = fixed
     summary["workers_start_seconds"] = start
     summary["curves_plot"] = plot_training_curves(layout, layout.curves_plot)
@@ -133,8 +133,8 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += calibration_lines((summary.get("margins") or {}).get("calibration"))
     lines += composition_lines(summary.get("pair_composition") or {})
-    lines += ["", f"| stage | seconds | of which outside the training loop (and the workers' start, {start:.1f} s "
-                  "in all) |", "| --- | --- | --- |"]
+    lines += ["", f"| stage | seconds | of which outside the training loop (besides the Ray cluster's and the "
+                  f"workers' start, {start:.1f} s in all) |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.1f} | {fixed[k]:.1f} |" if k in fixed else f"| {k} | {v:.1f} | |"
               for k, v in timings.items() if v is not None]
     write_text_atomically(layout.summary_md, "\n".join(lines) + "\n")
