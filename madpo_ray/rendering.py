@@ -14,18 +14,19 @@ STAGE_PREFIXES = ("sft_", "reward_", "policy_")
 
 def summary_rows(summary: dict) -> list[tuple[str, ...]]:
     """(metric, SFT, reward model, policy) rows of the run summary's numbers: "sft_x", "reward_x"
-    and "policy_x" side by side; a number of no stage in the last column."""
+    and "policy_x" side by side; a number of no stage in the last column. Timings ("..._seconds")
+    are summary.md's, not the at-a-glance table's."""
     def fmt(v) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: v for k, v in summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_seconds")}
     rows: dict[str, list[str]] = {}
     for key, value in numbers.items():
         prefix = next((p for p in STAGE_PREFIXES if key.startswith(p)), None)
         metric = key[len(prefix):] if prefix else key
         column = STAGE_PREFIXES.index(prefix) if prefix else 2
         rows.setdefault(metric.replace("_", " "), ["", "", ""])[column] = fmt(value)
-    rows.pop("wall seconds", None)
     return [(metric, *cells) for metric, cells in rows.items()]
 
 
