@@ -32,6 +32,7 @@ from madpo_ray.stages.policy import train_policy
 from madpo_ray.stages.reward import train_reward
 from madpo_ray.stages.score import ComputePolicy, score_shard
 from madpo_ray.stages.sft import train_sft
+from madpo_ray.tracking import preload as preload_tracking
 from madpo_ray.tracking import tracked, tracking_target
 
 # Every training stage's function: `fn(cfg, session, *, model_dir, out, **options) -> FitResult`.
@@ -112,6 +113,9 @@ def train_loop_per_worker(config: dict) -> None:
     starts at the first unfinished training, which resumes from its checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     quiet_libraries()
+    preload_tracking()  # what every training uses, paid once with the workers' start
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the process group's first collective sets up its connections
     queue = config["queue"]
     index = first_unfinished(queue)
     while (job := next_training(queue, index)) is not None:
