@@ -14,6 +14,7 @@ folders): a launch only trains and saves into `Training.out`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,12 +118,31 @@ def train_loop_per_worker(config: dict) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # the process group's first collective sets up its connections
     queue = config["queue"]
-    index = first_unfinished(queue)
+    index = start_index(queue)
     while (job := next_training(queue, index)) is not None:
         rank = WORKER_JOBS[job["kind"]](job)
         if rank == 0:  # after rank 0 saved what the driver reads next (a model and its metrics, the scores)
             finish_training(queue, index)
+        release_memory()
         index += 1
+
+
+def start_index(queue) -> int:
+    """Where a (re)started group begins: rank 0 asks the queue and every rank takes its answer,
+    so no two ranks can begin at different jobs."""
+    index = [first_unfinished(queue) if not torch.distributed.is_initialized() or
+             torch.distributed.get_rank() == 0 else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(index, src=0)
+    return index[0]
+
+
+def release_memory() -> None:
+    """Between jobs an idle worker gives back what the last one cached (the driver may need the
+    GPU's memory for generation before the next job)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def score_posted(job: dict) -> int:

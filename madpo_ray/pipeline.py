@@ -46,6 +46,7 @@ from madpo_ray.stages.eval import evaluate_run
 from madpo_ray.stages.score import score_splits, scoring_backend
 
 log = logging.getLogger("madpo_ray.pipeline")
+WORKER_STAGES = (*TRAINED_STAGES, "score")  # the stages whose work the run's Ray Train workers may take
 
 
 def no_progress(training: str, progress_path) -> contextlib.AbstractContextManager:
@@ -136,7 +137,7 @@ class Pipeline:
         save_config(self.cfg, self.layout.config_path)
         results = {}
         for i, stage in enumerate(stages):
-            if not set(stages[i:]) & {*TRAINED_STAGES, "score"}:
+            if not set(stages[i:]) & set(WORKER_STAGES):
                 self.stop_workers()  # nothing left for them: their CPUs and memory go to what follows
             reason = "forced" if stage in force else self.why_stale(stage)
             if reason is None:
@@ -198,7 +199,7 @@ class Pipeline:
             since = time.time()
             init_ray(self.cfg.ray)
             self.group = TrainingGroup(train_loop_per_worker, self.cfg.ray, self.layout.ray_storage, TRAININGS_RUN,
-                                       starting_since=since)
+                                       starting_since=since, jobs=len(WORKER_STAGES))
         return self.group
 
     def score_in_workers(self, examples: list[dict], ref_dir, reward_dir, out_dir) -> Path:

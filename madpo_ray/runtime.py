@@ -110,8 +110,12 @@ class TrainingQueue:
             return ("stop", None) if self.jobs[index] is None else ("run", self.jobs[index])
 
     def finish(self, index: int) -> None:
+        """Mark a job done and let go of it: its examples' object-store references would otherwise
+        stay pinned until the run ends (a restarted group never takes a finished job again)."""
         with self.changed:
             self.finished.add(index)
+            if self.jobs[index] is not None:
+                self.jobs[index] = {"kind": self.jobs[index].get("kind"), "released": True}
             self.changed.notify_all()
 
     def status(self, index: int, timeout: float = 0.0) -> tuple[bool, Optional[float], list[str]]:
@@ -158,19 +162,23 @@ class TrainingGroup:
     refuses to start on that)."""
 
     def __init__(self, train_loop: Callable[[dict], None], cfg: RayConfig, storage_path: Path, name: str,
-                 starting_since: Optional[float] = None):
+                 starting_since: Optional[float] = None, jobs: int = 1):
         """`starting_since`: when the caller began starting what the group needs (the Ray cluster);
-        the first job's wait counts from then."""
+        the first job's wait counts from then. `jobs`: how many jobs the run may post. Ray Train
+        counts restarts over the whole fit(), not per job, so the group allows ray.max_failures
+        times that many in all (a run that lost a worker in each of two stages must not fail)."""
         import ray
 
         self.cfg = cfg
         self.starting_since = starting_since or time.time()
-        self.queue = ray.remote(num_cpus=0, max_concurrency=16)(TrainingQueue).remote()
+        # Every worker waits inside a call; the driver's post and finish must still get a thread.
+        self.queue = ray.remote(num_cpus=0, max_concurrency=cfg.num_workers + 4)(TrainingQueue).remote()
         self.error: Optional[BaseException] = None
         self.busy = False  # a training is posted and not finished
         storage_path = Path(storage_path).resolve()
         (storage_path / name / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-        trainer = torch_trainer(train_loop, {"queue": self.queue}, cfg, storage_path, name)
+        trainer = torch_trainer(train_loop, {"queue": self.queue}, cfg, storage_path, name,
+                                max_failures=cfg.max_failures * max(1, jobs))
         self.thread = threading.Thread(target=self.fit, args=(trainer,), name="madpo-training-group", daemon=True)
         self.thread.start()
         log.info("started a Ray Train worker group of %d worker(s) for the run's trainings", cfg.num_workers)
@@ -216,8 +224,8 @@ class TrainingGroup:
 
 
 def torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: RayConfig, storage_path: Path,
-                  name: str):
-    """The TorchTrainer of a worker group: gloo on CPU, NCCL on GPU, ray.max_failures restarts."""
+                  name: str, max_failures: int):
+    """The TorchTrainer of a worker group: gloo on CPU, NCCL on GPU, `max_failures` restarts."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -230,7 +238,7 @@ def torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, cfg: Ra
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env()},
         ),

@@ -187,6 +187,20 @@ def test_a_training_killed_before_its_first_checkpoint_starts_over_not_from_the_
     assert sorted(steps) == [0, 0, 1, 2]  # step 0 before the kill and again from scratch
 
 
+def test_a_worker_lost_with_no_restart_left_fails_the_run_in_the_driver(full_run, tmp_path):
+    """ray.max_failures=0 and rank 0 SIGKILLed: the driver, waiting on the worker group, raises
+    Ray Train's error instead of waiting forever, and the stage is not marked done."""
+    p, _ = full_run
+    q = clone_until_policy(p, tmp_path, "lost", "policy.optim.max_steps=3", "ray.max_failures=0")
+    q.faults = {"policy": {"fail_at_step": 1, "marker_dir": str(q.layout.faults_dir)}}
+    from ray.train import WorkerGroupError
+
+    with pytest.raises(WorkerGroupError, match="Training failed"):
+        q.run(("policy",))
+    assert (q.run_dir / ".faults" / "killed_at_1").exists() and not (q.layout.stage_dir("policy") / "DONE").exists()
+    assert q.group is None  # the driver let go of the dead group
+
+
 def test_killed_worker_resumes_from_last_checkpoint(full_run, tmp_path):
     """SIGKILL a worker at step 3 (checkpoint every 2): the run finishes, resumed at step 2."""
     p, _ = full_run

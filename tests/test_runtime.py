@@ -23,6 +23,7 @@ def test_a_restarted_group_takes_the_unfinished_training_again():
     assert q.first_unfinished() == 0
     q.finish(0)
     assert q.first_unfinished() == 1  # reward was taken, then its workers died: taken again
+    assert q.jobs[0] == {"kind": None, "released": True}  # a finished job lets go of its examples' references
     q.finish(1)
     q.finish(2)
     assert q.first_unfinished() == 3  # all done: the next one posted

@@ -152,8 +152,13 @@ def score_shard(examples: list[dict], ref_dir: str, reward_dir: Optional[str], o
     rows = [r for i in range(0, len(mine), batch_size) for r in scorer.score(mine[i:i + batch_size])]
     parts = all_gather_objects(rows, world_size)
     if rank == 0:
-        in_order = [parts[i % world_size][i // world_size] for i in range(len(examples))]
-        write_scored(in_order, Path(out_dir))
+        write_scored(interleaved(parts), Path(out_dir))
+
+
+def interleaved(parts: list[list]) -> list:
+    """The rows of `parts[r] = rows[r::len(parts)]`, back in their order."""
+    n = sum(len(p) for p in parts)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(n)]
 
 
 def write_scored(rows: list[dict], out_dir: Path, partition_col: str = "split") -> Path:
