@@ -176,10 +176,10 @@ def test_a_training_killed_before_its_first_checkpoint_starts_over_not_from_the_
     q.faults = {"policy": {"fail_at_step": 1, "marker_dir": str(q.layout.faults_dir),
                            "batch_log_path": str(q.layout.stage_dir("policy") / "batches.log")}}
     results = q.run(("reward", "policy"), force=("reward",))
-    from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
-
     assert (q.run_dir / ".faults" / "killed_at_1").exists()
-    assert max(checkpoint_step(c) for c in find_checkpoints(str(q.layout.checkpoint_root("reward")))) > 1
+    # The reward model reported checkpoints (every 2 of its steps), the latest Ray knew when the policy's worker
+    # died; Ray keeps the newest two of the group, so the policy's own later ones have pruned them by now.
+    assert results["reward"]["steps"] >= 2
     assert results["policy"]["steps"] == 3 and results["policy"]["resumed_from_step"] == 0
     assert set(results["reward"]["worker_processes"]) < set(results["policy"]["worker_processes"])  # + restarted
     lines = [line.split() for line in (q.layout.stage_dir("policy") / "batches.log").read_text().splitlines()]
