@@ -88,10 +88,17 @@ def print_comparison(results: dict, title: str) -> None:
     console.print(table)
 
 
-def print_verdicts(results: dict) -> None:
-    from madpo_ray.eval.report import verdicts
+def verdicts(results: dict) -> list[str]:
+    """The verdict lines of one comparison's Holm-corrected tests (empty when there are none)."""
+    return [r["verdict"] for r in comparison_tests(results).get("rows", [])]
 
-    tests = (results.get("paired") or {}).get("tests") or {}
+
+def comparison_tests(results: dict) -> dict:
+    return (results.get("paired") or {}).get("tests") or {}
+
+
+def print_verdicts(results: dict) -> None:
+    tests = comparison_tests(results)
     if results.get("protocol"):
         console.print(f"[bold]{results['protocol']['title']}[/bold]")
     if tests:

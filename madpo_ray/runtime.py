@@ -169,7 +169,6 @@ class TrainingGroup:
         times that many in all (a run that lost a worker in each of two stages must not fail)."""
         import ray
 
-        self.cfg = cfg
         self.starting_since = starting_since or time.time()
         # Every worker waits inside a call; the driver's post and finish must still get a thread.
         self.queue = ray.remote(num_cpus=0, max_concurrency=cfg.num_workers + 4)(TrainingQueue).remote()

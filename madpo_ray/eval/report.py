@@ -489,11 +489,6 @@ def plot_groups(combined: dict, path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-def verdicts(results: dict) -> list[str]:
-    """The verdict lines of one comparison's Holm-corrected tests (empty when there are none)."""
-    return [r["verdict"] for r in ((results.get("paired") or {}).get("tests") or {}).get("rows", [])]
-
-
 def evaluate_models(cfg: PipelineConfig, layout: RunLayout, models: list[tuple[str, Path]], out_dir: Path) -> dict:
     """`madpo eval`: the SFT policy and the given model folders, judged like `madpo compare` on the
     validation split (a development figure; the sealed test split is `madpo compare --final`'s)."""

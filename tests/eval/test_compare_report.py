@@ -14,6 +14,7 @@ from madpo_ray.config import ConfigError, load_config
 from madpo_ray.eval import judge as J
 from madpo_ray.eval import report as R
 from madpo_ray.eval import stats as S
+from madpo_ray.rendering import verdicts
 
 
 # --------------------------------------------------------------------------- hand-made judged tables
@@ -88,7 +89,7 @@ def test_no_verdict_with_too_few_seeds():
     assert tests["family"] == 0
     for r in tests["rows"]:
         assert r["p_adj"] is None and r["verdict"] == "no verdict: 2 seed(s), a verdict needs 3 per method"
-    assert not any(">" in line or "<" in line for line in R.verdicts({"paired": {"tests": tests}}))
+    assert not any(">" in line or "<" in line for line in verdicts({"paired": {"tests": tests}}))
 
 
 def test_verdict_text():
@@ -143,7 +144,7 @@ def test_compare_report_says_untuned_and_shows_one_definition_of_the_difference(
     assert saved["paired"]["tests"]["family"] == 8 and "diffs" not in saved["paired"]["vs_sft"]["madpo"][0]
     assert saved["protocol"]["mode"] == "reference"
     assert _png_size(tmp_path / "high" / "gold_vs_temperature.png")[0] == 14 * 120  # two panels
-    assert R.verdicts(results)[0].startswith("MADPO > DPO at T=0")
+    assert verdicts(results)[0].startswith("MADPO > DPO at T=0")
 
 
 def test_combined_tier_report_is_one_holm_family(tmp_path):
