@@ -86,6 +86,7 @@ class RayClusters:
 
     def __init__(self):
         self.kind, self.cluster = None, None
+        self.starts = 0  # clusters started so far: what a cached deployment on one is checked against
 
     def use(self, kind: str):
         import ray
@@ -97,6 +98,7 @@ class RayClusters:
             ray.shutdown()
         self.cluster = self.start_two_nodes() if kind == "two_nodes" else self.start_one_node()
         self.kind = kind
+        self.starts += 1
         return self.cluster
 
     @staticmethod
@@ -178,12 +180,9 @@ def ray_one_node(ray_clusters):
 
 @pytest.fixture(scope="module")
 def ray_for_serving(ray_one_node):
-    """The one-node cluster for Serve; each serving module deploys its apps and removes them
-    (serve.shutdown) when it ends, so the next module starts from an empty Serve."""
-    from ray import serve
-
-    yield
-    serve.shutdown()
+    """The one-node cluster for Serve. Serve stays up across modules (tests/serving/conftest.py's
+    apps are deployed once for the session); a module deletes the apps it deploys itself."""
+    return ray_one_node
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Settings shared by the Ray test modules: a CI-sized pipeline (1-layer width-32 model, 64 documents)."""
 
 SERVE_TEST_KEY = "test-secret-key"  # the serving cluster's replicas read it from MADPO_TEST_KEY
+SERVE_FILE_KEY = "hardening-key-7f3a"  # the "guarded" app's, from a key file (tests/serving/conftest.py)
+SERVE_PORT = 8391  # where the session's Serve proxies listen
 
 TINY_SETS = [
     "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
@@ -46,3 +48,10 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def sse_data(lines) -> list[dict]:
+    """The JSON events of a server-sent-event stream's lines, without the closing [DONE]."""
+    import json
+
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]

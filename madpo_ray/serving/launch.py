@@ -157,21 +157,56 @@ def init_cluster(address: str, port: int, direct_ingress: bool) -> None:
             ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
-               batching: bool = True, max_batch_size: int = 16, address: Optional[str] = None,
-               blocking: bool = False, app_name: str = "madpo", route_prefix: str = "/", insecure: bool = False,
-               direct_ingress: bool = False, **app_args):
-    """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready."""
+def app_spec(model: str, *, app_name: str = "madpo", route_prefix: str = "/", replicas: int = 1,
+             num_cpus: float = 1.0, batching: bool = True, max_batch_size: int = 16, **app_args) -> dict:
+    """One app to deploy: its model folder resolved and its engine chosen, the checks that need no
+    cluster, so that a bad folder or adapter is refused before anything starts."""
+    from madpo_ray.serving.deployment import choose_backend
+
+    model = resolve_model_folder(model)
+    backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
+    log.info("%s: generation backend %s (%s)", app_name, backend, why)
+    return {"name": app_name, "route_prefix": route_prefix,
+            "args": {"model": model, "batching": batching, "max_batch_size": max_batch_size,
+                     "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend, **app_args}}
+
+
+def deploy_apps(specs: list[dict], *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False) -> list:
+    """Deploy apps (from app_spec) on the running cluster in one step, so their replicas start side
+    by side; returns their handles once every app is ready."""
+    from ray import serve
+
+    from madpo_ray.serving.deployment import build_app
+
+    targets = []
+    for spec in specs:
+        require_key = start_proxies(host, port, spec["args"], insecure)
+        targets.append(serve.RunTarget(build_app({**spec["args"], "require_key": require_key}), name=spec["name"],
+                                       route_prefix=spec["route_prefix"]))
+    t0 = time.time()
+    try:
+        handles = serve.run_many(targets, blocking=False)
+    except RuntimeError:
+        refusal = next(filter(None, (replica_refusal(spec["name"]) for spec in specs)), None)
+        if refusal is None:
+            raise
+        raise InsecureServeError(f"the replicas refused to start: {refusal}") from None
+    for spec in specs:
+        log.info("serving %s at http://%s:%d%s (ready in %.1fs)", spec["args"]["model"], host, port,
+                 spec["route_prefix"].rstrip("/"), time.time() - t0)
+    return handles
+
+
+def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
+               blocking: bool = False, insecure: bool = False, direct_ingress: bool = False, **app_args):
+    """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready.
+    app_args: app_spec's (app_name, route_prefix, replicas, num_cpus, batching, ...)."""
     import ray
     from ray import serve
 
-    from madpo_ray.serving.deployment import build_app, choose_backend
-
     check_exposure(host, key_configured(app_args.get("api_key_env", "MADPO_API_KEY"), app_args.get("api_key_file")),
                    insecure)  # before anything starts; start_proxies checks where the proxies really listen
-    model = resolve_model_folder(model)
-    backend, why = choose_backend(model, app_args.pop("backend", "auto"), bool(app_args.get("adapters")))
-    log.info("generation backend: %s (%s)", backend, why)
+    spec = app_spec(model, **app_args)
     address = cluster_address(address)
     started_here = not ray.is_initialized() and address == "local"
     if direct_ingress:
@@ -181,19 +216,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        require_key = start_proxies(host, port, app_args, insecure)
-        application = build_app({"model": model, "batching": batching, "max_batch_size": max_batch_size,
-                                 "num_replicas": replicas, "num_cpus": num_cpus, "backend": backend,
-                                 "require_key": require_key, **app_args})
-        t0 = time.time()
-        try:
-            handle = serve.run(application, name=app_name, route_prefix=route_prefix, blocking=False)
-        except RuntimeError:
-            refusal = replica_refusal(app_name)
-            if refusal is None:
-                raise
-            raise InsecureServeError(f"the replicas refused to start: {refusal}") from None
-        log.info("serving %s at http://%s:%d (ready in %.1fs)", model, host, port, time.time() - t0)
+        [handle] = deploy_apps([spec], host=host, port=port, insecure=insecure)
         if direct_ingress:
             log.info("direct ingress: the replica also serves at http://%s:%d without the proxy hop (more replicas "
                      "on a node take the next free ports up to %d)", host, port + 1, port + 100)
@@ -206,8 +229,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, replica
             log.info("shutting down Serve and the local cluster")
             serve.shutdown()
         else:  # a shared cluster: take down our app only, not every Serve app on it
-            log.info("deleting the app %s from the cluster", app_name)
-            serve.delete(app_name)
+            log.info("deleting the app %s from the cluster", spec["name"])
+            serve.delete(spec["name"])
         ray.shutdown()
         return None
     return handle

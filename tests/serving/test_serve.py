@@ -4,26 +4,18 @@ auth, bad input answered with 4xx (never 500), and a concurrent burst with zero 
 import asyncio
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from helpers import SERVE_PORT as PORT
 from helpers import SERVE_TEST_KEY as KEY
+from helpers import sse_data
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-PORT = 8391
 BASE = f"http://127.0.0.1:{PORT}"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_base_dir, ray_for_serving):
-    from madpo_ray.serving.launch import run_server
-
-    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=8)
-    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
-               api_key_env="MADPO_TEST_KEY")  # the session's serving cluster gives its replicas this key
-    return BASE
 
 
 def test_serve_app_is_the_packaged_deployment():
@@ -158,3 +150,54 @@ def test_concurrent_burst_has_zero_failures(server):
 
     codes = asyncio.run(burst())
     assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
+
+
+def wait_healthy(url: str, proc, deadline_s: float = 300) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        assert proc.poll() is None, f"madpo serve exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} not healthy in {deadline_s} s")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_direct_ingress_serves_the_same_app_from_the_replica_and_sigterm_stops_it(tiny_base_dir, tmp_path):
+    """`madpo serve --direct-ingress`: the replica's own port answers as the proxied port does, with
+    the same auth and streaming; SIGTERM stops Serve and the cluster `madpo serve` started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port, key = 8430, "direct-key-5e1"
+    (tmp_path / "key").write_text(key)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "madpo_ray", "serve", "--model", str(tiny_base_dir),
+                             "--port", str(port), "--backend", "transformers", "--direct-ingress"],
+                            env={**env, "MADPO_API_KEY_FILE": str(tmp_path / "key")}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port + 1}", proc)
+        auth, body = {"Authorization": f"Bearer {key}"}, {"prompt": "Zorblex is", "max_tokens": 12}
+        direct = httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, headers=auth, timeout=60)
+        proxied = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=auth, timeout=60)
+        assert direct.status_code == proxied.status_code == 200, direct.text
+        text = direct.json()["choices"][0]["text"]
+        assert text and text == proxied.json()["choices"][0]["text"]
+        assert httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, timeout=60).status_code == 401
+        with httpx.stream("POST", f"http://127.0.0.1:{port + 1}/v1/completions", json={**body, "stream": True},
+                          headers=auth, timeout=60) as r:
+            pieces = [c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))]
+        assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    with pytest.raises(httpx.ConnectError):  # Serve went down with it
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

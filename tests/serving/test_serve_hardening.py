@@ -13,9 +13,10 @@ import torch
 
 from madpo_ray.serving.engine import GenParams, RowSampler, StreamEnd, TransformersEngine
 
-PORT = 8392
+from helpers import SERVE_FILE_KEY as KEY
+from helpers import SERVE_PORT as PORT
+
 BASE = f"http://127.0.0.1:{PORT}"
-KEY = "hardening-key-7f3a"
 CHAT = "/v1/chat/completions"
 
 
@@ -318,20 +319,6 @@ def test_serve_accepts_the_stage_folder(tiny_base_dir, tmp_path):
 
 # ---------------------------------------------------------------- a real Serve app on loopback
 
-@pytest.fixture(scope="module")
-def server(tiny_base_dir, tmp_path_factory, ray_for_serving):
-    from madpo_ray.serving.launch import run_server
-
-    key_file = tmp_path_factory.mktemp("secret") / "api_key"
-    key_file.write_text(KEY)
-    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.05)
-    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="secured", route_prefix="/secured",
-               api_key_file=str(key_file), body_timeout_s=3, body_grace_s=0.5, max_slow_bodies=2)
-    run_server(str(tiny_base_dir), port=PORT, num_cpus=0.25, app_name="narrow", route_prefix="/narrow",
-               batching=False, max_ongoing_requests=1, max_queued_requests=1)
-    return BASE
-
-
 def post(path, body, **kw):
     return httpx.post(f"{BASE}{path}", json=body, timeout=60, **kw)
 
@@ -431,10 +418,10 @@ def test_stop_strings_never_leak_across_a_batch(server):
 @pytest.mark.slow
 def test_auth_uses_the_key_file_and_says_how(server):
     body = {"prompt": "x", "max_tokens": 2}
-    r = post("/secured/v1/completions", body)
+    r = post("/guarded/v1/completions", body)
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    assert post("/secured/v1/completions", body, headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
-    assert post("/secured/v1/completions", body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert post("/guarded/v1/completions", body, headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
+    assert post("/guarded/v1/completions", body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 @pytest.mark.ray
@@ -453,7 +440,7 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
 
 
-def slow_uploads(count: int, key: str = "", path: str = "/secured/v1/completions") -> list:
+def slow_uploads(count: int, key: str = "", path: str = "/guarded/v1/completions") -> list:
     """Connections that declare a 60 kB body and send one byte of it: what a slow-body attacker
     (or a client on a very bad link) looks like to the server."""
     import socket
@@ -484,10 +471,10 @@ def test_keyless_slow_bodies_cannot_hold_the_replica(server):
     socks = slow_uploads(70)
     try:
         t0 = time.time()
-        ok = post("/secured/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
+        ok = post("/guarded/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
                   headers={"Authorization": f"Bearer {KEY}"})
         assert ok.status_code == 200 and time.time() - t0 < 10
-        assert httpx.get(f"{BASE}/secured/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{BASE}/guarded/healthz", timeout=10).status_code == 200
         assert [answer_of(s)[0] for s in socks] == [401] * 70
     finally:
         for sock in socks:
@@ -503,7 +490,7 @@ def test_a_keyed_slow_body_gets_408_and_slow_bodies_are_capped_per_replica(serve
     t0 = time.time()
     socks = slow_uploads(5, KEY)
     try:
-        ok = post("/secured/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
+        ok = post("/guarded/v1/completions", {"prompt": "Zorblex is", "max_tokens": 2},
                   headers={"Authorization": f"Bearer {KEY}"})
         assert ok.status_code == 200 and time.time() - t0 < 3
         answers = [answer_of(s) for s in socks]
@@ -568,9 +555,9 @@ def test_a_key_only_in_the_drivers_environment_makes_the_replicas_refuse(server,
 def test_the_bearer_scheme_is_case_insensitive(server):
     body = {"prompt": "x", "max_tokens": 2}
     for scheme in ("bearer", "BEARER", "Bearer"):
-        assert post("/secured/v1/completions", body, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+        assert post("/guarded/v1/completions", body, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
     for header in (f"Basic {KEY}", KEY, f"Bearer{KEY}"):
-        assert post("/secured/v1/completions", body, headers={"Authorization": header}).status_code == 401
+        assert post("/guarded/v1/completions", body, headers={"Authorization": header}).status_code == 401
 
 
 @pytest.mark.ray

@@ -17,7 +17,9 @@ import pytest
 
 from madpo_ray.generation import vllm_available
 
-PORT = 8393
+from helpers import SERVE_PORT as PORT
+from helpers import sse_data
+
 BASE = f"http://127.0.0.1:{PORT}"
 PROMPTS = [f"Package {i} is a {lang} library for parsing {what} files.\nTL;DR:"
            for i, (lang, what) in enumerate([("Rust", "TOML"), ("Go", "YAML"), ("Lua", "JSON"), ("Perl", "INI")] * 16)]
@@ -192,9 +194,12 @@ def servers(hd32_model, lora_stage, ray_for_serving):
     from madpo_ray.serving.deployment import choose_backend
     from madpo_ray.serving.launch import run_server
 
+    from ray import serve
+
     assert choose_backend(str(hd32_model), "auto")[0] == "vllm"
-    return hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
-                                  adapters={"tuned": str(lora_stage)})  # backend auto
+    yield hd32_model, run_server(str(hd32_model), port=PORT, num_cpus=0.5, app_name="vllm", route_prefix="/vllm",
+                                 adapters={"tuned": str(lora_stage)})  # backend auto
+    serve.delete("vllm")
 
 
 def make_lora_stage(model_dir: Path, stage: Path) -> Path:
@@ -234,63 +239,6 @@ def post(path, body):
     r = httpx.post(f"{BASE}{path}", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def sse_data(lines) -> list[dict]:
-    return [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
-
-
-def wait_healthy(url: str, proc, deadline_s: float = 300) -> None:
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        assert proc.poll() is None, f"madpo serve exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} not healthy in {deadline_s} s")
-
-
-@needs_vllm
-@pytest.mark.ray
-@pytest.mark.slow
-def test_direct_ingress_serves_the_same_app_from_the_replica_and_sigterm_stops_it(hd32_model, tmp_path):
-    """`madpo serve --direct-ingress`: the replica's own port answers as the proxied port does, with
-    the same auth and streaming; SIGTERM stops Serve and the cluster (runs before `servers` starts
-    its own cluster, so the two never share the cores)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    port, key = 8430, "direct-key-5e1"
-    (tmp_path / "key").write_text(key)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "madpo_ray", "serve", "--model", str(hd32_model), "--port", str(port),
-                             "--direct-ingress"], env={**env, "MADPO_API_KEY_FILE": str(tmp_path / "key")},
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port + 1}", proc)
-        auth, body = {"Authorization": f"Bearer {key}"}, {"prompt": PROMPTS[0], "max_tokens": 12}
-        direct = httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, headers=auth, timeout=60)
-        proxied = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=auth, timeout=60)
-        assert direct.status_code == proxied.status_code == 200, direct.text
-        text = direct.json()["choices"][0]["text"]
-        assert text and text == proxied.json()["choices"][0]["text"]
-        assert httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, timeout=60).status_code == 401
-        with httpx.stream("POST", f"http://127.0.0.1:{port + 1}/v1/completions", json={**body, "stream": True},
-                          headers=auth, timeout=60) as r:
-            pieces = [c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))]
-        assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(120)
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    with pytest.raises(httpx.ConnectError):  # Serve went down with it
-        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
 
 
 @needs_vllm
