@@ -6,6 +6,7 @@ a worker is killed, and the scored-parquet contract. CI-sized: a 1-layer width-3
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -121,15 +122,16 @@ def test_rerun_skips_complete_stages(full_run, caplog):
     assert "sft: up to date, skipping" in caplog.text and "reward: up to date, skipping" in caplog.text
 
 
-def test_ddp_two_workers_match_one_worker_and_fsdp(full_run, tmp_path):
-    """Same global batch (1 x 8 vs 2 x 4): the same loss trajectory within float tolerance, with
-    DDP and with FSDP (sharded checkpoints every 2 steps, merged by Ray from both workers; the
-    consolidated model folder loads with from_pretrained)."""
+def test_ddp_two_workers_match_one_process_and_fsdp(full_run, tmp_path):
+    """Same global batch (one process x 8 vs 2 workers x 4): the same loss trajectory within float
+    tolerance, with DDP and with FSDP (sharded checkpoints every 2 steps, merged by Ray from both
+    workers; the consolidated model folder loads with from_pretrained). The one process is the
+    local runtime's (the engine without Ray), so the Ray workers are also checked against it."""
     from transformers import AutoModelForCausalLM
 
     p, _ = full_run
     common = ("policy.loss.name=dpo", "policy.optim.max_steps=4")
-    runs = {"one": ("ray.num_workers=1", "policy.optim.per_device_batch_size=8"),
+    runs = {"one": ("ray.backend=local", "policy.optim.per_device_batch_size=8"),
             "two": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4"),
             "fsdp": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4", "ray.strategy=fsdp")}
     history = {}
@@ -166,27 +168,6 @@ def test_other_losses_train_from_the_same_scored_pairs(full_run, tmp_path, loss)
         assert "beta_batch" in m
 
 
-def test_a_training_killed_before_its_first_checkpoint_starts_over_not_from_the_one_before(full_run, tmp_path):
-    """The reward model and the policy on one worker group; the policy's worker killed at its first
-    step, before any policy checkpoint: Ray's latest checkpoint is then the reward model's, and the
-    restarted group must start the policy from scratch, not resume from that."""
-    p, _ = full_run
-    q = clone_until_policy(p, tmp_path, "early", "policy.optim.max_steps=3", "reward.optim.checkpoint_every=2",
-                           "ray.max_failures=1")
-    q.faults = {"policy": {"fail_at_step": 1, "marker_dir": str(q.layout.faults_dir),
-                           "batch_log_path": str(q.layout.stage_dir("policy") / "batches.log")}}
-    results = q.run(("reward", "policy"), force=("reward",))
-    assert (q.run_dir / ".faults" / "killed_at_1").exists()
-    # The reward model reported checkpoints (every 2 of its steps), the latest Ray knew when the policy's worker
-    # died; Ray keeps the newest two of the group, so the policy's own later ones have pruned them by now.
-    assert results["reward"]["steps"] >= 2
-    assert results["policy"]["steps"] == 3 and results["policy"]["resumed_from_step"] == 0
-    assert set(results["reward"]["worker_processes"]) < set(results["policy"]["worker_processes"])  # + restarted
-    lines = [line.split() for line in (q.layout.stage_dir("policy") / "batches.log").read_text().splitlines()]
-    steps = [int(parts[-2][5:]) for parts in lines if parts[-1] == "rank=0"]
-    assert sorted(steps) == [0, 0, 1, 2]  # step 0 before the kill and again from scratch
-
-
 def test_a_worker_lost_with_no_restart_left_fails_the_run_in_the_driver(full_run, tmp_path):
     """ray.max_failures=0 and rank 0 SIGKILLed: the driver, waiting on the worker group, raises
     Ray Train's error instead of waiting forever, and the stage is not marked done."""
@@ -201,27 +182,39 @@ def test_a_worker_lost_with_no_restart_left_fails_the_run_in_the_driver(full_run
     assert q.group is None  # the driver let go of the dead group
 
 
-def test_killed_worker_resumes_from_last_checkpoint(full_run, tmp_path):
-    """SIGKILL a worker at step 3 (checkpoint every 2): the run finishes, resumed at step 2."""
+def test_killed_workers_resume_from_their_own_training_s_last_checkpoint_or_start_over(full_run, tmp_path):
+    """The reward model and the policy on one worker group, rank 0 SIGKILLed once in each. The
+    reward model, killed at step 3 with checkpoints every 2, resumes from its step-2 checkpoint. The
+    policy, killed at step 1 before any checkpoint of its own, while Ray's latest checkpoint is the
+    reward model's, must start over, not resume from that."""
     p, _ = full_run
-    q = clone_until_policy(p, tmp_path, "killed", "policy.optim.max_steps=5", "ray.max_failures=2")
-    q.faults = {"policy": {"fail_at_step": 3, "marker_dir": str(q.layout.faults_dir),
-                           "batch_log_path": str(q.layout.stage_dir("policy") / "batches.log")}}
-    m = q.run(("policy",))["policy"]
-    assert (q.run_dir / ".faults" / "killed_at_3").exists()  # the kill really happened
-    assert m["steps"] == 5 and len(m["loss_history"]) == 5
-    # Rank 0's log: the batch of step index 2 was consumed twice (before the kill and again after
-    # resuming from the step-2 checkpoint); every other step's batch exactly once.
-    from collections import Counter
+    q = clone_until_policy(p, tmp_path, "killed", "reward.optim.max_steps=5", "reward.optim.checkpoint_every=2",
+                           "policy.optim.max_steps=3", "ray.max_failures=1")
+    q.faults = {stage: {"fail_at_step": step, "marker_dir": str(q.layout.faults_dir),
+                        "batch_log_path": str(q.layout.stage_dir(stage) / "batches.log")}
+                for stage, step in (("reward", 3), ("policy", 1))}
+    results = q.run(("reward", "policy"), force=("reward",))
+    assert (q.run_dir / ".faults" / "killed_at_3").exists() and (q.run_dir / ".faults" / "killed_at_1").exists()
+    reward, policy = results["reward"], results["policy"]
+    assert reward["steps"] == 5 and len(reward["loss_history"]) == 5 and reward["resumed_from_step"] == 2
+    assert policy["steps"] == 3 and policy["resumed_from_step"] == 0
+    # Each kill restarted the group with two new workers: the pair that finished the reward model went on
+    # to the policy, and the policy's kill brought a third pair.
+    reward_procs, policy_procs = set(reward["worker_processes"]), set(policy["worker_processes"])
+    assert len(reward_procs) == len(policy_procs) == 4 and len(reward_procs & policy_procs) == 2
+    # Rank 0's logs: the reward model consumed the batch of step index 2 twice (before the kill and again
+    # after resuming from the step-2 checkpoint), every other step's once, the replay the same examples;
+    # the policy consumed step 0's batch before the kill and again from scratch.
+    reward_steps = rank0_batches(q.layout.stage_dir("reward") / "batches.log")
+    assert Counter(step for _, step in reward_steps) == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
+    assert len({idx for idx, step in reward_steps if step == 2}) == 1
+    assert sorted(step for _, step in rank0_batches(q.layout.stage_dir("policy") / "batches.log")) == [0, 0, 1, 2]
 
-    lines = [line.split() for line in (q.layout.stage_dir("policy") / "batches.log").read_text().splitlines()]
-    rank0 = [(tuple(parts[:-2]), int(parts[-2][5:])) for parts in lines if parts[-1] == "rank=0"]
-    counts = Counter(step for _, step in rank0)
-    assert counts == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
-    by_step = {}
-    for idx, step in rank0:
-        by_step.setdefault(step, set()).add(idx)
-    assert len(by_step[2]) == 1  # the replayed step saw exactly the same examples
+
+def rank0_batches(log_path) -> list[tuple[tuple[str, ...], int]]:
+    """(example indices, step index) of every batch rank 0 logged (engine/faults.py's format)."""
+    lines = [line.split() for line in log_path.read_text().splitlines()]
+    return [(tuple(parts[:-2]), int(parts[-2][5:])) for parts in lines if parts[-1] == "rank=0"]
 
 
 def test_bad_config_fails_before_any_ray_work(tmp_path):
