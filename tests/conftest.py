@@ -21,6 +21,13 @@ TINY = ModelConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, in
                    max_position_embeddings=256)
 
 
+def pytest_collection_modifyitems(items):
+    """Modules that take the session's Ray cluster down for a cluster of their own
+    (`STOPS_SESSION_CLUSTER = True`: test_submit.py's `ray start --head`) run last, so that the
+    modules after them need not start the session's cluster again. The sort keeps the order otherwise."""
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "STOPS_SESSION_CLUSTER", False))
+
+
 @pytest.fixture(scope="session")
 def corpus_docs():
     return [d.to_dict() for d in generate_corpus(64, seed=0, prefix="train")]

@@ -14,6 +14,7 @@ import pytest
 from helpers import TINY_SETS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+STOPS_SESSION_CLUSTER = True  # its `head` fixture stops every Ray process first: conftest runs it last
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8275"
 
