@@ -395,11 +395,8 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
     Against the run's SFT policy, held-out prompts, reward model and (testbed) gold reward;
     the run's stages up to score are reused, or run first."""
     from madpo_ray.config import check_path_component
-    from madpo_ray.eval.report import evaluate_models
-    from madpo_ray.pipeline import Pipeline
 
     cfg = _load(config, overrides, address, name)
-    _setup_logging()
     pairs = []
     for text in models:
         label, _, folder = text.rpartition("=") if "=" in text else ("", "", text)
@@ -412,6 +409,11 @@ def eval_cmd(models: List[str] = typer.Argument(..., help="Policy folders to jud
             pairs.append((check_path_component(label, "label"), folder_path))
         except ValueError as e:
             fail(str(e), 2)
+    # Torch, transformers and Ray's logging set-up (4 s) only once the arguments are known to be good.
+    from madpo_ray.eval.report import evaluate_models
+    from madpo_ray.pipeline import Pipeline
+
+    _setup_logging()
     p = Pipeline(cfg)
     try:
         p.run(BEFORE_POLICY)
