@@ -1,4 +1,5 @@
-"""Start the Ray Serve application from Python (`madpo serve`, tests, benchmarks)."""
+"""Start the Ray Serve application from Python (`madpo serve`, tests, benchmarks): `run_server` for one
+app and its cluster; `app_spec` + `deploy_apps` for several apps on a running cluster at once."""
 
 from __future__ import annotations
 
