@@ -184,14 +184,14 @@ class Pipeline:
         import ray
 
         lay, stage = self.layout, training.stage
+        group = self.workers()  # before the first ray.put: that would start a default cluster, not the configured one
         if order_by == "index":
             examples = [{**ex, "index": i} for i, ex in enumerate(examples)]
         datasets = {"train": ray.put(examples)}
         if validation:
             datasets["validation"] = ray.put([{**ex, "index": i} for i, ex in enumerate(validation)])
-        return self.workers().run(to_loop_config(training, checkpoint_root=str(lay.checkpoint_root(stage)),
-                                                 checkpoint_name=lay.trainer_name(stage), datasets=datasets,
-                                                 order_by=order_by))
+        return group.run(to_loop_config(training, checkpoint_root=str(lay.checkpoint_root(stage)),
+                                        checkpoint_name=lay.trainer_name(stage), datasets=datasets, order_by=order_by))
 
     def workers(self) -> TrainingGroup:
         """The run's Ray Train worker group, started on first use."""
@@ -206,7 +206,8 @@ class Pipeline:
         """score.backend=workers: the scoring pass as one job of the run's worker group."""
         import ray
 
-        self.workers().run(scoring_job(ray.put(examples), ref_dir, reward_dir, out_dir, self.cfg))
+        group = self.workers()  # first: see train_on_ray
+        group.run(scoring_job(ray.put(examples), ref_dir, reward_dir, out_dir, self.cfg))
         return out_dir
 
     # ------------------------------------------------------------------ stages

@@ -196,8 +196,9 @@ class TrainingGroup:
         import ray
 
         self.busy = True
+        posting = time.time()  # before the post: a waiting worker may take the job before post returns
         index = ray.get(self.queue.post.remote(loop_config))
-        posted = self.starting_since if index == 0 else time.time()
+        posted = self.starting_since if index == 0 else posting
         while True:
             done, taken, workers = ray.get(self.queue.status.remote(index, wait_seconds))
             if done:

@@ -67,7 +67,8 @@ def test_every_stage_runs_and_writes_artifacts(full_run):
         placed["policy"]["worker_processes"]
     assert p.layout.read_metrics("score")["backend"] == "workers"
     assert summary["workers_start_seconds"] == pytest.approx(sum(m["workers_wait_seconds"] for m in placed.values()))
-    assert placed["reward"]["workers_wait_seconds"] < placed["sft"]["workers_wait_seconds"]
+    assert 0 <= placed["reward"]["workers_wait_seconds"] < placed["sft"]["workers_wait_seconds"]
+    assert placed["policy"]["workers_wait_seconds"] >= 0  # timed from before the post, which a worker may beat
     score_metrics = p.layout.read_metrics("score")
     assert "rm_accuracy_vs_labels" not in score_metrics["test"] and score_metrics["test"]["scored"] > 0
     assert p.layout.margins_plot.stat().st_size > 10_000  # two histograms, not an empty figure

@@ -62,3 +62,36 @@ def test_a_waiting_worker_and_driver_are_woken_by_the_post_and_the_finish():
     t0 = time.monotonic()
     done, _, who = q.status(0, timeout=30)
     assert done and who == ["w0"] and time.monotonic() - t0 < 10
+
+
+def test_a_run_starts_its_configured_cluster_before_it_puts_anything_in_ray(tmp_path, monkeypatch):
+    """ray.put with no cluster running starts Ray's default one (without the configured address,
+    CPUs or worker environment), and init_ray then finds Ray running and does nothing: a run's
+    first use of Ray, for a training or the scoring pass, must be init_ray (through workers())."""
+    import pytest
+    import ray
+
+    from madpo_ray import pipeline
+    from madpo_ray.launcher import Training
+
+    from helpers import tiny_config
+
+    if ray.is_initialized():
+        pytest.skip("a Ray test of this process started a cluster already; `make test` runs this one without")
+
+    class ClusterStarting(Exception):
+        pass
+
+    running_at_start = []
+
+    def init_ray(cfg):
+        running_at_start.append(ray.is_initialized())
+        raise ClusterStarting
+
+    monkeypatch.setattr(pipeline, "init_ray", init_ray)
+    p = pipeline.Pipeline(tiny_config(tmp_path, "order"))
+    with pytest.raises(ClusterStarting):
+        p.train_on_ray(Training("sft", p.cfg, "unused"), [{"input_ids": [1, 2]}], "index")
+    with pytest.raises(ClusterStarting):
+        p.score_in_workers([{"prompt": "x"}], "ref", "reward", tmp_path / "scored")
+    assert running_at_start == [False, False] and not ray.is_initialized()
