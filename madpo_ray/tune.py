@@ -218,7 +218,7 @@ def new_tuner(trainable, space: SearchSpace, storage: Path, num_samples: Optiona
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=space.objective, mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=samples, max_concurrent_trials=concurrent),
+                                    num_samples=samples, max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=space.name, storage_path=str(storage),
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))

@@ -136,19 +136,21 @@ def _mlflow_client(cfg):
     return mlflow_client((cfg.run_dir.resolve() / "mlruns").as_uri())
 
 
-def _trial_runs(cfg):
-    """MLflow runs of the run's experiment that are Tune trials, read with MLflow's client."""
+def _trial_runs(cfg, search: str = "two"):
+    """MLflow runs of the run's experiment that are the search's Tune trials, read with MLflow's client."""
     client = _mlflow_client(cfg)
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
     assert {"sft", "reward"} <= {r.info.run_name for r in runs}
-    return [r for r in runs if r.info.run_name.startswith("tune/two/")]
+    return [r for r in runs if r.info.run_name.startswith(f"tune/{search}/")]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray_one_node, tmp_path):
     """Ray Tune stops a trial with sys.exit(0) inside its report: the trial's MLflow run ends
-    KILLED (not FAILED, not left RUNNING) and holds the report the scheduler judged it on."""
+    KILLED (not FAILED, not left RUNNING) and holds the report the scheduler judged it on. The
+    trials run one after another on one reused actor (`reuse_actors`): a trial that ran on it after
+    others reports what the same trial reports alone on a fresh actor."""
     import csv
 
     from madpo_ray.tune import run_search
@@ -161,7 +163,8 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray
                                                "params:\n  lr: {type: grid, values: [1.0e-1, 1.0e-4, 3.0e-2, 1.0e-3]}\n"))
     run_search(p, space, cpus_per_trial=2)  # one trial at a time (one node of 2 CPUs): the later ones meet a full rung
     with open(p.run_dir / "tune" / "two" / "trials.csv") as fh:
-        steps = {r["trial_id"]: int(r["steps"]) for r in csv.DictReader(fh)}
+        rows = list(csv.DictReader(fh))
+    steps = {r["trial_id"]: int(r["steps"]) for r in rows}
     status = {r.info.run_name.split("/")[-1]: r.info.status for r in _trial_runs(p.cfg)}
     stopped = [t for t, s in steps.items() if s < 8]
     assert stopped and status.keys() == steps.keys()  # ASHA stopped some, so the case happened
@@ -169,9 +172,24 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray
     # A trial the scheduler stops at its last report is KILLED too, so only "nothing else" is exact:
     assert set(status.values()) <= {"FINISHED", "KILLED"}
     client = _mlflow_client(p.cfg)
+    histories = {}
     for run in _trial_runs(p.cfg):  # every trial's last tracked step is its last report, the stopping one included
         history = client.get_metric_history(run.info.run_id, "rm_reward")
         assert max(m.step for m in history) == steps[run.info.run_name.split("/")[-1]]
+        histories[run.info.run_name.split("/")[-1]] = sorted((m.step, m.value) for m in history)
+    last_reports = [json.loads(f.read_text().splitlines()[-1]) for f in (p.run_dir / "tune" / "two").glob("*/result.json")]
+    pid = {r["trial_id"]: r["pid"] for r in last_reports}
+    first, *others = sorted(steps)  # trial ids count up in the order the trials started
+    reused = [t for t in others if pid[t] == pid[first]]
+    assert reused, pid  # a later trial ran on the first trial's actor
+    later = next(r for r in rows if r["trial_id"] == max(reused, key=steps.get))  # the longest of them
+    space = load_search_space(_space(tmp_path, "name: fresh\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
+                                               f"params:\n  lr: {{type: grid, values: [{later['lr']}]}}\n"))
+    run_search(p, space, cpus_per_trial=2)
+    [alone] = _trial_runs(p.cfg, "fresh")
+    fresh = sorted((m.step, m.value) for m in client.get_metric_history(alone.info.run_id, "rm_reward"))
+    history = histories[later["trial_id"]]
+    assert len(history) >= 2 and history == fresh[:len(history)]
 
 
 @pytest.mark.ray
