@@ -16,7 +16,7 @@ from madpo_ray.engine.sessions import LocalSession, WorkerInfo
 
 from helpers import TINY_SETS, free_tcp_port
 
-pytestmark = pytest.mark.slow  # five pairs of processes, about 80 s
+pytestmark = pytest.mark.slow  # two pairs of processes (every uninterrupted training in one), about 30 s
 
 
 class ProcessGroupSession(LocalSession):
@@ -59,104 +59,114 @@ REWARD_SETS = ["reward.optim.lr=0.05", "reward.optim.per_device_batch_size=4", "
 PAIR_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def worker(rank, port, strategy, steps, model_dir, scored, run_dir, root, stage="policy"):
-    import pyarrow.parquet as pq
+def worker(rank, port, jobs):
     import torch.distributed as dist
-
-    from madpo_ray.config import load_config
-    from madpo_ray.data.scored import load_policy_examples
-    from madpo_ray.launcher import Training, launch
-    from madpo_ray.stages.outputs import StageOutput
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        sets = POLICY_SETS if stage == "policy" else REWARD_SETS
-        cfg = load_config("tiny", TINY_SETS + [f"runs_dir={run_dir}", f"{stage}.optim.max_steps={steps}", *sets])
-        if stage == "policy":
-            datasets = {"train": load_policy_examples(scored, "madpo")}
-        else:
-            pairs = [{k: r[k] for k in PAIR_IDS} for r in pq.read_table(scored).to_pylist()]
-            datasets = {"train": pairs, "validation": pairs[:8]}
-        session = ProcessGroupSession(datasets, root, strategy)
-        out = StageOutput(Path(run_dir) / "model", Path(run_dir) / "train_metrics.json", Path(run_dir) / "adapter")
-        result = launch(Training(stage, cfg, model_dir, out), session)
-        if rank == 0:
-            (Path(run_dir) / "history.json").write_text(json.dumps(
-                {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"],
-                 "best_step": result.metrics.get("best_step")}))
+        for job in jobs:
+            run_training(rank, **job)
     finally:
         if dist.is_initialized():
             dist.barrier()  # neither rank leaves while gloo has work in flight for it (SIGABRT at teardown)
             dist.destroy_process_group()
 
 
-def train(tmp_path, name, strategy, steps, model_dir, scored, root=None, resumed_from=0, stage="policy"):
-    """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
+def run_training(rank, strategy, steps, model_dir, scored, run_dir, root, stage):
+    import pyarrow.parquet as pq
+
+    from madpo_ray.config import load_config
+    from madpo_ray.data.scored import load_policy_examples
+    from madpo_ray.launcher import Training, launch
+    from madpo_ray.stages.outputs import StageOutput
+
+    sets = POLICY_SETS if stage == "policy" else REWARD_SETS
+    cfg = load_config("tiny", TINY_SETS + [f"runs_dir={run_dir}", f"{stage}.optim.max_steps={steps}", *sets])
+    if stage == "policy":
+        datasets = {"train": load_policy_examples(scored, "madpo")}
+    else:
+        pairs = [{k: r[k] for k in PAIR_IDS} for r in pq.read_table(scored).to_pylist()]
+        datasets = {"train": pairs, "validation": pairs[:8]}
+    session = ProcessGroupSession(datasets, root, strategy)
+    out = StageOutput(Path(run_dir) / "model", Path(run_dir) / "train_metrics.json", Path(run_dir) / "adapter")
+    result = launch(Training(stage, cfg, model_dir, out), session)
+    if rank == 0:
+        (Path(run_dir) / "history.json").write_text(json.dumps(
+            {"history": result.loss_history, "resumed_from": session.reports[0]["resumed_from_step"],
+             "best_step": result.metrics.get("best_step")}))
+
+
+def job(tmp_path, name, strategy, steps, model_dir, scored, root=None, stage="policy") -> dict:
+    (tmp_path / name).mkdir(exist_ok=True)
+    return {"strategy": strategy, "steps": steps, "model_dir": str(model_dir), "scored": str(scored),
+            "run_dir": str(tmp_path / name), "root": str(root) if root else None, "stage": stage}
+
+
+def spawn(jobs) -> None:
+    """The jobs one after another in one pair of processes (one process group)."""
     import torch.multiprocessing as mp
 
-    run_dir = tmp_path / name
-    run_dir.mkdir(exist_ok=True)
-    mp.spawn(worker, args=(free_tcp_port(), strategy, steps, str(model_dir), str(scored), str(run_dir),
-                           str(root) if root else None, stage), nprocs=2, join=True)
-    result = json.loads((run_dir / "history.json").read_text())
+    mp.spawn(worker, args=(free_tcp_port(), jobs), nprocs=2, join=True)
+
+
+def result(tmp_path, name, resumed_from=0, stage="policy"):
+    """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
+    result = json.loads((tmp_path / name / "history.json").read_text())
     assert result["resumed_from"] == resumed_from
     return result["history"] if stage == "policy" else result
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, tiny_base_dir, scored_train):
-    tmp = tmp_path_factory.mktemp("ddp")
-    return tmp, train(tmp, "ddp", "ddp", 3, tiny_base_dir, scored_train)
+def trainings(tmp_path_factory, tiny_base_dir, scored_train):
+    """Every uninterrupted training of the module in one pair of processes, each from a fresh
+    model and its own seed: policy under DDP and FSDP (3 steps), two FSDP steps with a sharded
+    checkpoint at step 2 (in ckpt/), the reward model under both (4 steps)."""
+    tmp = tmp_path_factory.mktemp("trainings")
+    spawn([job(tmp, "ddp", "ddp", 3, tiny_base_dir, scored_train),
+           job(tmp, "fsdp", "fsdp", 3, tiny_base_dir, scored_train),
+           job(tmp, "first", "fsdp", 2, tiny_base_dir, scored_train, tmp / "ckpt"),
+           *[job(tmp, f"reward_{s}", s, 4, tiny_base_dir, scored_train, stage="reward") for s in ("ddp", "fsdp")]])
+    return tmp
 
 
-@pytest.fixture(scope="module")
-def fsdp_checkpoint(tmp_path_factory, tiny_base_dir, scored_train):
-    """Two FSDP steps with a sharded checkpoint at step 2: its root folder."""
-    tmp = tmp_path_factory.mktemp("fsdp_first")
-    train(tmp, "first", "fsdp", 2, tiny_base_dir, scored_train, tmp / "ckpt")
-    return tmp / "ckpt"
-
-
-def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(tmp_path, ddp_run, tiny_base_dir, scored_train):
+def test_fsdp_trains_like_ddp_and_its_folder_gives_the_same_logits(trainings, tiny_base_dir):
     from transformers import AutoModelForCausalLM
 
-    ddp_dir, ddp_history = ddp_run
-    fsdp_history = train(tmp_path, "fsdp", "fsdp", 3, tiny_base_dir, scored_train)
+    ddp_history, fsdp_history = result(trainings, "ddp"), result(trainings, "fsdp")
     assert fsdp_history == pytest.approx(ddp_history, abs=1e-4)
     assert max(ddp_history) - min(ddp_history) > 0.005  # the weights moved, 50x the tolerance
     ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fsdp = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")(ids).logits
-        ddp = AutoModelForCausalLM.from_pretrained(ddp_dir / "ddp" / "model")(ids).logits
+        fsdp = AutoModelForCausalLM.from_pretrained(trainings / "fsdp" / "model")(ids).logits
+        ddp = AutoModelForCausalLM.from_pretrained(trainings / "ddp" / "model")(ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)(ids).logits
     assert torch.allclose(fsdp, ddp, atol=1e-4)
     assert not torch.allclose(fsdp, base, atol=1e-4)  # the trained weights, not the base's
-    assert (tmp_path / "fsdp" / "adapter" / "adapter_config.json").exists()
+    assert (trainings / "fsdp" / "adapter" / "adapter_config.json").exists()
 
 
-def test_a_sharded_checkpoint_resumes_to_the_same_next_step(tmp_path, ddp_run, fsdp_checkpoint, tiny_base_dir,
-                                                            scored_train):
+def test_a_sharded_checkpoint_resumes_to_the_same_next_step(tmp_path, trainings, tiny_base_dir, scored_train):
     """Two steps (under FSDP a sharded checkpoint at step 2: a shard file per worker), then a new
     pair of processes resumes it for step 3: the loss of step 3 is the uninterrupted run's. LoRA's
     dropout is on, so this also needs each worker's own random stream back, not rank 0's on both
     (DDP saves and restores the streams with the same code)."""
     from madpo_ray.engine.checkpoints import find_checkpoints
 
-    _, straight = ddp_run
+    straight = result(trainings, "ddp")
     root = tmp_path / "ckpt"
-    shutil.copytree(fsdp_checkpoint, root)
+    shutil.copytree(trainings / "ckpt", root)
     folder = find_checkpoints(str(root))[-1]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["step"] == 2 and sorted(meta["shards"]) == ["shard_00000.pt", "shard_00001.pt"]
-    resumed = train(tmp_path, "resumed", "fsdp", 3, tiny_base_dir, scored_train, root, resumed_from=2)
-    assert resumed == pytest.approx(straight, abs=1e-4)
+    spawn([job(tmp_path, "resumed", "fsdp", 3, tiny_base_dir, scored_train, root)])
+    assert result(tmp_path, "resumed", resumed_from=2) == pytest.approx(straight, abs=1e-4)
 
 
-def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_from(tmp_path, fsdp_checkpoint):
+def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_from(tmp_path, trainings):
     from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints
 
-    shutil.copytree(fsdp_checkpoint, tmp_path / "ckpt")
+    shutil.copytree(trainings / "ckpt", tmp_path / "ckpt")
     last = find_checkpoints(str(tmp_path / "ckpt"))[-1]
     assert checkpoint_step(last) == 2
     data = (last / "shard_00001.pt").read_bytes()
@@ -166,17 +176,17 @@ def test_a_checkpoint_missing_or_cutting_short_a_workers_shard_is_never_resumed_
     assert checkpoint_step(last) is None
 
 
-def test_fsdp_early_stopping_restores_the_same_best_weights_as_ddp(tmp_path, tiny_base_dir, scored_train):
+def test_fsdp_early_stopping_restores_the_same_best_weights_as_ddp(trainings):
     """The reward stage under both strategies: same losses, same best evaluation, and the saved
     (consolidated, best) reward models score alike."""
     from madpo_ray.models import load_reward_model, reward_scores
 
-    runs = {s: train(tmp_path, s, s, 4, tiny_base_dir, scored_train, stage="reward") for s in ("ddp", "fsdp")}
+    runs = {s: result(trainings, f"reward_{s}", stage="reward") for s in ("ddp", "fsdp")}
     assert runs["fsdp"]["history"] == pytest.approx(runs["ddp"]["history"], abs=1e-4)
     assert runs["fsdp"]["best_step"] == runs["ddp"]["best_step"] is not None
     ids = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    scores = {s: reward_scores(load_reward_model(str(tmp_path / s / "model")).eval(), ids, mask) for s in runs}
+    scores = {s: reward_scores(load_reward_model(str(trainings / f"reward_{s}" / "model")).eval(), ids, mask) for s in runs}
     assert torch.allclose(scores["fsdp"], scores["ddp"], atol=1e-4)
 
 
