@@ -125,33 +125,32 @@ def test_rerun_skips_complete_stages(full_run, caplog):
 
 def test_ddp_two_workers_match_one_process_and_fsdp(full_run, tmp_path):
     """Same global batch (one process x 8 vs 2 workers x 4): the same loss trajectory within float
-    tolerance, with DDP and with FSDP (sharded checkpoints every 2 steps, merged by Ray from both
-    workers; the consolidated model folder loads with from_pretrained). The one process is the
-    local runtime's (the engine without Ray), so the Ray workers are also checked against it."""
+    tolerance, with DDP (the full run's policy) and with FSDP (sharded checkpoints every 2 steps,
+    merged by Ray from both workers; the consolidated model folder loads with from_pretrained). The
+    one process is the local runtime's (the engine without Ray), so the Ray workers are also
+    checked against it."""
     from transformers import AutoModelForCausalLM
 
-    p, _ = full_run
-    common = ("policy.loss.name=dpo", "policy.optim.max_steps=4")
-    runs = {"one": ("ray.backend=local", "policy.optim.per_device_batch_size=8"),
-            "two": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4"),
-            "fsdp": ("ray.num_workers=2", "policy.optim.per_device_batch_size=4", "ray.strategy=fsdp")}
-    history = {}
-    for name, sets in runs.items():
-        q = clone_until_policy(p, tmp_path, name, *common, *sets)
-        history[name] = q.run(("policy",))["policy"]["loss_history"]
     from madpo_ray.engine.checkpoints import checkpoint_step, find_checkpoints, newest_checkpoint
 
+    p, results = full_run
+    assert (p.cfg.ray.num_workers, p.cfg.policy.optim.per_device_batch_size, p.cfg.ray.strategy) == (2, 4, "ddp")
+    history = {"two": results["policy"]["loss_history"]}
+    for name, sets in {"one": ("ray.backend=local", "policy.optim.per_device_batch_size=8"),
+                       "fsdp": ("ray.strategy=fsdp",)}.items():
+        q = clone_until_policy(p, tmp_path, name, "policy.optim.max_steps=6", *sets)
+        history[name] = q.run(("policy",))["policy"]["loss_history"]
     newest = newest_checkpoint(find_checkpoints(str(q.layout.checkpoint_root("policy"))))  # Ray merged both workers
     assert sorted(f.name for f in newest.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
-    assert checkpoint_step(newest) == 4
-    assert len(history["one"]) == 4
+    assert checkpoint_step(newest) == 6
+    assert len(history["one"]) == 6
     assert history["one"] == pytest.approx(history["two"], rel=1e-4, abs=1e-5)
     assert history["fsdp"] == pytest.approx(history["two"], rel=1e-4, abs=1e-5)
     assert history["one"][0] != pytest.approx(history["one"][-1], abs=1e-7)  # training actually moved
     ids = torch.randint(0, 500, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name / "policy" / "dpo" / "model")(ids).logits
-                  for name in ("two", "fsdp")}
+        logits = {name: AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+                  for name, folder in (("two", p.layout.model_dir("policy")), ("fsdp", q.layout.model_dir("policy")))}
     assert torch.allclose(logits["fsdp"], logits["two"], atol=1e-4)
 
 
