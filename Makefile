@@ -41,12 +41,13 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 run: install
 	$(BIN)/madpo run
 
-# Two passes: the fast tests (no Ray, no second process) on both cores at once, then the Ray and
-# slow ones one after another (they start clusters and worker processes that need both cores,
-# and Ray's niced workers fail their health checks when starved).
+# Two passes: every test without Ray on both cores at once (worksteal: a long test on one core,
+# the short ones on the other), then the Ray tests one after another (they start clusters and
+# worker processes that need both cores, and Ray's niced workers fail their health checks when
+# starved).
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not ray" -n 2
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "slow or ray"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "not ray" -n 2 --dist worksteal
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "ray"
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not ray"
