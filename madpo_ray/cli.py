@@ -21,7 +21,7 @@ from madpo_ray.console import configure_logging, quiet_terminal, training_progre
 from madpo_ray.data.corpus.debian import DEFAULT_CACHE, build_debian_corpus
 from madpo_ray.data.corpus.generated import generate_corpus
 from madpo_ray.data.preference import DataValidationError, write_jsonl
-from madpo_ray.io import OutputExistsError
+from madpo_ray.io import OutputExistsError, check_output_folder
 from madpo_ray.layout import BEFORE_POLICY, STAGES, RunLayout
 from madpo_ray.rendering import console, print_comparison, print_summary, print_verdicts
 from madpo_ray.runlock import RunLockedError
@@ -519,6 +519,12 @@ def model_import_gguf(gguf_file: str = typer.Argument(..., help="A .gguf file (a
     """Dequantise a GGUF causal LM into a normal HF folder that every stage, vLLM and `madpo serve` load.
 
     Needs the `gguf` extra. Then: madpo run model.name_or_path=OUT ..."""
+    if not Path(gguf_file).is_file():  # a mistyped path or an output that is not ours fails at once, not
+        fail(f"{gguf_file}: no such GGUF file")  # after torch and transformers are imported
+    try:
+        check_output_folder(Path(out), force)
+    except OutputExistsError as e:
+        fail(str(e))
     from madpo_ray.models import ModelLoadError, import_gguf
 
     _setup_logging()
