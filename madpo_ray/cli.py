@@ -621,6 +621,12 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                        "experimental in Ray 2.60; the local cluster only)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
+    from madpo_ray.serving.launch import InsecureServeError, check_exposure, key_configured, run_server
+
+    try:  # a public bind without a key fails before transformers is imported (run_server checks again)
+        check_exposure(host, key_configured(), insecure)
+    except InsecureServeError as e:
+        fail(str(e), 2)
     from madpo_ray.models import ModelLoadError, check_model_files
 
     model = resolve_model_folder(model)  # a stage folder (runs/<name>/policy/madpo) means its model/
@@ -631,8 +637,6 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
     if not Path(model).is_dir():
         fail(f"{model}: not a folder")
     _setup_logging()
-    from madpo_ray.serving.launch import run_server
-
     try:
         adapters = parse_adapter_specs(lora)
         run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
