@@ -84,6 +84,9 @@ class Generator:
     def texts(self, prompts: Sequence[str], temperature: float, spec: SampleSpec, seed: int = 0) -> list[str]:
         return [samples[0][0] for samples in self.sample(list(prompts), temperature, 1, spec, seed)]
 
+    def close(self) -> None:
+        """Free what the engine holds beyond the caller's model (vLLM's processes and memory)."""
+
 
 @torch.no_grad()
 def generate_transformers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 24,

@@ -24,6 +24,9 @@ WORKER_ENV_DEFAULTS = {
     "OMP_NUM_THREADS": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # A Tune actor reused for the next trial waits this long for the last one's thread to end (tracking
+    # closed); Tune's 2 s default fails the next trial when that takes longer (a remote MLflow, busy cores).
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",
 }
 
 

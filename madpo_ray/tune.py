@@ -87,6 +87,8 @@ def trial_evaluator(cfg: PipelineConfig, objective: str, scored_validation: str,
             out["rm_reward"] = mean_reward_model_score(generator, rm, rm_prompts, cfg)
         return out
 
+    # A reused trial actor (reuse_actors) runs the next trial in this process: its engine must go.
+    evaluate.close = generator.close if generator is not None else (lambda: None)
     return evaluate
 
 
@@ -148,8 +150,11 @@ def trial(params: dict, *, base_config: dict, scored_train: str, scored_validati
     evaluate = trial_evaluator(cfg, objective, scored_validation, validation_docs, reward_dir, load_tokenizer(model_dir))
     session = LastReport(RayTuneSession({"train": load_policy_examples(scored_train, cfg.policy.loss.name)},
                                         torch.device("cpu")))
-    launch(Training("policy", cfg, model_dir, tracking=trial_tracking(tracking, params),
-                    options={"eval_fn": evaluate, "label": f"tune/{cfg.policy.loss.name}"}), session)
+    try:
+        launch(Training("policy", cfg, model_dir, tracking=trial_tracking(tracking, params),
+                        options={"eval_fn": evaluate, "label": f"tune/{cfg.policy.loss.name}"}), session)
+    finally:  # also when the scheduler stops the trial (SystemExit inside its report)
+        evaluate.close()
     if finished_dir and session.metrics is not None:
         write_json(Path(finished_dir) / f"{params_key(params)}.json", {"params": params, "metrics": session.metrics})
 

@@ -202,5 +202,5 @@ def full_run(ray_clusters, tmp_path_factory):
 
     ray_clusters.use("two_nodes")
     tmp = tmp_path_factory.mktemp("runs")
-    p = Pipeline(tiny_config(tmp, "full", "policy.optim.max_steps=6"))  # its policy is only looked at, not compared
+    p = Pipeline(tiny_config(tmp, "full", "policy.optim.max_steps=6"))  # the DDP test's two-worker leg
     return p, p.run()

@@ -176,7 +176,7 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray
     for run in _trial_runs(p.cfg):  # every trial's last tracked step is its last report, the stopping one included
         history = client.get_metric_history(run.info.run_id, "rm_reward")
         assert max(m.step for m in history) == steps[run.info.run_name.split("/")[-1]]
-        histories[run.info.run_name.split("/")[-1]] = sorted((m.step, m.value) for m in history)
+        histories[run.info.run_name.split("/")[-1]] = curves(client, run)
     last_reports = [json.loads(f.read_text().splitlines()[-1]) for f in (p.run_dir / "tune" / "two").glob("*/result.json")]
     pid = {r["trial_id"]: r["pid"] for r in last_reports}
     first, *others = sorted(steps)  # trial ids count up in the order the trials started
@@ -187,9 +187,15 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray
                                                f"params:\n  lr: {{type: grid, values: [{later['lr']}]}}\n"))
     run_search(p, space, cpus_per_trial=2)
     [alone] = _trial_runs(p.cfg, "fresh")
-    fresh = sorted((m.step, m.value) for m in client.get_metric_history(alone.info.run_id, "rm_reward"))
-    history = histories[later["trial_id"]]
-    assert len(history) >= 2 and history == fresh[:len(history)]
+    fresh, reused = curves(client, alone), histories[later["trial_id"]]
+    for name in ("rm_reward", "loss"):  # the objective (greedy text) and the training loss (the weights) alike
+        assert len(reused[name]) >= 2 and reused[name] == fresh[name][:len(reused[name])], name
+
+
+def curves(client, run) -> dict[str, list[tuple[int, float]]]:
+    """A tracked trial's objective and loss curves, (step, value) in step order."""
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+            for name in ("rm_reward", "loss")}
 
 
 @pytest.mark.ray
