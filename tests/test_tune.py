@@ -174,15 +174,15 @@ def test_trials_the_scheduler_stops_are_not_left_running_in_mlflow(full_run, ray
     client = _mlflow_client(p.cfg)
     histories = {}
     for run in _trial_runs(p.cfg):  # every trial's last tracked step is its last report, the stopping one included
-        history = client.get_metric_history(run.info.run_id, "rm_reward")
-        assert max(m.step for m in history) == steps[run.info.run_name.split("/")[-1]]
-        histories[run.info.run_name.split("/")[-1]] = curves(client, run)
+        trial_id = run.info.run_name.split("/")[-1]
+        histories[trial_id] = curves(client, run)
+        assert max(step for step, _ in histories[trial_id]["rm_reward"]) == steps[trial_id]
     last_reports = [json.loads(f.read_text().splitlines()[-1]) for f in (p.run_dir / "tune" / "two").glob("*/result.json")]
     pid = {r["trial_id"]: r["pid"] for r in last_reports}
     first, *others = sorted(steps)  # trial ids count up in the order the trials started
-    reused = [t for t in others if pid[t] == pid[first]]
-    assert reused, pid  # a later trial ran on the first trial's actor
-    later = next(r for r in rows if r["trial_id"] == max(reused, key=steps.get))  # the longest of them
+    on_first_actor = [t for t in others if pid[t] == pid[first]]
+    assert on_first_actor, pid  # a later trial ran on the first trial's actor
+    later = next(r for r in rows if r["trial_id"] == max(on_first_actor, key=steps.get))  # the longest of them
     space = load_search_space(_space(tmp_path, "name: fresh\nsearch: grid\neval_every: 2\nobjective: rm_reward\n"
                                                f"params:\n  lr: {{type: grid, values: [{later['lr']}]}}\n"))
     run_search(p, space, cpus_per_trial=2)

@@ -112,9 +112,9 @@ def spawn(jobs) -> None:
 
 def result(tmp_path, name, resumed_from=0, stage="policy"):
     """The loss history of a two-process training; `resumed_from`: the step it must have resumed at."""
-    result = json.loads((tmp_path / name / "history.json").read_text())
-    assert result["resumed_from"] == resumed_from
-    return result["history"] if stage == "policy" else result
+    record = json.loads((tmp_path / name / "history.json").read_text())
+    assert record["resumed_from"] == resumed_from
+    return record["history"] if stage == "policy" else record
 
 
 @pytest.fixture(scope="module")
