@@ -514,6 +514,23 @@ def test_serves_own_request_timeout_is_set_on_the_proxies(server):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_requests_queued_for_a_full_replica_are_retried_within_50_ms(server):
+    """Past max_ongoing_requests a request waits in the proxy's router, which retries after a
+    backoff; at Serve's default (up to 0.5 s, kept while other requests take the freed slots) the
+    concurrency-200 test drained at 4 requests a second. Read back from Serve's controller, as
+    `serve status` and the dashboard see the deployed apps, so an override that drops it fails here."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote())
+    for app in ("madpo", "narrow"):
+        router = details["applications"][app]["deployments"]["PolicyServer"]["deployment_config"]["request_router_config"]
+        assert router["initial_backoff_s"] <= 0.01 and router["max_backoff_s"] <= 0.05, (app, router)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_madpo_serve_checks_where_the_running_proxies_listen(server, tiny_base_dir, monkeypatch):
     """On a cluster where Serve already runs, serve.start keeps its proxies whatever host was asked
     for: proxies already on all interfaces with no key are refused before anything is deployed."""
