@@ -525,7 +525,8 @@ def test_requests_queued_for_a_full_replica_are_retried_within_50_ms(server):
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     details = ray.get(controller.get_serve_instance_details.remote())
     for app in ("madpo", "narrow"):
-        router = details["applications"][app]["deployments"]["PolicyServer"]["deployment_config"]["request_router_config"]
+        deployed = details["applications"][app]["deployments"]["PolicyServer"]["deployment_config"]
+        router = deployed["request_router_config"]
         assert router["initial_backoff_s"] <= 0.01 and router["max_backoff_s"] <= 0.05, (app, router)
 
 
