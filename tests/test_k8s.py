@@ -294,6 +294,20 @@ def test_tune_cannot_race_the_pipeline_and_serve_reads_what_the_pipeline_writes(
     assert model == f"/runs/{config['name']}/policy/{config['policy']['loss']['name']}/model", (overlay, model)
 
 
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_shipped_serve_config_keeps_the_deployment_s_router_backoff(overlay):
+    """A serve config that sets any `request_router_config` key replaces the code's whole router config,
+    back to Serve's 0.5-s retry backoff (serving/deployment.py, ROUTER_BACKOFF): neither the RayService
+    nor the config `madpo init` writes may set one."""
+    docs = {d["metadata"]["name"]: d for d in render(overlay)}
+    shipped = (ROOT / "madpo_ray" / "serving" / "config.yaml").read_text()
+    for text in (docs["madpo-serve"]["spec"]["serveConfigV2"], shipped):
+        for app in yaml.safe_load(text)["applications"]:
+            for deployment in app.get("deployments", []):
+                assert "request_router_config" not in deployment, (overlay, app["name"], deployment)
+
+
 CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "MPLCONFIGDIR")
 
 

@@ -47,11 +47,13 @@ BACKENDS = ("auto", "vllm", "transformers")
 
 VLLM_MAX_ONGOING_REQUESTS = 256  # per replica; the engine batches up to its max_num_seqs and queues the rest
 
-# Serve's router retries a request queued for a full replica after a backoff that doubles from 25 ms
-# to 0.5 s. Ray 2.60 keeps the grown backoff while a routing task hands freed slots to the requests
-# queued before its own, one slot per backoff, so a queue deeper than max_ongoing_requests drained
-# at 4 requests a second per replica (two routing tasks) with the replica idle. At most 50 ms, a
-# saturated replica is asked for its queue length at most 40 times a second.
+# Serve's router (one per proxy) retries a request queued for a full replica after a backoff that
+# grows from 25 ms to 0.5 s. Ray 2.60 keeps a routing task's grown backoff while it hands freed slots
+# to the requests queued before its own, and with Serve's defaults a queue deeper than
+# max_ongoing_requests drained at 4 requests a second per replica, the replica idle (its access log;
+# bench/README.md, "router backoff"). With these, a routing task waits at most 50 ms between tries.
+# A serve config that sets any request_router_config key replaces this whole object (test_k8s checks
+# that the shipped ones set none).
 ROUTER_BACKOFF = RequestRouterConfig(initial_backoff_s=0.01, max_backoff_s=0.05)
 
 

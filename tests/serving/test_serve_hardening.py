@@ -516,9 +516,9 @@ def test_serves_own_request_timeout_is_set_on_the_proxies(server):
 @pytest.mark.slow
 def test_requests_queued_for_a_full_replica_are_retried_within_50_ms(server):
     """Past max_ongoing_requests a request waits in the proxy's router, which retries after a
-    backoff; at Serve's default (up to 0.5 s, kept while other requests take the freed slots) the
-    concurrency-200 test drained at 4 requests a second. Read back from Serve's controller, as
-    `serve status` and the dashboard see the deployed apps, so an override that drops it fails here."""
+    backoff; at Serve's default (up to 0.5 s) the concurrency-200 test drained at 4 requests a second.
+    Read back from Serve's controller, which hands it to the proxies' routers, for apps deployed as
+    `madpo serve` deploys them; test_k8s checks that the shipped serve configs do not replace it."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
