@@ -62,13 +62,21 @@ def proxy_request_timeout_s(app_args: dict) -> float:
             + PROXY_TIMEOUT_MARGIN_S)
 
 
+def serve_controller():
+    """The running Serve controller's actor handle: what it holds is what the proxies and replicas
+    were given, where Serve's public API only says whether apps are running."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
 def proxy_http_options():
     """The HTTP options Serve's proxies run with, from Serve's controller: on a cluster where Serve
     was already running, `serve.start` keeps the proxies it has, whatever host was asked for."""
     import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    return ray.get(ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE).get_http_config.remote())
+    return ray.get(serve_controller().get_http_config.remote())
 
 
 def start_proxies(host: str, port: int, app_args: dict, insecure: bool) -> bool:

@@ -520,10 +520,10 @@ def test_requests_queued_for_a_full_replica_are_retried_within_50_ms(server):
     Read back from Serve's controller, which hands it to the proxies' routers, for apps deployed as
     `madpo serve` deploys them; test_k8s checks that the shipped serve configs do not replace it."""
     import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    details = ray.get(controller.get_serve_instance_details.remote())
+    from madpo_ray.serving.launch import serve_controller
+
+    details = ray.get(serve_controller().get_serve_instance_details.remote())
     for app in ("madpo", "narrow"):
         deployed = details["applications"][app]["deployments"]["PolicyServer"]["deployment_config"]
         router = deployed["request_router_config"]
