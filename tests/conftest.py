@@ -150,13 +150,13 @@ class RayClusters:
 
 @pytest.fixture(autouse=True)
 def only_ray_tests_start_ray(request):
-    """`make test` runs the tests marked neither ray nor slow two at a time: one that starts a Ray
-    cluster there would race the other for the cores and ports, so it must say it is a Ray test."""
+    """`make test` runs the tests not marked ray beside the Ray tests: one that starts a Ray cluster
+    there would race the Ray tests' cluster for the cores and ports, so it must say it is a Ray test."""
     import sys
 
     started_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     yield
-    if request.node.get_closest_marker("ray") is None and request.node.get_closest_marker("slow") is None:
+    if request.node.get_closest_marker("ray") is None:
         started = "ray" in sys.modules and sys.modules["ray"].is_initialized() and not started_before
         assert not started, "this test started Ray: mark it `ray` (see tests/conftest.py)"
 
