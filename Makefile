@@ -45,14 +45,16 @@ run: install
 # at a time); every other test runs beside them, filling the core the Ray tests leave idle while
 # clusters, engines and worker processes start. That one runs at niceness 15, Ray's own for its
 # workers: at 0 it would starve them, and Serve's and Ray Train's health checks fail when they
-# starve. Its report is printed after the Ray tests' report; the target fails if either does.
+# starve. Its report is printed after the Ray tests' report, whichever failed; the target fails if
+# either does. The `|| rc=$?` forms matter: under the shell's -e a bare failing command would end the
+# recipe before the other report is printed and leave the other process running.
 test: install
-	@log=$$(mktemp); \
+	@log=$$(mktemp); ray_rc=0; beside_rc=0; \
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 15 $(BIN)/python -m pytest -m "not ray" -p no:cacheprovider >$$log 2>&1 & \
 	beside=$$!; \
 	echo "make test: the tests not marked ray run beside these (pid $$beside); their report follows"; \
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m ray; ray_rc=$$?; \
-	wait $$beside; beside_rc=$$?; \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m ray || ray_rc=$$?; \
+	wait $$beside || beside_rc=$$?; \
 	echo "== the tests not marked ray (run beside the Ray tests) =="; cat $$log; rm -f $$log; \
 	test $$ray_rc -eq 0 && test $$beside_rc -eq 0
 
