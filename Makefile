@@ -48,15 +48,16 @@ run: install
 # starve. Its report is printed after the Ray tests' report, whichever failed; the target fails if
 # either does. The `|| rc=$?` forms matter: under the shell's -e a bare failing command would end the
 # recipe before the other report is printed and leave the other process running. The trap stops the
-# beside process when the recipe ends early (Ctrl-C: a background job of a script ignores SIGINT).
+# beside process when the recipe ends early (Ctrl-C: a background job of a script ignores SIGINT)
+# and removes its log.
 test: install
 	@log=$$(mktemp); ray_rc=0; beside_rc=0; \
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n 15 $(BIN)/python -m pytest -m "not ray" -p no:cacheprovider >$$log 2>&1 & \
-	beside=$$!; trap 'kill $$beside 2>/dev/null || true' EXIT; \
+	beside=$$!; trap 'kill $$beside 2>/dev/null || true; rm -f $$log' EXIT; \
 	echo "make test: the tests not marked ray run beside these (pid $$beside); their report follows"; \
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m ray || ray_rc=$$?; \
 	wait $$beside || beside_rc=$$?; \
-	echo "== the tests not marked ray (run beside the Ray tests) =="; cat $$log; rm -f $$log; \
+	echo "== the tests not marked ray (run beside the Ray tests) =="; cat $$log; \
 	test $$ray_rc -eq 0 && test $$beside_rc -eq 0
 
 test-fast: install
