@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 
 STAND_IN = """#!/usr/bin/env bash
 # stand-in for `python -m pytest -m <marker> ...`: prints which half ran, exits as told
@@ -39,23 +40,25 @@ def stand_in_venv(tmp_path: Path) -> Path:
     return venv
 
 
+def make_test_command(tmp_path: Path) -> list[str]:
+    return ["make", "-s", "-C", str(ROOT), "test", f"VENV={stand_in_venv(tmp_path)}"]
+
+
 def make_test(tmp_path: Path, ray_exit: int, beside_exit: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_EXIT": str(ray_exit), "BESIDE_EXIT": str(beside_exit)}
-    return subprocess.run(
-        ["make", "-s", "-C", str(ROOT), "test", f"VENV={stand_in_venv(tmp_path)}"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )
+    return subprocess.run(make_test_command(tmp_path), env=env, capture_output=True, text=True, timeout=60)
 
 
-def alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """An exited process whose parent is gone stays a zombie until PID 1 reaps it, and some
+    containers' PID 1 never does: a zombie has stopped, so it does not count as running."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 @pytest.mark.parametrize(
     ("ray_exit", "beside_exit", "target_fails"),
     [(0, 0, False), (1, 0, True), (0, 1, True), (2, 5, True)],
@@ -68,14 +71,13 @@ def test_make_test_fails_when_either_half_fails_and_prints_both_reports(tmp_path
     assert done.stdout.index("RAY-HALF-REPORT") < done.stdout.index("BESIDE-HALF-REPORT")
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_ctrl_c_during_make_test_stops_the_tests_running_beside(tmp_path):
     """A background job of a script ignores SIGINT, so without the recipe's trap the beside tests
     would keep both cores busy for minutes after the user pressed Ctrl-C."""
     env = {**os.environ, "HOLD_DIR": str(tmp_path)}
     make = subprocess.Popen(
-        ["make", "-s", "-C", str(ROOT), "test", f"VENV={stand_in_venv(tmp_path)}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        make_test_command(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a terminal's default
     )
     deadline = time.monotonic() + 30
@@ -87,9 +89,9 @@ def test_ctrl_c_during_make_test_stops_the_tests_running_beside(tmp_path):
     os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process group
     assert make.wait(timeout=30) != 0
     deadline = time.monotonic() + 10
-    while alive(beside) and time.monotonic() < deadline:
+    while running(beside) and time.monotonic() < deadline:
         time.sleep(0.05)
-    still_running = alive(beside)
+    still_running = running(beside)
     if still_running:
         os.kill(beside, signal.SIGKILL)
     assert not still_running, "the beside tests outlived an interrupted make test"
