@@ -1,12 +1,15 @@
 """Serving load test, streamed: requests/s, output tokens/s, time to first token and inter-token
-latency at several concurrencies, for three servers of the same model measured in one run:
+latency at several concurrencies, for servers of the same model measured in one run:
 
-  ours-vllm          our Ray Serve deployment on vLLM's async engine (madpo serve's default)
-  ours-transformers  our Ray Serve deployment on the transformers engine (@serve.batch)
+  ours-vllm          our Ray Serve deployment on vLLM's async engine, through Serve's HAProxy ingress
+                     (madpo serve's defaults: --backend auto picks vLLM, --ingress auto picks HAProxy)
+  ours-vllm-proxy    the same replica through Serve's proxy actor (`--ingress proxy`; here the proxy actor
+                     that runs beside HAProxy as its fallback, on --port + 101)
+  ours-transformers  our Ray Serve deployment on the transformers engine (@serve.batch), through HAProxy
   vllm-serve         vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`), the anchor
   ours-direct        our FastAPI app and handler on vLLM under plain uvicorn, no Serve (bench/_direct_server.py):
                      splits the gap to vllm-serve into Serve's share and our app's share
-  ours-vllm-di       ours-vllm with Serve's direct ingress (`madpo serve --direct-ingress`, experimental in Ray
+  ours-vllm-di       ours-vllm with Serve's direct ingress (`madpo serve --ingress direct`, experimental in Ray
                      2.60): requests go to the replica's own HTTP port, no proxy hop (its own process and cluster)
   ours-transformers-di  the same for the transformers backend, so the backends compare like with like
 
@@ -37,9 +40,11 @@ from _common import ROOT, default_model, percentile
 
 import httpx
 
-PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8396, 8397
+from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET
+
+PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8296, 8297  # ours takes PORT to PORT + 102 (launch.ingress_env)
 DIRECT_INGRESS = {"ours-vllm-di": ("vllm", 30100), "ours-transformers-di": ("transformers", 30300)}  # backend, port
-SERVERS = ("ours-vllm", "ours-transformers", "vllm-serve", "ours-direct", *DIRECT_INGRESS)
+SERVERS = ("ours-vllm", "ours-vllm-proxy", "ours-transformers", "vllm-serve", "ours-direct", *DIRECT_INGRESS)
 
 
 def prompts(n: int) -> list[str]:
@@ -142,16 +147,13 @@ def start_anchor(model: str, max_model_len: int) -> subprocess.Popen:
 
 
 def start_ours(model: str) -> None:
-    """Both backends in one Serve instance, one replica with 1 CPU each (as `madpo serve`)."""
-    import ray
-
-    from madpo_ray.serving.launch import run_server, serve_runtime_env
+    """Both backends in one Serve instance, one replica with 1 CPU each, behind HAProxy with Serve's
+    proxy actor beside it (as `madpo serve`)."""
+    from madpo_ray.serving.launch import choose_ingress, ingress_env, init_cluster, run_server
 
     # log_to_driver off: this process is also the load client, and relaying every replica's access
     # log into it would slow the instrument, not the servers.
-    ray.init(address="local", num_cpus=2,
-             runtime_env=serve_runtime_env(), include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+    init_cluster("local", ingress_env(choose_ingress("haproxy", PORT, None), PORT), num_cpus=2, log_to_driver=False)
     run_server(model, port=PORT, num_cpus=1, app_name="vllm", route_prefix="/vllm", backend="vllm")
     # max_streams: the load test measures throughput at each concurrency, not admission control
     # (a replica's default of 4 streams at once would answer the rest 503).
@@ -164,7 +166,9 @@ def requests_for(server: str, texts: list[str], ids: list[list[int]], max_tokens
         return (f"http://127.0.0.1:{ANCHOR_PORT}/v1/completions",
                 [{"model": "anchor", "prompt": i, "max_tokens": max_tokens, "temperature": 0, "stream": True}
                  for i in ids])
-    url = {"ours-vllm": f"http://127.0.0.1:{PORT}/vllm", "ours-transformers": f"http://127.0.0.1:{PORT}/transformers",
+    url = {"ours-vllm": f"http://127.0.0.1:{PORT}/vllm",
+           "ours-vllm-proxy": f"http://127.0.0.1:{PORT + FALLBACK_PROXY_OFFSET}/vllm",
+           "ours-transformers": f"http://127.0.0.1:{PORT}/transformers",
            "ours-direct": f"http://127.0.0.1:{DIRECT_PORT}",
            **{name: f"http://127.0.0.1:{port}" for name, (_, port) in DIRECT_INGRESS.items()}}[server]
     return (f"{url}/v1/completions",
@@ -209,19 +213,12 @@ def report(rows: list[dict], servers: list[str]) -> None:
                   f"({min(tok):.0f}-{max(tok):.0f}){'':>2} {med('ttft_p50'):>6.0f}/{med('ttft_p95'):.0f}/"
                   f"{med('ttft_p99'):.0f} {med('itl_p50'):>6.0f}/{med('itl_p95'):.0f}/{med('itl_p99'):.0f} "
                   f"{sum(r['failures'] for r in sel):>5} {med('match'):>6.2f}")
-    if {"ours-vllm", "vllm-serve", "ours-transformers"} <= set(servers):
-        print("\nour vLLM deployment, output tokens/s (medians), relative to:")
-        for c in levels:
-            ours = median_of(rows, "ours-vllm", c, "tok_per_s")
-            direct = (f"   the same app without Serve {ours / median_of(rows, 'ours-direct', c, 'tok_per_s'):.2f}x"
-                      if "ours-direct" in servers else "")
-            if "ours-vllm-di" in servers:
-                di = median_of(rows, "ours-vllm-di", c, "tok_per_s")
-                twin = "ours-transformers-di" if "ours-transformers-di" in servers else "ours-transformers"
-                direct += (f"\n         with direct ingress: vllm serve {di / median_of(rows, 'vllm-serve', c, 'tok_per_s'):.2f}x"
-                           f"   {twin} {di / median_of(rows, twin, c, 'tok_per_s'):.2f}x")
-            print(f"  c={c:>3}: vllm serve {ours / median_of(rows, 'vllm-serve', c, 'tok_per_s'):.2f}x   "
-                  f"our transformers backend {ours / median_of(rows, 'ours-transformers', c, 'tok_per_s'):.2f}x{direct}")
+    if "vllm-serve" in servers:
+        print("\noutput tokens/s (medians) relative to vllm serve, c = " + " / ".join(map(str, levels)))
+        for s in servers:
+            ratios = [median_of(rows, s, c, "tok_per_s") / median_of(rows, "vllm-serve", c, "tok_per_s")
+                      for c in levels]
+            print(f"  {s:>20}: " + " / ".join(f"{r:.2f}x" for r in ratios))
 
 
 def main() -> None:
@@ -252,10 +249,11 @@ def main() -> None:
                                         DIRECT_PORT))
         for name, (backend, port) in DIRECT_INGRESS.items():
             if name in args.servers:  # the replica's port is --port + 1
-                others.append(start_process(name, [sys.executable, "-m", "madpo_ray", "serve", "--model", model,
-                                                   "--backend", backend, "--direct-ingress", "--port", str(port - 1)],
-                                            port))
-        start_ours(model)
+                command = [sys.executable, "-m", "madpo_ray", "serve", "--model", model, "--backend", backend,
+                           "--ingress", "direct", "--port", str(port - 1)]
+                others.append(start_process(name, command, port))
+        if {"ours-vllm", "ours-vllm-proxy", "ours-transformers"} & set(args.servers):
+            start_ours(model)
         rows = measure(args, texts, ids)
     finally:
         import ray

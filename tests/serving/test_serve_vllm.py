@@ -120,31 +120,55 @@ def test_the_shape_check_reads_fan_in_fan_out_layers_transposed(tiny_base_dir, t
             f"model.layers.0.mlp.up_proj: lora_B gives {inputs} outputs, the layer has {outputs}"]
 
 
-def test_direct_ingress_is_set_for_a_local_cluster_only_and_leaves_the_environment_as_it_was(monkeypatch):
+def test_ingress_is_chosen_for_a_local_cluster_only_and_leaves_the_environment_as_it_was(monkeypatch):
     import os
 
-    from madpo_ray.serving.launch import direct_ingress_env, enable_direct_ingress, environ
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = direct_ingress_env(8000)
-    assert (env["RAY_SERVE_ENABLE_DIRECT_INGRESS"], env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
-            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("1", "8001", "8100")
     import ray
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    enable_direct_ingress(8000, None)  # a local cluster about to start: fine
-    for address in ("auto", "10.0.0.1:6379"):
-        with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
-            enable_direct_ingress(8000, address)
-    with pytest.raises(ValueError, match="--port between"):
-        enable_direct_ingress(65500, None)
+    from madpo_ray.serving import launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    haproxy = launch.ingress_env("haproxy", 8000)
+    assert {k: haproxy[k] for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                                    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+                                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S")} == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8001", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8100",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8101", "RAY_SERVE_HAPROXY_METRICS_PORT": "8102",
+        "RAY_SERVE_HAPROXY_STATS_PORT": "8103",
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "100"}  # the proxy actor's backstop: 60 + 10 + 30 s
+    assert launch.ingress_env("haproxy", 8000, {"request_timeout_s": 5, "body_timeout_s": 2.5}
+                              )["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "38"
+    direct = launch.ingress_env("direct", 8000)
+    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and "RAY_SERVE_ENABLE_HA_PROXY" not in direct
+    assert launch.ingress_env("proxy", 8000) == launch.ingress_env(None, 8000) == {}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a local cluster about to start
+    assert launch.haproxy_binary_available()  # ray[serve] bundles it on Linux: what CI and users get
+    assert launch.choose_ingress("auto", 8000, None) == "haproxy"
+    assert launch.choose_ingress("direct", 8000, None) == "direct"
+    assert launch.choose_ingress("proxy", 65500, None) == "proxy"  # takes no port but --port
+    with pytest.raises(ValueError, match="--port between 1024 and 65432"):
+        launch.choose_ingress("haproxy", 65500, None)
+    with pytest.raises(ValueError, match="one of auto, haproxy, proxy, direct"):
+        launch.choose_ingress("nginx", 8000, None)
+    for address in ("auto", "10.0.0.1:6379"):  # a cluster of someone else's: its nodes' environment decides
+        assert launch.choose_ingress("auto", 8000, address) is None
+        with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+            launch.choose_ingress("haproxy", 8000, address)
+    monkeypatch.setattr(launch, "haproxy_binary_available", lambda: False)
+    assert launch.choose_ingress("auto", 8000, None) == "proxy"
+    with pytest.raises(ValueError, match="needs an HAProxy binary"):
+        launch.choose_ingress("haproxy", 8000, None)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # this process already joined a cluster
+    assert launch.choose_ingress("auto", 8000, None) is None
     with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
-        enable_direct_ingress(8000, None)
+        launch.choose_ingress("direct", 8000, None)
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "9999")
     before = dict(os.environ)
-    with environ(env):
-        assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    with launch.environ(haproxy):
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert dict(os.environ) == before
 
 
