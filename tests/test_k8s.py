@@ -177,11 +177,14 @@ def test_every_serve_pod_reads_its_api_key_from_a_secret(overlay):
 def test_every_serve_pod_puts_haproxy_in_front_of_its_replicas(overlay):
     """Serve reads RAY_SERVE_ENABLE_HA_PROXY when its processes start, on every node: a pod without
     it would serve its share of the Service through the slower proxy actor."""
-    [(_, cluster)] = [(d, c) for d, c in ray_clusters(render(overlay)) if d["kind"] == "RayService"]
+    [(svc, cluster)] = [(d, c) for d, c in ray_clusters(render(overlay)) if d["kind"] == "RayService"]
+    timeout = yaml.safe_load(svc["spec"]["serveConfigV2"])["http_options"]["request_timeout_s"]
     containers = [c for tpl in pods_of(cluster) for c in tpl["spec"]["containers"]]
     assert len(containers) == 2
     for c in containers:
-        assert {e["name"]: e.get("value") for e in c["env"]}.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", c["name"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", c["name"]
+        assert env.get("RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S") == str(timeout), c["name"]  # HAProxy sets none itself
 
 
 # A small NetworkPolicy evaluator (the API's semantics: a pod selected by no policy of a direction
