@@ -40,7 +40,7 @@ from _common import ROOT, default_model, percentile
 
 import httpx
 
-from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET
+from madpo_ray.serving.launch import FALLBACK_PROXY_OFFSET, choose_ingress, ingress_env, remove_haproxy_files
 
 PORT, ANCHOR_PORT, DIRECT_PORT = 8395, 8296, 8297  # ours takes PORT to PORT + 103 (launch.ingress_env)
 DIRECT_INGRESS = {"ours-vllm-di": ("vllm", 30100), "ours-transformers-di": ("transformers", 30300)}  # backend, port
@@ -146,15 +146,14 @@ def start_anchor(model: str, max_model_len: int) -> subprocess.Popen:
         "--host", "127.0.0.1", "--disable-log-stats", "--served-model-name", "anchor"], ANCHOR_PORT)
 
 
-def start_ours(model: str) -> None:
+def start_ours(model: str, ingress: dict[str, str]) -> None:
     """Both backends in one Serve instance, one replica with 1 CPU each, behind HAProxy with Serve's
-    proxy actor beside it (as `madpo serve`)."""
-    from madpo_ray.serving.launch import choose_ingress, ingress_env, init_cluster, run_server
+    proxy actor beside it (as `madpo serve`; `ingress`: ingress_env's variables for HAProxy)."""
+    from madpo_ray.serving.launch import init_cluster, run_server
 
     # log_to_driver off: this process is also the load client, and relaying every replica's access
     # log into it would slow the instrument, not the servers.
-    ingress = choose_ingress("haproxy", "127.0.0.1", PORT, None)
-    init_cluster("local", ingress_env(ingress, PORT), num_cpus=2, log_to_driver=False)
+    init_cluster("local", ingress, num_cpus=2, log_to_driver=False)
     run_server(model, port=PORT, num_cpus=1, app_name="vllm", route_prefix="/vllm", backend="vllm")
     # max_streams: the load test measures throughput at each concurrency, not admission control
     # (a replica's default of 4 streams at once would answer the rest 503).
@@ -241,7 +240,7 @@ def main() -> None:
     texts = prompts(max(args.min_requests, 2 * max(int(x) for x in args.concurrency.split(","))))
     ids = [encode_prompt(tokenizer, t) for t in texts]
     positions = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 2048)
-    others = []
+    others, ingress = [], {}
     try:
         if "vllm-serve" in args.servers:
             others.append(start_anchor(model, min(2048, positions)))  # the window our engine uses
@@ -254,7 +253,8 @@ def main() -> None:
                            "--ingress", "direct", "--port", str(port - 1)]
                 others.append(start_process(name, command, port))
         if {"ours-vllm", "ours-vllm-proxy", "ours-transformers"} & set(args.servers):
-            start_ours(model)
+            ingress = ingress_env(choose_ingress("haproxy", "127.0.0.1", PORT, None), PORT)  # removed below
+            start_ours(model, ingress)
         rows = measure(args, texts, ids)
     finally:
         import ray
@@ -263,6 +263,7 @@ def main() -> None:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        remove_haproxy_files(ingress)
         for proc in others:
             proc.terminate()
             proc.wait(60)

@@ -1,7 +1,6 @@
 """Shared fixtures: offline env, one thread per test process, a tiny model built from scratch."""
 
 import os
-import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -93,7 +92,7 @@ class RayClusters:
     only when a module asks for the other kind, or when a test left a cluster of its own."""
 
     def __init__(self):
-        self.haproxy_dir = None  # the private folder of the one-node cluster's HAProxy files
+        self.ingress_env = {}  # the one-node cluster's ingress variables (its HAProxy files' folder among them)
         self.kind, self.cluster = None, None
         self.starts = 0  # clusters started so far: what a cached deployment on one is checked against
 
@@ -131,9 +130,8 @@ class RayClusters:
 
         from madpo_ray.serving.launch import environ, ingress_env, serve_runtime_env
 
-        env = ingress_env("haproxy", SERVE_PORT)  # madpo serve's default path: HAProxy in front
-        self.haproxy_dir = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
-        with environ(env):
+        self.ingress_env = ingress_env("haproxy", SERVE_PORT)  # madpo serve's default path: HAProxy in front
+        with environ(self.ingress_env):
             ray.init(address="local", num_cpus=2, runtime_env=serve_runtime_env({"MADPO_TEST_KEY": SERVE_TEST_KEY}),
                      include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_tcp_port())
         return None
@@ -149,9 +147,11 @@ class RayClusters:
             ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
-        if self.haproxy_dir is not None:
-            shutil.rmtree(self.haproxy_dir, ignore_errors=True)
-        self.kind, self.cluster, self.haproxy_dir = None, None, None
+        if self.ingress_env:  # launch imports FastAPI: only the processes that started Serve pay for it
+            from madpo_ray.serving.launch import remove_haproxy_files
+
+            remove_haproxy_files(self.ingress_env)
+        self.kind, self.cluster, self.ingress_env = None, None, {}
 
 
 @pytest.fixture(autouse=True)

@@ -169,8 +169,10 @@ def choose_ingress(ingress: str, host: str, port: int, address: Optional[str]) -
         raise ValueError(f"--ingress {ingress} applies to the local cluster madpo serve starts; on a running cluster "
                          "its nodes' environment decides (RAY_SERVE_ENABLE_HA_PROXY=1 for HAProxy, "
                          "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 for direct, neither for the proxy actor; docs/cluster.md)")
-    why_not = {"auto": haproxy_unfit(host, port), "haproxy": haproxy_unfit(host, port),
-               "direct": port_unfit(port, REPLICA_PORTS), "proxy": None}[ingress]
+    if ingress in ("auto", "haproxy"):
+        why_not = haproxy_unfit(host, port)
+    else:
+        why_not = port_unfit(port, REPLICA_PORTS) if ingress == "direct" else None
     if ingress == "auto":
         if why_not:
             log.warning("serving through Serve's proxy actor, which streams slower than HAProxy would: %s", why_not)
@@ -226,6 +228,13 @@ def haproxy_files_env(state_dir: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state_dir, "server-state"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state_dir, "metrics.sock")}
+
+
+def remove_haproxy_files(env: dict[str, str]) -> None:
+    """Remove the folder of HAProxy's files that ingress_env named in `env`, if it named one; call it
+    once the cluster that used it is down."""
+    if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:
+        shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -311,7 +320,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address
     address = cluster_address(address)
     started_here = not ray.is_initialized() and address == "local"
     ingress = choose_ingress(ingress, host, port, address)
-    env = {} if ray.is_initialized() else ingress_env(ingress, port, app_args)
+    env = ingress_env(ingress, port, app_args)  # {} where choose_ingress left it to a running cluster
     if not ray.is_initialized():
         init_cluster(address, env)
     if blocking:  # from here a stop (Ctrl-C, SIGTERM from `kill` or a container) shuts down what started
@@ -331,8 +340,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, address
             log.info("deleting the app %s from the cluster", spec["name"])
             serve.delete(spec["name"])
         ray.shutdown()
-        if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:  # the folder ingress_env made for HAProxy's files
-            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+        remove_haproxy_files(env)
         return None
     return handle
 

@@ -81,13 +81,17 @@ def test_sse_wire_format(server):
     assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
 
 
-def listeners(low: int, high: int) -> dict[int, str]:
-    """{port: name of the process listening there} for the TCP ports low..high."""
+def listening(low: int, high: int) -> dict:
+    """{port: the psutil.Process listening there} for the TCP ports low..high."""
     import psutil
 
-    pids = {c.laddr.port: c.pid for c in psutil.net_connections("tcp")
+    return {c.laddr.port: psutil.Process(c.pid) for c in psutil.net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and low <= c.laddr.port <= high}
-    return {port: psutil.Process(pid).name() for port, pid in pids.items()}
+
+
+def listeners(low: int, high: int) -> dict[int, str]:
+    """{port: name of the process listening there} for the TCP ports low..high."""
+    return {port: process.name() for port, process in listening(low, high).items()}
 
 
 def streamed_text(url: str, body: dict) -> str:
@@ -100,10 +104,7 @@ def streamed_text(url: str, body: dict) -> str:
 
 def haproxy_files(port: int) -> Path:
     """The folder of the config file that the HAProxy listening on `port` was started with."""
-    import psutil
-
-    [pid] = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    args = psutil.Process(pid).cmdline()
+    args = listening(port, port)[port].cmdline()
     return Path(args[args.index("-f") + 1]).parent.parent  # <folder>/<node id>/haproxy.cfg
 
 
